@@ -1,0 +1,36 @@
+"""Grouped-query self-attention with rotary embeddings; the attention core is
+pallas_kernels.flash_attention, so the implementation is a config choice."""
+from __future__ import annotations
+
+from flax import nnx
+
+from jaxkit.config import AttentionConfig
+from jaxkit.layers.linear import Linear
+from jaxkit.layers.rope import apply_rope
+from pallas_kernels.attention import flash_attention
+
+
+class Attention(nnx.Module):
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 cfg: AttentionConfig, rope_theta: float, rngs: nnx.Rngs, param_dtype,
+                 compute_dtype, out_std: float | None = None):
+        kw = dict(rngs=rngs, param_dtype=param_dtype, compute_dtype=compute_dtype)
+        self.q = Linear(d_model, num_heads * head_dim, axes=("embed", "heads"), **kw)
+        self.k = Linear(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), **kw)
+        self.v = Linear(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), **kw)
+        self.o = Linear(num_heads * head_dim, d_model, axes=("heads", "embed"), std=out_std, **kw)
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.cfg, self.rope_theta = cfg, rope_theta
+
+    def __call__(self, x, positions, segment_ids=None):
+        B, S, _ = x.shape
+        q = self.q(x).reshape(B, S, self.num_heads, self.head_dim)
+        k = self.k(x).reshape(B, S, self.num_kv_heads, self.head_dim)
+        v = self.v(x).reshape(B, S, self.num_kv_heads, self.head_dim)
+        q = apply_rope(q, positions, theta=self.rope_theta)
+        k = apply_rope(k, positions, theta=self.rope_theta)
+        out = flash_attention(q, k, v, causal=True, segment_ids=segment_ids,
+                              sliding_window=self.cfg.sliding_window,
+                              logit_softcap=self.cfg.logit_softcap,
+                              implementation=self.cfg.implementation)
+        return self.o(out.reshape(B, S, self.num_heads * self.head_dim))

@@ -1,0 +1,19 @@
+"""SwiGLU feed-forward block."""
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from jaxkit.layers.linear import Linear
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs, param_dtype, compute_dtype,
+                 out_std: float | None = None):
+        kw = dict(rngs=rngs, param_dtype=param_dtype, compute_dtype=compute_dtype)
+        self.gate = Linear(d_model, hidden, axes=("embed", "mlp"), **kw)
+        self.up = Linear(d_model, hidden, axes=("embed", "mlp"), **kw)
+        self.down = Linear(hidden, d_model, axes=("mlp", "embed"), std=out_std, **kw)
+
+    def __call__(self, x):
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))

@@ -1,0 +1,4 @@
+"""Model definitions."""
+from jaxkit.models.transformer import Transformer, count_params
+
+__all__ = ["Transformer", "count_params"]

@@ -1,0 +1,86 @@
+"""Command line: `jaxkit train`, `jaxkit eval`, `jaxkit data prepare`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from jaxkit.config import ConfigError, load_config, to_dict
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.d_model=512 (repeatable)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config and exit")
+
+
+def _load(args):
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        sys.exit(0)
+    return cfg
+
+
+def cmd_train(args) -> None:
+    cfg = _load(args)
+    from jaxkit.train.trainer import train
+    result = train(cfg, config_path=args.config, resume=args.resume, run_dir=args.run_dir)
+    print(json.dumps({k: v for k, v in result.items() if k in ("step", "stopped_early")}
+                     | {"eval": result.get("eval", {}).get("ce")}))
+
+
+def cmd_eval(args) -> None:
+    cfg = _load(args)
+    from jaxkit.train.trainer import Trainer, run_dir_for
+    run_dir = Path(args.run_dir) if args.run_dir else run_dir_for(cfg, args.config)
+    trainer = Trainer(cfg, run_dir)
+    step = trainer.restore_latest()
+    if step == 0:
+        raise SystemExit(f"no checkpoint found under {run_dir / 'checkpoints'}")
+    metrics = trainer.evaluate()
+    trainer.checkpointer.close()
+    print(json.dumps({"step": step, "loss": float(metrics["ce"]),
+                      "perplexity": float(metrics["perplexity"]),
+                      "accuracy": float(metrics["accuracy"])}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxkit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--run-dir", help="run directory (default: train.out_dir/<config name>)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate the latest checkpoint of a run")
+    _add_config_args(p)
+    p.add_argument("--run-dir", help="run directory (default: train.out_dir/<config name>)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    from jaxkit.data.prepare import add_prepare_args, run_prepare
+    prep = data_sub.add_parser("prepare", help="tokenize text files into train/val token files")
+    add_prepare_args(prep)
+    prep.set_defaults(func=run_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

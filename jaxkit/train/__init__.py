@@ -1,0 +1,1 @@
+"""Training: optimizers, steps, the loop (jaxkit.train.trainer), FLOP accounting."""

@@ -1,0 +1,70 @@
+"""Pure train and eval steps over (params, opt_state, model_state) pytrees.
+
+The model is split into its graph definition and state once; the step merges
+them inside jit, so the same step serves every mesh and every model variant.
+Non-parameter model state (e.g. an aux-loss-free MoE router bias) is carried
+through the step and updated by the forward pass.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxkit.train.loss import cross_entropy
+
+
+def _forward(graphdef, params, model_state, batch, z_loss):
+    model = nnx.merge(graphdef, params, model_state)
+    logits, aux = model(batch["inputs"])
+    loss, metrics = cross_entropy(logits, batch["targets"], batch.get("loss_mask"), z_loss=z_loss)
+    metrics["moe_loss"] = aux["moe_loss"]
+    return loss + aux["moe_loss"], metrics, aux["moe"], nnx.state(model, nnx.Not(nnx.Param))
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule, *,
+                    grad_accum: int, z_loss: float, constrain_batch=lambda b: b):
+    """Returns step(state, batch) -> (state, metrics). state is a dict with
+    params, opt_state, model_state and step; the batch's leading axis is split
+    into grad_accum micro-batches whose gradients are averaged."""
+
+    def loss_fn(params, model_state, batch):
+        loss, metrics, moe, new_model_state = _forward(graphdef, params, model_state, batch, z_loss)
+        return loss, (metrics, moe, new_model_state)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state, batch):
+        micro = jax.tree.map(
+            lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+
+        def accumulate(carry, mb):
+            grads, model_state = carry
+            (loss, (metrics, moe, model_state)), g = grad_fn(state["params"], model_state,
+                                                             constrain_batch(mb))
+            grads = jax.tree.map(lambda a, b: a + b.astype(a.dtype), grads, g)
+            return (grads, model_state), (loss, metrics, moe)
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
+        (grads, model_state), (losses, metrics, moe) = jax.lax.scan(
+            accumulate, (zeros, state["model_state"]), micro)
+        grads = jax.tree.map(lambda g, p: (g / grad_accum).astype(p.dtype), grads, state["params"])
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = jax.tree.map(lambda m: m.mean(0), metrics)
+        metrics.update(loss=losses.mean(), grad_norm=optax.global_norm(grads),
+                       learning_rate=schedule(state["step"]),
+                       moe=jax.tree.map(lambda m: m.mean(0), moe))
+        new_state = dict(params=params, opt_state=opt_state, model_state=model_state,
+                         step=state["step"] + 1)
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(graphdef, *, z_loss: float = 0.0):
+    def step(params, model_state, batch):
+        loss, metrics, moe, _ = _forward(graphdef, params, model_state, batch, z_loss)
+        return dict(metrics, loss=loss, moe=moe)
+    return step

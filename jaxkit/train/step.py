@@ -53,7 +53,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = jax.tree.map(lambda m: m.mean(0), metrics)
-        metrics.update(loss=losses.mean(), grad_norm=optax.global_norm(grads),
+        metrics.update(loss=losses.mean(), grad_norm=optax.tree.norm(grads),
                        learning_rate=schedule(state["step"]),
                        moe=jax.tree.map(lambda m: m.mean(0), moe))
         new_state = dict(params=params, opt_state=opt_state, model_state=model_state,

@@ -1,0 +1,83 @@
+"""Config loading: YAML, overrides with type conversion, and every error path."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jaxkit.config import Config, ConfigError, load_config, save_config
+
+CONFIGS = sorted(Path(__file__).parent.parent.glob("configs/*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_overrides_convert_types():
+    cfg = load_config(None, ["model.d_model=128", "optimizer.learning_rate=1e-3",
+                             "model.tie_embeddings=false", "model.num_kv_heads=null",
+                             "model.moe.router=expert_choice", "model.quant.targets=q,mlp",
+                             "optimizer.clip_norm=none", "model.attention.logit_softcap=30"])
+    assert cfg.model.d_model == 128 and cfg.optimizer.learning_rate == 1e-3
+    assert cfg.model.tie_embeddings is False and cfg.model.num_kv_heads is None
+    assert cfg.model.moe.router == "expert_choice" and cfg.model.quant.targets == ("q", "mlp")
+    assert cfg.optimizer.clip_norm is None and cfg.model.attention.logit_softcap == 30.0
+
+
+def test_yaml_roundtrip(tmp_path):
+    cfg = load_config(None, ["model.num_layers=3", "mesh.rules={embed: fsdp}"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.d_modle=3", "unknown config key 'model.d_modle'; did you mean model.d_model"),
+    ("modle.d_model=3", "unknown config key 'modle'; did you mean model"),
+    ("model.d_model=abc", "model.d_model: expected an integer, got 'abc'"),
+    ("model.d_model=1.5", "model.d_model: expected an integer, got 1.5"),
+    ("model.tie_embeddings=maybe", "model.tie_embeddings: expected true/false"),
+    ("model.moe.router=topk", "model.moe.router: 'topk' is not one of"),
+    ("model.num_heads=3", "model.num_heads (3) must divide model.d_model (256)"),
+    ("model.num_kv_heads=3", "model.num_kv_heads (3) must divide model.num_heads (4)"),
+    ("model.d_model=0", "model.d_model must be > 0, got 0"),
+    ("data.seq_len=4096", "data.seq_len (4096) exceeds model.max_seq_len (256)"),
+    ("train.grad_accum=3", "train.grad_accum (3) must divide data.batch_size (16)"),
+    ("optimizer.learning_rate=-1", "optimizer.learning_rate must be > 0"),
+    ("mesh.fsdp=0", "mesh.fsdp must be -1 or >= 1, got 0"),
+    ("model.attention.sliding_window=0", "sliding_window must be >= 1, got 0"),
+    ("model.d_model", "expected key=value"),
+])
+def test_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_moe_errors():
+    with pytest.raises(ConfigError, match=r"model.moe.top_k \(9\) must be in \[1, num_experts=8\]"):
+        load_config(None, ["model.moe.num_experts=8", "model.moe.top_k=9"])
+    with pytest.raises(ConfigError, match=r"num_groups \(3\) must divide num_experts \(8\)"):
+        load_config(None, ["model.moe.num_experts=8", "model.moe.num_groups=3"])
+
+
+def test_unknown_yaml_key_and_missing_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump({"model": {"num_layer": 2}}))
+    with pytest.raises(ConfigError, match="model.num_layers"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cli_print_config_and_error():
+    cmd = [sys.executable, "-m", "jaxkit.cli", "train", "configs/quickstart.yaml",
+           "--set", "model.num_layers=7", "--print-config"]
+    root = Path(__file__).parent.parent
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, check=True).stdout
+    assert yaml.safe_load(out)["model"]["num_layers"] == 7
+    bad = subprocess.run(cmd[:-1] + ["--set", "model.d_modle=1"], capture_output=True,
+                         text=True, cwd=root)
+    assert bad.returncode != 0 and "did you mean model.d_model" in bad.stderr

@@ -1,0 +1,130 @@
+"""Token files: raw little-endian token ids (`<stem>.bin`) described by a JSON
+header (`<stem>.json`). The header is written last, so its presence means the
+data file is complete; readers memory-map the data instead of loading it."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+_HEADER_KEYS = ("dtype", "num_tokens", "vocab_size", "tokenizer", "sources")
+
+
+def dtype_for_vocab(vocab_size: int) -> str:
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    if vocab_size <= 2 ** 16:
+        return "uint16"
+    if vocab_size <= 2 ** 32:
+        return "uint32"
+    raise ValueError(f"vocab_size {vocab_size} does not fit in uint32 token ids")
+
+
+def _paths(path_stem) -> tuple[Path, Path]:
+    stem = Path(path_stem)
+    return stem.with_name(stem.name + ".bin"), stem.with_name(stem.name + ".json")
+
+
+def write_token_file(path_stem, tokens, vocab_size: int, *, tokenizer: str = "byte",
+                     sources: int = 1) -> Path:
+    """Writes `<stem>.bin` and `<stem>.json`; returns the .bin path."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+    if tokens.size and not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
+    dtype = dtype_for_vocab(vocab_size)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(f"token ids span [{tokens.min()}, {tokens.max()}], outside the "
+                         f"vocabulary [0, {vocab_size})")
+    bin_path, json_path = _paths(path_stem)
+    bin_path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"dtype": dtype, "num_tokens": int(tokens.size), "vocab_size": int(vocab_size),
+              "tokenizer": tokenizer, "sources": int(sources)}
+    # Drop any old header first: a crash mid-write must not leave a stale
+    # header describing a new, partial data file.
+    json_path.unlink(missing_ok=True)
+    tmp = bin_path.with_name(bin_path.name + ".tmp")
+    tokens.astype(_DTYPES[dtype]).tofile(tmp)
+    os.replace(tmp, bin_path)
+    json_path.write_text(json.dumps(header, indent=1) + "\n")
+    return bin_path
+
+
+class TokenFile:
+    """A read-only, memory-mapped token file."""
+
+    def __init__(self, path_stem):
+        self.bin_path, self.json_path = _paths(path_stem)
+        if not self.json_path.exists():
+            raise FileNotFoundError(f"token file header {self.json_path} not found "
+                                    f"(create token files with `jaxkit data prepare`)")
+        try:
+            header = json.loads(self.json_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"token file header {self.json_path} is not valid JSON: {e}") from None
+        if not isinstance(header, dict) or any(k not in header for k in _HEADER_KEYS):
+            raise ValueError(f"token file header {self.json_path} must be an object with keys "
+                             f"{list(_HEADER_KEYS)}, got {header!r}")
+        if header["dtype"] not in _DTYPES:
+            raise ValueError(f"token file header {self.json_path} has dtype {header['dtype']!r}; "
+                             f"expected one of {sorted(_DTYPES)}")
+        for key in ("num_tokens", "vocab_size"):
+            if not isinstance(header[key], int) or header[key] < 0:
+                raise ValueError(f"token file header {self.json_path} has {key}={header[key]!r}; "
+                                 f"expected a non-negative integer")
+        self.header = header
+        dtype = _DTYPES[header["dtype"]]
+        if not self.bin_path.exists():
+            raise FileNotFoundError(f"token data {self.bin_path} not found "
+                                    f"(its header {self.json_path} exists)")
+        expected = header["num_tokens"] * dtype.itemsize
+        actual = self.bin_path.stat().st_size
+        if actual != expected:
+            raise ValueError(f"token data {self.bin_path} holds {actual} bytes but its header "
+                             f"promises {header['num_tokens']} {header['dtype']} tokens "
+                             f"({expected} bytes)")
+        # np.memmap refuses empty files.
+        self.tokens = (np.memmap(self.bin_path, dtype=dtype, mode="r") if expected
+                       else np.zeros(0, dtype))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.header["num_tokens"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.header["vocab_size"]
+
+    @property
+    def tokenizer(self) -> str:
+        return self.header["tokenizer"]
+
+    def __repr__(self) -> str:
+        return (f"TokenFile({str(self.bin_path)!r}, num_tokens={self.num_tokens}, "
+                f"vocab_size={self.vocab_size})")
+
+
+def unigram_entropy(token_file, unit: str = "nats") -> float:
+    """Entropy of the file's own token frequencies, per token, in nats (the
+    unit of the training loss) or bits: the loss of the best context-free
+    predictor, the baseline a language model must beat."""
+    if unit not in ("nats", "bits"):
+        raise ValueError(f"unit must be 'nats' or 'bits', got {unit!r}")
+    tf = token_file if isinstance(token_file, TokenFile) else TokenFile(token_file)
+    if tf.num_tokens == 0:
+        raise ValueError(f"{tf.bin_path} holds no tokens; its entropy is undefined")
+    counts = np.zeros(tf.vocab_size, np.int64)
+    chunk = 1 << 24  # bounds the int64 copy bincount makes
+    for start in range(0, tf.num_tokens, chunk):
+        c = np.bincount(tf.tokens[start:start + chunk], minlength=tf.vocab_size)
+        if c.size > tf.vocab_size:
+            raise ValueError(f"{tf.bin_path} holds token id {c.size - 1}, outside its header's "
+                             f"vocabulary [0, {tf.vocab_size})")
+        counts += c
+    p = counts[counts > 0] / tf.num_tokens
+    nats = float(-(p * np.log(p)).sum())
+    return nats if unit == "nats" else nats / np.log(2.0)

@@ -1,0 +1,202 @@
+"""Attention benchmark: TFLOP/s forward and forward+backward, one run, same GPU.
+
+    python -m pallas_kernels.attention.bench [--json PATH] [--quick]
+
+Implementations: 'pallas' (our Mosaic GPU kernel), 'cudnn'
+(jax.nn.dot_product_attention), 'xla' (the jitted reference) and 'jax-mgpu'
+(jax's own Pallas Mosaic GPU attention op, as a peer, where importable).
+Each is checked against cuDNN (or the reference where cuDNN fails) before it
+is timed; failures are printed in the table instead of stopping the run.
+FLOPs follow ``reference.attention_flops`` (backward = 2.5x forward).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.attention.reference import attention_flops, attention_reference
+
+# name, B, S, H, KH, D, causal
+SHAPES = [
+    ("B4 S4096 H16 D128 causal", 4, 4096, 16, 16, 128, True),
+    ("B4 S4096 H16 D128 full", 4, 4096, 16, 16, 128, False),
+    ("B1 S16384 H16 D128 causal", 1, 16384, 16, 16, 128, True),
+    ("B4 S4096 H32/KH8 D128 causal", 4, 4096, 32, 8, 128, True),
+    ("B4 S4096 H32 D64 causal", 4, 4096, 32, 32, 64, True),
+    ("B4 S4096 H8 D256 causal", 4, 4096, 8, 8, 256, True),
+]
+# The float32 reference materialises B*H*S*T logits several times over.
+_REFERENCE_MAX_LOGITS = 2**30
+
+
+def random_inputs(key, B, S, T, H, KH, D, dtype):
+    kq, kk, kv = jax.random.split(key, 3)
+    return (jax.random.normal(kq, (B, S, H, D), jnp.float32).astype(dtype),
+            jax.random.normal(kk, (B, T, KH, D), jnp.float32).astype(dtype),
+            jax.random.normal(kv, (B, T, KH, D), jnp.float32).astype(dtype))
+
+
+def time_fn(f, *args, warmup=3, iters=20):
+    """Median seconds of one synchronised call (after warm-up and compilation)."""
+    for _ in range(warmup):
+        jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _jax_mgpu(causal, D):
+    """jax's own Mosaic GPU attention op, with the first config that fits."""
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as am
+    block_kv = 64 if D == 256 else 128
+    cfg = am.TuningConfig(block_q=64, block_kv=block_kv, max_concurrent_steps=2, causal=causal,
+                          block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
+    return lambda q, k, v: am.attention(q, k, v, cfg)
+
+
+def implementations(causal, D):
+    from pallas_kernels.attention import mosaic_gpu
+    impls = {
+        "pallas": lambda q, k, v: mosaic_gpu.mosaic_flash_attention(q, k, v, causal=causal),
+        "cudnn": lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="cudnn"),
+        "xla": lambda q, k, v: attention_reference(q, k, v, causal=causal),
+    }
+    try:
+        impls["jax-mgpu"] = _jax_mgpu(causal, D)
+    except Exception as e:  # noqa: BLE001 - the peer is optional
+        print(f"jax-mgpu peer unavailable: {type(e).__name__}: {e}")
+    return impls
+
+
+def _rel(x, ref):
+    x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
+    if not np.isfinite(x).all():
+        return float("nan")
+    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+def _short(e):
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:90]}" if str(e) else type(e).__name__
+
+
+def bench_shape(name, B, S, H, KH, D, causal, impls_filter=None, iters=20):
+    q, k, v = random_inputs(jax.random.key(hash(name) % 2**31), B, S, S, H, KH, D, jnp.bfloat16)
+    do = jax.random.normal(jax.random.key(7), q.shape, jnp.float32).astype(jnp.bfloat16)
+    impls = implementations(causal, D)
+    if impls_filter:
+        impls = {n: f for n, f in impls.items() if n in impls_filter}
+    fwd_flops = attention_flops(B, S, S, H, D, causal=causal)
+    all_flops = attention_flops(B, S, S, H, D, causal=causal, with_backward=True)
+
+    def vjp_all(f):
+        def run(q, k, v, do):
+            out, pull = jax.vjp(f, q, k, v)
+            return (out, *pull(do))
+        return jax.jit(run)
+
+    # Correctness: every implementation against a trusted one (cuDNN, else the reference).
+    results, outputs = {}, {}
+    for impl, f in impls.items():
+        if impl == "xla" and B * H * S * S > _REFERENCE_MAX_LOGITS:
+            results[impl] = {"error": "skipped: reference logits too large for memory"}
+            continue
+        try:
+            outputs[impl] = [np.asarray(x.astype(jnp.float32)) for x in vjp_all(f)(q, k, v, do)]
+            results[impl] = {}
+        except Exception as e:  # noqa: BLE001 - reported in the table
+            try:  # some (jax-mgpu causal) have a forward but no backward
+                outputs[impl] = [np.asarray(jax.jit(f)(q, k, v).astype(jnp.float32))]
+                results[impl] = {"bwd_error": _short(e)}
+            except Exception as e2:  # noqa: BLE001
+                results[impl] = {"error": _short(e2)}
+                traceback.print_exc(limit=3)
+    trusted = "cudnn" if "cudnn" in outputs and len(outputs["cudnn"]) == 4 else "xla"
+    for impl, outs in outputs.items():
+        if trusted in outputs:
+            errs = [_rel(a, b) for a, b in zip(outs, outputs[trusted])]
+            results[impl]["rel_err_vs_" + trusted] = dict(zip(("out", "dq", "dk", "dv"), errs))
+    del outputs
+
+    for impl, f in impls.items():
+        r = results[impl]
+        if "error" in r:
+            continue
+        try:
+            t = time_fn(jax.jit(f), q, k, v, iters=iters)
+            r["fwd_ms"], r["fwd_tflops"] = t * 1e3, fwd_flops / t / 1e12
+        except Exception as e:  # noqa: BLE001
+            r["error"] = _short(e)
+            continue
+        if "bwd_error" in r:
+            continue
+        try:
+            loss = lambda q, k, v, f=f: f(q, k, v).astype(jnp.float32).sum()
+            g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+            t = time_fn(g, q, k, v, iters=iters)
+            r["fwdbwd_ms"], r["fwdbwd_tflops"] = t * 1e3, all_flops / t / 1e12
+        except Exception as e:  # noqa: BLE001
+            r["bwd_error"] = _short(e)
+    return results
+
+
+def format_table(all_results):
+    lines = [f"{'shape':30s} {'impl':9s} {'fwd TF/s':>9s} {'x cudnn':>7s} {'f+b TF/s':>9s} "
+             f"{'x cudnn':>7s}  max rel err (out,dq,dk,dv) / note"]
+    for shape, results in all_results.items():
+        base = results.get("cudnn", {})
+        for impl, r in results.items():
+            def cell(key):
+                v = r.get(key)
+                return f"{v:9.1f}" if v is not None else f"{'-':>9s}"
+
+            def ratio(key):
+                v, b = r.get(key), base.get(key)
+                return f"{v / b:7.2f}" if v is not None and b else f"{'-':>7s}"
+            errs = [v for k, v in r.items() if k.startswith("rel_err")]
+            note = r.get("error") or ""
+            if errs:
+                note = " ".join(f"{x:.1e}" for x in errs[0].values()) + " " + note
+            if "bwd_error" in r:
+                note += f" [bwd: {r['bwd_error']}]"
+            lines.append(f"{shape:30s} {impl:9s} {cell('fwd_tflops')} {ratio('fwd_tflops')} "
+                         f"{cell('fwdbwd_tflops')} {ratio('fwdbwd_tflops')}  {note}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--quick", action="store_true", help="first shape only")
+    parser.add_argument("--impls", help="comma-separated subset of implementations")
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args(argv)
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    impls = args.impls.split(",") if args.impls else None
+    meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "date": datetime.date.today().isoformat(), "dtype": "bfloat16"}
+    print(meta, flush=True)
+    all_results = {}
+    for name, *shape in shapes:
+        t0 = time.perf_counter()
+        all_results[name] = bench_shape(name, *shape, impls_filter=impls, iters=args.iters)
+        print(f"{name}: done in {time.perf_counter() - t0:.0f}s", flush=True)
+        if args.json:  # written after every shape, so a cut-off run keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "results": all_results}, f, indent=1)
+    print(format_table(all_results))
+
+
+if __name__ == "__main__":
+    main()

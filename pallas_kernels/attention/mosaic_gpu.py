@@ -1,0 +1,650 @@
+"""Flash attention for Hopper GPUs in Pallas Mosaic GPU (forward and backward).
+
+Layout q [B,S,H,D], k/v [B,T,KH,D]; query head h reads kv head h // (H // KH).
+Semantics are those of ``reference.py`` / ``mask.py`` (bottom-right alignment).
+
+Each kernel runs three warpgroups per block: two consumers doing the math with
+wgmma, one producer streaming tiles from HBM into a ring of shared-memory
+slots with TMA copies. Barriers: ``*_ready`` (TMA done, producer -> consumer)
+and ``*_free`` (both consumers done with a slot, consumer -> producer).
+
+* forward: a block owns 2*block_q query rows; it walks the key blocks that any
+  of its rows can see (others are skipped by the loop bounds), masking only
+  the blocks that cut the mask. Softmax is online, in base 2 with
+  scale*log2(e) folded into one multiply. With ``pingpong`` the consumers take
+  turns so one's softmax overlaps the other's matrix products.
+* backward: delta = rowsum(dO*O) in XLA; a key-parallel kernel accumulates
+  dK and dV over the query blocks of every head of its kv group (no atomics,
+  no per-head copies); a query-parallel kernel accumulates dQ. For head_dim
+  256 dK and dV do not both fit in registers and run as two passes.
+
+Lengths that are not multiples of the blocks are padded here: padded keys are
+masked, padded query rows are sliced off (their dO is zero in the backward).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels import compat
+from pallas_kernels.attention import tuning
+from pallas_kernels.attention.mask import visible
+
+LOG2E = math.log2(math.e)
+_CONSUMERS = 2
+_CONSUMER_REGS = 232
+_PRODUCER_REGS = 40
+HEAD_DIMS = (64, 128, 256)
+
+
+# ----------------------------------------------------------------------------
+# Which blocks a tile touches: shared by the kernels and tested on CPU.
+
+def _cdiv(x, b):
+    """ceil(x / b) for traced x >= 0."""
+    return lax.div(x + (b - 1), b)
+
+
+def _clip(x, lo, hi):
+    return jnp.minimum(jnp.maximum(x, lo), hi)
+
+
+def kv_block_range(r0, rows, *, offset, q_len, kv_len, block_kv, causal, window):
+    """Key blocks seen by query rows [r0, r0 + rows) of the padded query.
+
+    Returns (lo, full_lo, full_hi, hi): blocks lo..hi-1 hold a visible key for
+    some row; those in [full_lo, full_hi) are visible to every row (no mask).
+    offset = T - S is the bottom-right shift of query positions.
+    """
+    del q_len  # rows past the real queries are sliced off: any range is fine
+    zero = jnp.int32(0)
+    first = r0 + offset             # position of the first row
+    last = r0 + rows - 1 + offset   # and of the last
+    key_lo, key_hi = zero, jnp.int32(kv_len)
+    full_lo, full_hi = zero, jnp.int32(kv_len)
+    if causal:
+        key_hi = jnp.minimum(key_hi, last + 1)
+        full_hi = jnp.minimum(full_hi, first + 1)
+    if window is not None:
+        key_lo = jnp.maximum(key_lo, first - window + 1)
+        full_lo = jnp.maximum(full_lo, last - window + 1)
+        if not causal:
+            key_hi = jnp.minimum(key_hi, last + window)
+            full_hi = jnp.minimum(full_hi, first + window)
+    n = _cdiv(jnp.int32(kv_len), block_kv)
+    lo = _clip(lax.div(jnp.maximum(key_lo, 0), block_kv), 0, n)
+    hi = _clip(_cdiv(jnp.maximum(key_hi, 0), block_kv), lo, n)
+    flo = _clip(_cdiv(jnp.maximum(full_lo, 0), block_kv), lo, hi)
+    fhi = _clip(lax.div(jnp.maximum(full_hi, 0), block_kv), flo, hi)
+    return lo, flo, fhi, hi
+
+
+def q_block_range(c0, cols, *, offset, q_len, kv_len, block_q, causal, window):
+    """Query blocks that see keys [c0, c0 + cols): (lo, full_lo, full_hi, hi)
+    as in ``kv_block_range``; rows past q_len are left out (their dO is 0)."""
+    zero = jnp.int32(0)
+    c_last = jnp.minimum(c0 + cols, kv_len) - 1   # last real key of the tile
+    row_lo, row_hi = zero, jnp.int32(q_len)
+    full_lo, full_hi = zero, jnp.int32(q_len)
+    if causal:
+        row_lo = jnp.maximum(row_lo, c0 - offset)
+        full_lo = jnp.maximum(full_lo, c_last - offset)
+    if window is not None:
+        row_hi = jnp.minimum(row_hi, c_last + window - offset)
+        full_hi = jnp.minimum(full_hi, c0 + window - offset)
+        if not causal:
+            row_lo = jnp.maximum(row_lo, c0 - window + 1 - offset)
+            full_lo = jnp.maximum(full_lo, c_last - window + 1 - offset)
+    # A tile holding padded keys always needs the mask; one of padding only is empty.
+    full_hi = jnp.where(c0 + cols > kv_len, zero, full_hi)
+    row_hi = jnp.where(c0 >= kv_len, zero, row_hi)
+    n = _cdiv(jnp.int32(q_len), block_q)
+    lo = _clip(lax.div(jnp.maximum(row_lo, 0), block_q), 0, n)
+    hi = _clip(_cdiv(jnp.maximum(row_hi, 0), block_q), lo, n)
+    flo = _clip(_cdiv(jnp.maximum(full_lo, 0), block_q), lo, hi)
+    fhi = _clip(lax.div(jnp.maximum(full_hi, 0), block_q), flo, hi)
+    return lo, flo, fhi, hi
+
+
+# ----------------------------------------------------------------------------
+# Static description of one call.
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    q_len: int         # real lengths (positions and the padding mask use these)
+    kv_len: int
+    causal: bool
+    window: int | None
+    scale: float
+    blocks: tuning.BlockSizes
+
+    @property
+    def offset(self):
+        return self.kv_len - self.q_len
+
+    def ranges(self):
+        return dict(offset=self.offset, q_len=self.q_len, kv_len=self.kv_len,
+                    causal=self.causal, window=self.window)
+
+    def mask(self, q_pos, k_pos):
+        """Visible pairs (positions already absolute), padded keys excluded."""
+        return visible(q_pos, k_pos, causal=self.causal,
+                       sliding_window=self.window) & (k_pos < self.kv_len)
+
+
+def _plgpu():
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    return plgpu
+
+
+def _pl():
+    import jax.experimental.pallas as pl
+    return pl
+
+
+def _tile_smem(shape, dtype):
+    plgpu = _plgpu()
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)),
+                                                plgpu.SwizzleTransform(128)))
+
+
+def _mma(a, b, shape):
+    """a @ b with a fresh float32 accumulator; waits for the result."""
+    pl, plgpu = _pl(), _plgpu()
+
+    def body(acc):
+        plgpu.wgmma(acc, a, b)
+        return acc[...]
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _mma_acc(acc, a, b):
+    """acc + a @ b for a float32 register accumulator."""
+    pl, plgpu = _pl(), _plgpu()
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+    return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def _rows(x, shape):
+    """Broadcast a per-row vector across columns."""
+    return lax.broadcast_in_dim(x, shape, [0])
+
+
+def _cols(x, shape):
+    return lax.broadcast_in_dim(x, shape, [1])
+
+
+def _iota(shape, dim):
+    plgpu = _plgpu()
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def _vector(n, value, reduced_dim):
+    plgpu = _plgpu()
+    return plgpu.layout_cast(jnp.full((n,), value, jnp.float32),
+                             plgpu.Layout.WGMMA.reduce(reduced_dim))
+
+
+def _zeros(shape):
+    plgpu = _plgpu()
+    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def _call(body, out_type, scratch, grid, names):
+    plgpu = _plgpu()
+    return plgpu.kernel(
+        body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=names,
+        num_threads=_CONSUMERS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True))
+
+
+def _ring_producer(n_steps, stages, issue, free_barriers):
+    """Producer loop: for step t, wait until slot t % stages is free, then issue
+    its copies. ``issue(t, slot)``; free_barriers are waited in order."""
+    pl, plgpu = _pl(), _plgpu()
+    plgpu.set_max_registers(_PRODUCER_REGS, action="decrease")
+
+    @pl.loop(0, n_steps)
+    def _(t):
+        slot = lax.rem(t, stages)
+
+        @pl.when(t >= stages)
+        def _():
+            for bar in free_barriers:
+                plgpu.barrier_wait(bar.at[slot])
+        issue(t, slot)
+
+
+# ----------------------------------------------------------------------------
+# Forward.
+
+def _forward(q, k, v, spec: _Spec):
+    """q [B,Sp,H,D], k/v [B,Tp,KH,D] padded -> (out [B,Sp,H,D], lse2 [B,H,Sp]).
+
+    lse2 is the base-2 logsumexp of the scaled logits, +inf for rows that see
+    no key (so the backward's exp2(s - lse2) is 0 there)."""
+    pl, plgpu = _pl(), _plgpu()
+    B, Sp, H, D = q.shape
+    KH = k.shape[2]
+    G = H // KH
+    cfg = spec.blocks.fwd
+    bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
+    pingpong = spec.blocks.pingpong
+    n_q_tiles = Sp // (_CONSUMERS * bq)
+    dtype = q.dtype
+    c = spec.scale * LOG2E
+
+    def body(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem,
+             q_ready, k_ready, v_ready, k_free, v_free, turn):
+        h, b = lax.axis_index("h"), lax.axis_index("b")
+        # Longest (causal) tiles first: they launch before the short ones.
+        r0 = (n_q_tiles - 1 - lax.axis_index("q")) * (_CONSUMERS * bq)
+        lo, flo, fhi, hi = kv_block_range(r0, _CONSUMERS * bq, block_kv=bkv, **spec.ranges())
+        wg = lax.axis_index("wg")
+        kvh = lax.div(h, G)
+
+        @pl.when(wg == _CONSUMERS)
+        def _producer():
+            def issue(t, slot):
+                keys = (b, pl.ds((lo + t) * bkv, bkv), kvh)
+                plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+            _ring_producer(hi - lo, stages, issue, (k_free, v_free))
+
+        @pl.when(wg < _CONSUMERS)
+        def _consumer():
+            plgpu.set_max_registers(_CONSUMER_REGS, action="increase")
+            row0 = r0 + wg * bq
+            my_q = q_smem.at[wg]
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], my_q, q_ready.at[wg])
+            plgpu.barrier_wait(q_ready.at[wg])
+
+            def take_turn():
+                if pingpong:
+                    plgpu.barrier_arrive(turn)
+                    plgpu.barrier_wait(turn)
+
+            def step(j, carry, masked):
+                acc, m, l = carry
+                slot = lax.rem(j - lo, stages)
+                plgpu.barrier_wait(k_ready.at[slot])
+
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    take_turn()
+                    return acc_ref[...]
+                s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                s = s * c
+                if masked:
+                    ok = spec.mask(_iota((bq, bkv), 0) + (row0 + spec.offset),
+                                   _iota((bq, bkv), 1) + j * bkv)
+                    s = jnp.where(ok, s, -jnp.inf)
+                m_new = jnp.maximum(m, s.max(axis=1))
+                # A row that has seen no key yet keeps m = -inf; subtract 0 then.
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+                alpha = jnp.exp2(m - m_use)
+                p = jnp.exp2(s - _rows(m_use, s.shape))
+                l = l * alpha + p.sum(axis=1)
+                acc = acc * _rows(alpha, acc.shape)
+                p16 = p.astype(dtype)
+                if pingpong:
+                    plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(v_ready.at[slot])
+                if pingpong:
+                    plgpu.barrier_wait(turn)
+                acc = _mma_acc(acc, p16, v_smem.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l
+
+            carry = (_zeros((bq, D)), _vector(bq, -jnp.inf, 1), _vector(bq, 0.0, 1))
+            if pingpong:
+                pl.when(wg == 1)(take_turn)
+            masked = functools.partial(step, masked=True)
+            carry = lax.fori_loop(lo, flo, masked, carry)
+            carry = lax.fori_loop(flo, fhi, functools.partial(step, masked=False), carry)
+            acc, m, l = lax.fori_loop(fhi, hi, masked, carry)
+            if pingpong:
+                pl.when(wg == 0)(take_turn)
+
+            empty = l == 0.0
+            inv_l = 1.0 / jnp.where(empty, 1.0, l)
+            my_q[...] = (acc * _rows(inv_l, acc.shape)).astype(dtype)
+            lse_smem.at[wg][...] = jnp.where(empty, jnp.inf,
+                                             m + jnp.log(jnp.where(empty, 1.0, l)) * LOG2E)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(my_q, o_ref.at[b, pl.ds(row0, bq), h])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, bq)])
+            plgpu.wait_smem_to_gmem(0)
+
+    scratch = [
+        _tile_smem((_CONSUMERS, bq, D), dtype),
+        _tile_smem((stages, bkv, D), dtype),
+        _tile_smem((stages, bkv, D), dtype),
+        plgpu.SMEM((_CONSUMERS, bq), jnp.float32),
+        plgpu.Barrier(num_barriers=_CONSUMERS),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=_CONSUMERS),
+    ]
+    out_type = (jax.ShapeDtypeStruct(q.shape, dtype),
+                jax.ShapeDtypeStruct((B, H, Sp), jnp.float32))
+    return _call(body, out_type, scratch, (H, B, n_q_tiles), ("h", "b", "q"))(q, k, v)
+
+
+# ----------------------------------------------------------------------------
+# Backward: dQ, query-parallel.
+
+def _backward_dq(q, k, v, do, lse, delta, spec: _Spec):
+    pl, plgpu = _pl(), _plgpu()
+    B, Sp, H, D = q.shape
+    KH = k.shape[2]
+    G = H // KH
+    cfg = spec.blocks.dq
+    bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
+    n_q_tiles = Sp // (_CONSUMERS * bq)
+    dtype = q.dtype
+    c = spec.scale * LOG2E
+
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+             q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem,
+             row_ready, k_ready, v_ready, k_free, v_free):
+        h, b = lax.axis_index("h"), lax.axis_index("b")
+        r0 = (n_q_tiles - 1 - lax.axis_index("q")) * (_CONSUMERS * bq)
+        lo, flo, fhi, hi = kv_block_range(r0, _CONSUMERS * bq, block_kv=bkv, **spec.ranges())
+        wg = lax.axis_index("wg")
+        kvh = lax.div(h, G)
+
+        @pl.when(wg == _CONSUMERS)
+        def _producer():
+            def issue(t, slot):
+                keys = (b, pl.ds((lo + t) * bkv, bkv), kvh)
+                plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+            _ring_producer(hi - lo, stages, issue, (k_free, v_free))
+
+        @pl.when(wg < _CONSUMERS)
+        def _consumer():
+            plgpu.set_max_registers(_CONSUMER_REGS, action="increase")
+            row0 = r0 + wg * bq
+            rows = (b, pl.ds(row0, bq), h)
+            my_q, my_do = q_smem.at[wg], do_smem.at[wg]
+            ready = [row_ready.at[wg * 4 + i] for i in range(4)]
+            plgpu.copy_gmem_to_smem(q_ref.at[rows], my_q, ready[0])
+            plgpu.copy_gmem_to_smem(do_ref.at[rows], my_do, ready[1])
+            plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(row0, bq)], lse_smem.at[wg], ready[2])
+            plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(row0, bq)], delta_smem.at[wg], ready[3])
+            for bar in ready:
+                plgpu.barrier_wait(bar)
+            row_layout = plgpu.Layout.WGMMA.reduce(1)
+            lse_v = plgpu.load(lse_smem.at[wg], (), layout=row_layout)
+            delta_v = plgpu.load(delta_smem.at[wg], (), layout=row_layout)
+
+            def step(j, dq, masked):
+                slot = lax.rem(j - lo, stages)
+                plgpu.barrier_wait(k_ready.at[slot])
+                s = _mma(my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)), (bq, bkv)) * c
+                if masked:
+                    ok = spec.mask(_iota((bq, bkv), 0) + (row0 + spec.offset),
+                                   _iota((bq, bkv), 1) + j * bkv)
+                    s = jnp.where(ok, s, -jnp.inf)
+                p = jnp.exp2(s - _rows(lse_v, s.shape))
+                plgpu.barrier_wait(v_ready.at[slot])
+                dp = _mma(my_do, plgpu.transpose_ref(v_smem.at[slot], (1, 0)), (bq, bkv))
+                plgpu.barrier_arrive(v_free.at[slot])
+                ds = p * (dp - _rows(delta_v, dp.shape))
+                dq = _mma_acc(dq, ds.astype(dtype), k_smem.at[slot])
+                plgpu.barrier_arrive(k_free.at[slot])
+                return dq
+
+            dq = _zeros((bq, D))
+            masked = functools.partial(step, masked=True)
+            dq = lax.fori_loop(lo, flo, masked, dq)
+            dq = lax.fori_loop(flo, fhi, functools.partial(step, masked=False), dq)
+            dq = lax.fori_loop(fhi, hi, masked, dq)
+            my_q[...] = (dq * spec.scale).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(my_q, dq_ref.at[rows])
+            plgpu.wait_smem_to_gmem(0)
+
+    scratch = [
+        _tile_smem((_CONSUMERS, bq, D), dtype),
+        _tile_smem((_CONSUMERS, bq, D), dtype),
+        plgpu.SMEM((_CONSUMERS, bq), jnp.float32),
+        plgpu.SMEM((_CONSUMERS, bq), jnp.float32),
+        _tile_smem((stages, bkv, D), dtype),
+        _tile_smem((stages, bkv, D), dtype),
+        plgpu.Barrier(num_barriers=_CONSUMERS * 4),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
+    ]
+    return _call(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch,
+                 (H, B, n_q_tiles), ("h", "b", "q"))(q, k, v, do, lse, delta)
+
+
+# ----------------------------------------------------------------------------
+# Backward: dK and dV, key-parallel, summed over the heads of each kv group.
+
+def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=True):
+    pl, plgpu = _pl(), _plgpu()
+    B, Sp, H, D = q.shape
+    Tp, KH = k.shape[1], k.shape[2]
+    G = H // KH
+    cfg = spec.blocks.dkv
+    bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
+    n_kv_tiles = Tp // (_CONSUMERS * bkv)
+    dtype = q.dtype
+    c = spec.scale * LOG2E
+    need_v = want_dk  # dP = dO V^T feeds only dK
+
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+        n_out = want_dk + want_dv
+        outs, refs = refs[:n_out], refs[n_out:]
+        (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
+         own_ready, q_ready, do_ready, lse_ready, delta_ready, q_free, do_free) = refs
+        dk_ref = outs[0] if want_dk else None
+        dv_ref = outs[-1] if want_dv else None
+        kvh, b = lax.axis_index("kvh"), lax.axis_index("b")
+        c0 = (n_kv_tiles - 1 - lax.axis_index("k")) * (_CONSUMERS * bkv)
+        lo, flo, fhi, hi = q_block_range(c0, _CONSUMERS * bkv, block_q=bq, **spec.ranges())
+        per_head = hi - lo
+        wg = lax.axis_index("wg")
+
+        @pl.when(wg == _CONSUMERS)
+        def _producer():
+            def issue(t, slot):
+                h = kvh * G + lax.div(t, per_head)
+                i = lo + lax.rem(t, per_head)
+                rows = (b, pl.ds(i * bq, bq), h)
+                vec = (b, h, pl.ds(i * bq, bq))
+                plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_ready.at[slot])
+                plgpu.copy_gmem_to_smem(lse_ref.at[vec], lse_smem.at[slot], lse_ready.at[slot])
+                plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_ready.at[slot])
+                if want_dk:
+                    plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_smem.at[slot],
+                                            delta_ready.at[slot])
+            _ring_producer(G * per_head, stages, issue, (q_free, do_free))
+
+        @pl.when(wg < _CONSUMERS)
+        def _consumer():
+            plgpu.set_max_registers(_CONSUMER_REGS, action="increase")
+            key0 = c0 + wg * bkv
+            keys = (b, pl.ds(key0, bkv), kvh)
+            my_k, my_v = k_smem.at[wg], v_smem.at[wg]
+            plgpu.copy_gmem_to_smem(k_ref.at[keys], my_k, own_ready.at[2 * wg])
+            if need_v:
+                plgpu.copy_gmem_to_smem(v_ref.at[keys], my_v, own_ready.at[2 * wg + 1])
+            plgpu.barrier_wait(own_ready.at[2 * wg])
+            if need_v:
+                plgpu.barrier_wait(own_ready.at[2 * wg + 1])
+            col_layout = plgpu.Layout.WGMMA.reduce(0)
+
+            def step(i, carry, g, masked):
+                dk, dv = carry
+                slot = lax.rem(g * per_head + (i - lo), stages)
+                plgpu.barrier_wait(q_ready.at[slot])
+                plgpu.barrier_wait(lse_ready.at[slot])
+                st = _mma(my_k, plgpu.transpose_ref(q_smem.at[slot], (1, 0)), (bkv, bq)) * c
+                if masked:
+                    ok = spec.mask(_iota((bkv, bq), 1) + (i * bq + spec.offset),
+                                   _iota((bkv, bq), 0) + key0)
+                    st = jnp.where(ok, st, -jnp.inf)
+                lse_v = plgpu.load(lse_smem.at[slot], (), layout=col_layout)
+                pt = jnp.exp2(st - _cols(lse_v, st.shape))
+                plgpu.barrier_wait(do_ready.at[slot])
+                if want_dv:
+                    dv = _mma_acc(dv, pt.astype(dtype), do_smem.at[slot])
+                if want_dk:
+                    dpt = _mma(my_v, plgpu.transpose_ref(do_smem.at[slot], (1, 0)), (bkv, bq))
+                    plgpu.barrier_wait(delta_ready.at[slot])
+                    delta_v = plgpu.load(delta_smem.at[slot], (), layout=col_layout)
+                    plgpu.barrier_arrive(do_free.at[slot])
+                    dst = pt * (dpt - _cols(delta_v, dpt.shape))
+                    dk = _mma_acc(dk, dst.astype(dtype), q_smem.at[slot])
+                else:
+                    plgpu.barrier_arrive(do_free.at[slot])
+                plgpu.barrier_arrive(q_free.at[slot])
+                return dk, dv
+
+            def head(g, carry):
+                masked = functools.partial(step, g=g, masked=True)
+                carry = lax.fori_loop(lo, flo, masked, carry)
+                carry = lax.fori_loop(flo, fhi, functools.partial(step, g=g, masked=False), carry)
+                return lax.fori_loop(fhi, hi, masked, carry)
+
+            zero = _zeros((bkv, D))
+            dk, dv = lax.fori_loop(0, G, head, (zero if want_dk else None,
+                                                 zero if want_dv else None))
+            if want_dk:
+                my_k[...] = (dk * spec.scale).astype(dtype)
+            if want_dv:
+                my_v[...] = dv.astype(dtype)
+            plgpu.commit_smem()
+            if want_dk:
+                plgpu.copy_smem_to_gmem(my_k, dk_ref.at[keys])
+            if want_dv:
+                plgpu.copy_smem_to_gmem(my_v, dv_ref.at[keys])
+            plgpu.wait_smem_to_gmem(0)
+
+    scratch = [
+        _tile_smem((_CONSUMERS, bkv, D), dtype),
+        _tile_smem((_CONSUMERS, bkv, D), dtype),
+        _tile_smem((stages, bq, D), dtype),
+        _tile_smem((stages, bq, D), dtype),
+        plgpu.SMEM((stages, bq), jnp.float32),
+        plgpu.SMEM((stages, bq), jnp.float32),
+        plgpu.Barrier(num_barriers=_CONSUMERS * 2),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
+    ]
+    out_type = [jax.ShapeDtypeStruct(k.shape, dtype)] * (want_dk + want_dv)
+    outs = _call(body, out_type, scratch, (KH, B, n_kv_tiles), ("kvh", "b", "k"))(
+        q, k, v, do, lse, delta)
+    return (outs[0] if want_dk else None), (outs[-1] if want_dv else None)
+
+
+# ----------------------------------------------------------------------------
+# Differentiable entry point.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q, k, v, spec):
+    return _forward(q, k, v, spec)[0]
+
+
+def _attention_fwd(q, k, v, spec):
+    out, lse = _forward(q, k, v, spec)
+    return out, (q, k, v, out, lse)
+
+
+def _attention_bwd(spec, res, do):
+    q, k, v, out, lse = res
+    delta = jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), out.astype(jnp.float32))
+    dq = _backward_dq(q, k, v, do, lse, delta, spec)
+    if q.shape[-1] > 128:  # dK and dV accumulators do not fit in registers together
+        dk, _ = _backward_dkv(q, k, v, do, lse, delta, spec, want_dv=False)
+        _, dv = _backward_dkv(q, k, v, do, lse, delta, spec, want_dk=False)
+    else:
+        dk, dv = _backward_dkv(q, k, v, do, lse, delta, spec)
+    return dq, dk, dv
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def supports(q, k, v, *, causal=False, segment_ids=None, sliding_window=None,
+             logit_softcap=None, scale=None) -> str | None:
+    """None when ``mosaic_flash_attention`` handles this call, else the reason."""
+    del causal, scale
+    if not compat.is_hopper():
+        return "the Mosaic GPU kernel needs a Hopper (sm_90) GPU"
+    if segment_ids is not None:
+        return "segment_ids are not supported by the Mosaic GPU kernel"
+    if logit_softcap is not None:
+        return "logit_softcap is not supported by the Mosaic GPU kernel"
+    if sliding_window is not None and sliding_window < 1:
+        return f"sliding_window must be >= 1, got {sliding_window}"
+    return _shape_problem(q, k, v)
+
+
+def _shape_problem(q, k, v) -> str | None:
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        return f"expected q [B,S,H,D] and k, v [B,T,KH,D]; got {q.shape}, {k.shape}, {v.shape}"
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or not (q.dtype == k.dtype == v.dtype):
+        return f"the Mosaic GPU kernel needs bfloat16 or float16 q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}"
+    if q.shape[-1] not in HEAD_DIMS or k.shape[-1] != q.shape[-1]:
+        return f"head_dim must be one of {HEAD_DIMS}; got {q.shape[-1]}"
+    if q.shape[0] != k.shape[0] or q.shape[2] % k.shape[2]:
+        return f"batch or heads of q {q.shape} and k {k.shape} do not match (kv heads must divide heads)"
+    return None
+
+
+def _pad_to(x, axis, multiple):
+    n = x.shape[axis]
+    extra = -n % multiple
+    if not extra:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, extra)
+    return jnp.pad(x, pad)
+
+
+def mosaic_flash_attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None,
+                           logit_softcap=None, scale=None,
+                           block_sizes: tuning.BlockSizes | None = None):
+    """Attention out [B,S,H,D] from the Hopper kernels, differentiable in q, k, v.
+
+    block_sizes overrides the tuning table (see ``tuning.py``)."""
+    if segment_ids is not None:
+        raise ValueError("segment_ids are not supported by the Mosaic GPU kernel")
+    if logit_softcap is not None:
+        raise ValueError("logit_softcap is not supported by the Mosaic GPU kernel")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    problem = _shape_problem(q, k, v)
+    if problem:
+        raise ValueError(problem)
+    S, T, D = q.shape[1], k.shape[1], q.shape[-1]
+    if block_sizes is None:
+        block_sizes = tuning.block_sizes_for(compat.device_kind(), D, causal)
+    spec = _Spec(q_len=S, kv_len=T, causal=bool(causal), window=sliding_window,
+                 scale=float(D ** -0.5 if scale is None else scale), blocks=block_sizes)
+    bs = block_sizes
+    q_mult = math.lcm(_CONSUMERS * bs.fwd.block_q, _CONSUMERS * bs.dq.block_q, bs.dkv.block_q)
+    kv_mult = math.lcm(bs.fwd.block_kv, bs.dq.block_kv, _CONSUMERS * bs.dkv.block_kv)
+    out = _attention(_pad_to(q, 1, q_mult), _pad_to(k, 1, kv_mult), _pad_to(v, 1, kv_mult), spec)
+    return out[:, :S]

@@ -1,0 +1,169 @@
+"""Tests of the Hopper (Pallas Mosaic GPU) flash-attention kernels.
+
+The kernels run compiled only, on an sm_90 GPU (tests marked ``gpu``). They
+cannot run under Mosaic GPU interpret mode (``InterpretGPUParams``) in jax
+0.10.2: its wgmma reads both operands from shared memory as plain arrays, so
+the transposed operand views (``transpose_ref``, needed for Q K^T, dO V^T and
+K Q^T) fail with "'TransposeTransform' object has no attribute 'indices'", and
+a register (not shared-memory) left operand, used for P V, is not supported.
+
+On CPU this module tests what does not need the GPU: the block ranges that
+decide which tiles each kernel visits and masks (against the mask itself),
+and that unsupported arguments are reported and refused.
+"""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.attention import mosaic_gpu
+from pallas_kernels.attention.mask import visible
+from pallas_kernels.attention.reference import attention_reference
+
+# ---------------------------------------------------------------------------
+# Block ranges (pure functions, CPU).
+
+
+def _pairs(S, T, causal, window):
+    q_pos = np.arange(S)[:, None] + (T - S)
+    k_pos = np.arange(T)[None, :]
+    return np.asarray(visible(q_pos, k_pos, causal=causal, sliding_window=window))
+
+
+RANGE_CASES = [(S, T, causal, window)
+               for S, T in [(200, 200), (130, 330), (330, 130), (64, 64), (1, 257)]
+               for causal, window in [(False, None), (True, None), (True, 70), (False, 45), (True, 1)]]
+
+
+@pytest.mark.parametrize("S,T,causal,window", RANGE_CASES)
+def test_kv_block_range_covers_exactly_the_visible_blocks(S, T, causal, window):
+    rows, block = 128, 64
+    vis = _pairs(S, T, causal, window)
+    n_blocks = -(-T // block)
+    for r0 in range(0, S + rows - 1, rows):
+        lo, flo, fhi, hi = (int(x) for x in mosaic_gpu.kv_block_range(
+            jnp.int32(r0), rows, offset=T - S, q_len=S, kv_len=T, block_kv=block,
+            causal=causal, window=window))
+        real = vis[r0:r0 + rows]  # padded rows (r >= S) are sliced off: not checked
+        tile = np.zeros((real.shape[0], n_blocks * block), bool)
+        tile[:, :T] = real
+        blocks = tile.reshape(real.shape[0], n_blocks, block)
+        any_vis = blocks.any(axis=(0, 2))
+        assert 0 <= lo <= flo <= fhi <= hi <= n_blocks
+        # Every block holding a visible pair is inside [lo, hi).
+        assert not any_vis[:lo].any() and not any_vis[hi:].any()
+        # Blocks treated as unmasked really are fully visible (for real rows).
+        for j in range(flo, fhi):
+            assert blocks[:, j].all(), (r0, j)
+
+
+@pytest.mark.parametrize("S,T,causal,window", RANGE_CASES)
+def test_q_block_range_covers_exactly_the_visible_blocks(S, T, causal, window):
+    cols, block = 128, 64
+    vis = _pairs(S, T, causal, window)
+    n_blocks = -(-S // block)
+    for c0 in range(0, T + cols - 1, cols):
+        lo, flo, fhi, hi = (int(x) for x in mosaic_gpu.q_block_range(
+            jnp.int32(c0), cols, offset=T - S, q_len=S, kv_len=T, block_q=block,
+            causal=causal, window=window))
+        tile = np.zeros((n_blocks * block, cols), bool)
+        real = vis[:, c0:c0 + cols]
+        tile[:S, :real.shape[1]] = real
+        blocks = tile.reshape(n_blocks, block, cols)
+        any_vis = blocks.any(axis=(1, 2))
+        assert 0 <= lo <= flo <= fhi <= hi <= n_blocks
+        assert not any_vis[:lo].any() and not any_vis[hi:].any()
+        for i in range(flo, fhi):
+            # Unmasked: every real key of the tile visible to every real row;
+            # and the tile has no padded key.
+            assert real.shape[1] == cols and blocks[i, :max(0, min(block, S - i * block))].all()
+
+
+# ---------------------------------------------------------------------------
+# Argument checks (CPU).
+
+
+def _qkv(seed, B, S, T, H, KH, D, dtype):
+    kq, kk, kv, kd = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(kq, (B, S, H, D), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (B, T, KH, D), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (B, T, KH, D), jnp.float32).astype(dtype)
+    do = jax.random.normal(kd, (B, S, H, D), jnp.float32).astype(dtype)
+    return q, k, v, do
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(segment_ids=(jnp.zeros((1, 64), jnp.int32),) * 2), "segment_ids"),
+    (dict(logit_softcap=30.0), "logit_softcap"),
+    (dict(sliding_window=0), "sliding_window"),
+])
+def test_unsupported_arguments_raise(kwargs, needle):
+    q, k, v, _ = _qkv(0, 1, 64, 64, 2, 1, 64, jnp.bfloat16)
+    with pytest.raises(ValueError, match=needle):
+        mosaic_gpu.mosaic_flash_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("shape_kv,dtype,needle", [
+    (((1, 64, 2, 96), (1, 64, 1, 96)), jnp.bfloat16, "head_dim"),
+    (((1, 64, 2, 64), (1, 64, 1, 64)), jnp.float32, "bfloat16 or float16"),
+    (((1, 64, 3, 64), (1, 64, 2, 64)), jnp.bfloat16, "kv heads"),
+])
+def test_unsupported_shapes_are_reported(shape_kv, dtype, needle):
+    (qs, ks) = shape_kv
+    q = jnp.ones(qs, dtype)
+    k = jnp.ones(ks, dtype)
+    assert needle in mosaic_gpu._shape_problem(q, k, k)
+    with pytest.raises(ValueError, match=needle):
+        mosaic_gpu.mosaic_flash_attention(q, k, k)
+
+
+def test_supports_names_the_reason_off_hopper():
+    q, k, v, _ = _qkv(1, 1, 64, 64, 2, 1, 64, jnp.bfloat16)
+    reason = mosaic_gpu.supports(q, k, v, causal=True)
+    if jax.default_backend() == "gpu" and mosaic_gpu.compat.is_hopper():
+        assert reason is None
+        assert "logit_softcap" in mosaic_gpu.supports(q, k, v, logit_softcap=5.0)
+    else:
+        assert "Hopper" in reason
+
+
+# ---------------------------------------------------------------------------
+# Kernels against the reference (GPU).
+
+GPU_CASES = [
+    # B, S, T, H, KH, D, causal, window, dtype
+    (2, 256, 256, 2, 1, 128, True, None, jnp.bfloat16),
+    (1, 200, 200, 4, 2, 128, False, None, jnp.bfloat16),
+    (1, 130, 330, 4, 4, 64, True, None, jnp.float16),
+    (1, 330, 130, 2, 1, 128, True, None, jnp.bfloat16),
+    (1, 190, 190, 2, 2, 256, True, None, jnp.bfloat16),
+    (1, 300, 300, 4, 2, 64, False, None, jnp.bfloat16),
+    (1, 300, 300, 2, 1, 128, True, 100, jnp.bfloat16),
+    (1, 260, 260, 2, 2, 64, False, 90, jnp.float16),
+]
+
+
+def _rel(x, ref):
+    x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
+    assert np.isfinite(x).all()
+    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,S,T,H,KH,D,causal,window,dtype", GPU_CASES)
+def test_kernel_matches_reference(B, S, T, H, KH, D, causal, window, dtype):
+    seed = hash((B, S, T, H, KH, D, causal, window)) % 2**31
+    q, k, v, do = _qkv(seed, B, S, T, H, KH, D, dtype)
+    kw = dict(causal=causal, sliding_window=window)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref_out, ref_vjp = jax.vjp(lambda *a: attention_reference(*a, **kw), *f32)
+    ref_grads = ref_vjp(do.astype(jnp.float32))
+    out, vjp = jax.vjp(lambda *a: mosaic_gpu.mosaic_flash_attention(*a, **kw), q, k, v)
+    grads = vjp(do)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert _rel(out, ref_out) < 2e-2
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert g.shape == r.shape
+        assert _rel(g, r) < 2e-2, name

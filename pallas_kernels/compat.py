@@ -30,3 +30,30 @@ def is_hopper() -> bool:
         return False
     cc = getattr(jax.devices()[0], "compute_capability", "")
     return str(cc).startswith("9")
+
+
+def triton_compiler_params(*, num_warps: int, num_stages: int):
+    """Compiler params that send a BlockSpec pallas_call to Pallas's Triton
+    lowering, named explicitly because the default GPU backend may be Mosaic GPU
+    (jax 0.11 deprecates the Triton path but keeps it)."""
+    from jax.experimental.pallas import triton as pltriton
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def mosaic_gpu_interpret_params():
+    """Parameters that run a Mosaic GPU kernel in JAX's GPU interpreter (on CPU).
+
+    Out-of-bounds reads return the uninitialised fill (NaN) instead of raising,
+    standing in for the TMA zero fill of partial tiles; kernels must keep such
+    values out of stored results. Public in jax 0.11, private in 0.10.
+    """
+    try:
+        from jax.experimental.pallas.mosaic_gpu import InterpretGPUParams
+    except ImportError:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return InterpretGPUParams(out_of_bounds_reads="uninitialized")
+
+
+# jax 0.10's GPU interpreter rejects transposed wgmma operands and fills whole
+# partial blocks (not just their out-of-bounds part) on out-of-bounds reads.
+MOSAIC_GPU_INTERPRET_FULL = JAX_VERSION >= (0, 11)

@@ -1,0 +1,194 @@
+"""Public grouped matmul (dropless mixture-of-experts) with ``implementation=``
+dispatch.
+
+gmm(lhs [M,K], rhs [G,K,N], group_sizes [G]) -> [M,N]: rows are grouped
+contiguously, rows [start_g, start_g + group_sizes[g]) use rhs[g], rows past
+sum(group_sizes) give zeros. transpose_rhs=True takes rhs as [G,N,K].
+tgmm(lhs [M,K], dout [M,N], group_sizes) -> [G,K,N]: per group
+lhs[rows_g]^T @ dout[rows_g] (zeros for empty groups); this is gmm's d-rhs.
+
+implementation:
+  'xla'        the pure-jnp reference (differentiated by XLA);
+  'ragged_dot' jax.lax.ragged_dot / ragged_dot_general;
+  'pallas'     the Pallas kernels: Mosaic GPU (compiled, Hopper, bf16/f16), or
+               the portable BlockSpec kernel when interpreted (interpret=True,
+               the default off GPU). gmm's gradient is a custom VJP built from
+               the same kernels: d-lhs = gmm(dout, rhs, transpose_rhs=not
+               transpose_rhs), d-rhs = tgmm(lhs, dout) (or tgmm(dout, lhs)
+               when transpose_rhs). tgmm itself has no gradient here.
+  'auto'       'pallas' on Hopper for bf16/f16, 'ragged_dot' on other GPUs or
+               for float32 on GPU, 'xla' elsewhere.
+group_sizes must be non-negative with sum <= M; concrete values are checked,
+traced ones cannot be (groups reaching past M are then cut at M).
+tiling=(tm, tk, tn): row, contraction and column tile of the Pallas kernels
+(for tgmm: row tile, K tile, N tile).
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import compat
+from pallas_kernels.grouped_matmul import blockspec, mosaic_gpu
+from pallas_kernels.grouped_matmul.reference import gmm_reference, tgmm_reference
+
+IMPLEMENTATIONS = ("auto", "xla", "ragged_dot", "pallas")
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+BLOCKSPEC_TILING = (128, 128, 128)
+
+
+class _Config(NamedTuple):
+    """Static settings of one Pallas call (hashable, for custom_vjp)."""
+    out_dtype: jnp.dtype
+    tiling: tuple | None
+    interpret: bool
+    transpose_rhs: bool = False
+
+
+def _check_common(lhs, group_sizes, implementation, tiling):
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown grouped matmul implementation {implementation!r}; "
+                         f"choose one of {IMPLEMENTATIONS}")
+    if lhs.ndim != 2:
+        raise ValueError(f"lhs must be [M, K]; got shape {lhs.shape}")
+    if lhs.shape[0] < 1:
+        raise ValueError(f"lhs needs at least one row; got shape {lhs.shape}")
+    if lhs.dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {lhs.dtype}; use float32, bfloat16 or float16")
+    if group_sizes.ndim != 1 or group_sizes.shape[0] < 1:
+        raise ValueError(f"group_sizes must be [G] with G >= 1; got shape {group_sizes.shape}")
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"group_sizes must be integers; got {group_sizes.dtype}")
+    if not isinstance(group_sizes, jax.core.Tracer):
+        sizes = np.asarray(group_sizes)
+        if (sizes < 0).any():
+            raise ValueError(f"group_sizes must be non-negative; got {sizes.tolist()}")
+        if sizes.sum() > lhs.shape[0]:
+            raise ValueError(f"sum(group_sizes)={int(sizes.sum())} exceeds the {lhs.shape[0]} "
+                             f"rows of lhs")
+    if tiling is not None and (len(tiling) != 3 or any(int(t) != t or t < 1 for t in tiling)):
+        raise ValueError(f"tiling must be three positive ints (tm, tk, tn); got {tiling}")
+
+
+def _pallas_config(implementation, dtype, preferred_element_type, tiling, interpret):
+    """Resolves 'auto' and checks the arguments each implementation honours."""
+    on_hopper = compat.is_hopper()
+    if implementation == "auto":
+        if compat.platform() == "gpu":
+            implementation = "pallas" if on_hopper and dtype != jnp.float32 else "ragged_dot"
+        else:
+            implementation = "xla"
+    if implementation != "pallas":
+        if tiling is not None or interpret is not None:
+            raise ValueError(f"implementation={implementation!r} takes no tiling or interpret")
+        return implementation, None
+    if interpret is None:
+        interpret = compat.platform() != "gpu"
+    if not interpret and not on_hopper:
+        raise ValueError("compiled implementation='pallas' needs a Hopper GPU (Mosaic GPU); "
+                         "pass interpret=True to run the portable kernel interpreted")
+    out_dtype = jnp.dtype(preferred_element_type or dtype)
+    return "pallas", _Config(out_dtype, None if tiling is None else tuple(tiling), bool(interpret))
+
+
+def _gmm_kernel(lhs, rhs, group_sizes, cfg: _Config):
+    if cfg.interpret:
+        return blockspec.gmm(lhs, rhs, group_sizes, transpose_rhs=cfg.transpose_rhs,
+                             out_dtype=cfg.out_dtype, tiling=cfg.tiling or BLOCKSPEC_TILING)
+    return mosaic_gpu.gmm(lhs, rhs, group_sizes, transpose_rhs=cfg.transpose_rhs,
+                          out_dtype=cfg.out_dtype, tiling=cfg.tiling or mosaic_gpu.DEFAULT_TILING)
+
+
+def _tgmm_kernel(lhs, dout, group_sizes, cfg: _Config):
+    if cfg.interpret:
+        return blockspec.tgmm(lhs, dout, group_sizes, out_dtype=cfg.out_dtype,
+                              tiling=cfg.tiling or BLOCKSPEC_TILING)
+    return mosaic_gpu.tgmm(lhs, dout, group_sizes, out_dtype=cfg.out_dtype,
+                           tiling=cfg.tiling or mosaic_gpu.DEFAULT_TILING)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _pallas_gmm(lhs, rhs, group_sizes, cfg: _Config):
+    return _gmm_kernel(lhs, rhs, group_sizes, cfg)
+
+
+def _pallas_gmm_fwd(lhs, rhs, group_sizes, cfg):
+    return _gmm_kernel(lhs, rhs, group_sizes, cfg), (lhs, rhs, group_sizes)
+
+
+def _pallas_gmm_bwd(cfg, residuals, dout):
+    lhs, rhs, group_sizes = residuals
+    dout = dout.astype(lhs.dtype)
+    dlhs = _gmm_kernel(dout, rhs, group_sizes,
+                       cfg._replace(out_dtype=lhs.dtype, transpose_rhs=not cfg.transpose_rhs))
+    grad_cfg = cfg._replace(out_dtype=rhs.dtype)
+    if cfg.transpose_rhs:   # rhs[g] is [N, K]: its gradient is dout_g^T @ lhs_g
+        drhs = _tgmm_kernel(dout, lhs, group_sizes, grad_cfg)
+    else:
+        drhs = _tgmm_kernel(lhs, dout, group_sizes, grad_cfg)
+    return dlhs, drhs, None
+
+
+_pallas_gmm.defvjp(_pallas_gmm_fwd, _pallas_gmm_bwd)
+
+
+def gmm(lhs, rhs, group_sizes, *, implementation: str = "auto", preferred_element_type=None,
+        tiling=None, interpret: bool | None = None, transpose_rhs: bool = False):
+    """Grouped matmul lhs [M,K] x rhs [G,K,N] -> [M,N] (see module docstring)."""
+    _check_common(lhs, group_sizes, implementation, tiling)
+    if rhs.ndim != 3:
+        raise ValueError(f"rhs must be [G, K, N]; got shape {rhs.shape}")
+    g, rk = rhs.shape[0], rhs.shape[2 if transpose_rhs else 1]
+    if rk != lhs.shape[1]:
+        raise ValueError(f"contraction sizes differ: lhs {lhs.shape} vs rhs {rhs.shape}"
+                         f"{' (transposed)' if transpose_rhs else ''}")
+    if group_sizes.shape[0] != g:
+        raise ValueError(f"group_sizes has {group_sizes.shape[0]} groups but rhs has {g}")
+    if rhs.dtype != lhs.dtype:
+        raise ValueError(f"lhs and rhs dtypes differ: {lhs.dtype} vs {rhs.dtype}")
+    group_sizes = group_sizes.astype(jnp.int32)
+    impl, cfg = _pallas_config(implementation, lhs.dtype, preferred_element_type, tiling,
+                               interpret)
+    if impl == "xla":
+        return gmm_reference(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
+                             preferred_element_type=preferred_element_type)
+    if impl == "ragged_dot":
+        rhs_kn = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
+        out = jax.lax.ragged_dot(lhs, rhs_kn, group_sizes,
+                                 preferred_element_type=preferred_element_type)
+        return _zero_tail(out, group_sizes)
+    return _pallas_gmm(lhs, rhs, group_sizes, cfg._replace(transpose_rhs=transpose_rhs))
+
+
+def _zero_tail(out, group_sizes):
+    # ragged_dot leaves rows past sum(group_sizes) unspecified; the spec says zero.
+    rows = jnp.arange(out.shape[0])[:, None]
+    return jnp.where(rows < jnp.sum(group_sizes), out, 0).astype(out.dtype)
+
+
+def tgmm(lhs, dout, group_sizes, *, implementation: str = "auto", preferred_element_type=None,
+         tiling=None, interpret: bool | None = None):
+    """Per-group lhs[rows_g]^T @ dout[rows_g]: [M,K] x [M,N] -> [G,K,N]."""
+    _check_common(lhs, group_sizes, implementation, tiling)
+    if dout.ndim != 2 or dout.shape[0] != lhs.shape[0]:
+        raise ValueError(f"dout must be [M, N] with the M={lhs.shape[0]} rows of lhs; "
+                         f"got shape {dout.shape}")
+    if dout.dtype != lhs.dtype:
+        raise ValueError(f"lhs and dout dtypes differ: {lhs.dtype} vs {dout.dtype}")
+    group_sizes = group_sizes.astype(jnp.int32)
+    impl, cfg = _pallas_config(implementation, lhs.dtype, preferred_element_type, tiling,
+                               interpret)
+    if impl == "xla":
+        return tgmm_reference(lhs, dout, group_sizes,
+                              preferred_element_type=preferred_element_type)
+    if impl == "ragged_dot":
+        dims = jax.lax.RaggedDotDimensionNumbers(
+            dot_dimension_numbers=(((0,), (0,)), ((), ())),
+            lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+        return jax.lax.ragged_dot_general(lhs, dout, group_sizes, dims,
+                                          preferred_element_type=preferred_element_type)
+    return _tgmm_kernel(lhs, dout, group_sizes, cfg)

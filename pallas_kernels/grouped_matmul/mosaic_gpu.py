@@ -1,0 +1,212 @@
+"""Hopper (sm_90) grouped-matmul kernels in Pallas Mosaic GPU: TMA loads into a
+multi-stage shared-memory pipeline feeding wgmma, float32 accumulators in
+registers, and a persistent grid (one program per SM walking the work list).
+
+gmm: one work item per (schedule step, N tile). Its row tile is multiplied
+in full by the step's expert matrix, then only the step's rows [lo, hi) are
+stored. The row count is dynamic but a TMA store needs a static shape, so the
+rows go out as a sum of power-of-two row blocks (one static TMA shape per
+power of two, each issued only when its bit is set in hi - lo). The zero tail
+(rows past sum(group_sizes)) stores the untouched zero accumulator.
+
+tgmm: one work item per (group, K tile, N tile); the pipeline walks the
+group's row tiles and zeroes, in shared memory, the rows of the first and last
+tile that belong to neighbouring groups before the wgmma consumes them.
+
+Shapes: rows, and K/N tails, may be ragged (TMA zero-fills out-of-bounds loads
+and clips out-of-bounds stores); TMA needs row strides of 16-byte multiples,
+so K and N must be multiples of 8. Inputs must be bfloat16 or float16.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import compat
+from pallas_kernels.grouped_matmul.schedule import make_schedule, num_steps
+
+DTYPES = (jnp.bfloat16, jnp.float16)
+DEFAULT_TILING = (128, 64, 128)   # (rows, contraction, columns) per work item
+SMEM_BYTES = 220 * 1024           # Hopper allows 227 KiB per block; keep slack
+
+
+def _launch(body, out_type, interpret):
+    """Persistent launch: one program per SM, or two programs under the GPU
+    interpreter (enough to exercise the strided work split, and fast)."""
+    if interpret:
+        return plgpu.kernel(body, out_type=out_type, grid=(2,), grid_names=("sm",),
+                            compiler_params=_params(), interpret=compat.mosaic_gpu_interpret_params())
+    # Lowering without a GPU (tests on CPU) falls back to the H100 count.
+    sms = getattr(jax.devices()[0], "core_count", 0) or 132
+    return plgpu.kernel(body, out_type=out_type, grid=(sms,), grid_names=("sm",),
+                        compiler_params=_params())
+
+
+def check(lhs, other, k_dim: int, n_dim: int, tiling):
+    if lhs.dtype not in DTYPES or other.dtype != lhs.dtype:
+        raise ValueError(f"the Mosaic GPU kernel needs bfloat16 or float16 inputs of one dtype; "
+                         f"got {lhs.dtype} and {other.dtype} (use implementation='xla' or "
+                         f"'ragged_dot' for float32)")
+    for name, size in (("K", k_dim), ("N", n_dim)):
+        if size % 8:
+            raise ValueError(f"the Mosaic GPU kernel needs {name} % 8 == 0 (TMA row alignment); "
+                             f"got {name}={size}")
+    tm, tk, tn = tiling
+    if tm % 64 or tn % 64 or tk % 64:
+        raise ValueError(f"Mosaic GPU tiling (rows, contraction, columns) must be multiples "
+                         f"of 64; got {tiling}")
+
+
+def _stages(tiling, out_bytes):
+    tm, tk, tn = tiling
+    per_stage = (tm * tk + tk * tn) * 2
+    stages = min(4, (SMEM_BYTES - tm * tn * out_bytes) // per_stage)
+    if stages < 2:
+        raise ValueError(f"tiling {tiling} does not fit in shared memory")
+    return stages
+
+
+def _params():
+    return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+
+
+def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT_TILING,
+         interpret=False):
+    m, k = lhs.shape
+    g = rhs.shape[0]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    check(lhs, rhs, k, n, tiling)
+    tm, tk, tn = tiling
+    stages = _stages(tiling, jnp.dtype(out_dtype).itemsize)
+    n_tiles, k_tiles = pl.cdiv(n, tn), pl.cdiv(k, tk)
+    items = num_steps(m, tm, g + 1) * n_tiles
+    sched = make_schedule(group_sizes, m, tm, zero_tail=True)
+    # Power-of-two row blocks whose sizes add up to at least tm.
+    row_blocks = [1 << b for b in reversed(range(tm.bit_length()))]
+
+    def body(group_ref, tile_ref, lo_ref, hi_ref, first_ref, lhs_ref, rhs_ref, out_ref):
+        del first_ref  # each step stores only its own rows
+
+        @plgpu.nd_loop((items,), collective_axes="sm")
+        def _item(info):
+            s = info.index[0] // n_tiles
+            j = info.index[0] % n_tiles
+            group, tile, lo, hi = group_ref[s], tile_ref[s], lo_ref[s], hi_ref[s]
+
+            def mma(_, lhs_smem, rhs_smem, acc_ref):
+                plgpu.wgmma(acc_ref, lhs_smem, rhs_smem.transpose((1, 0)) if transpose_rhs
+                            else rhs_smem)
+                return acc_ref
+
+            def accumulate(acc_ref):
+                @pl.when(group < g)  # group g is the zero tail: keep the zero accumulator
+                def _():
+                    plgpu.emit_pipeline(
+                        lambda idx, a, b: mma(idx, a, b, acc_ref),
+                        grid=(k_tiles,),
+                        in_specs=[
+                            plgpu.BlockSpec((tm, tk), lambda kk: (tile, kk), delay_release=1),
+                            plgpu.BlockSpec((tn, tk) if transpose_rhs else (tk, tn),
+                                            (lambda kk: (j, kk)) if transpose_rhs
+                                            else (lambda kk: (kk, j)), delay_release=1),
+                        ],
+                        max_concurrent_steps=stages,
+                    )(lhs_ref, rhs_ref.at[group])
+                return acc_ref[...]
+
+            @pl.when(hi > lo)
+            def _():
+                acc = pl.run_scoped(accumulate, plgpu.ACC((tm, tn)))
+
+                @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((tm, tn), out_dtype))
+                def _store(out_smem):
+                    out_smem[...] = acc.astype(out_dtype)
+                    plgpu.commit_smem()
+                    offset = lo - tile * tm
+                    for rows in row_blocks:
+                        bit = (hi - lo) & rows
+
+                        @pl.when(bit != 0)
+                        def _():
+                            plgpu.copy_smem_to_gmem(
+                                out_smem.at[pl.ds(offset, rows)],
+                                out_ref.at[pl.ds(tile * tm + offset, rows), pl.ds(j * tn, tn)])
+
+                        offset = offset + bit
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    return _launch(body, jax.ShapeDtypeStruct((m, n), out_dtype), interpret)(*sched, lhs, rhs)
+
+
+def tgmm(lhs, dout, group_sizes, *, out_dtype, tiling=DEFAULT_TILING,
+         interpret=False):
+    """out[g] = lhs[rows_g]^T @ dout[rows_g]. tiling = (row tile, K tile, N tile)."""
+    m, k = lhs.shape
+    n = dout.shape[1]
+    g = group_sizes.shape[0]
+    check(lhs, dout, k, n, tiling)
+    tr, tk, tn = tiling
+    stages = _stages((tk, tr, tn), jnp.dtype(out_dtype).itemsize)
+    k_tiles, n_tiles = pl.cdiv(k, tk), pl.cdiv(n, tn)
+    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), m)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    first_tile = starts // tr
+    tile_count = jnp.where(ends > starts, pl.cdiv(ends, tr) - first_tile, 0)
+
+    def body(start_ref, end_ref, first_ref, count_ref, lhs_ref, dout_ref, out_ref):
+        @plgpu.nd_loop((g * k_tiles * n_tiles,), collective_axes="sm")
+        def _item(info):
+            grp = info.index[0] // (k_tiles * n_tiles)
+            ki = info.index[0] // n_tiles % k_tiles
+            ni = info.index[0] % n_tiles
+            start, end = start_ref[grp], end_ref[grp]
+            first, count = first_ref[grp], count_ref[grp]
+
+            def mma(idx, lhs_smem, dout_smem, acc_ref):
+                t = idx[0]
+
+                # Rows of the group's first and last tile that belong to other
+                # groups are zeroed before use. Zeroing one operand suffices if
+                # the other is finite there: it holds rows of other groups or
+                # TMA's zero fill past M.
+                @pl.when((t == 0) | (t == count - 1))
+                def _():
+                    rows = (first + t) * tr + plgpu.layout_cast(
+                        jax.lax.broadcasted_iota(jnp.int32, (tr, tk), 0), plgpu.Layout.WGMMA)
+                    keep = (rows >= start) & (rows < end)
+                    lhs_smem[...] = jnp.where(keep, lhs_smem[...], 0).astype(lhs_smem.dtype)
+                    plgpu.commit_smem()
+
+                plgpu.wgmma(acc_ref, lhs_smem.transpose((1, 0)), dout_smem)
+                return acc_ref
+
+            def accumulate(acc_ref):
+                @pl.when(count > 0)
+                def _():
+                    plgpu.emit_pipeline(
+                        lambda idx, a, b: mma(idx, a, b, acc_ref),
+                        grid=(count,),
+                        in_specs=[
+                            plgpu.BlockSpec((tr, tk), lambda t: (first + t, ki), delay_release=1),
+                            plgpu.BlockSpec((tr, tn), lambda t: (first + t, ni), delay_release=1),
+                        ],
+                        max_concurrent_steps=stages,
+                    )(lhs_ref, dout_ref)
+                return acc_ref[...]
+
+            acc = pl.run_scoped(accumulate, plgpu.ACC((tk, tn)))
+
+            @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((tk, tn), out_dtype))
+            def _store(out_smem):
+                out_smem[...] = acc.astype(out_dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(
+                    out_smem, out_ref.at[grp, pl.ds(ki * tk, tk), pl.ds(ni * tn, tn)])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    return _launch(body, jax.ShapeDtypeStruct((g, k, n), out_dtype), interpret)(
+        starts, ends, first_tile, tile_count, lhs, dout)

@@ -11,14 +11,14 @@ On CPU this module tests what does not need the GPU: the block ranges that
 decide which tiles each kernel visits and masks (against the mask itself),
 and that unsupported arguments are reported and refused.
 """
-import itertools
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.attention import mosaic_gpu
+from pallas_kernels.attention import mosaic_gpu, tuning
 from pallas_kernels.attention.mask import visible
 from pallas_kernels.attention.reference import attention_reference
 
@@ -119,6 +119,12 @@ def test_unsupported_shapes_are_reported(shape_kv, dtype, needle):
         mosaic_gpu.mosaic_flash_attention(q, k, k)
 
 
+def test_fused_dq_refuses_head_dim_256():
+    q, k, v, _ = _qkv(2, 1, 64, 64, 2, 1, 256, jnp.bfloat16)
+    with pytest.raises(ValueError, match="fused_dq"):
+        mosaic_gpu.mosaic_flash_attention(q, k, v, block_sizes=tuning.DEFAULTS[128])
+
+
 def test_supports_names_the_reason_off_hopper():
     q, k, v, _ = _qkv(1, 1, 64, 64, 2, 1, 64, jnp.bfloat16)
     reason = mosaic_gpu.supports(q, k, v, causal=True)
@@ -151,16 +157,25 @@ def _rel(x, ref):
     return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
+# The other code paths: separate dQ kernel, forward without ping-pong, other blocks.
+UNFUSED = dataclasses.replace(tuning.DEFAULTS[128], fused_dq=False, pingpong=False,
+                              fwd=tuning.KernelBlocks(64, 192, 2), dq=tuning.KernelBlocks(64, 128, 2))
+GPU_CASES += [(2, 300, 300, 4, 2, 128, True, None, jnp.bfloat16, UNFUSED),
+              (1, 250, 250, 2, 1, 64, False, 70, jnp.float16, UNFUSED)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,S,T,H,KH,D,causal,window,dtype", GPU_CASES)
-def test_kernel_matches_reference(B, S, T, H, KH, D, causal, window, dtype):
-    seed = hash((B, S, T, H, KH, D, causal, window)) % 2**31
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_kernel_matches_reference(case):
+    B, S, T, H, KH, D, causal, window, dtype, *blocks = case
+    seed = hash(case[:8]) % 2**31
     q, k, v, do = _qkv(seed, B, S, T, H, KH, D, dtype)
     kw = dict(causal=causal, sliding_window=window)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     ref_out, ref_vjp = jax.vjp(lambda *a: attention_reference(*a, **kw), *f32)
     ref_grads = ref_vjp(do.astype(jnp.float32))
-    out, vjp = jax.vjp(lambda *a: mosaic_gpu.mosaic_flash_attention(*a, **kw), q, k, v)
+    out, vjp = jax.vjp(lambda *a: mosaic_gpu.mosaic_flash_attention(
+        *a, **kw, block_sizes=blocks[0] if blocks else None), q, k, v)
     grads = vjp(do)
     assert out.shape == q.shape and out.dtype == dtype
     assert _rel(out, ref_out) < 2e-2

@@ -62,7 +62,8 @@ def _jax_mgpu(causal, D):
     block_kv = 64 if D == 256 else 128
     cfg = am.TuningConfig(block_q=64, block_kv=block_kv, max_concurrent_steps=2, causal=causal,
                           block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
-    return lambda q, k, v: am.attention(q, k, v, cfg)
+    # Its kernels keep tiles in float16 scratch: it takes float16 inputs only.
+    return lambda q, k, v: am.attention(*(x.astype(jnp.float16) for x in (q, k, v)), cfg)
 
 
 def implementations(causal, D):

@@ -198,11 +198,17 @@ def _zeros(shape):
 
 
 def _call(body, out_type, scratch, grid, names):
-    plgpu = _plgpu()
-    return plgpu.kernel(
-        body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=names,
-        num_threads=_CONSUMERS + 1, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True))
+    """A kernel of two consumer warpgroups and one producer over ``grid``.
+
+    Built on pl.kernel (not plgpu.kernel) so that a ``jax.new_ref`` argument is
+    aliased in and out: the fused backward accumulates dQ into one."""
+    pl, plgpu = _pl(), _plgpu()
+
+    def with_scratch(*refs):
+        pl.run_scoped(lambda *s: body(*refs, *s), *scratch, collective_axes="wg")
+    mesh = plgpu.Mesh(grid=grid, grid_names=names, num_threads=_CONSUMERS + 1, thread_name="wg")
+    return pl.kernel(with_scratch, out_type=out_type, mesh=mesh,
+                     compiler_params=plgpu.CompilerParams(approx_math=True))
 
 
 def _ring_producer(n_steps, stages, issue, free_barriers):
@@ -392,15 +398,21 @@ def _backward_dq(q, k, v, do, lse, delta, spec: _Spec):
             def step(j, dq, masked):
                 slot = lax.rem(j - lo, stages)
                 plgpu.barrier_wait(k_ready.at[slot])
-                s = _mma(my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)), (bq, bkv)) * c
+                plgpu.barrier_wait(v_ready.at[slot])
+
+                def s_and_dp(s_ref, dp_ref):  # both in flight, one wait
+                    plgpu.wgmma(s_ref, my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    plgpu.wgmma(dp_ref, my_do, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
+                    return s_ref[...], dp_ref[...]
+                acc = plgpu.ACC((bq, bkv), jnp.float32)
+                s, dp = pl.run_scoped(s_and_dp, acc, acc)
+                plgpu.barrier_arrive(v_free.at[slot])
+                s = s * c
                 if masked:
                     ok = spec.mask(_iota((bq, bkv), 0) + (row0 + spec.offset),
                                    _iota((bq, bkv), 1) + j * bkv)
                     s = jnp.where(ok, s, -jnp.inf)
                 p = jnp.exp2(s - _rows(lse_v, s.shape))
-                plgpu.barrier_wait(v_ready.at[slot])
-                dp = _mma(my_do, plgpu.transpose_ref(v_smem.at[slot], (1, 0)), (bq, bkv))
-                plgpu.barrier_arrive(v_free.at[slot])
                 ds = p * (dp - _rows(delta_v, dp.shape))
                 dq = _mma_acc(dq, ds.astype(dtype), k_smem.at[slot])
                 plgpu.barrier_arrive(k_free.at[slot])
@@ -434,9 +446,17 @@ def _backward_dq(q, k, v, do, lse, delta, spec: _Spec):
 
 
 # ----------------------------------------------------------------------------
-# Backward: dK and dV, key-parallel, summed over the heads of each kv group.
+# Backward: dK and dV (and optionally dQ), key-parallel, summed over the heads
+# of each kv group.
 
-def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=True):
+def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=True,
+                  dq_acc=None):
+    """dK, dV for k/v [B,Tp,KH,D] (None where not wanted).
+
+    With ``dq_acc`` (a float32 [B,Sp,H,D] ``jax.new_ref`` of zeros) it also
+    adds each step's dS K into dQ/scale there: dS goes through shared memory
+    and the partial dQ is reduce-added by the TMA unit, so dQ needs no second
+    pass over S and dP."""
     pl, plgpu = _pl(), _plgpu()
     B, Sp, H, D = q.shape
     Tp, KH = k.shape[1], k.shape[2]
@@ -446,12 +466,17 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
     n_kv_tiles = Tp // (_CONSUMERS * bkv)
     dtype = q.dtype
     c = spec.scale * LOG2E
-    need_v = want_dk  # dP = dO V^T feeds only dK
+    fused_dq = dq_acc is not None
+    if fused_dq and not want_dk:
+        raise ValueError("the fused dQ comes from dS, which only the dK pass computes")
+    need_v = want_dk  # dP = dO V^T feeds only dK (and dQ)
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
         n_out = want_dk + want_dv
+        if fused_dq:
+            dq_ref, refs = refs[0], refs[1:]
         outs, refs = refs[:n_out], refs[n_out:]
-        (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
+        (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem,
          own_ready, q_ready, do_ready, lse_ready, delta_ready, q_free, do_free) = refs
         dk_ref = outs[0] if want_dk else None
         dv_ref = outs[-1] if want_dv else None
@@ -492,10 +517,12 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
 
             def step(i, carry, g, masked):
                 dk, dv = carry
+                h = kvh * G + g
                 slot = lax.rem(g * per_head + (i - lo), stages)
+                q_slot, do_slot = q_smem.at[slot], do_smem.at[slot]
                 plgpu.barrier_wait(q_ready.at[slot])
                 plgpu.barrier_wait(lse_ready.at[slot])
-                st = _mma(my_k, plgpu.transpose_ref(q_smem.at[slot], (1, 0)), (bkv, bq)) * c
+                st = _mma(my_k, plgpu.transpose_ref(q_slot, (1, 0)), (bkv, bq)) * c
                 if masked:
                     ok = spec.mask(_iota((bkv, bq), 1) + (i * bq + spec.offset),
                                    _iota((bkv, bq), 0) + key0)
@@ -503,18 +530,42 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
                 lse_v = plgpu.load(lse_smem.at[slot], (), layout=col_layout)
                 pt = jnp.exp2(st - _cols(lse_v, st.shape))
                 plgpu.barrier_wait(do_ready.at[slot])
-                if want_dv:
-                    dv = _mma_acc(dv, pt.astype(dtype), do_smem.at[slot])
-                if want_dk:
-                    dpt = _mma(my_v, plgpu.transpose_ref(do_smem.at[slot], (1, 0)), (bkv, bq))
-                    plgpu.barrier_wait(delta_ready.at[slot])
-                    delta_v = plgpu.load(delta_smem.at[slot], (), layout=col_layout)
+                if not want_dk:
+                    dv = _mma_acc(dv, pt.astype(dtype), do_slot)
                     plgpu.barrier_arrive(do_free.at[slot])
-                    dst = pt * (dpt - _cols(delta_v, dpt.shape))
-                    dk = _mma_acc(dk, dst.astype(dtype), q_smem.at[slot])
-                else:
-                    plgpu.barrier_arrive(do_free.at[slot])
+                    plgpu.barrier_arrive(q_free.at[slot])
+                    return dk, dv
+
+                def dpt_and_dv(refs):  # both in flight, one wait
+                    plgpu.wgmma(refs[0], my_v, plgpu.transpose_ref(do_slot, (1, 0)))
+                    if want_dv:
+                        plgpu.wgmma(refs[1], pt.astype(dtype), do_slot)
+                accs = (_zeros((bkv, bq)),) + ((dv,) if want_dv else ())
+                dpt, *dv_new = pl.run_state(dpt_and_dv)(tuple(map(plgpu.ACC.init, accs)))
+                dv = dv_new[0] if want_dv else None
+                plgpu.barrier_arrive(do_free.at[slot])
+                plgpu.barrier_wait(delta_ready.at[slot])
+                delta_v = plgpu.load(delta_smem.at[slot], (), layout=col_layout)
+                dst = (pt * (dpt - _cols(delta_v, dpt.shape))).astype(dtype)
+                if not fused_dq:
+                    dk = _mma_acc(dk, dst, q_slot)
+                    plgpu.barrier_arrive(q_free.at[slot])
+                    return dk, dv
+                my_ds, my_dq = ds_smem.at[wg], dq_smem.at[wg]
+                my_ds[...] = dst
+                plgpu.commit_smem()
+
+                def dk_and_dq(dk_ref, dq_ref):
+                    plgpu.wgmma(dk_ref, my_ds, q_slot)
+                    plgpu.wgmma(dq_ref, plgpu.transpose_ref(my_ds, (1, 0)), my_k)
+                dk, dq = pl.run_state(lambda refs: dk_and_dq(*refs))(
+                    (plgpu.ACC.init(dk), plgpu.ACC.init(_zeros((bq, D)))))
                 plgpu.barrier_arrive(q_free.at[slot])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last step's add has read my_dq
+                my_dq[...] = dq
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(my_dq, dq_ref.at[b, pl.ds(i * bq, bq), h],
+                                        reduction_op="add")
                 return dk, dv
 
             def head(g, carry):
@@ -537,6 +588,7 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
                 plgpu.copy_smem_to_gmem(my_v, dv_ref.at[keys])
             plgpu.wait_smem_to_gmem(0)
 
+    f32_tiles = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
     scratch = [
         _tile_smem((_CONSUMERS, bkv, D), dtype),
         _tile_smem((_CONSUMERS, bkv, D), dtype),
@@ -544,6 +596,8 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
         _tile_smem((stages, bq, D), dtype),
         plgpu.SMEM((stages, bq), jnp.float32),
         plgpu.SMEM((stages, bq), jnp.float32),
+        _tile_smem((_CONSUMERS, bkv, bq), dtype) if fused_dq else None,
+        plgpu.SMEM((_CONSUMERS, bq, D), jnp.float32, transforms=f32_tiles) if fused_dq else None,
         plgpu.Barrier(num_barriers=_CONSUMERS * 2),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
@@ -553,8 +607,8 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
         plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
     ]
     out_type = [jax.ShapeDtypeStruct(k.shape, dtype)] * (want_dk + want_dv)
-    outs = _call(body, out_type, scratch, (KH, B, n_kv_tiles), ("kvh", "b", "k"))(
-        q, k, v, do, lse, delta)
+    args = (q, k, v, do, lse, delta) + ((dq_acc,) if fused_dq else ())
+    outs = _call(body, out_type, scratch, (KH, B, n_kv_tiles), ("kvh", "b", "k"))(*args)
     return (outs[0] if want_dk else None), (outs[-1] if want_dv else None)
 
 
@@ -574,6 +628,10 @@ def _attention_fwd(q, k, v, spec):
 def _attention_bwd(spec, res, do):
     q, k, v, out, lse = res
     delta = jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), out.astype(jnp.float32))
+    if spec.blocks.fused_dq:
+        dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
+        dk, dv = _backward_dkv(q, k, v, do, lse, delta, spec, dq_acc=dq_acc)
+        return (dq_acc[...] * spec.scale).astype(q.dtype), dk, dv
     dq = _backward_dq(q, k, v, do, lse, delta, spec)
     if q.shape[-1] > 128:  # dK and dV accumulators do not fit in registers together
         dk, _ = _backward_dkv(q, k, v, do, lse, delta, spec, want_dv=False)
@@ -641,6 +699,9 @@ def mosaic_flash_attention(q, k, v, *, causal=False, segment_ids=None, sliding_w
     S, T, D = q.shape[1], k.shape[1], q.shape[-1]
     if block_sizes is None:
         block_sizes = tuning.block_sizes_for(compat.device_kind(), D, causal)
+    if block_sizes.fused_dq and D > 128:
+        raise ValueError(f"fused_dq needs head_dim <= 128 (dK and dQ accumulators must fit in "
+                         f"registers); got head_dim={D}")
     spec = _Spec(q_len=S, kv_len=T, causal=bool(causal), window=sliding_window,
                  scale=float(D ** -0.5 if scale is None else scale), blocks=block_sizes)
     bs = block_sizes

@@ -40,6 +40,7 @@ class BlockSizes:
     dq: KernelBlocks
     dkv: KernelBlocks
     pingpong: bool = True  # forward: the two consumers take turns on the tensor cores
+    fused_dq: bool = True  # backward: dQ from the dK/dV kernel (head_dim <= 128 only)
 
     def to_json(self):
         return dataclasses.asdict(self)
@@ -47,7 +48,8 @@ class BlockSizes:
     @classmethod
     def from_json(cls, d):
         return cls(fwd=KernelBlocks(**d["fwd"]), dq=KernelBlocks(**d["dq"]),
-                   dkv=KernelBlocks(**d["dkv"]), pingpong=bool(d.get("pingpong", True)))
+                   dkv=KernelBlocks(**d["dkv"]), pingpong=bool(d.get("pingpong", True)),
+                   fused_dq=bool(d.get("fused_dq", True)))
 
 
 def _kb(q, kv, s):
@@ -58,7 +60,7 @@ def _kb(q, kv, s):
 DEFAULTS = {
     64: BlockSizes(fwd=_kb(64, 128, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2)),
     128: BlockSizes(fwd=_kb(64, 128, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2)),
-    256: BlockSizes(fwd=_kb(64, 64, 2), dq=_kb(64, 64, 1), dkv=_kb(64, 64, 1)),
+    256: BlockSizes(fwd=_kb(64, 64, 2), dq=_kb(64, 64, 1), dkv=_kb(64, 64, 1), fused_dq=False),
 }
 
 
@@ -84,18 +86,24 @@ def block_sizes_for(device_kind: str, head_dim: int, causal: bool, table=None) -
 
 
 def candidates(head_dim: int):
-    """Configurations worth timing: forward and backward are tuned separately."""
-    base = DEFAULTS[head_dim]
-    kv_opts = (64, 128) if head_dim == 256 else (64, 128, 192)
-    fwd = [(_kb(64, kv, s), pp) for kv, s, pp in itertools.product(kv_opts, (1, 2, 3), (True, False))]
-    dq = [_kb(64, kv, s) for kv, s in itertools.product((64, 128), (1, 2, 3))]
-    dkv = [_kb(q, 64, s) for q, s in itertools.product((64, 128), (1, 2, 3))]
-    return base, fwd, dq, dkv
+    """(forward, backward) configurations worth timing; the two are tuned
+    separately. Ones that do not fit in shared memory fail fast and are skipped."""
+    fwd_kv = (64, 128) if head_dim == 256 else (128, 192)
+    fwd = [dict(fwd=_kb(64, kv, s), pingpong=pp)
+           for kv, s, pp in itertools.product(fwd_kv, (2, 3), (True, False))]
+    if head_dim == 256:
+        bwd = [dict(dq=_kb(64, 64, 1), dkv=_kb(64, 64, 1), fused_dq=False),
+               dict(dq=_kb(64, 64, 2), dkv=_kb(64, 64, 1), fused_dq=False)]
+    else:
+        bwd = [dict(dkv=_kb(64, 64, s), fused_dq=True) for s in (2, 3)]
+        bwd += [dict(dq=_kb(64, kv, 2), dkv=_kb(64, 64, s), fused_dq=False)
+                for kv, s in ((64, 2), (128, 2), (64, 3))]
+    return fwd, bwd
 
 
 def autotune(out_path=TABLE_PATH, shapes=None, verbose=True):
-    """Times each candidate on the current GPU; keeps the fastest that runs and
-    is correct; writes this device kind's entries into the table."""
+    """Times each candidate on the current GPU (bfloat16, B4 S4096 by default)
+    and writes the fastest into this device kind's table entries."""
     import jax
     import jax.numpy as jnp
 
@@ -107,7 +115,6 @@ def autotune(out_path=TABLE_PATH, shapes=None, verbose=True):
     table = load_table(out_path)
     entries = table.setdefault(kind, {})
     for (B, S, H, KH, D, causal) in shapes:
-        base, fwd_c, dq_c, dkv_c = candidates(D)
         q, k, v = bench.random_inputs(jax.random.key(D + causal), B, S, S, H, KH, D, jnp.bfloat16)
 
         def fwd_time(bs):
@@ -115,35 +122,41 @@ def autotune(out_path=TABLE_PATH, shapes=None, verbose=True):
                 q, k, v, causal=causal, block_sizes=bs))
             return bench.time_fn(f, q, k, v)
 
-        def bwd_time(bs):
-            g = jax.jit(jax.grad(lambda q, k, v: mosaic_gpu.mosaic_flash_attention(
-                q, k, v, causal=causal, block_sizes=bs).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
-            return bench.time_fn(g, q, k, v)
+        def fwdbwd_time(bs):
+            loss = lambda q, k, v: mosaic_gpu.mosaic_flash_attention(
+                q, k, v, causal=causal, block_sizes=bs).astype(jnp.float32).sum()
+            return bench.time_fn(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))), q, k, v)
 
-        def best(cands, make, timer):
-            scores = []
-            for c in cands:
+        def fastest(base, changes, timer):
+            best = None
+            for change in changes:
+                bs = dataclasses.replace(base, **change)
                 try:
-                    t = timer(make(c))
+                    t = timer(bs)
                 except Exception as e:  # noqa: BLE001 - a config that does not fit is skipped
                     if verbose:
-                        print(f"  {c}: failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+                        print(f"  {change}: failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
                     continue
                 if verbose:
-                    print(f"  {c}: {t * 1e3:.3f} ms")
-                scores.append((t, c))
-            return min(scores, key=lambda x: x[0])[1] if scores else None
+                    print(f"  {change}: {t * 1e3:.3f} ms", flush=True)
+                if best is None or t < best[0]:
+                    best = (t, bs)
+            return base if best is None else best[1]
 
-        print(f"== {kind} B{B} S{S} H{H} D{D} causal={causal}")
-        fwd = best(fwd_c, lambda c: dataclasses.replace(base, fwd=c[0], pingpong=c[1]), fwd_time)
-        fwd_bs = base if fwd is None else dataclasses.replace(base, fwd=fwd[0], pingpong=fwd[1])
-        dq = best(dq_c, lambda c: dataclasses.replace(fwd_bs, dq=c), bwd_time) or base.dq
-        dkv = best(dkv_c, lambda c: dataclasses.replace(fwd_bs, dq=dq, dkv=c), bwd_time) or base.dkv
-        chosen = dataclasses.replace(fwd_bs, dq=dq, dkv=dkv)
+        print(f"== {kind} B{B} S{S} H{H} KH{KH} D{D} causal={causal}", flush=True)
+        fwd_c, bwd_c = candidates(D)
+        chosen = fastest(DEFAULTS[D], fwd_c, fwd_time)
+        chosen = fastest(chosen, bwd_c, fwdbwd_time)
         entries[table_key(D, causal)] = chosen.to_json()
-        print(f"   chosen: {chosen}")
-    out_path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        print(f"   chosen: {chosen}", flush=True)
+        out_path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     return table
+
+
+def _parse_shape(text):
+    """'B,S,H,KH,D,causal' e.g. '4,4096,16,16,128,1'."""
+    B, S, H, KH, D, causal = (int(x) for x in text.split(","))
+    return B, S, H, KH, D, bool(causal)
 
 
 def main(argv=None):
@@ -151,9 +164,12 @@ def main(argv=None):
     parser.add_argument("--autotune", action="store_true",
                         help="time candidate block sizes on this GPU and rewrite the table")
     parser.add_argument("--out", type=pathlib.Path, default=TABLE_PATH)
+    parser.add_argument("--shape", action="append", type=_parse_shape,
+                        help="B,S,H,KH,D,causal to tune (repeatable); default: B4 S4096 "
+                             "H16 for each head dim, causal and not")
     args = parser.parse_args(argv)
     if args.autotune:
-        autotune(args.out)
+        autotune(args.out, shapes=args.shape)
     else:
         print(json.dumps(load_table(args.out), indent=1, sort_keys=True))
 

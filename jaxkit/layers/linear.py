@@ -6,6 +6,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxkit.config import QuantConfig
+from jaxkit.quant.config_check import TARGETS
+from jaxkit.quant.layer import Quantizer
+
 
 def param(rngs: nnx.Rngs, shape, axes: tuple[str | None, ...], *, std: float, dtype) -> nnx.Param:
     """A normally initialised parameter carrying its logical axis names, which
@@ -17,16 +21,32 @@ def param(rngs: nnx.Rngs, shape, axes: tuple[str | None, ...], *, std: float, dt
 
 
 class Linear(nnx.Module):
-    """y = x @ W, W [in, out] stored in param_dtype, computed in compute_dtype."""
+    """y = x @ W, W [in, out] stored in param_dtype, computed in compute_dtype.
+
+    quant/target: when ``quant`` has a mode other than 'none' and names
+    ``target`` ('q', 'k', 'v', 'o', 'mlp', 'experts', 'head') among its
+    targets, a jaxkit.quant.Quantizer applies it (QAT/PTQ fake quantisation,
+    or low-bit storage after jaxkit.quant.quantize_model, which sets kernel to
+    None)."""
 
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str],
                  rngs: nnx.Rngs, param_dtype=jnp.float32, compute_dtype=jnp.bfloat16,
-                 std: float | None = None):
+                 std: float | None = None, quant: QuantConfig | None = None,
+                 target: str | None = None):
         std = in_features ** -0.5 if std is None else std
         self.kernel = param(rngs, (in_features, out_features), axes, std=std, dtype=param_dtype)
         self.compute_dtype = compute_dtype
+        if target is not None and target not in TARGETS:
+            raise ValueError(f"unknown Linear target {target!r}; valid targets: {TARGETS}")
+        self.target = target
+        active = quant is not None and quant.mode != "none" and target in quant.targets
+        self.quantizer = Quantizer(in_features, out_features, quant, rngs=rngs) if active \
+            else nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.quantizer is not None:
+            kernel = None if self.kernel is None else self.kernel[...]
+            return self.quantizer(x, kernel, self.compute_dtype)
         w = self.kernel[...].astype(self.compute_dtype)
         return jnp.dot(x.astype(self.compute_dtype), w, preferred_element_type=jnp.float32
                        ).astype(self.compute_dtype)

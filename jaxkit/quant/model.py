@@ -1,0 +1,93 @@
+"""Model-level quantisation: attach quantizers to a float model, calibrate
+them from a few batches (PTQ), and convert Linear kernels to low-bit storage.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterable
+
+from flax import nnx
+
+from jaxkit.quant.config_check import check_quant_config
+from jaxkit.quant.layer import Quantizer
+
+
+def _linears(model):
+    from jaxkit.layers.linear import Linear  # jaxkit.layers imports this package
+    return [m for _, m in nnx.iter_modules(model) if isinstance(m, Linear)]
+
+
+def _applies(cfg, linear) -> bool:
+    return cfg.mode != "none" and linear.target in cfg.targets
+
+
+def attach_quantizers(model, cfg, *, rngs: nnx.Rngs) -> int:
+    """Give every Linear whose target cfg names a fresh Quantizer (e.g. PTQ of
+    a model trained in float). Returns how many layers were attached."""
+    check_quant_config(cfg)
+    count = 0
+    for lin in _linears(model):
+        if _applies(cfg, lin):
+            if lin.kernel is None:
+                raise ValueError(f"Linear '{lin.target}' was already converted to low-bit storage")
+            lin.quantizer = Quantizer(*lin.kernel.shape, cfg, rngs=rngs)
+            count += 1
+    return count
+
+
+def quantizers(model) -> list[Quantizer]:
+    return [m for _, m in nnx.iter_modules(model) if isinstance(m, Quantizer)]
+
+
+def calibrate(model, batches: Iterable, forward: Callable | None = None) -> int:
+    """Run ``forward(model, batch)`` (default ``model(batch)``) on the first
+    ``calibration_batches`` batches to fix SmoothQuant factors (first pass) and
+    static per-tensor activation scales (second pass, with smoothing and
+    rotation already applied). Returns the number of batches used."""
+    qs = quantizers(model)
+    if not qs:
+        raise ValueError("calibrate: the model has no quantized layers")
+    forward = forward or (lambda m, b: m(b))
+    batches = list(itertools.islice(batches, qs[0].cfg.calibration_batches))
+    if not batches:
+        raise ValueError("calibrate: no batches given")
+    for phase, needs in (("observe_channels", Quantizer.needs_channel_stats),
+                         ("observe_activations", Quantizer.needs_activation_stats)):
+        active = [q for q in qs if needs(q)]
+        if not active:
+            continue
+        for q in active:
+            q.begin_phase(phase)
+        for b in batches:
+            forward(model, b)
+        for q in active:
+            q.end_phase()
+    return len(batches)
+
+
+def quantize_model(model, cfg) -> int:
+    """Replace the float kernel of every Linear cfg targets by low-bit storage
+    (cfg.mode must be 'int'); layers calibrated earlier keep their SmoothQuant
+    statistics, activation scales and rotation. Returns the count converted."""
+    check_quant_config(cfg)
+    if cfg.mode != "int":
+        raise ValueError(f"quantize_model needs a QuantConfig with mode 'int', got {cfg.mode!r}")
+    count = 0
+    for lin in _linears(model):
+        if lin.target not in cfg.targets:
+            continue
+        if lin.kernel is None:
+            raise ValueError(f"Linear '{lin.target}' was already converted")
+        q = lin.quantizer
+        if q is None:
+            q = Quantizer(*lin.kernel.shape, cfg, rngs=nnx.Rngs(0))
+        elif dataclasses.replace(q.cfg, mode="int") != cfg:
+            raise ValueError(f"Linear '{lin.target}' was prepared with {q.cfg}, which differs "
+                             f"from {cfg} in more than the mode")
+        q.cfg = cfg
+        q.convert(lin.kernel[...])
+        lin.quantizer = q
+        lin.kernel = None
+        count += 1
+    return count

@@ -1,0 +1,68 @@
+"""Randomised Hadamard rotation of the contraction dimension.
+
+R = D H / sqrt(b): D a random +-1 diagonal, H the Sylvester Hadamard matrix of
+size b, applied block-diagonally when the dimension n is not a power of two (b
+is then the largest power of two dividing n). R is orthogonal, so
+(x R)(R^T W) = x W exactly in real arithmetic, while the rotated operands have
+their outliers spread over the block, which shrinks quantisation scales.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def hadamard_block_size(n: int) -> int:
+    """Largest power of two dividing n (the Hadamard block used for n)."""
+    if n < 2:
+        raise ValueError(f"cannot rotate a dimension of size {n}")
+    b = n & -n
+    if b < 2:
+        raise ValueError(f"dimension {n} is odd: no Hadamard block (power of two > 1) divides it")
+    return b
+
+
+def fwht(x, axis: int = -1, block: int | None = None):
+    """Unnormalised fast Walsh-Hadamard transform along ``axis`` in blocks of
+    ``block`` (default: the whole axis, which must then be a power of two)."""
+    x = jnp.moveaxis(x, axis, -1)
+    n = x.shape[-1]
+    block = n if block is None else block
+    if block & (block - 1) or n % block:
+        raise ValueError(f"Hadamard block {block} must be a power of two dividing {n}")
+    lead = x.shape[:-1]
+    h = 1
+    while h < block:
+        # Pairs (i, i + h) inside each run of 2h: the butterfly (a + b, a - b).
+        y = x.reshape(*lead, n // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        x = jnp.stack([a + b, a - b], axis=-2).reshape(*lead, n)
+        h *= 2
+    return jnp.moveaxis(x, -1, axis)
+
+
+def random_signs(key, n: int) -> jax.Array:
+    """The random +-1 diagonal D, float32 [n]."""
+    return jax.random.rademacher(key, (n,), jnp.float32)
+
+
+def _rotate(x, signs, axis: int):
+    n = x.shape[axis]
+    if signs.shape != (n,):
+        raise ValueError(f"signs of shape {signs.shape} do not match dimension {n} (axis {axis})")
+    b = hadamard_block_size(n)
+    shape = [1] * x.ndim
+    shape[axis] = n
+    y = fwht(x * signs.reshape(shape).astype(x.dtype), axis=axis, block=b)
+    return y * jnp.asarray(b ** -0.5, x.dtype)
+
+
+def rotate_activation(x, signs):
+    """x R along the last axis (x [..., n])."""
+    return _rotate(x, signs, x.ndim - 1)
+
+
+def rotate_weight(w, signs):
+    """R^T W for W [n, out]: rotates the contraction axis 0 so that
+    rotate_activation(x) @ rotate_weight(W) == x @ W."""
+    return _rotate(w, signs, 0)

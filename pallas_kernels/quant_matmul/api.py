@@ -1,0 +1,157 @@
+"""Public quantised matmuls with ``implementation=`` dispatch.
+
+implementation:
+  'xla'    the jnp reference (XLA's native int8 dot for w8a8);
+  'pallas' the portable BlockSpec Pallas kernel (Triton lowering on GPU,
+           interpreted on CPU);
+  'auto'   'pallas' on GPU, 'xla' elsewhere.
+Leading batch dimensions of x are flattened into rows. The w8a8 and fp8
+kernels are inference kernels on quantised codes; the int4 weight-only matmul
+is differentiable in x (through the dequantised weights).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import compat
+from pallas_kernels.quant_matmul import reference as ref
+from pallas_kernels.quant_matmul.fp8_blockwise import fp8_blockwise_pallas
+from pallas_kernels.quant_matmul.int4_weight_only import int4_weight_only_pallas
+from pallas_kernels.quant_matmul.w8a8 import w8a8_pallas
+
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
+
+
+def _resolve(implementation: str, interpret: bool | None) -> tuple[str, bool]:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown quantized matmul implementation {implementation!r}; "
+                         f"choose one of {IMPLEMENTATIONS}")
+    on_gpu = compat.platform() == "gpu"
+    if implementation == "auto":
+        implementation = "pallas" if on_gpu else "xla"
+    if interpret is None:
+        interpret = not on_gpu
+    if implementation == "pallas" and not interpret and not on_gpu:
+        raise ValueError("compiled Pallas quantized matmuls need a GPU; pass interpret=True")
+    return implementation, interpret
+
+
+def _check_dtype(name, a, allowed):
+    if a.dtype not in allowed:
+        raise ValueError(f"{name} has dtype {a.dtype}; expected one of "
+                         f"{[jnp.dtype(d).name for d in allowed]}")
+
+
+def _rows(x, k_name="K"):
+    if x.ndim < 2:
+        raise ValueError(f"x must be [..., {k_name}], got shape {x.shape}")
+    return x.reshape(-1, x.shape[-1]), x.shape[:-1]
+
+
+def w8a8_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, implementation: str = "auto",
+                block_sizes=None, interpret: bool | None = None):
+    """int8 activations [..., K] with per-token scales xs [...], int8 weights
+    [K, N] with per-channel scales ws [N] -> out [..., N] in out_dtype."""
+    _check_dtype("xq", xq, (jnp.int8,))
+    _check_dtype("wq", wq, (jnp.int8,))
+    x2, lead = _rows(xq)
+    K, N = wq.shape
+    if x2.shape[1] != K or xs.shape != lead or ws.shape != (N,):
+        raise ValueError(f"w8a8 shapes do not match: xq {xq.shape}, xs {xs.shape} (want {lead}), "
+                         f"wq {wq.shape}, ws {ws.shape} (want ({N},))")
+    impl, interpret = _resolve(implementation, interpret)
+    xs2 = xs.reshape(-1).astype(jnp.float32)
+    ws = ws.astype(jnp.float32)
+    if impl == "xla":
+        out = ref.w8a8_reference(x2, xs2, wq, ws, out_dtype=out_dtype)
+    else:
+        out = w8a8_pallas(x2, xs2, wq, ws, out_dtype=out_dtype, interpret=interpret,
+                          **({} if block_sizes is None else dict(block_sizes=tuple(block_sizes))))
+    return out.reshape(*lead, N)
+
+
+def fp8_blockwise_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, implementation: str = "auto",
+                         block_sizes=None, interpret: bool | None = None):
+    """e4m3 activations [..., K] with 1x128 block scales xs [..., ceil(K/128)],
+    e4m3 weights [K, N] with 128x128 block scales ws [ceil(K/128),
+    ceil(N/128)] -> out [..., N]."""
+    _check_dtype("xq", xq, (jnp.float8_e4m3fn,))
+    _check_dtype("wq", wq, (jnp.float8_e4m3fn,))
+    x2, lead = _rows(xq)
+    K, N = wq.shape
+    nk, nn = -(-K // ref.FP8_BLOCK), -(-N // ref.FP8_BLOCK)
+    if x2.shape[1] != K or xs.shape != (*lead, nk) or ws.shape != (nk, nn):
+        raise ValueError(f"fp8 blockwise shapes do not match: xq {xq.shape}, xs {xs.shape} "
+                         f"(want {(*lead, nk)}), wq {wq.shape}, ws {ws.shape} (want {(nk, nn)})")
+    impl, interpret = _resolve(implementation, interpret)
+    xs2 = xs.reshape(-1, nk).astype(jnp.float32)
+    ws = ws.astype(jnp.float32)
+    if impl == "xla":
+        out = ref.fp8_blockwise_reference(x2, xs2, wq, ws, out_dtype=out_dtype)
+    else:
+        out = fp8_blockwise_pallas(x2, xs2, wq, ws, out_dtype=out_dtype, interpret=interpret,
+                                   **({} if block_sizes is None else
+                                      dict(block_sizes=tuple(block_sizes))))
+    return out.reshape(*lead, N)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _int4_with_grad(x, packed, scales, zeros, forward):
+    return forward(x, packed, scales, zeros)
+
+
+def _int4_fwd(x, packed, scales, zeros, forward):
+    return forward(x, packed, scales, zeros), (packed, scales, zeros, x)
+
+
+def _int4_bwd(forward, res, dy):
+    packed, scales, zeros, x = res
+    group_size = packed.shape[0] * 2 // scales.shape[0]
+    w = ref.dequantize_int4(packed, scales, zeros, group_size=group_size)
+    dx = jnp.dot(dy.astype(jnp.float32), w.T, precision=jax.lax.Precision.HIGHEST)
+    return dx.astype(x.dtype), None, None, None  # codes and scales are frozen
+
+
+_int4_with_grad.defvjp(_int4_fwd, _int4_bwd)
+
+
+def int4_weight_only_matmul(x, packed, scales, zeros=None, *, group_size: int,
+                            implementation: str = "auto", block_n: int | None = None,
+                            split_k: int | None = None, interpret: bool | None = None):
+    """x [..., K] (bf16/fp16/f32) times int4 weights packed [K/2, N] (uint8)
+    with group scales [K/g, N] (and zero points, for unsigned codes) ->
+    [..., N] in x's dtype. split_k None picks enough K slices to give the GPU
+    about 256 programs."""
+    _check_dtype("x", x, (jnp.bfloat16, jnp.float16, jnp.float32))
+    _check_dtype("packed", packed, (jnp.uint8,))
+    x2, lead = _rows(x)
+    K = x2.shape[1]
+    half, N = packed.shape
+    if K != 2 * half:
+        raise ValueError(f"x has K={K} but packed weights [{half}, {N}] hold K={2 * half}")
+    if group_size < 1 or K % group_size:
+        raise ValueError(f"group_size={group_size} must divide K={K}")
+    groups = K // group_size
+    if scales.shape != (groups, N) or (zeros is not None and zeros.shape != (groups, N)):
+        raise ValueError(f"scales {scales.shape} / zeros {None if zeros is None else zeros.shape} "
+                         f"must be [K/group_size, N] = {(groups, N)}")
+    impl, interpret = _resolve(implementation, interpret)
+    if impl == "xla":
+        def forward(x_, p_, s_, z_):
+            return ref.int4_weight_only_reference(x_, p_, s_, z_, group_size=group_size)
+    else:
+        bn = 128 if block_n is None else block_n
+        if split_k is None:
+            per_half = groups // 2
+            programs = -(-N // bn)
+            split_k = math.gcd(per_half, max(1, 256 // programs))
+
+        def forward(x_, p_, s_, z_):
+            return int4_weight_only_pallas(x_, p_, s_, z_, group_size=group_size, block_n=bn,
+                                           split_k=split_k, interpret=interpret)
+    out = _int4_with_grad(x2, packed, scales, zeros, forward)
+    return out.reshape(*lead, N)

@@ -4,16 +4,19 @@ implementation:
   'xla'    the pure-jnp reference (differentiated by XLA);
   'cudnn'  jax.nn.dot_product_attention's cuDNN path (GPU only);
   'pallas' the flash-attention Pallas kernel (Mosaic GPU on Hopper, the portable
-           BlockSpec kernel elsewhere; interpreted on CPU);
+           BlockSpec kernel elsewhere: compiled on other GPUs, interpreted on CPU);
   'auto'   the Pallas kernel on GPU, the reference on CPU.
 An implementation that cannot honour an argument raises; none is ignored.
 """
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import compat
+from pallas_kernels.attention.blockspec import BlockSizes, blockspec_flash_attention
 from pallas_kernels.attention.reference import attention_reference
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
@@ -69,6 +72,38 @@ def _cudnn(q, k, v, *, causal, segment_ids, sliding_window, logit_softcap, scale
                                         local_window_size=window, implementation="cudnn")
 
 
+def _mosaic_module():
+    """The Hopper kernel module, or None while it does not exist yet."""
+    name = "pallas_kernels.attention.mosaic_gpu"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name != name:
+            raise
+        return None
+    if not (hasattr(module, "supports") and hasattr(module, "mosaic_flash_attention")):
+        return None
+    return module
+
+
+def _pallas(q, k, v, *, block_sizes, interpret, **kwargs):
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"block_sizes must be a BlockSizes, got {block_sizes!r}")
+    if interpret is None:
+        interpret = compat.platform() == "cpu"
+    if not interpret and compat.platform() != "gpu":
+        raise ValueError(f"compiled Pallas attention needs a GPU (backend is "
+                         f"{compat.platform()!r}); pass interpret=True")
+    # BlockSizes tile the portable kernel; the Mosaic kernel chooses its own.
+    if not interpret and block_sizes is None and compat.is_hopper():
+        mosaic = _mosaic_module()
+        if mosaic is not None and mosaic.supports(q=q, k=k, v=v, **kwargs) is None:
+            return mosaic.mosaic_flash_attention(q, k, v, **kwargs)
+    segment_ids = kwargs.pop("segment_ids")
+    return blockspec_flash_attention(q, k, v, segment_ids, block_sizes=block_sizes,
+                                     interpret=interpret, **kwargs)
+
+
 def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None,
                     sliding_window: int | None = None, logit_softcap: float | None = None,
                     scale: float | None = None, implementation: str = "auto",
@@ -78,6 +113,9 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None,
     segment_ids: int [B,S] (when S == T) or a pair ([B,S], [B,T]); tokens attend
     only within equal ids. sliding_window w: keys fewer than w positions away.
     logit_softcap c: logits become c*tanh(logits/c). scale defaults to D**-0.5.
+    block_sizes (a blockspec.BlockSizes) and interpret (None: True on CPU) apply
+    to implementation='pallas' only; giving block_sizes selects the portable
+    BlockSpec kernel even on Hopper.
     """
     check_inputs(q, k, v)
     if implementation not in IMPLEMENTATIONS:
@@ -92,8 +130,11 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None,
                   logit_softcap=logit_softcap, scale=scale)
     if implementation == "auto":
         implementation = "pallas" if compat.platform() == "gpu" else "xla"
+    if implementation != "pallas" and (block_sizes is not None or interpret is not None):
+        raise ValueError(f"block_sizes and interpret apply only to implementation='pallas', "
+                         f"not {implementation!r}")
     if implementation == "xla":
         return attention_reference(q, k, v, **kwargs)
     if implementation == "cudnn":
         return _cudnn(q, k, v, **kwargs)
-    raise NotImplementedError("implementation='pallas' is not built yet")
+    return _pallas(q, k, v, block_sizes=block_sizes, interpret=interpret, **kwargs)

@@ -19,8 +19,6 @@ so K and N must be multiples of 8. Inputs must be bfloat16 or float16.
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -34,16 +32,18 @@ DEFAULT_TILING = (128, 64, 128)   # (rows, contraction, columns) per work item
 SMEM_BYTES = 220 * 1024           # Hopper allows 227 KiB per block; keep slack
 
 
-def _launch(body, out_type, interpret):
+def _launch(body, out_type, out_smem, interpret):
     """Persistent launch: one program per SM, or two programs under the GPU
-    interpreter (enough to exercise the strided work split, and fast)."""
+    interpreter (enough to exercise the strided work split, and fast).
+    out_smem, the output staging tile, is reused by every work item; its TMA
+    store overlaps the next item's pipeline."""
     if interpret:
-        return plgpu.kernel(body, out_type=out_type, grid=(2,), grid_names=("sm",),
-                            compiler_params=_params(), interpret=compat.mosaic_gpu_interpret_params())
-    # Lowering without a GPU (tests on CPU) falls back to the H100 count.
-    sms = getattr(jax.devices()[0], "core_count", 0) or 132
-    return plgpu.kernel(body, out_type=out_type, grid=(sms,), grid_names=("sm",),
-                        compiler_params=_params())
+        programs, extra = 2, dict(interpret=compat.mosaic_gpu_interpret_params())
+    else:
+        # Lowering without a GPU (tests on CPU) falls back to the H100 count.
+        programs, extra = getattr(jax.devices()[0], "core_count", 0) or 132, {}
+    return plgpu.kernel(body, out_type=out_type, scratch_types=[out_smem], grid=(programs,),
+                        grid_names=("sm",), compiler_params=_params(), **extra)
 
 
 def check(lhs, other, k_dim: int, n_dim: int, tiling):
@@ -88,7 +88,8 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT
     # Power-of-two row blocks whose sizes add up to at least tm.
     row_blocks = [1 << b for b in reversed(range(tm.bit_length()))]
 
-    def body(group_ref, tile_ref, lo_ref, hi_ref, first_ref, lhs_ref, rhs_ref, out_ref):
+    def body(group_ref, tile_ref, lo_ref, hi_ref, first_ref, lhs_ref, rhs_ref, out_ref,
+             out_smem):
         del first_ref  # each step stores only its own rows
 
         @plgpu.nd_loop((items,), collective_axes="sm")
@@ -121,25 +122,26 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT
             @pl.when(hi > lo)
             def _():
                 acc = pl.run_scoped(accumulate, plgpu.ACC((tm, tn)))
+                # The previous item's stores may still be reading out_smem.
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                out_smem[...] = acc.astype(out_dtype)
+                plgpu.commit_smem()
+                offset = lo - tile * tm
+                for rows in row_blocks:
+                    bit = (hi - lo) & rows
 
-                @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((tm, tn), out_dtype))
-                def _store(out_smem):
-                    out_smem[...] = acc.astype(out_dtype)
-                    plgpu.commit_smem()
-                    offset = lo - tile * tm
-                    for rows in row_blocks:
-                        bit = (hi - lo) & rows
+                    @pl.when(bit != 0)
+                    def _():
+                        plgpu.copy_smem_to_gmem(
+                            out_smem.at[pl.ds(offset, rows)],
+                            out_ref.at[pl.ds(tile * tm + offset, rows), pl.ds(j * tn, tn)])
 
-                        @pl.when(bit != 0)
-                        def _():
-                            plgpu.copy_smem_to_gmem(
-                                out_smem.at[pl.ds(offset, rows)],
-                                out_ref.at[pl.ds(tile * tm + offset, rows), pl.ds(j * tn, tn)])
+                    offset = offset + bit
 
-                        offset = offset + bit
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.wait_smem_to_gmem(0)
 
-    return _launch(body, jax.ShapeDtypeStruct((m, n), out_dtype), interpret)(*sched, lhs, rhs)
+    return _launch(body, jax.ShapeDtypeStruct((m, n), out_dtype), plgpu.SMEM((tm, tn), out_dtype),
+                   interpret)(*sched, lhs, rhs)
 
 
 def tgmm(lhs, dout, group_sizes, *, out_dtype, tiling=DEFAULT_TILING,
@@ -157,7 +159,7 @@ def tgmm(lhs, dout, group_sizes, *, out_dtype, tiling=DEFAULT_TILING,
     first_tile = starts // tr
     tile_count = jnp.where(ends > starts, pl.cdiv(ends, tr) - first_tile, 0)
 
-    def body(start_ref, end_ref, first_ref, count_ref, lhs_ref, dout_ref, out_ref):
+    def body(start_ref, end_ref, first_ref, count_ref, lhs_ref, dout_ref, out_ref, out_smem):
         @plgpu.nd_loop((g * k_tiles * n_tiles,), collective_axes="sm")
         def _item(info):
             grp = info.index[0] // (k_tiles * n_tiles)
@@ -199,14 +201,15 @@ def tgmm(lhs, dout, group_sizes, *, out_dtype, tiling=DEFAULT_TILING,
                 return acc_ref[...]
 
             acc = pl.run_scoped(accumulate, plgpu.ACC((tk, tn)))
+            # The previous item's store may still be reading out_smem.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            out_smem[...] = acc.astype(out_dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem,
+                                    out_ref.at[grp, pl.ds(ki * tk, tk), pl.ds(ni * tn, tn)])
 
-            @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((tk, tn), out_dtype))
-            def _store(out_smem):
-                out_smem[...] = acc.astype(out_dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(
-                    out_smem, out_ref.at[grp, pl.ds(ki * tk, tk), pl.ds(ni * tn, tn)])
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.wait_smem_to_gmem(0)
 
-    return _launch(body, jax.ShapeDtypeStruct((g, k, n), out_dtype), interpret)(
+    return _launch(body, jax.ShapeDtypeStruct((g, k, n), out_dtype), plgpu.SMEM((tk, tn), out_dtype),
+                   interpret)(
         starts, ends, first_tile, tile_count, lhs, dout)

@@ -36,6 +36,7 @@ class MoEConfig:
     expert_hidden: int = 256
     num_shared_experts: int = 0
     router: Literal["topk_softmax", "sigmoid_bias", "expert_choice", "grouped"] = "topk_softmax"
+    renormalize: bool = True  # softmax routers: chosen weights sum to 1 (Mixtral); false: raw (Switch)
     num_groups: int = 1  # for router: grouped
     dispatch: Literal["dropless", "capacity"] = "dropless"
     capacity_factor: float = 1.25
@@ -51,7 +52,9 @@ class QuantConfig:
     weight_format: str | None = None  # e.g. int8, int4, fp8_e4m3, mxfp4, nvfp4
     activation_format: str | None = None
     gradient_format: str | None = None
-    granularity: Literal["tensor", "channel", "token", "block"] = "channel"
+    # None: the format's own groups (per-channel weights and per-token
+    # activations for scalar formats, the fixed blocks of MX/NV formats)
+    granularity: Literal["tensor", "channel", "token", "block"] | None = None
     block_size: int | None = None
     scale_method: Literal["absmax", "percentile", "mse"] = "absmax"
     percentile: float = 99.9
@@ -364,6 +367,16 @@ def validate(cfg: Config) -> None:
                      f"model.moe.top_k ({e.top_k}) must be a multiple of num_groups ({e.num_groups}) "
                      "for the grouped router")
         _require(e.capacity_factor > 0, f"model.moe.capacity_factor must be > 0, got {e.capacity_factor}")
+        _require(e.expert_hidden > 0 and e.num_shared_experts >= 0,
+                 f"model.moe.expert_hidden ({e.expert_hidden}) must be > 0 and num_shared_experts "
+                 f"({e.num_shared_experts}) >= 0")
+        _require(e.num_groups == 1 or e.router == "grouped",
+                 f"model.moe.num_groups ({e.num_groups}) needs router: grouped, got {e.router!r}")
+        _require(e.router != "expert_choice" or e.dispatch == "capacity",
+                 "model.moe.router 'expert_choice' gives every expert a fixed number of tokens: "
+                 f"it needs dispatch: capacity, got {e.dispatch!r}")
+        _require(e.bias_update_rate >= 0,
+                 f"model.moe.bias_update_rate must be >= 0, got {e.bias_update_rate}")
     d = cfg.data
     _require(d.seq_len > 0 and d.batch_size > 0, f"data.seq_len ({d.seq_len}) and data.batch_size "
              f"({d.batch_size}) must be > 0")
@@ -386,6 +399,30 @@ def validate(cfg: Config) -> None:
         _require(size == -1 or size >= 1, f"mesh.{axis} must be -1 or >= 1, got {size}")
     _require(sum(getattr(cfg.mesh, a) == -1 for a in ("data", "fsdp", "tensor", "expert", "sequence")) <= 1,
              "at most one mesh axis may be -1")
+    try:
+        from jaxkit.quant.config_check import check_quant_config  # imports this module
+        check_quant_config(m.quant)
+    except ValueError as err:
+        raise ConfigError(f"model.quant: {err}") from None
     c = cfg.checkpoint
     _require(c.every >= 0 and c.keep_last >= 1,
              f"checkpoint.every ({c.every}) must be >= 0 and checkpoint.keep_last ({c.keep_last}) >= 1")
+
+
+def reference_markdown() -> str:
+    """The config reference table (every key, its type and default) for the README."""
+    rows = ["| key | type | default |", "| --- | --- | --- |"]
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            tp = _field_types(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            type_name = str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            type_name = type_name.replace(" | ", " or ")
+            rows.append(f"| `{prefix}{f.name}` | `{type_name}` | `{default!r}` |")
+
+    walk(Config, "")
+    return "\n".join(rows) + "\n"

@@ -81,3 +81,9 @@ def test_cli_print_config_and_error():
     bad = subprocess.run(cmd[:-1] + ["--set", "model.d_modle=1"], capture_output=True,
                          text=True, cwd=root)
     assert bad.returncode != 0 and "did you mean model.d_model" in bad.stderr
+
+
+def test_readme_config_reference_is_current():
+    from jaxkit.config import reference_markdown
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert reference_markdown() in readme, "regenerate the README's config reference"

@@ -1,0 +1,47 @@
+"""End to end through the command line: prepare data, train, evaluate, resume."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+TINY = ["--set", "model.d_model=32", "--set", "model.num_layers=1", "--set", "model.num_heads=2",
+        "--set", "model.mlp_hidden=64", "--set", "model.max_seq_len=32", "--set", "data.seq_len=32",
+        "--set", "data.batch_size=4", "--set", "train.eval_every=4", "--set", "train.eval_batches=2",
+        "--set", "train.log_every=2", "--set", "checkpoint.every=4", "--set", "train.progress=false"]
+
+
+def jaxkit(*args, cwd):
+    out = subprocess.run([sys.executable, "-m", "jaxkit.cli", *args], capture_output=True,
+                         text=True, cwd=cwd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_prepare_train_eval_resume(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(6):
+        (docs / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox " * 200)
+    jaxkit("data", "prepare", "--inputs", str(docs), "--out", str(tmp_path / "tok"),
+           "--val-fraction", "0.3", cwd=ROOT)
+    common = [str(ROOT / "configs/quickstart.yaml"), *TINY, "--set", f"data.path={tmp_path / 'tok'}",
+              "--run-dir", str(tmp_path / "run")]
+    first = json.loads(jaxkit("train", *common, "--set", "train.steps=4", cwd=tmp_path).splitlines()[-1])
+    assert first["step"] == 4
+    resumed = json.loads(jaxkit("train", *common, "--set", "train.steps=8", "--resume",
+                                cwd=tmp_path).splitlines()[-1])
+    assert resumed["step"] == 8
+    records = [json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6, 8]
+    assert (tmp_path / "run/config.yaml").exists()
+    assert list((tmp_path / "run/tensorboard").iterdir())
+    ev = json.loads(jaxkit("eval", *common, cwd=tmp_path).splitlines()[-1])
+    assert ev["step"] == 8 and ev["loss"] > 0
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "jaxkit.cli", "train",
+                          str(ROOT / "configs/quickstart.yaml"), "--set",
+                          f"data.path={tmp_path / 'nothing'}"], capture_output=True, text=True)
+    assert out.returncode != 0 and "jaxkit data prepare" in out.stderr

@@ -1,0 +1,124 @@
+"""Running the MoE layer on a device mesh.
+
+Tokens are split over the batch axes (data, fsdp, expert) and the sequence
+axis; every device routes and dispatches its own tokens, so no global sort or
+gather over the batch is ever needed. With an expert axis of size n > 1 the
+experts are split into n shards too, and inside shard_map an all-to-all sends
+every routed token to the device that holds its expert and a second one brings
+the result back. Routing statistics are summed over the token axes, so losses,
+metrics and the balancing bias are those of the whole batch. Dropless results
+equal the single-device ones; capacity and expert-choice routing fill their
+slots per token shard (as GShard does per group).
+
+Expert weights are gathered over any other axis (fsdp, tensor) on entry, the
+FSDP way; their gradients are reduced by shard_map's transpose.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jaxkit.layers.moe.experts import ExpertWeights, LocalExperts
+
+BATCH_AXES = ("data", "fsdp", "expert")
+SEQUENCE_AXIS = "sequence"
+EXPERT_AXIS = "expert"
+
+
+def active_mesh():
+    """The mesh set by jax.set_mesh, or None when running on one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or mesh.size == 1 else mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedExperts:
+    """This device's shard of the experts, reached from every device's tokens
+    by all-to-all over `axis` (to be used inside shard_map)."""
+    local: LocalExperts
+    axis: str
+    size: int
+
+    def grouped(self, rows, sorted_expert):
+        """rows [A, D] sorted by global expert id -> [A, D] float32.
+
+        Every device sends each shard a fixed buffer of A rows (the most it can
+        need), so the exchange is a plain all-to-all and nothing is dropped.
+        """
+        A, D = rows.shape
+        per_shard = self.local.num_experts
+        shard = sorted_expert // per_shard
+        sizes = jnp.zeros((self.size,), jnp.int32).at[shard].add(1)
+        slot = jnp.arange(A) - (jnp.cumsum(sizes) - sizes)[shard]  # rows of a shard are contiguous
+        send = jnp.zeros((self.size, A, D), rows.dtype).at[shard, slot].set(rows)
+        # local expert id of every received row; per_shard marks padding
+        send_id = jnp.full((self.size, A), per_shard, jnp.int32).at[shard, slot].set(
+            sorted_expert % per_shard)
+        exchange = lambda v: jax.lax.all_to_all(v, self.axis, 0, 0, tiled=True)
+        recv, recv_id = exchange(send).reshape(-1, D), exchange(send_id).reshape(-1)
+        order = jnp.argsort(recv_id, stable=True)  # padding sorts last
+        out = self.local.grouped(recv[order], recv_id[order])
+        out = jnp.zeros_like(out).at[order].set(out).reshape(self.size, A, D)
+        return exchange(out)[shard, slot]
+
+    def buffered(self, x_e):
+        """x_e [E, C, D] -> [E, C, D] float32; expert shard j gets every
+        device's slots of its experts."""
+        local = jax.lax.all_to_all(x_e, self.axis, 0, 1, tiled=True)  # [E / n, n * C, D]
+        return jax.lax.all_to_all(self.local.buffered(local), self.axis, 1, 0, tiled=True)
+
+
+def _reshard(x, spec, mesh):
+    """Explicit-sharding meshes need inputs in the exact layout shard_map
+    declares; with Auto axes shard_map reshards by itself."""
+    if mesh.are_all_axes_explicit:
+        return jax.reshard(x, spec)
+    if mesh.are_all_axes_auto:
+        return x
+    raise ValueError(f"MoE layer needs a mesh whose axes are all Explicit or all Auto, got "
+                     f"{dict(zip(mesh.axis_names, mesh.axis_types))}")
+
+
+def sharded_moe(body, x, router_kernel, bias, weights: ExpertWeights, *, mesh, implementation):
+    """Runs body(x2d, router_kernel, bias, experts) -> (y2d, RoutingStats) per
+    device inside shard_map; returns (y [B, S, D] float32, summed stats)."""
+    B, S, D = x.shape
+    size = lambda a: mesh.shape.get(a, 1)
+    batch = tuple(a for a in BATCH_AXES if size(a) > 1)
+    seq = (SEQUENCE_AXIS,) if size(SEQUENCE_AXIS) > 1 else ()
+    shards, ep, E = math.prod(size(a) for a in batch), size(EXPERT_AXIS), weights.gate.shape[0]
+    if B % shards:
+        raise ValueError(f"batch size {B} is not divisible by the {shards} token shards of mesh "
+                         f"axes {batch}")
+    if seq and S % size(SEQUENCE_AXIS):
+        raise ValueError(f"sequence length {S} is not divisible by mesh axis "
+                         f"'{SEQUENCE_AXIS}' of size {size(SEQUENCE_AXIS)}")
+    if E % ep:
+        raise ValueError(f"num_experts ({E}) is not divisible by mesh axis '{EXPERT_AXIS}' of size {ep}")
+    token_axes = batch + seq
+    x_spec = P(batch or None, seq or None, None)
+    w_spec = P(EXPERT_AXIS if ep > 1 else None, None, None)
+    args = {"x": x, "router": router_kernel, "weights": weights, "bias": bias}
+    specs = {"x": x_spec, "router": P(), "weights": ExpertWeights(w_spec, w_spec, w_spec),
+             "bias": None if bias is None else P()}
+    args = jax.tree.map(lambda s, a: _reshard(a, s, mesh), specs, args,
+                        is_leaf=lambda s: isinstance(s, P))
+
+    def local(args):
+        experts = LocalExperts(args["weights"], implementation)
+        if ep > 1:
+            experts = ShardedExperts(experts, EXPERT_AXIS, ep)
+        b, s, _ = args["x"].shape
+        y, stats = body(args["x"].reshape(b * s, D), args["router"], args["bias"], experts)
+        if token_axes:
+            stats = jax.lax.psum(stats, token_axes)
+        return y.reshape(b, s, D), stats
+
+    y, stats = jax.shard_map(local, mesh=mesh, in_specs=(specs,), out_specs=(x_spec, P()))(args)
+    if mesh.are_all_axes_explicit:
+        y = jax.reshard(y, jax.typeof(x).sharding.spec)
+    return y, stats

@@ -108,7 +108,7 @@ def _tgmm_kernel(lhs, dout, group_sizes, cfg: _Config):
         return blockspec.tgmm(lhs, dout, group_sizes, out_dtype=cfg.out_dtype,
                               tiling=cfg.tiling or BLOCKSPEC_TILING)
     return mosaic_gpu.tgmm(lhs, dout, group_sizes, out_dtype=cfg.out_dtype,
-                           tiling=cfg.tiling or mosaic_gpu.DEFAULT_TILING)
+                           tiling=cfg.tiling or mosaic_gpu.DEFAULT_TGMM_TILING)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -19,21 +19,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.grouped_matmul.schedule import make_schedule, num_steps
+from pallas_kernels.grouped_matmul.schedule import make_schedule, num_steps, pad_to
 
 
 def _rows_in(lo, hi, tile, tm, shape):
     rows = tile * tm + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
     return (rows >= lo) & (rows < hi)
-
-
-def _pad_to(x, axis, multiple):
-    extra = -x.shape[axis] % multiple
-    if not extra:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths)
 
 
 def _fit(size, block):
@@ -49,8 +40,8 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=(128, 1
     tm, tk, tn = _fit(m, tiling[0]), _fit(k, tiling[1]), _fit(n, tiling[2])
     # Padded k columns are zero in both operands, so they add nothing; partial
     # m and n blocks only produce rows/columns that are never written back.
-    lhs = _pad_to(lhs, 1, tk)
-    rhs = _pad_to(rhs, 2 if transpose_rhs else 1, tk)
+    lhs = pad_to(lhs, 1, tk)
+    rhs = pad_to(rhs, 2 if transpose_rhs else 1, tk)
     k_tiles = lhs.shape[1] // tk
     sched = make_schedule(group_sizes, m, tm, zero_tail=True)
 

@@ -13,9 +13,11 @@ tgmm: one work item per (group, K tile, N tile); the pipeline walks the
 group's row tiles and zeroes, in shared memory, the rows of the first and last
 tile that belong to neighbouring groups before the wgmma consumes them.
 
-Shapes: rows, and K/N tails, may be ragged (TMA zero-fills out-of-bounds loads
-and clips out-of-bounds stores); TMA needs row strides of 16-byte multiples,
-so K and N must be multiples of 8. Inputs must be bfloat16 or float16.
+Shapes: partial row, K and N tiles are fine (TMA zero-fills out-of-bounds
+loads and clips out-of-bounds stores), but Mosaic's swizzled TMA wants each
+operand's minor dimension to be a multiple of 64 and its major one a multiple
+of 8, so misaligned operands are zero-padded first (a copy: a slow path).
+Inputs must be bfloat16 or float16.
 """
 from __future__ import annotations
 
@@ -25,10 +27,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import compat
-from pallas_kernels.grouped_matmul.schedule import make_schedule, num_steps
+from pallas_kernels.grouped_matmul.schedule import make_schedule, num_steps, pad_to
 
 DTYPES = (jnp.bfloat16, jnp.float16)
-DEFAULT_TILING = (128, 64, 128)   # (rows, contraction, columns) per work item
+DEFAULT_TILING = (128, 64, 128)        # gmm: (rows, K, N) per work item
+DEFAULT_TGMM_TILING = (64, 128, 128)   # tgmm: (rows, K, N); best of a sweep on H100
 SMEM_BYTES = 220 * 1024           # Hopper allows 227 KiB per block; keep slack
 
 
@@ -46,15 +49,11 @@ def _launch(body, out_type, out_smem, interpret):
                         grid_names=("sm",), compiler_params=_params(), **extra)
 
 
-def check(lhs, other, k_dim: int, n_dim: int, tiling):
+def check(lhs, other, tiling):
     if lhs.dtype not in DTYPES or other.dtype != lhs.dtype:
         raise ValueError(f"the Mosaic GPU kernel needs bfloat16 or float16 inputs of one dtype; "
                          f"got {lhs.dtype} and {other.dtype} (use implementation='xla' or "
                          f"'ragged_dot' for float32)")
-    for name, size in (("K", k_dim), ("N", n_dim)):
-        if size % 8:
-            raise ValueError(f"the Mosaic GPU kernel needs {name} % 8 == 0 (TMA row alignment); "
-                             f"got {name}={size}")
     tm, tk, tn = tiling
     if tm % 64 or tn % 64 or tk % 64:
         raise ValueError(f"Mosaic GPU tiling (rows, contraction, columns) must be multiples "
@@ -76,15 +75,17 @@ def _params():
 
 def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT_TILING,
          interpret=False):
-    m, k = lhs.shape
-    g = rhs.shape[0]
-    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    check(lhs, rhs, k, n, tiling)
+    check(lhs, rhs, tiling)
+    m, n = lhs.shape[0], rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    lhs = pad_to(pad_to(lhs, 0, 8), 1, 64)
+    rhs = pad_to(pad_to(rhs, 1, 64), 2, 64)
+    (m_pad, k), g = lhs.shape, rhs.shape[0]
+    n_pad = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tm, tk, tn = tiling
     stages = _stages(tiling, jnp.dtype(out_dtype).itemsize)
-    n_tiles, k_tiles = pl.cdiv(n, tn), pl.cdiv(k, tk)
-    items = num_steps(m, tm, g + 1) * n_tiles
-    sched = make_schedule(group_sizes, m, tm, zero_tail=True)
+    n_tiles, k_tiles = pl.cdiv(n_pad, tn), pl.cdiv(k, tk)
+    items = num_steps(m_pad, tm, g + 1) * n_tiles
+    sched = make_schedule(group_sizes, m_pad, tm, zero_tail=True)
     # Power-of-two row blocks whose sizes add up to at least tm.
     row_blocks = [1 << b for b in reversed(range(tm.bit_length()))]
 
@@ -140,20 +141,22 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT
 
         plgpu.wait_smem_to_gmem(0)
 
-    return _launch(body, jax.ShapeDtypeStruct((m, n), out_dtype), plgpu.SMEM((tm, tn), out_dtype),
-                   interpret)(*sched, lhs, rhs)
+    out = _launch(body, jax.ShapeDtypeStruct((m_pad, n_pad), out_dtype),
+                  plgpu.SMEM((tm, tn), out_dtype), interpret)(*sched, lhs, rhs)
+    return out[:m, :n]
 
 
-def tgmm(lhs, dout, group_sizes, *, out_dtype, tiling=DEFAULT_TILING,
+def tgmm(lhs, dout, group_sizes, *, out_dtype, tiling=DEFAULT_TGMM_TILING,
          interpret=False):
     """out[g] = lhs[rows_g]^T @ dout[rows_g]. tiling = (row tile, K tile, N tile)."""
-    m, k = lhs.shape
-    n = dout.shape[1]
-    g = group_sizes.shape[0]
-    check(lhs, dout, k, n, tiling)
+    check(lhs, dout, tiling)
+    (m, k), n, g = lhs.shape, dout.shape[1], group_sizes.shape[0]
+    lhs = pad_to(pad_to(lhs, 0, 8), 1, 64)
+    dout = pad_to(pad_to(dout, 0, 8), 1, 64)
+    k_pad, n_pad = lhs.shape[1], dout.shape[1]
     tr, tk, tn = tiling
     stages = _stages((tk, tr, tn), jnp.dtype(out_dtype).itemsize)
-    k_tiles, n_tiles = pl.cdiv(k, tk), pl.cdiv(n, tn)
+    k_tiles, n_tiles = pl.cdiv(k_pad, tk), pl.cdiv(n_pad, tn)
     ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), m)
     starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
     first_tile = starts // tr
@@ -210,6 +213,7 @@ def tgmm(lhs, dout, group_sizes, *, out_dtype, tiling=DEFAULT_TILING,
 
         plgpu.wait_smem_to_gmem(0)
 
-    return _launch(body, jax.ShapeDtypeStruct((g, k, n), out_dtype), plgpu.SMEM((tk, tn), out_dtype),
-                   interpret)(
+    out = _launch(body, jax.ShapeDtypeStruct((g, k_pad, n_pad), out_dtype),
+                  plgpu.SMEM((tk, tn), out_dtype), interpret)(
         starts, ends, first_tile, tile_count, lhs, dout)
+    return out[:, :k, :n]

@@ -64,3 +64,13 @@ def make_schedule(group_sizes, m: int, tm: int, *, zero_tail: bool) -> Schedule:
         first = within == 0
     first = first & real
     return Schedule(group, tile, lo, hi, first.astype(jnp.int32))
+
+
+def pad_to(x, axis: int, multiple: int):
+    """Zero-pads one axis of x up to a multiple (no copy when already one)."""
+    extra = -x.shape[axis] % multiple
+    if not extra:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)

@@ -119,12 +119,6 @@ def test_unsupported_shapes_are_reported(shape_kv, dtype, needle):
         mosaic_gpu.mosaic_flash_attention(q, k, k)
 
 
-def test_fused_dq_refuses_head_dim_256():
-    q, k, v, _ = _qkv(2, 1, 64, 64, 2, 1, 256, jnp.bfloat16)
-    with pytest.raises(ValueError, match="fused_dq"):
-        mosaic_gpu.mosaic_flash_attention(q, k, v, block_sizes=tuning.DEFAULTS[128])
-
-
 def test_supports_names_the_reason_off_hopper():
     q, k, v, _ = _qkv(1, 1, 64, 64, 2, 1, 64, jnp.bfloat16)
     reason = mosaic_gpu.supports(q, k, v, causal=True)
@@ -157,11 +151,19 @@ def _rel(x, ref):
     return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
-# The other code paths: separate dQ kernel, forward without ping-pong, other blocks.
-UNFUSED = dataclasses.replace(tuning.DEFAULTS[128], fused_dq=False, pingpong=False,
-                              fwd=tuning.KernelBlocks(64, 192, 2), dq=tuning.KernelBlocks(64, 128, 2))
-GPU_CASES += [(2, 300, 300, 4, 2, 128, True, None, jnp.bfloat16, UNFUSED),
-              (1, 250, 250, 2, 1, 64, False, 70, jnp.float16, UNFUSED)]
+# The other code paths: forward with/without ping-pong and overlap, other blocks.
+KB = tuning.KernelBlocks
+GPU_CASES += [
+    (2, 300, 300, 4, 2, 128, True, None, jnp.bfloat16,
+     dataclasses.replace(tuning.DEFAULTS[128], overlap=True)),
+    (1, 250, 250, 2, 1, 128, False, 70, jnp.float16,
+     dataclasses.replace(tuning.DEFAULTS[128], pingpong=False, overlap=True, fwd=KB(64, 64, 3),
+                         dq=KB(64, 128, 2), dkv=KB(64, 64, 3))),
+    (1, 200, 330, 2, 2, 64, True, None, jnp.bfloat16,
+     dataclasses.replace(tuning.DEFAULTS[64], pingpong=False, fwd=KB(64, 256, 2), dq=KB(64, 128, 2))),
+    (1, 190, 190, 2, 1, 256, True, 50, jnp.bfloat16,
+     dataclasses.replace(tuning.DEFAULTS[256], overlap=True)),
+]
 
 
 @pytest.mark.gpu

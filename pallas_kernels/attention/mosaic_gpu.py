@@ -198,17 +198,12 @@ def _zeros(shape):
 
 
 def _call(body, out_type, scratch, grid, names):
-    """A kernel of two consumer warpgroups and one producer over ``grid``.
-
-    Built on pl.kernel (not plgpu.kernel) so that a ``jax.new_ref`` argument is
-    aliased in and out: the fused backward accumulates dQ into one."""
-    pl, plgpu = _pl(), _plgpu()
-
-    def with_scratch(*refs):
-        pl.run_scoped(lambda *s: body(*refs, *s), *scratch, collective_axes="wg")
-    mesh = plgpu.Mesh(grid=grid, grid_names=names, num_threads=_CONSUMERS + 1, thread_name="wg")
-    return pl.kernel(with_scratch, out_type=out_type, mesh=mesh,
-                     compiler_params=plgpu.CompilerParams(approx_math=True))
+    """A kernel of two consumer warpgroups and one producer over ``grid``."""
+    plgpu = _plgpu()
+    return plgpu.kernel(
+        body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=names,
+        num_threads=_CONSUMERS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True))
 
 
 def _ring_producer(n_steps, stages, issue, free_barriers):
@@ -242,7 +237,7 @@ def _forward(q, k, v, spec: _Spec):
     G = H // KH
     cfg = spec.blocks.fwd
     bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
-    pingpong = spec.blocks.pingpong
+    pingpong, overlap = spec.blocks.pingpong, spec.blocks.overlap
     n_q_tiles = Sp // (_CONSUMERS * bq)
     dtype = q.dtype
     c = spec.scale * LOG2E
@@ -277,17 +272,22 @@ def _forward(q, k, v, spec: _Spec):
                     plgpu.barrier_arrive(turn)
                     plgpu.barrier_wait(turn)
 
-            def step(j, carry, masked):
-                acc, m, l = carry
-                slot = lax.rem(j - lo, stages)
+            def qk(slot, turn_inside):
+                """Raw scores Q K^T of the block in ``slot``."""
+                def body(s_ref):
+                    plgpu.wgmma(s_ref, my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    if turn_inside:
+                        take_turn()
+                    return s_ref[...]
                 plgpu.barrier_wait(k_ready.at[slot])
-
-                def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                    take_turn()
-                    return acc_ref[...]
-                s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
+                s = pl.run_scoped(body, plgpu.ACC((bq, bkv), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
+                return s
+
+            def softmax(j, s, carry, masked):
+                """Online-softmax update with raw scores s of key block j: returns
+                P (input dtype) and the rescaled (acc, m, l)."""
+                acc, m, l = carry
                 s = s * c
                 if masked:
                     ok = spec.mask(_iota((bq, bkv), 0) + (row0 + spec.offset),
@@ -300,23 +300,71 @@ def _forward(q, k, v, spec: _Spec):
                 p = jnp.exp2(s - _rows(m_use, s.shape))
                 l = l * alpha + p.sum(axis=1)
                 acc = acc * _rows(alpha, acc.shape)
-                p16 = p.astype(dtype)
+                return p.astype(dtype), (acc, m_new, l)
+
+            def await_pv(slot):
+                """Hand the tensor cores to the other consumer; wait for V."""
                 if pingpong:
                     plgpu.barrier_arrive(turn)
                 plgpu.barrier_wait(v_ready.at[slot])
                 if pingpong:
                     plgpu.barrier_wait(turn)
-                acc = _mma_acc(acc, p16, v_smem.at[slot])
-                plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, l
+
+            def three_phases(step, carry, end):
+                """Runs step over blocks [lo, end): masked, unmasked, masked."""
+                masked = functools.partial(step, masked=True)
+                carry = lax.fori_loop(lo, jnp.minimum(flo, end), masked, carry)
+                carry = lax.fori_loop(jnp.minimum(flo, end), jnp.minimum(fhi, end),
+                                      functools.partial(step, masked=False), carry)
+                return lax.fori_loop(jnp.minimum(fhi, end), end, masked, carry)
 
             carry = (_zeros((bq, D)), _vector(bq, -jnp.inf, 1), _vector(bq, 0.0, 1))
             if pingpong:
                 pl.when(wg == 1)(take_turn)
-            masked = functools.partial(step, masked=True)
-            carry = lax.fori_loop(lo, flo, masked, carry)
-            carry = lax.fori_loop(flo, fhi, functools.partial(step, masked=False), carry)
-            acc, m, l = lax.fori_loop(fhi, hi, masked, carry)
+            if not overlap:
+                def step(j, carry, masked):
+                    slot = lax.rem(j - lo, stages)
+                    p16, (acc, m, l) = softmax(j, qk(slot, True), carry, masked)
+                    await_pv(slot)
+                    acc = _mma_acc(acc, p16, v_smem.at[slot])
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    return acc, m, l
+                acc, m, l = three_phases(step, carry, hi)
+            else:
+                # Software-pipelined: P V of block j and Q K^T of block j+1 are
+                # in flight together (one wait), the last block's P V alone.
+                def pv_and_next_qk(j, carry, masked):
+                    *carry, s = carry
+                    slot, nxt = lax.rem(j - lo, stages), lax.rem(j + 1 - lo, stages)
+                    p16, (acc, m, l) = softmax(j, s, carry, masked)
+                    await_pv(slot)
+                    plgpu.barrier_wait(k_ready.at[nxt])
+
+                    def body(refs):
+                        acc_ref, s_ref = refs
+                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                        plgpu.wgmma(s_ref, my_q, plgpu.transpose_ref(k_smem.at[nxt], (1, 0)))
+                        take_turn()
+                    acc, s = pl.run_state(body)((plgpu.ACC.init(acc),
+                                                 plgpu.ACC.init(_zeros((bq, bkv)))))
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    plgpu.barrier_arrive(k_free.at[nxt])
+                    return acc, m, l, s
+
+                def last_pv(j, carry):
+                    *carry, s = carry
+                    slot = lax.rem(j - lo, stages)
+                    p16, (acc, m, l) = softmax(j, s, carry, masked=True)
+                    await_pv(slot)
+                    acc = _mma_acc(acc, p16, v_smem.at[slot])
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    return acc, m, l, s
+
+                s = lax.fori_loop(lo, jnp.minimum(lo + 1, hi),
+                                  lambda j, s: qk(lax.rem(j - lo, stages), True), _zeros((bq, bkv)))
+                last = jnp.maximum(hi - 1, lo)
+                carry = three_phases(pv_and_next_qk, (*carry, s), last)
+                acc, m, l, _ = lax.fori_loop(last, hi, last_pv, carry)
             if pingpong:
                 pl.when(wg == 0)(take_turn)
 
@@ -446,17 +494,10 @@ def _backward_dq(q, k, v, do, lse, delta, spec: _Spec):
 
 
 # ----------------------------------------------------------------------------
-# Backward: dK and dV (and optionally dQ), key-parallel, summed over the heads
-# of each kv group.
+# Backward: dK and dV, key-parallel, summed over the heads of each kv group.
 
-def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=True,
-                  dq_acc=None):
-    """dK, dV for k/v [B,Tp,KH,D] (None where not wanted).
-
-    With ``dq_acc`` (a float32 [B,Sp,H,D] ``jax.new_ref`` of zeros) it also
-    adds each step's dS K into dQ/scale there: dS goes through shared memory
-    and the partial dQ is reduce-added by the TMA unit, so dQ needs no second
-    pass over S and dP."""
+def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=True):
+    """dK, dV for k/v [B,Tp,KH,D] (None where not wanted)."""
     pl, plgpu = _pl(), _plgpu()
     B, Sp, H, D = q.shape
     Tp, KH = k.shape[1], k.shape[2]
@@ -466,17 +507,12 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
     n_kv_tiles = Tp // (_CONSUMERS * bkv)
     dtype = q.dtype
     c = spec.scale * LOG2E
-    fused_dq = dq_acc is not None
-    if fused_dq and not want_dk:
-        raise ValueError("the fused dQ comes from dS, which only the dK pass computes")
-    need_v = want_dk  # dP = dO V^T feeds only dK (and dQ)
+    need_v = want_dk  # dP = dO V^T feeds only dK
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
         n_out = want_dk + want_dv
-        if fused_dq:
-            dq_ref, refs = refs[0], refs[1:]
         outs, refs = refs[:n_out], refs[n_out:]
-        (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem,
+        (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
          own_ready, q_ready, do_ready, lse_ready, delta_ready, q_free, do_free) = refs
         dk_ref = outs[0] if want_dk else None
         dv_ref = outs[-1] if want_dv else None
@@ -547,25 +583,8 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
                 plgpu.barrier_wait(delta_ready.at[slot])
                 delta_v = plgpu.load(delta_smem.at[slot], (), layout=col_layout)
                 dst = (pt * (dpt - _cols(delta_v, dpt.shape))).astype(dtype)
-                if not fused_dq:
-                    dk = _mma_acc(dk, dst, q_slot)
-                    plgpu.barrier_arrive(q_free.at[slot])
-                    return dk, dv
-                my_ds, my_dq = ds_smem.at[wg], dq_smem.at[wg]
-                my_ds[...] = dst
-                plgpu.commit_smem()
-
-                def dk_and_dq(dk_ref, dq_ref):
-                    plgpu.wgmma(dk_ref, my_ds, q_slot)
-                    plgpu.wgmma(dq_ref, plgpu.transpose_ref(my_ds, (1, 0)), my_k)
-                dk, dq = pl.run_state(lambda refs: dk_and_dq(*refs))(
-                    (plgpu.ACC.init(dk), plgpu.ACC.init(_zeros((bq, D)))))
+                dk = _mma_acc(dk, dst, q_slot)
                 plgpu.barrier_arrive(q_free.at[slot])
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last step's add has read my_dq
-                my_dq[...] = dq
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(my_dq, dq_ref.at[b, pl.ds(i * bq, bq), h],
-                                        reduction_op="add")
                 return dk, dv
 
             def head(g, carry):
@@ -588,7 +607,6 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
                 plgpu.copy_smem_to_gmem(my_v, dv_ref.at[keys])
             plgpu.wait_smem_to_gmem(0)
 
-    f32_tiles = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
     scratch = [
         _tile_smem((_CONSUMERS, bkv, D), dtype),
         _tile_smem((_CONSUMERS, bkv, D), dtype),
@@ -596,8 +614,6 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
         _tile_smem((stages, bq, D), dtype),
         plgpu.SMEM((stages, bq), jnp.float32),
         plgpu.SMEM((stages, bq), jnp.float32),
-        _tile_smem((_CONSUMERS, bkv, bq), dtype) if fused_dq else None,
-        plgpu.SMEM((_CONSUMERS, bq, D), jnp.float32, transforms=f32_tiles) if fused_dq else None,
         plgpu.Barrier(num_barriers=_CONSUMERS * 2),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
@@ -607,8 +623,8 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
         plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
     ]
     out_type = [jax.ShapeDtypeStruct(k.shape, dtype)] * (want_dk + want_dv)
-    args = (q, k, v, do, lse, delta) + ((dq_acc,) if fused_dq else ())
-    outs = _call(body, out_type, scratch, (KH, B, n_kv_tiles), ("kvh", "b", "k"))(*args)
+    outs = _call(body, out_type, scratch, (KH, B, n_kv_tiles), ("kvh", "b", "k"))(
+        q, k, v, do, lse, delta)
     return (outs[0] if want_dk else None), (outs[-1] if want_dv else None)
 
 
@@ -628,10 +644,6 @@ def _attention_fwd(q, k, v, spec):
 def _attention_bwd(spec, res, do):
     q, k, v, out, lse = res
     delta = jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), out.astype(jnp.float32))
-    if spec.blocks.fused_dq:
-        dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
-        dk, dv = _backward_dkv(q, k, v, do, lse, delta, spec, dq_acc=dq_acc)
-        return (dq_acc[...] * spec.scale).astype(q.dtype), dk, dv
     dq = _backward_dq(q, k, v, do, lse, delta, spec)
     if q.shape[-1] > 128:  # dK and dV accumulators do not fit in registers together
         dk, _ = _backward_dkv(q, k, v, do, lse, delta, spec, want_dv=False)
@@ -699,9 +711,6 @@ def mosaic_flash_attention(q, k, v, *, causal=False, segment_ids=None, sliding_w
     S, T, D = q.shape[1], k.shape[1], q.shape[-1]
     if block_sizes is None:
         block_sizes = tuning.block_sizes_for(compat.device_kind(), D, causal)
-    if block_sizes.fused_dq and D > 128:
-        raise ValueError(f"fused_dq needs head_dim <= 128 (dK and dQ accumulators must fit in "
-                         f"registers); got head_dim={D}")
     spec = _Spec(q_len=S, kv_len=T, causal=bool(causal), window=sliding_window,
                  scale=float(D ** -0.5 if scale is None else scale), blocks=block_sizes)
     bs = block_sizes

@@ -9,8 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxkit.quant import FORMATS, dequantize, get_format
-from jaxkit.quant import quantize as quantize_eager
+from jaxkit.quant import FORMATS, dequantize, get_format, quantize
 from jaxkit.quant.core import ungroup
 from jaxkit.quant.formats import E2M1, E2M3, E3M2, E4M3, E5M2
 from jaxkit.quant.numerics import round_to_element
@@ -36,11 +35,6 @@ SPEC = {
     "nvfp4": ("float", ml_dtypes.float4_e2m1fn, 16, "e4m3"),
     "nvint4": ("int", (-7, 7), 16, "e4m3"),
 }
-
-
-# one compiled program per case instead of dozens of eager op dispatches
-quantize = jax.jit(quantize_eager, static_argnames=("fmt", "axis", "granularity", "block_size",
-                                                    "scale_method", "percentile"))
 
 
 def np_element(v, kind, param):
@@ -190,7 +184,7 @@ def test_unknown_format_names_valid_ones_with_hint():
     with pytest.raises(ValueError, match=r"'mxfp5'.*did you mean 'mxfp[468]'.*valid formats: int8"):
         get_format("mxfp5")
     with pytest.raises(ValueError, match="unknown quantization format 'bogus'"):
-        quantize_eager(jnp.ones((4, 32)), "bogus")
+        quantize(jnp.ones((4, 32)), "bogus")
 
 
 def test_granularity_errors():
@@ -210,7 +204,7 @@ def test_granularity_errors():
     with pytest.raises(ValueError, match="unknown granularity 'row'"):
         quantize(x, "int4", granularity="row")
     with pytest.raises(ValueError, match="floating-point"):
-        quantize_eager(jnp.ones((4, 48), jnp.int32), "int8")
+        quantize(jnp.ones((4, 48), jnp.int32), "int8")
     with pytest.raises(ValueError, match="unknown scale_method"):
         quantize(x, "int8", scale_method="max")
 

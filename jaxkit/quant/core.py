@@ -21,6 +21,7 @@ as a subnormal, which XLA flushes to zero.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -237,6 +238,10 @@ def tensor_statistic(x, fmt: str | Format, *, scale_method: str = "absmax",
     return tuple(s.reshape(()) for s in stat) if fmt.asymmetric else stat.reshape(())
 
 
+_STATIC = ("fmt", "axis", "granularity", "block_size", "scale_method", "percentile")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def quantize(x, fmt: str | Format, *, axis: int = -1, granularity: str | None = None,
              block_size: int | None = None, scale_method: str = "absmax",
              percentile: float = 99.9, amax=None) -> QTensor:
@@ -278,11 +283,17 @@ def clip_range(q: QTensor):
     return ungroup(q, lo), ungroup(q, hi)
 
 
-def fake_quant(x, fmt: str | Format, **kwargs):
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def fake_quant(x, fmt: str | Format, *, axis: int = -1, granularity: str | None = None,
+               block_size: int | None = None, scale_method: str = "absmax",
+               percentile: float = 99.9, amax=None):
     """Quantise-dequantise with a clipped straight-through estimator: the value
     is the dequantised array; the gradient is 1 where x lies inside the
-    representable range and 0 where it was clipped. Returns x's dtype."""
-    q = quantize(jax.lax.stop_gradient(x), fmt, **kwargs)
+    representable range and 0 where it was clipped. Returns x's dtype.
+    Arguments as for quantize."""
+    q = quantize(jax.lax.stop_gradient(x), fmt, axis=axis, granularity=granularity,
+                 block_size=block_size, scale_method=scale_method, percentile=percentile,
+                 amax=amax)
     deq = dequantize(q)
     lo, hi = clip_range(q)
     xf = x.astype(jnp.float32)

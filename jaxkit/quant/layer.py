@@ -203,9 +203,9 @@ class Quantizer(nnx.Module):
             w = rotate_weight(w, self.signs[...])
         kw = self._quant_kwargs()
         if kind == "w8a8":
-            q = quantize(w, "int8", axis=0, **kw)
+            q = quantize(w.T, "int8", axis=-1, **kw)  # stored [N, K]
             storage = {"codes": ungroup(q, q.codes).astype(jnp.int8),
-                       "scale": ungroup(q, q.scale)[0]}
+                       "scale": ungroup(q, q.scale)[:, 0]}
         elif kind == "fp8_blockwise":
             storage = _fp8_weight_blocks(w, kw)
         else:
@@ -248,16 +248,16 @@ class Quantizer(nnx.Module):
 
 
 def _fp8_weight_blocks(w, kw):
-    """e4m3 codes [K, N] and 128x128 block scales [K/128, ceil(N/128)]
-    (DeepSeek-V3); a ragged last column block is zero-padded for its scale."""
+    """e4m3 codes [N, K] and 128x128 block scales [ceil(N/128), K/128]
+    (DeepSeek-V3) of W [K, N]; a ragged last N block is zero-padded for its scale."""
     K, N = w.shape
     b = 128
     if K % b:
         raise ValueError(f"fp8 blockwise weights need K divisible by {b}, got shape {w.shape}")
     nn = -(-N // b)
-    wp = jnp.pad(w, ((0, 0), (0, nn * b - N)))
-    blocks = wp.reshape(K // b, b, nn, b).transpose(0, 2, 1, 3).reshape(K // b, nn, b * b)
+    wt = jnp.pad(w.T, ((0, nn * b - N), (0, 0)))  # [N', K]
+    blocks = wt.reshape(nn, b, K // b, b).transpose(0, 2, 1, 3).reshape(nn, K // b, b * b)
     q = quantize(blocks, "fp8_e4m3", axis=-1, granularity="channel",
                  scale_method=kw["scale_method"], percentile=kw["percentile"])
-    codes = ungroup(q, q.codes).reshape(K // b, nn, b, b).transpose(0, 2, 1, 3).reshape(K, nn * b)
-    return {"codes": codes[:, :N].astype(jnp.float8_e4m3fn), "scale": q.scale[..., 0, 0]}
+    codes = ungroup(q, q.codes).reshape(nn, K // b, b, b).transpose(0, 2, 1, 3).reshape(nn * b, K)
+    return {"codes": codes[:N].astype(jnp.float8_e4m3fn), "scale": q.scale[..., 0, 0]}

@@ -8,6 +8,8 @@ their outliers spread over the block, which shrinks quantisation scales.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -22,6 +24,7 @@ def hadamard_block_size(n: int) -> int:
     return b
 
 
+@functools.partial(jax.jit, static_argnames=("axis", "block"))
 def fwht(x, axis: int = -1, block: int | None = None):
     """Unnormalised fast Walsh-Hadamard transform along ``axis`` in blocks of
     ``block`` (default: the whole axis, which must then be a power of two)."""
@@ -57,11 +60,13 @@ def _rotate(x, signs, axis: int):
     return y * jnp.asarray(b ** -0.5, x.dtype)
 
 
+@jax.jit
 def rotate_activation(x, signs):
     """x R along the last axis (x [..., n])."""
     return _rotate(x, signs, x.ndim - 1)
 
 
+@jax.jit
 def rotate_weight(w, signs):
     """R^T W for W [n, out]: rotates the contraction axis 0 so that
     rotate_activation(x) @ rotate_weight(W) == x @ W."""

@@ -55,11 +55,11 @@ def _rows(x, k_name="K"):
 def w8a8_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, implementation: str = "auto",
                 block_sizes=None, interpret: bool | None = None):
     """int8 activations [..., K] with per-token scales xs [...], int8 weights
-    [K, N] with per-channel scales ws [N] -> out [..., N] in out_dtype."""
+    [N, K] with per-channel scales ws [N] -> out [..., N] in out_dtype."""
     _check_dtype("xq", xq, (jnp.int8,))
     _check_dtype("wq", wq, (jnp.int8,))
     x2, lead = _rows(xq)
-    K, N = wq.shape
+    N, K = wq.shape
     if x2.shape[1] != K or xs.shape != lead or ws.shape != (N,):
         raise ValueError(f"w8a8 shapes do not match: xq {xq.shape}, xs {xs.shape} (want {lead}), "
                          f"wq {wq.shape}, ws {ws.shape} (want ({N},))")
@@ -77,16 +77,16 @@ def w8a8_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, implementation: str =
 def fp8_blockwise_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, implementation: str = "auto",
                          block_sizes=None, interpret: bool | None = None):
     """e4m3 activations [..., K] with 1x128 block scales xs [..., ceil(K/128)],
-    e4m3 weights [K, N] with 128x128 block scales ws [ceil(K/128),
-    ceil(N/128)] -> out [..., N]."""
+    e4m3 weights [N, K] with 128x128 block scales ws [ceil(N/128),
+    ceil(K/128)] -> out [..., N]."""
     _check_dtype("xq", xq, (jnp.float8_e4m3fn,))
     _check_dtype("wq", wq, (jnp.float8_e4m3fn,))
     x2, lead = _rows(xq)
-    K, N = wq.shape
+    N, K = wq.shape
     nk, nn = -(-K // ref.FP8_BLOCK), -(-N // ref.FP8_BLOCK)
-    if x2.shape[1] != K or xs.shape != (*lead, nk) or ws.shape != (nk, nn):
+    if x2.shape[1] != K or xs.shape != (*lead, nk) or ws.shape != (nn, nk):
         raise ValueError(f"fp8 blockwise shapes do not match: xq {xq.shape}, xs {xs.shape} "
-                         f"(want {(*lead, nk)}), wq {wq.shape}, ws {ws.shape} (want {(nk, nn)})")
+                         f"(want {(*lead, nk)}), wq {wq.shape}, ws {ws.shape} (want {(nn, nk)})")
     impl, interpret = _resolve(implementation, interpret)
     xs2 = xs.reshape(-1, nk).astype(jnp.float32)
     ws = ws.astype(jnp.float32)

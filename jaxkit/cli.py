@@ -1,4 +1,4 @@
-"""Command line: `jaxkit train`, `jaxkit eval`, `jaxkit data prepare`."""
+"""Command line: `jaxkit train`, `jaxkit eval`, `jaxkit export`, `jaxkit data prepare`."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from jaxkit.config import ConfigError, load_config, to_dict
+from jaxkit.distributed import add_distributed_args, initialize
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -27,16 +28,32 @@ def _load(args):
     return cfg
 
 
+def _join(args) -> None:
+    """Joins the multi-process run, if any, before anything touches a device."""
+    try:
+        initialize(args.distributed, args.coordinator, args.num_processes, args.process_id)
+    except ValueError as e:
+        raise SystemExit(f"distributed: {e}") from None
+
+
+def _is_logger() -> bool:
+    import jax
+    return jax.process_index() == 0
+
+
 def cmd_train(args) -> None:
     cfg = _load(args)
+    _join(args)
     from jaxkit.train.trainer import train
     result = train(cfg, config_path=args.config, resume=args.resume, run_dir=args.run_dir)
-    print(json.dumps({k: v for k, v in result.items() if k in ("step", "stopped_early")}
-                     | {"eval": result.get("eval", {}).get("ce")}))
+    if _is_logger():
+        print(json.dumps({k: v for k, v in result.items() if k in ("step", "stopped_early")}
+                         | {"eval": result.get("eval", {}).get("ce")}))
 
 
 def cmd_eval(args) -> None:
     cfg = _load(args)
+    _join(args)
     from jaxkit.train.trainer import Trainer, run_dir_for
     run_dir = Path(args.run_dir) if args.run_dir else run_dir_for(cfg, args.config)
     trainer = Trainer(cfg, run_dir)
@@ -45,9 +62,24 @@ def cmd_eval(args) -> None:
         raise SystemExit(f"no checkpoint found under {run_dir / 'checkpoints'}")
     metrics = trainer.evaluate()
     trainer.checkpointer.close()
-    print(json.dumps({"step": step, "loss": float(metrics["ce"]),
-                      "perplexity": float(metrics["perplexity"]),
-                      "accuracy": float(metrics["accuracy"])}))
+    if _is_logger():
+        print(json.dumps({"step": step, "loss": float(metrics["ce"]),
+                          "perplexity": float(metrics["perplexity"]),
+                          "accuracy": float(metrics["accuracy"])}))
+
+
+def cmd_export(args) -> None:
+    cfg = _load(args)
+    _join(args)
+    from jaxkit.checkpoint import export_run
+    from jaxkit.train.trainer import run_dir_for
+    run_dir = Path(args.run_dir) if args.run_dir else run_dir_for(cfg, args.config)
+    try:
+        step = export_run(cfg, run_dir, args.out, step=args.step)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    if _is_logger():
+        print(json.dumps({"step": step, "out": str(Path(args.out).absolute())}))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,12 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--run-dir", help="run directory (default: train.out_dir/<config name>)")
+    add_distributed_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate the latest checkpoint of a run")
     _add_config_args(p)
     p.add_argument("--run-dir", help="run directory (default: train.out_dir/<config name>)")
+    add_distributed_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a run's parameters alone, for inference")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="directory to write the parameters to")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--run-dir", help="run directory (default: train.out_dir/<config name>)")
+    add_distributed_args(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)

@@ -99,9 +99,9 @@ def test_tiny_run_loss_decreases():
                              "optimizer.warmup_steps=5", "model.compute_dtype=float32"])
     from jaxkit.train.optim import make_optimizer
     from jaxkit.train.step import make_train_step
-    from jaxkit.train.trainer import _split_model
+    from jaxkit.build import split_model
     model = Transformer(cfg.model, rngs=nnx.Rngs(0))
-    graphdef, _, params, model_state = _split_model(model)
+    graphdef, _, params, model_state = split_model(model)
     opt = make_optimizer(cfg.optimizer, 40)
     step = jax.jit(make_train_step(graphdef, opt, make_schedule(cfg.optimizer, 40),
                                    grad_accum=2, z_loss=1e-4))

@@ -2,7 +2,10 @@
 keep-last-N plus keep-every-M, restore of the latest complete checkpoint.
 
 Orbax writes each checkpoint to a temporary directory and renames it only
-once complete, so a crash mid-save leaves the previous checkpoint intact.
+once complete, so a crash mid-save leaves the previous checkpoint intact;
+the leftover temporary directory is removed when the next run opens the
+manager. Arrays are stored with their global shapes, so a checkpoint
+restores onto any mesh: the target shardings decide the layout.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ class Checkpointer:
         self.cfg = cfg
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep_last, keep_period=cfg.keep_every,
-            enable_async_checkpointing=cfg.async_save, create=True)
+            enable_async_checkpointing=cfg.async_save, create=True,
+            cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
     def due(self, step: int) -> bool:
@@ -38,6 +42,14 @@ class Checkpointer:
         """Restores onto the shardings of `abstract_state` (jax.ShapeDtypeStruct leaves
         with .sharding), so a checkpoint saved on one mesh loads onto another."""
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+    def restore_params(self, step: int, abstract_params):
+        """Restores only the parameters (the optimizer state is never read)."""
+        target = {"params": abstract_params}
+        restored = self.manager.restore(step, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))
+        return restored["params"]
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -1,16 +1,26 @@
 """Decoder-only transformer: embeddings, pre-norm blocks of grouped-query
-attention and a SwiGLU MLP (or a mixture of experts), tied or untied head."""
+attention and a SwiGLU MLP (or a mixture of experts), tied or untied head.
+
+model.remat recomputes each layer's activations in the backward pass
+(everything, or all but the weight matmuls' outputs); model.scan_layers
+stores the layers stacked along a "layers" axis and runs them with one
+scanned body, so compile time does not grow with depth."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxkit.config import ModelConfig
+from jaxkit.config import ConfigError, ModelConfig
 from jaxkit.layers import Attention, Linear, RMSNorm, SwiGLU
 from jaxkit.layers.linear import param
+from jaxkit.sharding import RESIDUAL, constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# model.remat -> what the backward pass may keep instead of recomputing.
+REMAT_POLICIES = {"full": None,  # nothing: recompute the whole layer
+                  "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 class Block(nnx.Module):
@@ -40,13 +50,64 @@ class Block(nnx.Module):
         return x + y, aux
 
 
+class Period(nnx.Module):
+    """Consecutive blocks making up one repeat of the layer pattern (one block
+    when all layers are alike): the unit that scan_layers stacks."""
+
+    def __init__(self, blocks: list[Block]):
+        self.layers = nnx.List(blocks)
+
+    def __call__(self, x, positions, segment_ids=None):
+        auxes = []
+        for block in self.layers:
+            x, aux = block(x, positions, segment_ids)
+            x = constrain(x, RESIDUAL)
+            auxes.append(aux)
+        return x, auxes
+
+
+def layer_period(blocks: list[Block]) -> int:
+    """Smallest p dividing the layer count with layer i built like layer i % p."""
+    defs = [nnx.graphdef(b) for b in blocks]
+    n = len(defs)
+    return next(p for p in range(1, n + 1)
+                if n % p == 0 and all(defs[i] == defs[i % p] for i in range(n)))
+
+
+def stack_modules(modules: list[nnx.Module], axis: str = "layers") -> nnx.Module:
+    """One module whose variables hold the (structurally identical) modules'
+    values stacked along a new leading dimension, named `axis` in logical_axes."""
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(m) for m in modules])
+    module = nnx.merge(nnx.graphdef(modules[0]), stacked)
+    for _, var in nnx.iter_graph(module):
+        if isinstance(var, nnx.Variable) and "logical_axes" in var.get_metadata():
+            var.set_metadata(logical_axes=(axis, *var.get_metadata()["logical_axes"]))
+    return module
+
+
+def _apply(unit, x, positions, segment_ids):
+    return unit(x, positions, segment_ids)
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         pd = DTYPES[cfg.param_dtype]
         self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                            std=cfg.d_model ** -0.5, dtype=pd)
-        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+        blocks = [Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)]
+        if cfg.scan_layers:
+            p = layer_period(blocks)
+            if p == cfg.num_layers > 1:
+                raise ConfigError(
+                    "model.scan_layers needs layers built alike, or a pattern repeating with a "
+                    f"period that divides num_layers ({cfg.num_layers}); the MoE layout "
+                    f"(moe.first_layer={cfg.moe.first_layer}, moe.every={cfg.moe.every}) has "
+                    "none: set model.scan_layers=false")
+            self.blocks = stack_modules([Period(blocks[i:i + p])
+                                         for i in range(0, cfg.num_layers, p)])
+        else:
+            self.blocks = nnx.List(blocks)
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
         self.head = None if cfg.tie_embeddings else Linear(
             cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs, param_dtype=pd,
@@ -61,19 +122,45 @@ class Transformer(nnx.Module):
         cd = DTYPES[self.cfg.compute_dtype]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(cd)
+        # Gathered whole along embed (the FSDP all-gather, as for any layer's weights);
+        # vocab stays split over tensor for the lookup and the tied head.
+        table = constrain(self.embed[...], ("vocab", None))
+        x = constrain(jnp.take(table, tokens, axis=0).astype(cd), RESIDUAL)
+        x, layer_aux = self._layers(x, positions, segment_ids)
         moe_loss, moe_metrics = jnp.zeros((), jnp.float32), {}
-        for i, block in enumerate(self.blocks):
-            x, aux = block(x, positions, segment_ids)
+        for i, aux in enumerate(layer_aux):
             if aux:
                 moe_loss = moe_loss + aux.pop("loss")
                 moe_metrics[i] = aux
         x = self.final_norm(x)
         if self.head is None:
-            logits = jnp.dot(x, self.embed[...].astype(cd).T, preferred_element_type=jnp.float32)
+            logits = jnp.dot(x, table.astype(cd).T, preferred_element_type=jnp.float32)
         else:
             logits = self.head(x).astype(jnp.float32)
         return logits, {"moe_loss": moe_loss, "moe": moe_metrics}
+
+    def _layers(self, x, positions, segment_ids):
+        """Runs every block; returns x and the per-layer aux dicts in layer order."""
+        apply = _apply
+        if self.cfg.remat != "none":
+            apply = nnx.remat(_apply, policy=REMAT_POLICIES[self.cfg.remat],
+                              prevent_cse=not self.cfg.scan_layers)
+        if not self.cfg.scan_layers:
+            auxes = []
+            for block in self.blocks:
+                x, aux = apply(block, x, positions, segment_ids)
+                x = constrain(x, RESIDUAL)
+                auxes.append(aux)
+            return x, auxes
+
+        @nnx.scan(in_axes=(nnx.Carry, 0, None, None), out_axes=(nnx.Carry, 0))
+        def scan(x, period, positions, segment_ids):
+            return apply(period, x, positions, segment_ids)
+
+        x, stacked = scan(x, self.blocks, positions, segment_ids)
+        periods = self.cfg.num_layers // len(stacked)
+        return x, [jax.tree.map(lambda a: a[j], aux)
+                   for j in range(periods) for aux in stacked]
 
 
 def count_params(model: nnx.Module) -> int:

@@ -2,6 +2,10 @@
 
 Batches are pure functions of (seed, step), so the data position is the step
 itself and a resumed run sees exactly the batches it would have seen.
+
+The run is laid out on a device mesh (mesh config): the train state lives
+sharded by the logical-axis rules, each process loads only its rows of the
+global batch, and the jitted step runs SPMD over all devices of all processes.
 """
 from __future__ import annotations
 
@@ -10,12 +14,13 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from jaxkit.build import build_data, build_model, build_optimizer
+from jaxkit import sharding
+from jaxkit.build import build_data, build_optimizer, build_train_state
 from jaxkit.checkpoint import Checkpointer
 from jaxkit.config import Config, save_config
 from jaxkit.train import flops
@@ -48,42 +53,52 @@ def run_dir_for(cfg: Config, config_path: str | None) -> Path:
     return Path(cfg.train.out_dir) / name
 
 
-def _split_model(model):
-    """Graph definitions for training and evaluation mode, and the model state."""
-    model.eval()
-    eval_graphdef = nnx.split(model, nnx.Param, ...)[0]
-    model.train()
-    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-    return graphdef, eval_graphdef, params, model_state
+def _constrain_rows(batch):
+    return jax.tree.map(lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), batch)
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path):
+    """`devices` (default: all) carry the mesh; `sources` (train, eval) replace
+    the config's data sources (objects with .batch(step, process_index=,
+    process_count=))."""
+
+    def __init__(self, cfg: Config, run_dir: Path, *, devices=None, sources=None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.is_logger = jax.process_index() == 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.is_logger:
             save_config(cfg, self.run_dir / "config.yaml")
-        self.train_data, self.eval_data = build_data(cfg)
-        model = build_model(cfg)
-        self.num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-        self.graphdef, self.eval_graphdef, params, model_state = _split_model(model)
+        self.mesh = sharding.make_mesh(cfg.mesh, devices)
+        self.rules = sharding.resolve_rules(cfg.mesh.rules)
+        sharding.check_batch(cfg.data.batch_size, cfg.train.grad_accum, self.mesh, self.rules)
+        self.train_data, self.eval_data = build_data(cfg) if sources is None else sources
+        self.batcher = sharding.GlobalBatcher(self.mesh, self.rules, cfg.data.batch_size)
         self.optimizer, self.schedule = build_optimizer(cfg)
-        self.state = dict(params=params, opt_state=self.optimizer.init(params),
-                          model_state=model_state, step=jnp.zeros((), jnp.int32))
+        with self.on_mesh():
+            self.graphdef, self.eval_graphdef, self.state, state_sh = build_train_state(
+                cfg, self.optimizer, self.mesh, self.rules)
+        self.num_params = sum(x.size for x in jax.tree.leaves(self.state["params"]))
+        batch_sh = sharding.batch_sharding(self.mesh, self.rules)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
         self.train_step = jax.jit(make_train_step(
             self.graphdef, self.optimizer, self.schedule, grad_accum=cfg.train.grad_accum,
-            z_loss=cfg.train.z_loss), donate_argnums=0)
-        self.eval_step = jax.jit(make_eval_step(self.eval_graphdef))
+            z_loss=cfg.train.z_loss, constrain_batch=_constrain_rows),
+            in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+            donate_argnums=0)
+        self.eval_step = jax.jit(make_eval_step(self.eval_graphdef),
+                                 in_shardings=(state_sh["params"], state_sh["model_state"], batch_sh),
+                                 out_shardings=replicated)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint) \
             if cfg.checkpoint.enabled else None
         self.peak = flops.peak_tflops(jax.devices()[0].device_kind, cfg.train.peak_tflops)
 
+    def on_mesh(self):
+        """Context in which the model's steps are traced: the mesh and rules active."""
+        return sharding.activate(self.mesh, self.rules)
+
     # ------------------------------------------------------------- state I/O
     def _batch(self, source, step):
-        b = source.batch(step, process_index=jax.process_index(),
-                         process_count=jax.process_count())
-        return {k: jnp.asarray(v) for k, v in b.items()}
+        return self.batcher(source, step)
 
     def restore_latest(self) -> int:
         """Loads the newest complete checkpoint, if any; returns its step."""
@@ -99,12 +114,24 @@ class Trainer:
         if self.checkpointer is not None:
             self.checkpointer.save(step, self.state)
 
+    def _stop_agreed(self, stop: StopRequest, step: int) -> bool:
+        """Whether to stop after `step`. Saving is collective, so with several
+        processes all must stop at the same step: they compare their signal
+        flags at every log step (a host sync, hence not every step)."""
+        if jax.process_count() == 1:
+            return stop.requested
+        if step % self.cfg.train.log_every:
+            return False
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(stop.requested))))
+
     # ------------------------------------------------------------- eval
     def evaluate(self) -> dict:
         results = []
         for i in range(self.cfg.train.eval_batches):
             batch = self._batch(self.eval_data, i)
-            results.append(self.eval_step(self.state["params"], self.state["model_state"], batch))
+            with self.on_mesh():
+                results.append(self.eval_step(self.state["params"], self.state["model_state"],
+                                              batch))
         mean = jax.tree.map(lambda *xs: np.mean([np.asarray(x) for x in xs], axis=0), *results)
         mean["perplexity"] = float(np.exp(mean["ce"]))
         return mean
@@ -119,11 +146,13 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and self.is_logger),
                    dynamic_ncols=True, desc="train")
         t0, t0_step = time.perf_counter(), start
-        step = start
+        step, stopping = start, False
         with StopRequest() as stop:
             try:
-                while step < cfg.steps and not stop.requested:
-                    self.state, metrics = self.train_step(self.state, self._batch(self.train_data, step))
+                while step < cfg.steps and not stopping:
+                    with self.on_mesh():
+                        self.state, metrics = self.train_step(self.state,
+                                                              self._batch(self.train_data, step))
                     step += 1
                     if step % cfg.log_every == 0 or step == cfg.steps:
                         metrics = jax.device_get(metrics)
@@ -131,7 +160,7 @@ class Trainer:
                         tok_s = tokens_per_step * (step - t0_step) / max(dt, 1e-9)
                         metrics["tokens_per_second"] = tok_s
                         metrics["mfu"] = flops.mfu(tok_s, self.cfg.model, self.cfg.data.seq_len,
-                                                   jax.device_count(), self.peak)
+                                                   self.mesh.size, self.peak)
                         flat = logger.log(step, "train", metrics)
                         bar.set_postfix(loss=f"{flat['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
                                         mfu=f"{100 * metrics['mfu']:.1f}%", refresh=False)
@@ -145,10 +174,11 @@ class Trainer:
                         t0, t0_step = time.perf_counter(), step
                     if self.checkpointer is not None and self.checkpointer.due(step):
                         self.save(step)
-                if step > start or stop.requested:
+                    stopping = self._stop_agreed(stop, step)
+                if step > start or stopping:
                     self.save(step)
                 last["step"] = step
-                last["stopped_early"] = stop.requested
+                last["stopped_early"] = stopping
             finally:
                 bar.close()
                 logger.close()

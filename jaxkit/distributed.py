@@ -1,0 +1,62 @@
+"""Joining a multi-process run (several hosts, or several processes on one
+host) through jax.distributed, before anything else touches a device.
+
+Launchers: explicit --coordinator/--num-processes/--process-id flags (any
+machine, CPU included), or a cluster launcher jax recognises and which
+starts more than one process: SLURM's srun, Open MPI's mpirun, a Cloud TPU
+pod slice. A single process needs no initialisation.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import jax
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("multi-process runs")
+    g.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                   help="auto: join a multi-process run when the flags below are given or a "
+                        "launcher (srun, mpirun, TPU pod) started several processes; on: always "
+                        "call jax.distributed.initialize(); off: never")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="address of process 0's coordination service")
+    g.add_argument("--num-processes", type=int, metavar="N", help="total number of processes")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's index in [0, N)")
+
+
+def launcher_process_count() -> int:
+    """Processes started by a recognised cluster launcher (1 when none)."""
+    for var in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE"):
+        if var in os.environ:
+            return int(os.environ[var])
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return len(hosts.split(",")) if hosts else 1
+
+
+def initialize(mode: str = "auto", coordinator: str | None = None,
+               num_processes: int | None = None, process_id: int | None = None) -> bool:
+    """Calls jax.distributed.initialize when the run spans several processes;
+    returns whether it did."""
+    explicit = (coordinator, num_processes, process_id)
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"distributed mode must be auto, on or off, got {mode!r}")
+    if mode == "off":
+        if any(v is not None for v in explicit):
+            raise ValueError("--distributed off contradicts --coordinator/--num-processes/"
+                             "--process-id")
+        return False
+    if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
+        raise ValueError("--coordinator, --num-processes and --process-id go together; got "
+                         f"coordinator={coordinator!r}, num_processes={num_processes!r}, "
+                         f"process_id={process_id!r}")
+    if num_processes is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"--process-id {process_id} must lie in [0, {num_processes})")
+    if mode == "auto" and coordinator is None and launcher_process_count() == 1:
+        return False
+    # CPU processes exchange collectives through gloo (no effect on GPU/TPU).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+    return True

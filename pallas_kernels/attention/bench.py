@@ -162,7 +162,7 @@ def bench_shape(name, B, S, H, KH, D, causal, impls_filter=None, iters=20):
 
 def format_table(all_results):
     lines = [f"{'shape':30s} {'impl':9s} {'fwd TF/s':>9s} {'x cudnn':>7s} {'f+b TF/s':>9s} "
-             f"{'x cudnn':>7s}  max rel err (out,dq,dk,dv) / note"]
+             f"{'x cudnn':>7s}  rel err vs cudnn |x-ref|/|ref| (out,dq,dk,dv) / note"]
     for shape, results in all_results.items():
         base = results.get("cudnn", {})
         for impl, r in results.items():

@@ -237,7 +237,7 @@ def _forward(q, k, v, spec: _Spec):
     G = H // KH
     cfg = spec.blocks.fwd
     bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
-    pingpong, overlap = spec.blocks.pingpong, spec.blocks.overlap
+    pingpong = spec.blocks.pingpong
     n_q_tiles = Sp // (_CONSUMERS * bq)
     dtype = q.dtype
     c = spec.scale * LOG2E
@@ -272,22 +272,17 @@ def _forward(q, k, v, spec: _Spec):
                     plgpu.barrier_arrive(turn)
                     plgpu.barrier_wait(turn)
 
-            def qk(slot, turn_inside):
-                """Raw scores Q K^T of the block in ``slot``."""
-                def body(s_ref):
-                    plgpu.wgmma(s_ref, my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                    if turn_inside:
-                        take_turn()
-                    return s_ref[...]
-                plgpu.barrier_wait(k_ready.at[slot])
-                s = pl.run_scoped(body, plgpu.ACC((bq, bkv), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[slot])
-                return s
-
-            def softmax(j, s, carry, masked):
-                """Online-softmax update with raw scores s of key block j: returns
-                P (input dtype) and the rescaled (acc, m, l)."""
+            def step(j, carry, masked):
                 acc, m, l = carry
+                slot = lax.rem(j - lo, stages)
+                plgpu.barrier_wait(k_ready.at[slot])
+
+                def qk(s_ref):
+                    plgpu.wgmma(s_ref, my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    take_turn()  # the other consumer's softmax overlaps this product
+                    return s_ref[...]
+                s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
                 s = s * c
                 if masked:
                     ok = spec.mask(_iota((bq, bkv), 0) + (row0 + spec.offset),
@@ -300,71 +295,23 @@ def _forward(q, k, v, spec: _Spec):
                 p = jnp.exp2(s - _rows(m_use, s.shape))
                 l = l * alpha + p.sum(axis=1)
                 acc = acc * _rows(alpha, acc.shape)
-                return p.astype(dtype), (acc, m_new, l)
-
-            def await_pv(slot):
-                """Hand the tensor cores to the other consumer; wait for V."""
-                if pingpong:
+                p16 = p.astype(dtype)
+                if pingpong:  # hand the tensor cores over; take them back for P V
                     plgpu.barrier_arrive(turn)
                 plgpu.barrier_wait(v_ready.at[slot])
                 if pingpong:
                     plgpu.barrier_wait(turn)
-
-            def three_phases(step, carry, end):
-                """Runs step over blocks [lo, end): masked, unmasked, masked."""
-                masked = functools.partial(step, masked=True)
-                carry = lax.fori_loop(lo, jnp.minimum(flo, end), masked, carry)
-                carry = lax.fori_loop(jnp.minimum(flo, end), jnp.minimum(fhi, end),
-                                      functools.partial(step, masked=False), carry)
-                return lax.fori_loop(jnp.minimum(fhi, end), end, masked, carry)
+                acc = _mma_acc(acc, p16, v_smem.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l
 
             carry = (_zeros((bq, D)), _vector(bq, -jnp.inf, 1), _vector(bq, 0.0, 1))
-            if pingpong:
+            if pingpong:  # consumer 1 starts half a step behind consumer 0
                 pl.when(wg == 1)(take_turn)
-            if not overlap:
-                def step(j, carry, masked):
-                    slot = lax.rem(j - lo, stages)
-                    p16, (acc, m, l) = softmax(j, qk(slot, True), carry, masked)
-                    await_pv(slot)
-                    acc = _mma_acc(acc, p16, v_smem.at[slot])
-                    plgpu.barrier_arrive(v_free.at[slot])
-                    return acc, m, l
-                acc, m, l = three_phases(step, carry, hi)
-            else:
-                # Software-pipelined: P V of block j and Q K^T of block j+1 are
-                # in flight together (one wait), the last block's P V alone.
-                def pv_and_next_qk(j, carry, masked):
-                    *carry, s = carry
-                    slot, nxt = lax.rem(j - lo, stages), lax.rem(j + 1 - lo, stages)
-                    p16, (acc, m, l) = softmax(j, s, carry, masked)
-                    await_pv(slot)
-                    plgpu.barrier_wait(k_ready.at[nxt])
-
-                    def body(refs):
-                        acc_ref, s_ref = refs
-                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                        plgpu.wgmma(s_ref, my_q, plgpu.transpose_ref(k_smem.at[nxt], (1, 0)))
-                        take_turn()
-                    acc, s = pl.run_state(body)((plgpu.ACC.init(acc),
-                                                 plgpu.ACC.init(_zeros((bq, bkv)))))
-                    plgpu.barrier_arrive(v_free.at[slot])
-                    plgpu.barrier_arrive(k_free.at[nxt])
-                    return acc, m, l, s
-
-                def last_pv(j, carry):
-                    *carry, s = carry
-                    slot = lax.rem(j - lo, stages)
-                    p16, (acc, m, l) = softmax(j, s, carry, masked=True)
-                    await_pv(slot)
-                    acc = _mma_acc(acc, p16, v_smem.at[slot])
-                    plgpu.barrier_arrive(v_free.at[slot])
-                    return acc, m, l, s
-
-                s = lax.fori_loop(lo, jnp.minimum(lo + 1, hi),
-                                  lambda j, s: qk(lax.rem(j - lo, stages), True), _zeros((bq, bkv)))
-                last = jnp.maximum(hi - 1, lo)
-                carry = three_phases(pv_and_next_qk, (*carry, s), last)
-                acc, m, l, _ = lax.fori_loop(last, hi, last_pv, carry)
+            masked = functools.partial(step, masked=True)
+            carry = lax.fori_loop(lo, flo, masked, carry)
+            carry = lax.fori_loop(flo, fhi, functools.partial(step, masked=False), carry)
+            acc, m, l = lax.fori_loop(fhi, hi, masked, carry)
             if pingpong:
                 pl.when(wg == 0)(take_turn)
 

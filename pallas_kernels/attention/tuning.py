@@ -40,7 +40,6 @@ class BlockSizes:
     dq: KernelBlocks
     dkv: KernelBlocks
     pingpong: bool = True  # forward: the two consumers take turns on the tensor cores
-    overlap: bool = False  # forward: P V of one block and Q K^T of the next in flight together
 
     def to_json(self):
         return dataclasses.asdict(self)
@@ -48,8 +47,7 @@ class BlockSizes:
     @classmethod
     def from_json(cls, d):
         return cls(fwd=KernelBlocks(**d["fwd"]), dq=KernelBlocks(**d["dq"]),
-                   dkv=KernelBlocks(**d["dkv"]), pingpong=bool(d.get("pingpong", True)),
-                   overlap=bool(d.get("overlap", False)))
+                   dkv=KernelBlocks(**d["dkv"]), pingpong=bool(d.get("pingpong", True)))
 
 
 def _kb(q, kv, s):
@@ -89,8 +87,7 @@ def candidates(head_dim: int):
     """(forward, backward) configurations worth timing; the two are tuned
     separately. Ones that do not fit in shared memory fail fast and are skipped."""
     fwd_kv = {64: (128, 192, 256), 128: (128,), 256: (64,)}[head_dim]
-    fwd = [dict(fwd=_kb(64, kv, 2), pingpong=pp, overlap=ov)
-           for kv, pp, ov in itertools.product(fwd_kv, (True, False), (False, True))]
+    fwd = [dict(fwd=_kb(64, kv, 2), pingpong=pp) for kv, pp in itertools.product(fwd_kv, (True, False))]
     if head_dim == 256:
         bwd = []  # only the default fits in shared memory
     else:

@@ -249,6 +249,17 @@ def test_bad_sizes_fail_before_compiling(eight_devices):
     assert "8 batch shards" in errors["batch"]
 
 
+def test_per_shard_splits_batch_and_heads_only_where_they_divide(eight_devices):
+    checks = json.loads((eight_devices / "per_shard.json").read_text())
+    # 4 query and 4 kv heads over tensor=4: each device sees 2 sequences x 1 head.
+    assert checks["4"]["seen"] == [[2, 6, 1, 8], [2, 6, 1, 8], True]
+    assert checks["4"]["out_shard"] == [2, 6, 1, 8]
+    # 2 kv heads do not divide tensor=4: heads stay whole (for q too, keeping groups aligned).
+    assert checks["2"]["seen"] == [[2, 6, 4, 8], [2, 6, 2, 8], True]
+    assert checks["2"]["out_shard"] == [2, 6, 4, 8]
+    assert checks["4"]["error"] < 1e-5 and checks["2"]["error"] < 1e-5
+
+
 # ------------------------------------------------------------------ worker
 
 class SignalAt:
@@ -325,6 +336,33 @@ def worker_eight_devices(out: Path):
         except ConfigError as e:
             errors[key] = str(e)
     (out / "errors.json").write_text(json.dumps(errors))
+    (out / "per_shard.json").write_text(json.dumps(_per_shard_checks()))
+
+
+def _per_shard_checks() -> dict:
+    """Attention run per shard on a data=2 x tensor=4 mesh, with kv heads that
+    divide the tensor axis and with kv heads that do not."""
+    from jaxkit.layers.attention import HEADS
+    from jaxkit.sharding import activate, make_mesh, per_shard
+    from pallas_kernels.attention import flash_attention
+    mesh, results = make_mesh(MeshConfig(data=2, tensor=4)), {}
+    for kv_heads in (4, 2):
+        seen = []
+
+        def attention(q, k, v, seg):
+            seen.append([list(q.shape), list(k.shape), seg is None])
+            return flash_attention(q, k, v, causal=True, implementation="xla")
+
+        keys = jax.random.split(jax.random.key(kv_heads), 3)
+        q = jax.random.normal(keys[0], (4, 6, 4, 8))
+        k, v = (jax.random.normal(key, (4, 6, kv_heads, 8)) for key in keys[1:])
+        with activate(mesh, resolve_rules()):
+            out = jax.jit(per_shard(attention, in_axes=(HEADS, HEADS, HEADS, ("batch", None)),
+                                    out_axes=HEADS))(q, k, v, None)
+        error = float(jnp.abs(out - flash_attention(q, k, v, causal=True, implementation="xla")).max())
+        results[kv_heads] = dict(seen=seen[-1], error=error,
+                                 out_shard=list(out.sharding.shard_shape(out.shape)))
+    return results
 
 
 if __name__ == "__main__":

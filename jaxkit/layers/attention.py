@@ -7,7 +7,10 @@ from flax import nnx
 from jaxkit.config import AttentionConfig
 from jaxkit.layers.linear import Linear
 from jaxkit.layers.rope import apply_rope
+from jaxkit.sharding import per_shard
 from pallas_kernels.attention import flash_attention
+
+HEADS = ("batch", None, "act_heads", None)  # [batch, length, heads, head_dim]
 
 
 class Attention(nnx.Module):
@@ -29,8 +32,10 @@ class Attention(nnx.Module):
         v = self.v(x).reshape(B, S, self.num_kv_heads, self.head_dim)
         q = apply_rope(q, positions, theta=self.rope_theta)
         k = apply_rope(k, positions, theta=self.rope_theta)
-        out = flash_attention(q, k, v, causal=True, segment_ids=segment_ids,
-                              sliding_window=self.cfg.sliding_window,
-                              logit_softcap=self.cfg.logit_softcap,
-                              implementation=self.cfg.implementation)
+        # Per shard on a mesh: XLA cannot split a Pallas kernel itself.
+        attend = per_shard(lambda q, k, v, seg: flash_attention(
+            q, k, v, causal=True, segment_ids=seg, sliding_window=self.cfg.sliding_window,
+            logit_softcap=self.cfg.logit_softcap, implementation=self.cfg.implementation),
+            in_axes=(HEADS, HEADS, HEADS, ("batch", None)), out_axes=HEADS)
+        out = attend(q, k, v, segment_ids)
         return self.o(out.reshape(B, S, self.num_heads * self.head_dim))

@@ -6,7 +6,7 @@
         ...
 """
 from jaxkit.sharding.batch import GlobalBatcher, batch_sharding, check_batch
-from jaxkit.sharding.context import RESIDUAL, activate, active_mesh, constrain
+from jaxkit.sharding.context import RESIDUAL, activate, active_mesh, constrain, per_shard
 from jaxkit.sharding.mesh import MESH_AXES, make_mesh, mesh_shape
 from jaxkit.sharding.rules import DEFAULT_RULES, check_divisible, logical_to_spec, resolve_rules
 from jaxkit.sharding.state import (abstract_state, shardings_like_params, train_state_shardings,
@@ -14,5 +14,5 @@ from jaxkit.sharding.state import (abstract_state, shardings_like_params, train_
 
 __all__ = ["DEFAULT_RULES", "abstract_state", "GlobalBatcher", "MESH_AXES", "RESIDUAL", "activate", "active_mesh",
            "batch_sharding", "check_batch", "check_divisible", "constrain", "logical_to_spec",
-           "make_mesh", "mesh_shape", "resolve_rules", "shardings_like_params",
+           "make_mesh", "mesh_shape", "per_shard", "resolve_rules", "shardings_like_params",
            "train_state_shardings", "variable_shardings"]

@@ -34,6 +34,7 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "batch": ("data", "fsdp", "expert"),
     "length": "sequence",
     "act_embed": None,
+    "act_heads": "tensor",  # attention heads inside per-shard attention kernels
 }
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import time
 import traceback
 
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.benchmarking import time_fn
 from pallas_kernels.attention.reference import attention_flops, attention_reference
 
 # name, B, S, H, KH, D, causal
@@ -42,21 +42,6 @@ def random_inputs(key, B, S, T, H, KH, D, dtype):
     return (jax.random.normal(kq, (B, S, H, D), jnp.float32).astype(dtype),
             jax.random.normal(kk, (B, T, KH, D), jnp.float32).astype(dtype),
             jax.random.normal(kv, (B, T, KH, D), jnp.float32).astype(dtype))
-
-
-def time_fn(f, *args, warmup=3, iters=20, reps=5):
-    """Median seconds per call. Each sample runs ``reps`` calls back to back and
-    waits for the last, so host dispatch overlaps device work as in a real step."""
-    for _ in range(warmup):
-        jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            out = f(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / reps)
-    return statistics.median(times)
 
 
 def _jax_mgpu(causal, D):

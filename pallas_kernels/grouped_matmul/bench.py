@@ -21,16 +21,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
-import time
 import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.benchmarking import rel_err, time_fn
 from pallas_kernels.grouped_matmul import mosaic_gpu
-from pallas_kernels.grouped_matmul.api import gmm, tgmm
+from pallas_kernels.grouped_matmul.api import gmm
 from pallas_kernels.grouped_matmul.reference import gmm_flops, gmm_reference
 
 TOKENS, TOP_K, D_MODEL, D_EXPERT, EXPERTS = 16384, 2, 2048, 1408, 64
@@ -48,30 +47,6 @@ def group_sizes(m, g, alpha, seed=0):
     else:
         sizes = rng.multinomial(m, rng.dirichlet(np.full(g, alpha)))
     return jnp.asarray(sizes, jnp.int32)
-
-
-def time_fn(f, *args, warmup=2, iters=15, calls=4):
-    """Median seconds per call; each sample is `calls` back-to-back calls."""
-    for _ in range(warmup):
-        jax.block_until_ready(f(*args))
-    samples = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            out = f(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / calls)
-    return statistics.median(samples)
-
-
-@jax.jit
-def _rel_err(x, ref):
-    x, ref = x.astype(jnp.float32), ref.astype(jnp.float32)
-    return jnp.where(jnp.isfinite(x).all(), jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref), jnp.nan)
-
-
-def rel_err(x, ref):
-    return float(_rel_err(x, ref))
 
 
 def fwd_bwd(implementation):

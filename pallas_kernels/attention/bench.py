@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.benchmarking import time_fn
+from pallas_kernels.benchmarking import rel_err, time_fn
 from pallas_kernels.attention.reference import attention_flops, attention_reference
 
 # name, B, S, H, KH, D, causal
@@ -74,13 +74,6 @@ def implementations(causal, D):
     return impls
 
 
-def _rel(x, ref):
-    x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
-    if not np.isfinite(x).all():
-        return float("nan")
-    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
-
-
 def _short(e):
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:90]}" if str(e) else type(e).__name__
 
@@ -119,7 +112,7 @@ def bench_shape(name, B, S, H, KH, D, causal, impls_filter=None, iters=20):
     trusted = "cudnn" if "cudnn" in outputs and len(outputs["cudnn"]) == 4 else "xla"
     for impl, outs in outputs.items():
         if trusted in outputs:
-            errs = [_rel(a, b) for a, b in zip(outs, outputs[trusted])]
+            errs = [rel_err(a, b) for a, b in zip(outs, outputs[trusted])]
             results[impl]["rel_err_vs_" + trusted] = dict(zip(("out", "dq", "dk", "dv"), errs))
     del outputs
 

@@ -9,14 +9,18 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
+from jaxkit.build import split_model
 from jaxkit.config import ConfigError, ModelConfig, MoEConfig, load_config
 from jaxkit.layers.moe import MoE, RouterBias, moe_tokens, routers
 from jaxkit.layers.moe import dispatch as moe_dispatch
 from jaxkit.layers.moe.experts import ExpertWeights, LocalExperts
 from jaxkit.layers.moe.metrics import summarize
+from jaxkit.models import Transformer
+from jaxkit.train.step import make_eval_step, make_train_step
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 
@@ -246,7 +250,7 @@ def test_dropless_matches_loop_forward_and_grads(moe):
 # ------------------------------------------------------------ capacity dispatch
 
 def test_capacity_with_room_equals_dropless():
-    cfg, layer, x = _layer(11)
+    _, layer, x = _layer(11)
     y, aux = forward(layer, x)
     roomy = MoE(model_cfg(dispatch="capacity", capacity_factor=5.0), rngs=nnx.Rngs(11))
     y_cap, aux_cap = forward(roomy, x)
@@ -368,13 +372,13 @@ def test_moe_params_carry_logical_axes():
     assert layer.shared.gate.kernel.shape == (12, 20)
 
 
-@pytest.mark.parametrize("moe", [dict(router="topk_softmax", every=2, num_shared_experts=1),
-                                 dict(router="sigmoid_bias", dispatch="capacity")],
-                         ids=["topk-dropless", "sigmoid-capacity"])
-def test_tiny_moe_transformer_forward_and_grad(moe):
-    from jaxkit.models import Transformer
+@pytest.mark.parametrize("dtype,moe", [
+    ("bfloat16", dict(router="topk_softmax", every=2, num_shared_experts=1)),
+    ("float32", dict(router="sigmoid_bias", dispatch="capacity"))],
+    ids=["topk-dropless-bf16", "sigmoid-capacity-f32"])
+def test_tiny_moe_transformer_forward_and_grad(dtype, moe):
     cfg = ModelConfig(vocab_size=37, d_model=16, num_layers=2, num_heads=2, mlp_hidden=24,
-                      max_seq_len=16, compute_dtype="float32",
+                      max_seq_len=16, compute_dtype=dtype,
                       moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=8, **moe))
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     model.train()
@@ -397,13 +401,35 @@ def test_tiny_moe_transformer_forward_and_grad(moe):
         assert np.abs(np.asarray(model.blocks[0].mlp.bias[...])).sum() > 0
 
 
+def test_train_step_carries_router_bias_update():
+    """jaxkit.train's step carries the bias through gradient accumulation."""
+    cfg = ModelConfig(vocab_size=37, d_model=16, num_layers=1, num_heads=2, mlp_hidden=24,
+                      max_seq_len=16, compute_dtype="float32",
+                      moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=8, router="sigmoid_bias",
+                                    bias_update_rate=0.1))
+    graphdef, eval_graphdef, params, model_state = split_model(Transformer(cfg, rngs=nnx.Rngs(0)))
+    opt = optax.sgd(1e-3)
+    state = dict(params=params, opt_state=opt.init(params), model_state=model_state,
+                 step=jnp.zeros((), jnp.int32))
+    tok = jax.random.randint(jax.random.key(0), (4, 9), 0, 37)
+    batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:]}
+    bias = lambda s: np.asarray(nnx.to_pure_dict(s)["blocks"][0]["mlp"]["bias"])
+    metrics = jax.jit(make_eval_step(eval_graphdef))(state["params"], state["model_state"], batch)
+    assert float(metrics["moe"][0]["max_mean_load"]) >= 1.0
+    step = jax.jit(make_train_step(graphdef, opt, lambda s: 1e-3, grad_accum=2, z_loss=0.0))
+    new, _ = step(state, batch)
+    moves = np.abs(bias(new["model_state"])) / 0.1  # two micro-batches, each moving it +-0.1
+    np.testing.assert_allclose(moves, np.round(moves), atol=1e-4)
+    assert moves.max() > 0 and moves.max() <= 2 + 1e-4 and not bias(state["model_state"]).any()
+
+
 # ------------------------------------------------------------ expert parallelism
 
 def test_expert_parallel_equals_single_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert proc.stdout.count("ok ") == len(EP_CASES), proc.stdout
 

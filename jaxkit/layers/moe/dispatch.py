@@ -33,7 +33,9 @@ def _buffered(x, dispatch, combine, experts):
 def capacity(x, route: TokenChoice, num_experts: int, slots: int, experts):
     """Each expert has `slots` places; first choices are placed before second
     choices (then in token order) and assignments past the last slot are
-    dropped. Returns (y [T, D] float32, number of kept assignments)."""
+    dropped. Returns (y [T, D] float32, number of kept assignments).
+    The one-hot maps take O(T * E * slots) memory: for many tokens per
+    device prefer dropless."""
     T, k = route.expert.shape
     onehot = jax.nn.one_hot(route.expert, num_experts, dtype=jnp.int32)  # [T, k, E]
     by_priority = onehot.transpose(1, 0, 2).reshape(k * T, num_experts)

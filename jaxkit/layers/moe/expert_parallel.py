@@ -24,12 +24,13 @@ from jax.sharding import PartitionSpec as P
 
 from jaxkit.layers.moe.experts import ExpertWeights, LocalExperts
 
+# Tokens are split like the residual stream under jaxkit.sharding's default rules.
 BATCH_AXES = ("data", "fsdp", "expert")
 SEQUENCE_AXIS = "sequence"
 EXPERT_AXIS = "expert"
 
 
-def active_mesh():
+def current_mesh():
     """The mesh set by jax.set_mesh, or None when running on one device."""
     mesh = jax.sharding.get_abstract_mesh()
     return None if mesh.empty or mesh.size == 1 else mesh

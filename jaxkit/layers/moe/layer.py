@@ -1,7 +1,6 @@
 """The mixture-of-experts feed-forward layer."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -9,7 +8,7 @@ from jaxkit.config import ModelConfig, MoEConfig
 from jaxkit.layers.linear import param
 from jaxkit.layers.mlp import SwiGLU
 from jaxkit.layers.moe import dispatch, routers
-from jaxkit.layers.moe.expert_parallel import active_mesh, sharded_moe
+from jaxkit.layers.moe.expert_parallel import current_mesh, sharded_moe
 from jaxkit.layers.moe.experts import ExpertWeights, LocalExperts
 from jaxkit.layers.moe.metrics import balance_bias_update, routing_stats, summarize
 
@@ -85,7 +84,7 @@ class MoE(nnx.Module):
         weights = ExpertWeights(self.gate[...], self.up[...], self.down[...])
         bias = None if self.bias is None else self.bias[...]
         body = lambda t, r, b, experts: moe_tokens(t, r, b, experts, m)
-        mesh = active_mesh()
+        mesh = current_mesh()
         if mesh is None:
             y, stats = body(xc.reshape(B * S, D), self.router[...], bias,
                             LocalExperts(weights, m.gmm_implementation))

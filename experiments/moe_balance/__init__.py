@@ -1,0 +1,1 @@
+"""Aux-loss-free MoE load balancing on the CPU MoE config (see run.py)."""

@@ -6,9 +6,16 @@ import numpy as np
 import pytest
 from conftest import kernel_modes
 
-from pallas_kernels.quant_matmul import (dequantize_int4, fp8_blockwise_matmul,
-                                         fp8_blockwise_reference, int4_weight_only_matmul,
-                                         pack_int4, unpack_int4, w8a8_matmul, w8a8_reference)
+from pallas_kernels.quant_matmul import (
+    dequantize_int4,
+    fp8_blockwise_matmul,
+    fp8_blockwise_reference,
+    int4_weight_only_matmul,
+    pack_int4,
+    unpack_int4,
+    w8a8_matmul,
+    w8a8_reference,
+)
 
 
 def rel_err(a, b):

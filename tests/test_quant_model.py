@@ -12,8 +12,13 @@ from flax import nnx
 from jaxkit.config import ConfigError, ModelConfig, QuantConfig, load_config
 from jaxkit.layers import Linear
 from jaxkit.models import Transformer
-from jaxkit.quant import (QuantWeight, attach_quantizers, calibrate, quantize_model,
-                          quantizers)
+from jaxkit.quant import (
+    QuantWeight,
+    attach_quantizers,
+    calibrate,
+    quantize_model,
+    quantizers,
+)
 
 TINY = ModelConfig(vocab_size=64, d_model=128, num_layers=2, num_heads=4, mlp_hidden=128,
                    max_seq_len=32, compute_dtype="float32")

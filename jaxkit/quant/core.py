@@ -232,7 +232,7 @@ def tensor_statistic(x, fmt: str | Format, *, scale_method: str = "absmax",
                      percentile: float = 99.9):
     """The per-tensor statistic quantize would use (amax, or (lo, hi) for
     asymmetric formats) as scalars: what calibration observes per batch."""
-    fmt, _, grouping, xg, red, tensor_amax = _prepare(x, fmt, -1, "tensor", None,
+    fmt, _, _, xg, red, tensor_amax = _prepare(x, fmt, -1, "tensor", None,
                                                       scale_method, percentile)
     stat = _data_stat(xg, red, fmt, scale_method, percentile, tensor_amax)
     return tuple(s.reshape(()) for s in stat) if fmt.asymmetric else stat.reshape(())

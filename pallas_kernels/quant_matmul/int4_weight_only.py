@@ -20,7 +20,13 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import compat
 from pallas_kernels.quant_matmul.packing import unpack_nibbles
-from pallas_kernels.quant_matmul.tiling import MIN_DOT, check_block, pad_to, pow2_block, round_up
+from pallas_kernels.quant_matmul.tiling import (
+    MIN_DOT,
+    check_block,
+    pad_to,
+    pow2_block,
+    round_up,
+)
 
 
 def _kernel(x_lo_ref, x_hi_ref, p_ref, s_lo_ref, s_hi_ref, *rest, g: int, steps: int,

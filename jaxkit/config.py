@@ -399,6 +399,8 @@ def validate(cfg: Config) -> None:
         _require(size == -1 or size >= 1, f"mesh.{axis} must be -1 or >= 1, got {size}")
     _require(sum(getattr(cfg.mesh, a) == -1 for a in ("data", "fsdp", "tensor", "expert", "sequence")) <= 1,
              "at most one mesh axis may be -1")
+    from jaxkit.sharding.rules import resolve_rules  # imports this module
+    resolve_rules(cfg.mesh.rules)  # raises ConfigError naming a bad mesh.rules entry
     try:
         from jaxkit.quant.config_check import check_quant_config  # imports this module
         check_quant_config(m.quant)

@@ -2,9 +2,10 @@
 host) through jax.distributed, before anything else touches a device.
 
 Launchers: explicit --coordinator/--num-processes/--process-id flags (any
-machine, CPU included), or a cluster launcher jax recognises and which
-starts more than one process: SLURM's srun, Open MPI's mpirun, a Cloud TPU
-pod slice. A single process needs no initialisation.
+machine, CPU included), or a cluster launcher that started more than one
+process: SLURM's srun, Open MPI's mpirun (jax then finds the coordinator
+itself). Elsewhere (a Cloud TPU pod slice) `--distributed on` lets jax
+detect the cluster. A single process needs no initialisation.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import jax
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("multi-process runs")
     g.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
-                   help="auto: join a multi-process run when the flags below are given or a "
-                        "launcher (srun, mpirun, TPU pod) started several processes; on: always "
-                        "call jax.distributed.initialize(); off: never")
+                   help="auto: join a multi-process run when the flags below are given or "
+                        "srun/mpirun started several processes; on: always call "
+                        "jax.distributed.initialize() (e.g. on a TPU pod slice); off: never")
     g.add_argument("--coordinator", metavar="HOST:PORT",
                    help="address of process 0's coordination service")
     g.add_argument("--num-processes", type=int, metavar="N", help="total number of processes")
@@ -31,8 +32,7 @@ def launcher_process_count() -> int:
     for var in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE"):
         if var in os.environ:
             return int(os.environ[var])
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return len(hosts.split(",")) if hosts else 1
+    return 1
 
 
 def initialize(mode: str = "auto", coordinator: str | None = None,

@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 import orbax.checkpoint as ocp
 
 from jaxkit.checkpoint import export_run
@@ -46,3 +47,18 @@ def test_two_processes_match_one_device(eight_devices, tmp_path, compile_cache):
     flat = {path_str(p): np.asarray(v)
             for p, v in jax.tree_util.tree_flatten_with_path(exported)[0]}
     assert_trees_close(flat, load_tree(eight_devices / "ref" / "params.npz"))
+
+
+def test_distributed_flags_are_checked(monkeypatch):
+    from jaxkit.distributed import initialize
+    for var in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert initialize("auto") is False  # a lone process: nothing to join
+    with pytest.raises(ValueError, match="go together"):
+        initialize("auto", coordinator="localhost:1234")
+    with pytest.raises(ValueError, match=r"--process-id 2 must lie in \[0, 2\)"):
+        initialize("auto", "localhost:1234", 2, 2)
+    with pytest.raises(ValueError, match="contradicts"):
+        initialize("off", "localhost:1234", 2, 0)
+    with pytest.raises(ValueError, match="auto, on or off"):
+        initialize("yes")

@@ -54,6 +54,8 @@ def run_dir_for(cfg: Config, config_path: str | None) -> Path:
 
 
 def _constrain_rows(batch):
+    # Each micro-batch split over all batch shards: a micro-batch is a
+    # contiguous block of rows, which would otherwise sit on a few devices.
     return jax.tree.map(lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), batch)
 
 

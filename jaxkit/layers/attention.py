@@ -16,12 +16,15 @@ HEADS = ("batch", None, "act_heads", None)  # [batch, length, heads, head_dim]
 class Attention(nnx.Module):
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  cfg: AttentionConfig, rope_theta: float, rngs: nnx.Rngs, param_dtype,
-                 compute_dtype, out_std: float | None = None):
-        kw = dict(rngs=rngs, param_dtype=param_dtype, compute_dtype=compute_dtype)
-        self.q = Linear(d_model, num_heads * head_dim, axes=("embed", "heads"), **kw)
-        self.k = Linear(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), **kw)
-        self.v = Linear(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), **kw)
-        self.o = Linear(num_heads * head_dim, d_model, axes=("heads", "embed"), std=out_std, **kw)
+                 compute_dtype, out_std: float | None = None, quant=None):
+        kw = dict(rngs=rngs, param_dtype=param_dtype, compute_dtype=compute_dtype, quant=quant)
+        self.q = Linear(d_model, num_heads * head_dim, axes=("embed", "heads"), target="q", **kw)
+        self.k = Linear(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), target="k",
+                        **kw)
+        self.v = Linear(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), target="v",
+                        **kw)
+        self.o = Linear(num_heads * head_dim, d_model, axes=("heads", "embed"), std=out_std,
+                        target="o", **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.cfg, self.rope_theta = cfg, rope_theta
 

@@ -30,7 +30,7 @@ class Block(nnx.Module):
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
         self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head,
                               cfg=cfg.attention, rope_theta=cfg.rope_theta, rngs=rngs,
-                              param_dtype=pd, compute_dtype=cd, out_std=out_std)
+                              param_dtype=pd, compute_dtype=cd, out_std=out_std, quant=cfg.quant)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
         self.is_moe = cfg.is_moe_layer(layer)
         if self.is_moe:
@@ -38,7 +38,7 @@ class Block(nnx.Module):
             self.mlp = MoE(cfg, rngs=rngs, out_std=out_std)
         else:
             self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden, rngs=rngs, param_dtype=pd,
-                              compute_dtype=cd, out_std=out_std)
+                              compute_dtype=cd, out_std=out_std, quant=cfg.quant)
 
     def __call__(self, x, positions, segment_ids=None):
         x = x + self.attn(self.attn_norm(x), positions, segment_ids)
@@ -111,7 +111,7 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
         self.head = None if cfg.tie_embeddings else Linear(
             cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs, param_dtype=pd,
-            compute_dtype=DTYPES[cfg.compute_dtype])
+            compute_dtype=DTYPES[cfg.compute_dtype], quant=cfg.quant, target="head")
 
     def __call__(self, tokens, positions=None, segment_ids=None):
         """tokens int [B, S] -> (logits float32 [B, S, vocab], aux dict).

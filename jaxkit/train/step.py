@@ -16,7 +16,8 @@ from jaxkit.train.loss import cross_entropy
 
 
 def _forward(graphdef, params, model_state, batch, z_loss):
-    model = nnx.merge(graphdef, params, model_state)
+    # copy: fresh Variables at this trace level, so the forward pass may update model state
+    model = nnx.merge(graphdef, params, model_state, copy=True)
     logits, aux = model(batch["inputs"])
     loss, metrics = cross_entropy(logits, batch["targets"], batch.get("loss_mask"), z_loss=z_loss)
     metrics["moe_loss"] = aux["moe_loss"]

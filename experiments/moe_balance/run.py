@@ -66,6 +66,13 @@ def write_markdown(results: dict, args, out: Path) -> None:
         "receives) x (number of experts): 1.0 is perfect balance, 4.0 means one expert",
         "gets half of them. Mean over the MoE layers, measured on each logged step's batch.",
         "",
+        "Mean of the first and of the last five logged steps:",
+        "",
+        "| variant | start | end |",
+        "| --- | ---: | ---: |",
+        *(f"| {n} | {mean(mean(results[n]['ratios'][s].values()) for s in steps[:5]):.2f} | "
+          f"{mean(mean(results[n]['ratios'][s].values()) for s in steps[-5:]):.2f} |" for n in names),
+        "",
         "| step | " + " | ".join(names) + " |",
         "| ---: |" + " ---: |" * len(names),
     ]
@@ -82,8 +89,8 @@ def write_markdown(results: dict, args, out: Path) -> None:
         final = f"{ev[max(ev)]:.3f}" if ev else "-"
         lines.append(f"| {n} | " + " | ".join(f"{v:.2f}" for v in results[n]["ratios"][last].values())
                      + f" | {final} |")
-    lines += ["", "Wall time per run (s): " + ", ".join(f"{n} {results[n]['seconds']:.0f}"
-                                                      for n in names), ""]
+    lines += ["", "Wall time per run (s, on a shared machine): "
+              + ", ".join(f"{n} {results[n]['seconds']:.0f}" for n in names), ""]
     (out / "results.md").write_text("\n".join(lines))
 
 

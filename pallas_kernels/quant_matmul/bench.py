@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,26 +25,8 @@ from pallas_kernels.quant_matmul import reference as ref
 from pallas_kernels.quant_matmul.fp8_blockwise import fp8_blockwise_pallas
 from pallas_kernels.quant_matmul.int4_weight_only import int4_weight_only_pallas
 from pallas_kernels.quant_matmul.packing import pack_int4
+from pallas_kernels.benchmarking import rel_err, time_fn
 from pallas_kernels.quant_matmul.w8a8 import w8a8_pallas
-
-
-def timed(fn, *args, repeats=5, inner=5):
-    """Median seconds per call of a jitted fn."""
-    out = fn(*args)
-    jax.block_until_ready(out)
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples)
-
-
-def rel_err(a, b):
-    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
 QUICK = False  # --quick: only the first (default) configuration of each kernel
@@ -59,7 +39,7 @@ def best_of(name, variants, args, check, results):
     for label, fn in variants:
         try:
             err = check(fn(*args))
-            t = timed(fn, *args)
+            t = time_fn(fn, *args)
         except Exception as e:  # a config that does not compile is reported, not fatal
             print(f"  {name} {label}: failed: {type(e).__name__}: {str(e)[:200]}")
             continue
@@ -83,7 +63,7 @@ def matmul_suite(size, results):
     bf16 = jax.jit(lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())),
                                                    preferred_element_type=jnp.float32
                                                    ).astype(jnp.bfloat16))
-    results["bf16_xla"] = dict(seconds=timed(bf16, x, w))
+    results["bf16_xla"] = dict(seconds=time_fn(bf16, x, w))
 
     xq = jax.random.randint(k[2], (M, K), -127, 128, jnp.int32).astype(jnp.int8)
     wq = jax.random.randint(k[3], (N, K), -127, 128, jnp.int32).astype(jnp.int8)
@@ -91,7 +71,7 @@ def matmul_suite(size, results):
     ws = jax.random.uniform(k[5], (N,), jnp.float32, 0.01, 0.1)
     int8_xla = jax.jit(lambda *a: ref.w8a8_reference(*a))
     want = int8_xla(xq, xs, wq, ws)
-    results["w8a8_xla_int8_dot"] = dict(seconds=timed(int8_xla, xq, xs, wq, ws))
+    results["w8a8_xla_int8_dot"] = dict(seconds=time_fn(int8_xla, xq, xs, wq, ws))
     variants = [(f"bm{bm}_bn{bn}_bk{bk}_w{nw}_s{ns}",
                  jax.jit(lambda a, b, c, d, bm=bm, bn=bn, bk=bk, nw=nw, ns=ns: w8a8_pallas(
                      a, b, c, d, block_sizes=(bm, bn, bk), num_warps=nw, num_stages=ns)))
@@ -104,19 +84,19 @@ def matmul_suite(size, results):
         return jnp.clip(jnp.round(x / s[:, None]), -127, 127).astype(jnp.int8), s
 
     e2e_xla = jax.jit(lambda x, wq, ws: ref.w8a8_reference(*quant_rows(x), wq, ws))
-    results["w8a8_xla_with_act_quant"] = dict(seconds=timed(e2e_xla, x, wq, ws))
+    results["w8a8_xla_with_act_quant"] = dict(seconds=time_fn(e2e_xla, x, wq, ws))
     if "w8a8_pallas" in results:
         bm, bn, bk = (int(p[2:]) for p in results["w8a8_pallas"]["config"].split("_")[:3])
         e2e = jax.jit(lambda x, wq, ws: w8a8_pallas(*quant_rows(x), wq, ws,
                                                     block_sizes=(bm, bn, bk)))
-        results["w8a8_pallas_with_act_quant"] = dict(seconds=timed(e2e, x, wq, ws))
+        results["w8a8_pallas_with_act_quant"] = dict(seconds=time_fn(e2e, x, wq, ws))
 
     xf = (jax.random.normal(k[0], (M, K)) * 60).astype(jnp.float8_e4m3fn)
     wf = (jax.random.normal(k[1], (N, K)) * 60).astype(jnp.float8_e4m3fn)
     fp8_xla = jax.jit(lambda a, b, sa, sb: (jax.lax.dot_general(
         a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * (sa * sb)
     ).astype(jnp.bfloat16))
-    results["fp8_xla_per_tensor"] = dict(seconds=timed(fp8_xla, xf, wf, jnp.float32(0.01),
+    results["fp8_xla_per_tensor"] = dict(seconds=time_fn(fp8_xla, xf, wf, jnp.float32(0.01),
                                                        jnp.float32(0.02)))
     nk = K // 128
     fxs = jax.random.uniform(k[4], (M, nk), jnp.float32, 0.01, 0.1)
@@ -138,7 +118,7 @@ def matmul_suite(size, results):
 def copy_bandwidth():
     a = jax.random.normal(jax.random.key(9), (256 * 1024 * 1024,), jnp.bfloat16)  # 512 MiB
     copy = jax.jit(lambda a: a + jnp.bfloat16(1))
-    return 2 * a.nbytes / timed(copy, a)
+    return 2 * a.nbytes / time_fn(copy, a)
 
 
 def int4_suite(size, results):
@@ -163,9 +143,9 @@ def int4_suite(size, results):
         best_of(f"int4_pallas_M{M}", variants, (x, packed, scales),
                 lambda o, want=want: rel_err(o, want), row)
         xla = jax.jit(lambda x, p, s: ref.int4_weight_only_reference(x, p, s, group_size=g))
-        row["xla_dequant_dot"] = dict(seconds=timed(xla, x, packed, scales))
+        row["xla_dequant_dot"] = dict(seconds=time_fn(xla, x, packed, scales))
         dense = jax.jit(lambda x, w: jnp.dot(x, w))
-        row["bf16_weights_xla"] = dict(seconds=timed(dense, x, w_bf16),
+        row["bf16_weights_xla"] = dict(seconds=time_fn(dense, x, w_bf16),
                                        bytes=w_bf16.nbytes + x.nbytes + M * N * 2)
         for name, r in row.items():
             r["GBps"] = r.get("bytes", nbytes) / r["seconds"] / 1e9

@@ -11,7 +11,7 @@ from flax import nnx
 
 from jaxkit.config import ConfigError, ModelConfig, QuantConfig, load_config
 from jaxkit.layers import Linear
-from jaxkit.models import Transformer
+from jaxkit.models import Transformer, unscan_layers
 from jaxkit.quant import (
     QuantWeight,
     attach_quantizers,
@@ -81,6 +81,26 @@ def test_ptq_simulation_matches_the_int8_kernel_path():
     lin = real.blocks[0].attn.q
     assert lin.kernel is None and lin.quantizer.storage["codes"][...].dtype == jnp.int8
     assert lin.quantizer.storage["codes"][...].shape == (128, 128)
+
+
+def test_scanned_model_is_unrolled_for_ptq():
+    """A model trained with scanned layers refuses per-layer calibration with a
+    clear error; unscan_layers unrolls it into an equal model that converts."""
+    cfg = dataclasses.replace(TINY, num_layers=4, scan_layers=True)
+    scanned = Transformer(cfg, rngs=nnx.Rngs(0))
+    batch = tokens(7)
+    qc = QuantConfig(mode="int", weight_format="int8", activation_format="int8")
+    with pytest.raises(ValueError, match="unscan_layers"):
+        quantize_model(scanned, qc)
+    with pytest.raises(ValueError, match="unscan_layers"):
+        attach_quantizers(scanned, dataclasses.replace(qc, mode="ptq"), rngs=nnx.Rngs(1))
+    flat = unscan_layers(scanned)
+    assert not flat.cfg.scan_layers and len(flat.blocks) == 4
+    ref, _ = scanned(batch)
+    out, _ = flat(batch)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert quantize_model(flat, qc) == 28
+    assert rel_err(flat(batch)[0], ref) < 0.05
 
 
 @pytest.mark.parametrize("qc,tol", [

@@ -1,4 +1,4 @@
 """Model definitions."""
-from jaxkit.models.transformer import Transformer, count_params
+from jaxkit.models.transformer import Transformer, count_params, unscan_layers
 
-__all__ = ["Transformer", "count_params"]
+__all__ = ["Transformer", "count_params", "unscan_layers"]

@@ -7,6 +7,8 @@ stores the layers stacked along a "layers" axis and runs them with one
 scanned body, so compile time does not grow with depth."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -161,6 +163,33 @@ class Transformer(nnx.Module):
         periods = self.cfg.num_layers // len(stacked)
         return x, [jax.tree.map(lambda a: a[j], aux)
                    for j in range(periods) for aux in stacked]
+
+
+def unscan_layers(model: Transformer) -> Transformer:
+    """The same model (same values, every variable copied) with its layer stack
+    unrolled, as if built with scan_layers=false: per-layer modules, which
+    post-training quantisation calibrates and converts one by one."""
+    cfg = model.cfg
+    if not cfg.scan_layers:
+        return model
+    flat_cfg = dataclasses.replace(cfg, scan_layers=False)
+    out = nnx.eval_shape(lambda: Transformer(flat_cfg, rngs=nnx.Rngs(0)))
+    period = len(model.blocks.layers)
+    values = {}
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        if path[:2] == ("blocks", "layers"):
+            j, rest = path[2], path[3:]
+            for i in range(cfg.num_layers // period):
+                values[("blocks", i * period + j, *rest)] = var[...][i]
+        else:
+            values[path] = var[...]
+    for path, var in nnx.to_flat_state(nnx.state(out)):
+        if path not in values:
+            raise ValueError(f"unscan_layers: no value for {path} in the scanned model")
+        var.set_value(jnp.array(values.pop(path)))
+    if values:
+        raise ValueError(f"unscan_layers: scanned variables with no unrolled place: {sorted(values)}")
+    return out
 
 
 def count_params(model: nnx.Module) -> int:

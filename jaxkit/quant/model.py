@@ -14,8 +14,16 @@ from jaxkit.quant.layer import Quantizer
 
 
 def _linears(model):
+    """The model's Linear layers, each holding one layer's kernel (not a stack)."""
     from jaxkit.layers.linear import Linear  # jaxkit.layers imports this package
-    return [m for _, m in nnx.iter_modules(model) if isinstance(m, Linear)]
+    linears = [m for _, m in nnx.iter_modules(model) if isinstance(m, Linear)]
+    for lin in linears:
+        if lin.kernel is not None and lin.kernel.ndim != 2:
+            raise ValueError(
+                f"Linear '{lin.target}' holds a stacked kernel of shape {lin.kernel.shape}: the "
+                "model scans its layers (model.scan_layers=true); calibration and conversion work "
+                "per layer, so unroll it first with jaxkit.models.unscan_layers(model)")
+    return linears
 
 
 def _applies(cfg, linear) -> bool:
@@ -45,6 +53,7 @@ def calibrate(model, batches: Iterable, forward: Callable | None = None) -> int:
     ``calibration_batches`` batches to fix SmoothQuant factors (first pass) and
     static per-tensor activation scales (second pass, with smoothing and
     rotation already applied). Returns the number of batches used."""
+    _linears(model)  # refuses scanned layer stacks
     qs = quantizers(model)
     if not qs:
         raise ValueError("calibrate: the model has no quantized layers")

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from jaxkit.build import split_model
-from jaxkit.config import ConfigError, ModelConfig, MoEConfig, load_config
+from jaxkit.config import ConfigError, ModelConfig, MoEConfig, QuantConfig, load_config
 from jaxkit.layers.moe import MoE, RouterBias, moe_tokens, routers
 from jaxkit.layers.moe import dispatch as moe_dispatch
 from jaxkit.layers.moe.experts import ExpertWeights, LocalExperts
@@ -25,9 +25,10 @@ from jaxkit.train.step import make_eval_step, make_train_step
 TOL = dict(rtol=2e-5, atol=2e-5)
 
 
-def model_cfg(d_model=12, **moe) -> ModelConfig:
+def model_cfg(d_model=12, quant=QuantConfig(), **moe) -> ModelConfig:
     moe = {"num_experts": 5, "top_k": 2, "expert_hidden": 10, **moe}
-    return ModelConfig(d_model=d_model, compute_dtype="float32", moe=MoEConfig(**moe))
+    return ModelConfig(d_model=d_model, compute_dtype="float32", moe=MoEConfig(**moe),
+                       quant=quant)
 
 
 def pure(layer):
@@ -435,8 +436,11 @@ def test_expert_parallel_equals_single_device():
 
 
 P_ = jax.sharding.PartitionSpec
+EP_QAT = dict(quant=QuantConfig(mode="qat", weight_format="int4", activation_format="int8",
+                                hadamard=True, targets=("experts",)))
 EP_CASES = [  # (mesh axes, explicit sharding, moe config)
     ({"data": 2, "expert": 4}, True, dict(router="topk_softmax", num_shared_experts=1)),
+    ({"data": 2, "expert": 4}, True, dict(router="topk_softmax", **EP_QAT)),
     ({"data": 2, "expert": 4}, False, dict(router="sigmoid_bias")),
     ({"fsdp": 2, "expert": 2, "sequence": 2}, True, dict(router="grouped", num_groups=2)),
     ({"data": 2, "expert": 4}, True, dict(router="topk_softmax", dispatch="capacity",

@@ -9,9 +9,9 @@ from jaxkit.layers.linear import Linear
 
 class SwiGLU(nnx.Module):
     def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs, param_dtype, compute_dtype,
-                 out_std: float | None = None, quant=None):
+                 out_std: float | None = None, quant=None, target: str = "mlp"):
         kw = dict(rngs=rngs, param_dtype=param_dtype, compute_dtype=compute_dtype, quant=quant,
-                  target="mlp")
+                  target=target)
         self.gate = Linear(d_model, hidden, axes=("embed", "mlp"), **kw)
         self.up = Linear(d_model, hidden, axes=("embed", "mlp"), **kw)
         self.down = Linear(hidden, d_model, axes=("mlp", "embed"), std=out_std, **kw)

@@ -12,6 +12,7 @@ from jaxkit.quant.core import (
                                snr_db,
                                tensor_statistic,
 )
+from jaxkit.quant.experts import ExpertQuant, ExpertQuantizer
 from jaxkit.quant.formats import FORMATS, Element, Format, get_format
 from jaxkit.quant.layer import (
                                Quantizer,
@@ -36,6 +37,8 @@ __all__ = [
                                "SCALE_METHODS",
                                "TARGETS",
                                "Element",
+                               "ExpertQuant",
+                               "ExpertQuantizer",
                                "Format",
                                "QTensor",
                                "QuantScale",

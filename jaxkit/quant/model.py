@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from flax import nnx
 
 from jaxkit.quant.config_check import check_quant_config
+from jaxkit.quant.experts import ExpertQuantizer
 from jaxkit.quant.layer import Quantizer
 
 
@@ -26,6 +27,18 @@ def _linears(model):
     return linears
 
 
+def _moes(model):
+    """The model's MoE layers whose routed experts quant target 'experts' covers."""
+    from jaxkit.layers.moe import MoE
+    return [m for _, m in nnx.iter_modules(model) if isinstance(m, MoE)]
+
+
+def _expert_weights(moe):
+    if moe.gate is None:
+        raise ValueError("the MoE experts were already converted to low-bit storage")
+    return moe.gate[...], moe.up[...], moe.down[...]
+
+
 def _applies(cfg, linear) -> bool:
     return cfg.mode != "none" and linear.target in cfg.targets
 
@@ -40,6 +53,11 @@ def attach_quantizers(model, cfg, *, rngs: nnx.Rngs) -> int:
             if lin.kernel is None:
                 raise ValueError(f"Linear '{lin.target}' was already converted to low-bit storage")
             lin.quantizer = Quantizer(*lin.kernel.shape, cfg, rngs=rngs)
+            count += 1
+    if cfg.mode != "none" and "experts" in cfg.targets:
+        for moe in _moes(model):
+            _, D, H = _expert_weights(moe)[0].shape
+            moe.quantizer = ExpertQuantizer(D, H, cfg, rngs=rngs)
             count += 1
     return count
 
@@ -76,8 +94,9 @@ def calibrate(model, batches: Iterable, forward: Callable | None = None) -> int:
 
 
 def quantize_model(model, cfg) -> int:
-    """Replace the float kernel of every Linear cfg targets by low-bit storage
-    (cfg.mode must be 'int'); layers calibrated earlier keep their SmoothQuant
+    """Replace the float kernel of every Linear cfg targets (and, with target
+    'experts', every MoE layer's routed experts) by low-bit storage (cfg.mode
+    must be 'int'); layers calibrated earlier keep their SmoothQuant
     statistics, activation scales and rotation. Returns the count converted."""
     check_quant_config(cfg)
     if cfg.mode != "int":
@@ -99,4 +118,19 @@ def quantize_model(model, cfg) -> int:
         lin.quantizer = q
         lin.kernel = None
         count += 1
+    if "experts" in cfg.targets:
+        for moe in _moes(model):
+            weights = _expert_weights(moe)
+            q = moe.quantizer
+            if q is None:
+                _, D, H = weights[0].shape
+                q = ExpertQuantizer(D, H, cfg, rngs=nnx.Rngs(0))
+            elif dataclasses.replace(q.cfg, mode="int") != cfg:
+                raise ValueError(f"MoE experts were prepared with {q.cfg}, which differs from "
+                                 f"{cfg} in more than the mode")
+            q.cfg = cfg
+            q.convert(weights)
+            moe.quantizer = q
+            moe.gate = moe.up = moe.down = None
+            count += 1
     return count

@@ -84,9 +84,11 @@ def _reshard(x, spec, mesh):
                      f"{dict(zip(mesh.axis_names, mesh.axis_types))}")
 
 
-def sharded_moe(body, x, router_kernel, bias, weights: ExpertWeights, *, mesh, implementation):
+def sharded_moe(body, x, router_kernel, bias, weights: ExpertWeights, *, mesh, implementation,
+                quant=None):
     """Runs body(x2d, router_kernel, bias, experts) -> (y2d, RoutingStats) per
-    device inside shard_map; returns (y [B, S, D] float32, summed stats)."""
+    device inside shard_map; returns (y [B, S, D] float32, summed stats).
+    quant: the experts' jaxkit.quant.ExpertQuant (replicated), or None."""
     B, S, D = x.shape
     size = lambda a: mesh.shape.get(a, 1)
     batch = tuple(a for a in BATCH_AXES if size(a) > 1)
@@ -103,14 +105,14 @@ def sharded_moe(body, x, router_kernel, bias, weights: ExpertWeights, *, mesh, i
     token_axes = batch + seq
     x_spec = P(batch or None, seq or None, None)
     w_spec = P(EXPERT_AXIS if ep > 1 else None, None, None)
-    args = {"x": x, "router": router_kernel, "weights": weights, "bias": bias}
+    args = {"x": x, "router": router_kernel, "weights": weights, "bias": bias, "quant": quant}
     specs = {"x": x_spec, "router": P(), "weights": ExpertWeights(w_spec, w_spec, w_spec),
-             "bias": None if bias is None else P()}
+             "bias": None if bias is None else P(), "quant": jax.tree.map(lambda _: P(), quant)}
     args = jax.tree.map(lambda s, a: _reshard(a, s, mesh), specs, args,
                         is_leaf=lambda s: isinstance(s, P))
 
     def local(args):
-        experts = LocalExperts(args["weights"], implementation)
+        experts = LocalExperts(args["weights"], implementation, args["quant"])
         if ep > 1:
             experts = ShardedExperts(experts, EXPERT_AXIS, ep)
         b, s, _ = args["x"].shape

@@ -24,21 +24,33 @@ def group_sizes(sorted_expert, num_experts: int):
     return jnp.zeros((num_experts,), jnp.int32).at[sorted_expert].add(1, mode="drop")
 
 
-def grouped_ffn(rows, sizes, w: ExpertWeights, *, implementation: str):
+def _ffn(x, w: ExpertWeights, mm, quant):
+    """SwiGLU of x with matmul mm(a, b) -> float32; quant (or None) is a
+    jaxkit.quant.ExpertQuant applied to the weights and around each matmul."""
+    cd = x.dtype
+    if quant is None:
+        h = jax.nn.silu(mm(x, w.gate)) * mm(x, w.up)
+        return mm(h.astype(cd), w.down)
+    w = quant.weights(w)
+    qmm = lambda a, b: quant.outputs(mm(a, b))
+    x = quant.inputs(x).astype(cd)
+    h = jax.nn.silu(qmm(x, w.gate)) * qmm(x, w.up)
+    return qmm(quant.hidden(h).astype(cd), w.down)
+
+
+def grouped_ffn(rows, sizes, w: ExpertWeights, *, implementation: str, quant=None):
     """rows [M, D] grouped by expert (sizes [E]) -> [M, D] float32; rows past
     sum(sizes) are padding and come out zero."""
-    cd = rows.dtype
-    mm = lambda a, b: gmm(a, b.astype(cd), sizes, implementation=implementation,
+    mm = lambda a, b: gmm(a, b.astype(a.dtype), sizes, implementation=implementation,
                           preferred_element_type=jnp.float32)
-    h = jax.nn.silu(mm(rows, w.gate)) * mm(rows, w.up)
-    return mm(h.astype(cd), w.down)
+    return _ffn(rows, w, mm, quant)
 
 
-def batched_ffn(x_e, w: ExpertWeights):
-    cd = x_e.dtype
-    mm = lambda a, b: jnp.einsum("ecd,edh->ech", a, b.astype(cd), preferred_element_type=jnp.float32)
-    h = jax.nn.silu(mm(x_e, w.gate)) * mm(x_e, w.up)
-    return mm(h.astype(cd), w.down)
+def batched_ffn(x_e, w: ExpertWeights, *, quant=None):
+    """x_e [E, C, D] -> [E, C, D] float32."""
+    mm = lambda a, b: jnp.einsum("ecd,edh->ech", a, b.astype(a.dtype),
+                                 preferred_element_type=jnp.float32)
+    return _ffn(x_e, w, mm, quant)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +59,7 @@ class LocalExperts:
     this device's shard of them under expert parallelism)."""
     weights: ExpertWeights
     implementation: str
+    quant: object = None  # jaxkit.quant.ExpertQuant, or None
 
     @property
     def num_experts(self) -> int:
@@ -55,8 +68,9 @@ class LocalExperts:
     def grouped(self, rows, sorted_expert):
         """rows [M, D] sorted by expert id sorted_expert [M] -> [M, D] float32."""
         sizes = group_sizes(sorted_expert, self.num_experts)
-        return grouped_ffn(rows, sizes, self.weights, implementation=self.implementation)
+        return grouped_ffn(rows, sizes, self.weights, implementation=self.implementation,
+                           quant=self.quant)
 
     def buffered(self, x_e):
         """x_e [E, C, D] -> [E, C, D] float32."""
-        return batched_ffn(x_e, self.weights)
+        return batched_ffn(x_e, self.weights, quant=self.quant)

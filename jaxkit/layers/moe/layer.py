@@ -11,6 +11,7 @@ from jaxkit.layers.moe import dispatch, routers
 from jaxkit.layers.moe.expert_parallel import current_mesh, sharded_moe
 from jaxkit.layers.moe.experts import ExpertWeights, LocalExperts
 from jaxkit.layers.moe.metrics import balance_bias_update, routing_stats, summarize
+from jaxkit.quant.experts import ExpertQuantizer
 
 
 class RouterBias(nnx.Variable):
@@ -57,6 +58,9 @@ class MoE(nnx.Module):
     only: `model.train()` (nnx set_attributes, which sets deterministic=False)
     turns the update on, `model.eval()` turns it off; jaxkit.train builds its
     train step from the model in train mode. A fresh module is in eval mode.
+
+    With quant target 'experts' an ExpertQuantizer quantises the routed
+    experts (and the shared experts' Linear layers get the same target).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, out_std: float | None = None):
@@ -74,24 +78,32 @@ class MoE(nnx.Module):
         self.bias = RouterBias(jnp.zeros((E,), jnp.float32), logical_axes=(None,)) \
             if m.router == "sigmoid_bias" else None
         self.shared = SwiGLU(D, m.num_shared_experts * H, rngs=rngs, param_dtype=pd,
-                             compute_dtype=cd, out_std=out_std) if m.num_shared_experts else None
+                             compute_dtype=cd, out_std=out_std, quant=cfg.quant,
+                             target="experts") if m.num_shared_experts else None
+        q = cfg.quant
+        self.quantizer = ExpertQuantizer(D, H, q, rngs=rngs) \
+            if q.mode != "none" and "experts" in q.targets else nnx.data(None)
         self.deterministic = True  # nnx's train/eval flag; False enables the bias update
 
     def __call__(self, x):
         B, S, D = x.shape
         m = self.cfg
         xc = x.astype(self.compute_dtype)
-        weights = ExpertWeights(self.gate[...], self.up[...], self.down[...])
+        weights = None if self.gate is None else \
+            ExpertWeights(self.gate[...], self.up[...], self.down[...])
+        quant = None if self.quantizer is None else self.quantizer.quant()
+        if weights is None:  # converted to low-bit storage by jaxkit.quant.quantize_model
+            weights = ExpertWeights(*self.quantizer.stored_weights())
         bias = None if self.bias is None else self.bias[...]
         body = lambda t, r, b, experts: moe_tokens(t, r, b, experts, m)
         mesh = current_mesh()
         if mesh is None:
             y, stats = body(xc.reshape(B * S, D), self.router[...], bias,
-                            LocalExperts(weights, m.gmm_implementation))
+                            LocalExperts(weights, m.gmm_implementation, quant))
             y = y.reshape(B, S, D)
         else:
             y, stats = sharded_moe(body, xc, self.router[...], bias, weights, mesh=mesh,
-                                   implementation=m.gmm_implementation)
+                                   implementation=m.gmm_implementation, quant=quant)
         loss, metrics = summarize(stats, aux_loss_weight=m.aux_loss_weight,
                                   z_loss_weight=m.router_z_loss_weight)
         if self.bias is not None and not self.deterministic:

@@ -1,0 +1,145 @@
+"""Quantisation of MoE experts (quant target 'experts'): the layer against a
+direct computation of the quantised SwiGLU, QAT training, conversion to
+low-bit storage against the simulated path, and the errors. (Expert
+parallelism with quantised experts is one of tests/test_moe.py's EP cases.)"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxkit.config import ModelConfig, MoEConfig, QuantConfig
+from jaxkit.layers.moe import MoE
+from jaxkit.models import Transformer
+from jaxkit.quant import (
+    ExpertQuantizer,
+    QuantWeight,
+    attach_quantizers,
+    fake_quant,
+    quantize_model,
+    rotate_activation,
+    rotate_weight,
+)
+
+
+def moe_cfg(quant=QuantConfig(), **moe):
+    moe = {"num_experts": 4, "top_k": 2, "expert_hidden": 32, **moe}
+    return ModelConfig(vocab_size=64, d_model=64, num_layers=2, num_heads=4, mlp_hidden=64,
+                       max_seq_len=32, compute_dtype="float32", moe=MoEConfig(**moe), quant=quant)
+
+
+def forward(layer, x):
+    graphdef, state = nnx.split(layer)
+    return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+
+
+def rel_err(a, b):
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+@pytest.mark.parametrize("qc", [
+    QuantConfig(mode="qat", weight_format="int4", activation_format="int8", hadamard=True),
+    QuantConfig(mode="ptq", weight_format="mxfp4", activation_format="mxfp8"),
+    QuantConfig(mode="qat", weight_format="nvfp4", hadamard=True),
+])
+def test_one_expert_layer_equals_the_quantised_swiglu(qc):
+    """With one expert and top-1 routing every token goes to expert 0 with
+    weight 1, so the layer must equal the quantised SwiGLU written out."""
+    cfg = moe_cfg(qc, num_experts=1, top_k=1)
+    layer = MoE(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 8, 64))
+    y, _ = forward(layer, x)
+
+    q = layer.quantizer.quant()
+    kw = {"granularity": qc.granularity, "block_size": qc.block_size}
+
+    def wq(w, signs):
+        w = w[0] if signs is None else rotate_weight(w[0], signs)
+        return fake_quant(w, qc.weight_format, axis=0, **kw)
+
+    def aq(a, signs):
+        a = a if signs is None else rotate_activation(a, signs)
+        return a if qc.activation_format is None else \
+            fake_quant(a, qc.activation_format, axis=-1, **kw)
+
+    xi = aq(x, q.signs_in)
+    h = jax.nn.silu(xi @ wq(layer.gate[...], q.signs_in)) * (xi @ wq(layer.up[...], q.signs_in))
+    ref = aq(h, q.signs_hidden) @ wq(layer.down[...], q.signs_hidden)
+    np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-5)
+    # and the quantisation is really there: the float layer differs
+    float_layer = MoE(moe_cfg(num_experts=1, top_k=1), rngs=nnx.Rngs(0))
+    assert rel_err(forward(float_layer, x)[0], y) > 1e-3
+
+
+def test_qat_moe_transformer_trains_and_grads_reach_experts():
+    qc = QuantConfig(mode="qat", weight_format="int4", activation_format="fp8_e4m3",
+                     gradient_format="fp8_e5m2", hadamard=True, targets=("experts",))
+    model = Transformer(moe_cfg(qc, num_shared_experts=1), rngs=nnx.Rngs(0))
+    moe = model.blocks[0].mlp
+    assert isinstance(moe.quantizer, ExpertQuantizer)
+    assert moe.shared.up.quantizer is not None  # shared experts are target 'experts' too
+    assert model.blocks[0].attn.q.quantizer is None
+    batch = jax.random.randint(jax.random.key(2), (4, 24), 0, 64)
+    opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt):
+        def loss_fn(m):
+            logits, aux = m(batch[:, :-1])
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+            return ce + aux["moe_loss"]
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return loss, grads
+
+    loss0, grads = step(model, opt)
+    g = grads.blocks[0].mlp
+    for name in ("gate", "up", "down"):
+        assert float(jnp.abs(g[name][...]).max()) > 0, name
+    losses = [float(step(model, opt)[0]) for _ in range(10)]
+    assert losses[-1] < float(loss0) - 0.5
+
+
+@pytest.mark.parametrize("qc,dtype", [
+    (QuantConfig(mode="ptq", weight_format="int8", activation_format="int8", hadamard=True),
+     jnp.int8),
+    (QuantConfig(mode="ptq", weight_format="int4_asym", granularity="block", block_size=16),
+     jnp.uint8),
+    (QuantConfig(mode="ptq", weight_format="fp8_e4m3", activation_format="fp8_e4m3",
+                 granularity="block", block_size=128), jnp.float8_e4m3fn),
+])
+def test_converted_experts_equal_the_simulation(qc, dtype):
+    """Mode 'int' stores real low-bit codes and reproduces mode 'ptq'."""
+    cfg = dataclasses.replace(moe_cfg(expert_hidden=128), d_model=128)
+    x = jax.random.normal(jax.random.key(3), (2, 8, 128))
+    sim = MoE(cfg, rngs=nnx.Rngs(0))
+    real = MoE(cfg, rngs=nnx.Rngs(0))
+    assert attach_quantizers(sim, qc, rngs=nnx.Rngs(1)) == 1
+    attach_quantizers(real, qc, rngs=nnx.Rngs(1))
+    assert quantize_model(real, dataclasses.replace(qc, mode="int")) == 1
+    assert real.gate is None and real.up is None and real.down is None
+    ref, out = forward(sim, x)[0], forward(real, x)[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    codes = real.quantizer.storage["gate"]["codes"][...]
+    assert codes.dtype == dtype
+    full = 4 * 128 * 128  # E * D * H elements
+    assert codes.size == (full // 2 if dtype == jnp.uint8 else full)
+    assert nnx.to_flat_state(nnx.state(real, QuantWeight))
+    with pytest.raises(ValueError, match="already converted"):
+        quantize_model(real, dataclasses.replace(qc, mode="int"))
+
+
+def test_expert_quant_errors():
+    sq = QuantConfig(mode="ptq", weight_format="int8", activation_format="int8",
+                     smoothquant_alpha=0.5)
+    with pytest.raises(ValueError, match="remove 'experts'"):
+        MoE(moe_cfg(sq), rngs=nnx.Rngs(0))
+    static = QuantConfig(mode="ptq", weight_format="int8", activation_format="int8",
+                         granularity="tensor")
+    with pytest.raises(ValueError, match="static per-tensor"):
+        attach_quantizers(MoE(moe_cfg(), rngs=nnx.Rngs(0)), static, rngs=nnx.Rngs(0))
+    # the same configs are fine when experts are not a target
+    MoE(moe_cfg(dataclasses.replace(sq, targets=("q", "k"))), rngs=nnx.Rngs(0))

@@ -1,10 +1,13 @@
 """Public quantised matmuls with ``implementation=`` dispatch.
 
 implementation:
-  'xla'    the jnp reference (XLA's native int8 dot for w8a8);
-  'pallas' the portable BlockSpec Pallas kernel (Triton lowering on GPU,
-           interpreted on CPU);
-  'auto'   'pallas' on GPU, 'xla' elsewhere.
+  'xla'        the jnp reference (XLA's native int8 dot for w8a8);
+  'mosaic_gpu' the Hopper kernels of mosaic_gpu.py (w8a8 and fp8 blockwise;
+               sm_90 GPUs only, compiled only; ``tiling`` tunes them);
+  'pallas'     on a Hopper GPU, compiled, with no ``block_sizes``: the Mosaic
+               GPU kernel where one exists; otherwise the portable BlockSpec
+               kernel (Triton lowering on GPU, interpreted on CPU);
+  'auto'       'pallas' on GPU, 'xla' elsewhere.
 Leading batch dimensions of x are flattened into rows. The w8a8 and fp8
 kernels are inference kernels on quantised codes; the int4 weight-only matmul
 is differentiable in x (through the dequantised weights).
@@ -18,21 +21,45 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import compat
+from pallas_kernels.quant_matmul import mosaic_gpu
 from pallas_kernels.quant_matmul import reference as ref
 from pallas_kernels.quant_matmul.fp8_blockwise import fp8_blockwise_pallas
 from pallas_kernels.quant_matmul.int4_weight_only import int4_weight_only_pallas
 from pallas_kernels.quant_matmul.w8a8 import w8a8_pallas
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas")
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "mosaic_gpu")
 
 
-def _resolve(implementation: str, interpret: bool | None) -> tuple[str, bool]:
+def _resolve(implementation: str, interpret: bool | None, *, block_sizes=None, tiling=None,
+             has_mosaic: bool = True) -> tuple[str, bool]:
+    """-> ('xla' | 'pallas' | 'mosaic_gpu', interpret) after checking that the
+    chosen implementation can honour every argument."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown quantized matmul implementation {implementation!r}; "
                          f"choose one of {IMPLEMENTATIONS}")
     on_gpu = compat.platform() == "gpu"
     if implementation == "auto":
         implementation = "pallas" if on_gpu else "xla"
+    if implementation == "pallas" and has_mosaic and compat.is_hopper() and not interpret \
+            and block_sizes is None:
+        implementation = "mosaic_gpu"
+    if implementation == "mosaic_gpu":
+        if not has_mosaic:
+            raise ValueError("implementation='mosaic_gpu' has no kernel for this matmul; "
+                             "use 'pallas' or 'xla'")
+        if interpret:
+            raise ValueError("implementation='mosaic_gpu' runs compiled only (interpret=True "
+                             "given); use 'pallas' for the interpretable portable kernel")
+        if block_sizes is not None:
+            raise ValueError(f"block_sizes={block_sizes} apply to the portable kernel; the "
+                             f"Mosaic GPU kernel takes tiling=")
+        if not compat.is_hopper():
+            raise ValueError(f"implementation='mosaic_gpu' needs a Hopper (sm_90) GPU; this "
+                             f"device is {compat.device_kind()!r}")
+        return implementation, False
+    if tiling is not None:
+        raise ValueError(f"tiling={tiling} applies only to the Mosaic GPU kernel, not to "
+                         f"implementation={implementation!r}")
     if interpret is None:
         interpret = not on_gpu
     if implementation == "pallas" and not interpret and not on_gpu:
@@ -53,9 +80,11 @@ def _rows(x, k_name="K"):
 
 
 def w8a8_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, implementation: str = "auto",
-                block_sizes=None, interpret: bool | None = None):
+                block_sizes=None, tiling=None, interpret: bool | None = None):
     """int8 activations [..., K] with per-token scales xs [...], int8 weights
-    [N, K] with per-channel scales ws [N] -> out [..., N] in out_dtype."""
+    [N, K] with per-channel scales ws [N] -> out [..., N] in out_dtype.
+    block_sizes (bm, bn, bk) tune the portable kernel, tiling (a
+    mosaic_gpu.Tiling) the Hopper one."""
     _check_dtype("xq", xq, (jnp.int8,))
     _check_dtype("wq", wq, (jnp.int8,))
     x2, lead = _rows(xq)
@@ -63,11 +92,14 @@ def w8a8_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, implementation: str =
     if x2.shape[1] != K or xs.shape != lead or ws.shape != (N,):
         raise ValueError(f"w8a8 shapes do not match: xq {xq.shape}, xs {xs.shape} (want {lead}), "
                          f"wq {wq.shape}, ws {ws.shape} (want ({N},))")
-    impl, interpret = _resolve(implementation, interpret)
+    impl, interpret = _resolve(implementation, interpret, block_sizes=block_sizes,
+                               tiling=tiling)
     xs2 = xs.reshape(-1).astype(jnp.float32)
     ws = ws.astype(jnp.float32)
     if impl == "xla":
         out = ref.w8a8_reference(x2, xs2, wq, ws, out_dtype=out_dtype)
+    elif impl == "mosaic_gpu":
+        out = mosaic_gpu.w8a8_mosaic(x2, xs2, wq, ws, out_dtype=out_dtype, tiling=tiling)
     else:
         out = w8a8_pallas(x2, xs2, wq, ws, out_dtype=out_dtype, interpret=interpret,
                           **({} if block_sizes is None else dict(block_sizes=tuple(block_sizes))))
@@ -75,7 +107,7 @@ def w8a8_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, implementation: str =
 
 
 def fp8_blockwise_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, implementation: str = "auto",
-                         block_sizes=None, interpret: bool | None = None):
+                         block_sizes=None, tiling=None, interpret: bool | None = None):
     """e4m3 activations [..., K] with 1x128 block scales xs [..., ceil(K/128)],
     e4m3 weights [N, K] with 128x128 block scales ws [ceil(N/128),
     ceil(K/128)] -> out [..., N]."""
@@ -87,11 +119,15 @@ def fp8_blockwise_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, implementati
     if x2.shape[1] != K or xs.shape != (*lead, nk) or ws.shape != (nn, nk):
         raise ValueError(f"fp8 blockwise shapes do not match: xq {xq.shape}, xs {xs.shape} "
                          f"(want {(*lead, nk)}), wq {wq.shape}, ws {ws.shape} (want {(nn, nk)})")
-    impl, interpret = _resolve(implementation, interpret)
+    impl, interpret = _resolve(implementation, interpret, block_sizes=block_sizes,
+                               tiling=tiling)
     xs2 = xs.reshape(-1, nk).astype(jnp.float32)
     ws = ws.astype(jnp.float32)
     if impl == "xla":
         out = ref.fp8_blockwise_reference(x2, xs2, wq, ws, out_dtype=out_dtype)
+    elif impl == "mosaic_gpu":
+        out = mosaic_gpu.fp8_blockwise_mosaic(x2, xs2, wq, ws, out_dtype=out_dtype,
+                                              tiling=tiling)
     else:
         out = fp8_blockwise_pallas(x2, xs2, wq, ws, out_dtype=out_dtype, interpret=interpret,
                                    **({} if block_sizes is None else
@@ -139,7 +175,7 @@ def int4_weight_only_matmul(x, packed, scales, zeros=None, *, group_size: int,
     if scales.shape != (groups, N) or (zeros is not None and zeros.shape != (groups, N)):
         raise ValueError(f"scales {scales.shape} / zeros {None if zeros is None else zeros.shape} "
                          f"must be [K/group_size, N] = {(groups, N)}")
-    impl, interpret = _resolve(implementation, interpret)
+    impl, interpret = _resolve(implementation, interpret, has_mosaic=False)
     if impl == "xla":
         def forward(x_, p_, s_, z_):
             return ref.int4_weight_only_reference(x_, p_, s_, z_, group_size=group_size)

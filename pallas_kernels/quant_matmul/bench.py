@@ -3,9 +3,11 @@
     python -m pallas_kernels.quant_matmul.bench [--json PATH] [--size 8192]
 
 * M=N=K=size: bf16 XLA matmul; w8a8 (XLA int8 dot with the scale epilogue,
-  and the Pallas kernel; both alone and with dynamic per-token quantisation of
-  bf16 activations); XLA fp8 e4m3 dot with per-tensor scales; fp8 blockwise
-  (Pallas kernel; 1x128 / 128x128 scales).
+  the portable Pallas kernel and the Hopper Mosaic GPU kernel; alone and with
+  dynamic per-token quantisation of bf16 activations); XLA fp8 e4m3 dot with
+  per-tensor scales; fp8 blockwise (1x128 / 128x128 scales: portable and
+  Mosaic GPU kernels). Each kernel is swept over a few tilings (--quick: the
+  first only) and its fastest correct one is reported.
 * int4 weight-only at batch 1, 4, 16 with K=N=size, group 128: achieved GB/s
   (packed weights + scales + activations + output) against a measured
   device-to-device copy bandwidth (bytes read + written), with the XLA
@@ -21,15 +23,28 @@ import json
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import compat
+from pallas_kernels.benchmarking import rel_err, time_fn
+from pallas_kernels.quant_matmul import mosaic_gpu
 from pallas_kernels.quant_matmul import reference as ref
 from pallas_kernels.quant_matmul.fp8_blockwise import fp8_blockwise_pallas
 from pallas_kernels.quant_matmul.int4_weight_only import int4_weight_only_pallas
 from pallas_kernels.quant_matmul.packing import pack_int4
-from pallas_kernels.benchmarking import rel_err, time_fn
 from pallas_kernels.quant_matmul.w8a8 import w8a8_pallas
 
-
 QUICK = False  # --quick: only the first (default) configuration of each kernel
+SKIP_MOSAIC = False  # --skip-mosaic: leave out the Hopper kernels
+W8A8_TILINGS = [mosaic_gpu.W8A8_TILING, mosaic_gpu.Tiling(256, 128, 3),
+                mosaic_gpu.Tiling(128, 256, 3, 16), mosaic_gpu.Tiling(128, 128, 4),
+                mosaic_gpu.Tiling(128, 256, 3, 4)]
+FP8_TILINGS = [mosaic_gpu.FP8_TILING, mosaic_gpu.Tiling(128, 128, 4),
+               mosaic_gpu.Tiling(128, 128, 5, 16), mosaic_gpu.Tiling(128, 128, 3)]
+INT4_CONFIGS = [(128, 4, 4, 3), (64, 8, 4, 3), (256, 4, 8, 3), (128, 8, 4, 4), (64, 16, 4, 4),
+                (256, 2, 8, 4), (128, 16, 8, 3)]  # block_n, split_k, num_warps, num_stages
+
+
+def _tiling_label(t):
+    return f"tm{t.tm}_tn{t.tn}_s{t.stages}_g{t.group_m}"
 
 
 def best_of(name, variants, args, check, results):
@@ -77,6 +92,11 @@ def matmul_suite(size, results):
                      a, b, c, d, block_sizes=(bm, bn, bk), num_warps=nw, num_stages=ns)))
                 for bm, bn, bk, nw, ns in [(128, 128, 128, 4, 4), (128, 256, 128, 8, 3)]]
     best_of("w8a8_pallas", variants, (xq, xs, wq, ws), lambda o: rel_err(o, want), results)
+    mosaic = compat.is_hopper() and not SKIP_MOSAIC
+    if mosaic:
+        variants = [(_tiling_label(t), jax.jit(lambda *a, t=t: mosaic_gpu.w8a8_mosaic(*a, tiling=t)))
+                    for t in W8A8_TILINGS]
+        best_of("w8a8_mosaic", variants, (xq, xs, wq, ws), lambda o: rel_err(o, want), results)
 
     def quant_rows(x):
         amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1)
@@ -90,6 +110,10 @@ def matmul_suite(size, results):
         e2e = jax.jit(lambda x, wq, ws: w8a8_pallas(*quant_rows(x), wq, ws,
                                                     block_sizes=(bm, bn, bk)))
         results["w8a8_pallas_with_act_quant"] = dict(seconds=time_fn(e2e, x, wq, ws))
+    if "w8a8_mosaic" in results:
+        t = {_tiling_label(t): t for t in W8A8_TILINGS}[results["w8a8_mosaic"]["config"]]
+        e2e = jax.jit(lambda x, wq, ws: mosaic_gpu.w8a8_mosaic(*quant_rows(x), wq, ws, tiling=t))
+        results["w8a8_mosaic_with_act_quant"] = dict(seconds=time_fn(e2e, x, wq, ws))
 
     xf = (jax.random.normal(k[0], (M, K)) * 60).astype(jnp.float8_e4m3fn)
     wf = (jax.random.normal(k[1], (N, K)) * 60).astype(jnp.float8_e4m3fn)
@@ -109,6 +133,12 @@ def matmul_suite(size, results):
                 for bm, bn, nw, ns in [(128, 128, 8, 3), (128, 128, 4, 4)]]
     best_of("fp8_blockwise_pallas", variants, (xf, fxs, wf, fws),
             lambda o: rel_err(o[rows], want), results)
+    if mosaic:
+        variants = [(_tiling_label(t),
+                     jax.jit(lambda *a, t=t: mosaic_gpu.fp8_blockwise_mosaic(*a, tiling=t)))
+                    for t in FP8_TILINGS]
+        best_of("fp8_blockwise_mosaic", variants, (xf, fxs, wf, fws),
+                lambda o: rel_err(o[rows], want), results)
     for r in results.values():
         if isinstance(r, dict) and "seconds" in r:
             r["tflops"] = flops / r["seconds"] / 1e12
@@ -136,10 +166,11 @@ def int4_suite(size, results):
         nbytes = packed.nbytes + scales.nbytes + x.nbytes + M * N * 2
         want = ref.int4_weight_only_reference(x, packed, scales, group_size=g)
         row = {}
-        variants = [(f"bn{bn}_split{sk}_w{nw}",
-                     jax.jit(lambda x, p, s, bn=bn, sk=sk, nw=nw: int4_weight_only_pallas(
-                         x, p, s, group_size=g, block_n=bn, split_k=sk, num_warps=nw)))
-                    for bn, sk, nw in [(128, 4, 4), (64, 8, 4)]]
+        variants = [(f"bn{bn}_split{sk}_w{nw}_s{ns}",
+                     jax.jit(lambda x, p, s, bn=bn, sk=sk, nw=nw, ns=ns: int4_weight_only_pallas(
+                         x, p, s, group_size=g, block_n=bn, split_k=sk, num_warps=nw,
+                         num_stages=ns)))
+                    for bn, sk, nw, ns in INT4_CONFIGS]
         best_of(f"int4_pallas_M{M}", variants, (x, packed, scales),
                 lambda o, want=want: rel_err(o, want), row)
         xla = jax.jit(lambda x, p, s: ref.int4_weight_only_reference(x, p, s, group_size=g))
@@ -160,9 +191,11 @@ def main():
     parser.add_argument("--size", type=int, default=8192)
     parser.add_argument("--quick", action="store_true",
                         help="one configuration per kernel (short device sessions)")
+    parser.add_argument("--skip-mosaic", action="store_true",
+                        help="leave out the Mosaic GPU kernels (e.g. while one is broken)")
     args = parser.parse_args()
-    global QUICK
-    QUICK = args.quick
+    global QUICK, SKIP_MOSAIC
+    QUICK, SKIP_MOSAIC = args.quick, args.skip_mosaic
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "size": args.size}
     matmul_suite(args.size, results)
     int4_suite(args.size, results)

@@ -1,4 +1,5 @@
-"""Command line: `jaxkit train`, `jaxkit eval`, `jaxkit export`, `jaxkit data prepare`."""
+"""Command line: `jaxkit train`, `jaxkit eval`, `jaxkit export`, `jaxkit quantize`,
+`jaxkit data prepare`."""
 from __future__ import annotations
 
 import argparse
@@ -82,6 +83,18 @@ def cmd_export(args) -> None:
         print(json.dumps({"step": step, "out": str(Path(args.out).absolute())}))
 
 
+def cmd_quantize(args) -> None:
+    cfg = _load(args)
+    from jaxkit.quant.run import quantize_run
+    from jaxkit.train.trainer import run_dir_for
+    run_dir = Path(args.run_dir) if args.run_dir else run_dir_for(cfg, args.config)
+    try:
+        result = quantize_run(cfg, run_dir, out=args.out)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    print(json.dumps(result))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run directory (default: train.out_dir/<config name>)")
     add_distributed_args(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("quantize", help="post-training quantisation of a run's latest checkpoint "
+                       "with the config's model.quant (mode ptq or int): calibrate, convert, "
+                       "report eval loss before and after")
+    _add_config_args(p)
+    p.add_argument("--run-dir", help="run directory (default: train.out_dir/<config name>)")
+    p.add_argument("--out", help="directory to write the quantised model state to")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)

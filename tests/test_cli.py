@@ -38,6 +38,17 @@ def test_prepare_train_eval_resume(tmp_path):
     assert list((tmp_path / "run/tensorboard").iterdir())
     ev = json.loads(jaxkit("eval", *common, cwd=tmp_path).splitlines()[-1])
     assert ev["step"] == 8 and ev["loss"] > 0
+    # post-training quantisation of the run: int8 weights and activations
+    quant = ["--set", "model.quant.mode=int", "--set", "model.quant.weight_format=int8",
+             "--set", "model.quant.activation_format=int8", "--set", "model.quant.hadamard=true"]
+    q = json.loads(jaxkit("quantize", *common, *quant, "--out", str(tmp_path / "q"),
+                          cwd=tmp_path).splitlines()[-1])
+    losses = q["eval_loss"]
+    assert q["step"] == 8 and q["converted_layers"] == 7  # q, k, v, o, gate, up, down
+    assert abs(losses["trained"] - ev["loss"]) < 1e-4
+    assert abs(losses["ptq"] - losses["trained"]) < 0.05 and abs(losses["int"] - losses["ptq"]) < 1e-3
+    assert q["converted_bytes"]["low_bit"] < q["converted_bytes"]["float"] / 3  # fp32 -> int8
+    assert (tmp_path / "q").exists()
 
 
 def test_missing_data_is_a_clear_error(tmp_path):

@@ -51,6 +51,33 @@ def test_prepare_train_eval_resume(tmp_path):
     assert (tmp_path / "q").exists()
 
 
+def test_quantize_a_qat_run(tmp_path):
+    """A run trained with QAT converts with its own formats (and rotation);
+    other formats are refused by name."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(3):
+        (docs / f"{i}.txt").write_text(f"text {i} to learn from " * 400)
+    jaxkit("data", "prepare", "--inputs", str(docs), "--out", str(tmp_path / "tok"),
+           "--val-fraction", "0.3", cwd=ROOT)
+    qat = ["--set", "model.quant.weight_format=int4", "--set", "model.quant.granularity=block",
+           "--set", "model.quant.block_size=16", "--set", "model.quant.hadamard=true"]
+    common = [str(ROOT / "configs/quickstart.yaml"), *TINY, *qat,
+              "--set", f"data.path={tmp_path / 'tok'}", "--run-dir", str(tmp_path / "run")]
+    jaxkit("train", *common, "--set", "model.quant.mode=qat", "--set", "train.steps=4",
+           cwd=tmp_path)
+    q = json.loads(jaxkit("quantize", *common, "--set", "model.quant.mode=int",
+                          cwd=tmp_path).splitlines()[-1])
+    assert q["trained_quant_mode"] == "qat" and q["converted_layers"] == 7
+    # QAT already simulates these formats: conversion changes nothing but rounding
+    losses = q["eval_loss"]
+    assert abs(losses["ptq"] - losses["trained"]) < 1e-4 and abs(losses["int"] - losses["ptq"]) < 1e-3
+    out = subprocess.run([sys.executable, "-m", "jaxkit.cli", "quantize", *common,
+                          "--set", "model.quant.mode=int", "--set", "model.quant.block_size=32"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode != 0 and "only the mode may change" in out.stderr
+
+
 def test_missing_data_is_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "jaxkit.cli", "train",
                           str(ROOT / "configs/quickstart.yaml"), "--set",

@@ -10,9 +10,10 @@ and ``*_free`` (both consumers done with a slot, consumer -> producer).
 
 * forward: a block owns 2*block_q query rows; it walks the key blocks that any
   of its rows can see (others are skipped by the loop bounds), masking only
-  the blocks that cut the mask. Softmax is online, in base 2 with
-  scale*log2(e) folded into one multiply. With ``pingpong`` the consumers take
-  turns so one's softmax overlaps the other's matrix products.
+  the blocks that cut the mask. Softmax is online, in base 2: the row max is
+  kept in raw logits, so scale*log2(e) and the max subtraction are one FMA.
+  With ``pingpong`` the consumers take turns so one's softmax overlaps the
+  other's matrix products.
 * backward: delta = rowsum(dO*O) in XLA; a key-parallel kernel accumulates
   dK and dV over the query blocks of every head of its kv group (no atomics,
   no per-head copies); a query-parallel kernel accumulates dQ. For head_dim
@@ -37,8 +38,11 @@ from pallas_kernels.attention.mask import visible
 
 LOG2E = math.log2(math.e)
 _CONSUMERS = 2
-_CONSUMER_REGS = 232
-_PRODUCER_REGS = 40
+# Registers per thread (producer, consumers): the producer only issues copies.
+# The forward gives its consumers the most (measured faster on H100); the
+# backward kernels were measured with (40, 232).
+_FWD_REGS = (24, 240)
+_BWD_REGS = (40, 232)
 HEAD_DIMS = (64, 128, 256)
 
 
@@ -206,11 +210,11 @@ def _call(body, out_type, scratch, grid, names):
         compiler_params=plgpu.CompilerParams(approx_math=True))
 
 
-def _ring_producer(n_steps, stages, issue, free_barriers):
+def _ring_producer(n_steps, stages, issue, free_barriers, regs):
     """Producer loop: for step t, wait until slot t % stages is free, then issue
     its copies. ``issue(t, slot)``; free_barriers are waited in order."""
     pl, plgpu = _pl(), _plgpu()
-    plgpu.set_max_registers(_PRODUCER_REGS, action="decrease")
+    plgpu.set_max_registers(regs[0], action="decrease")
 
     @pl.loop(0, n_steps)
     def _(t):
@@ -223,6 +227,60 @@ def _ring_producer(n_steps, stages, issue, free_barriers):
         issue(t, slot)
 
 
+def _sweep(step, lo, flo, fhi, hi, carry):
+    """step(j, carry, masked) over blocks lo..hi-1, unmasked in [flo, fhi)."""
+    masked = functools.partial(step, masked=True)
+    carry = lax.fori_loop(lo, flo, masked, carry)
+    carry = lax.fori_loop(flo, fhi, functools.partial(step, masked=False), carry)
+    return lax.fori_loop(fhi, hi, masked, carry)
+
+
+# ----------------------------------------------------------------------------
+# Query-parallel kernels (forward, dQ): a block owns 2*block_q query rows and
+# streams the K and V blocks they see through a ring.
+
+def _kv_ring_scratch(cfg, D, dtype):
+    """K and V ring slots and their barriers: k_smem, v_smem, k_ready,
+    v_ready, k_free, v_free (the order ``_query_tile`` takes them in)."""
+    plgpu = _plgpu()
+    ring = _tile_smem((cfg.stages, cfg.block_kv, D), dtype)
+    free = plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=cfg.stages)
+    return [ring, ring, plgpu.Barrier(num_barriers=cfg.stages),
+            plgpu.Barrier(num_barriers=cfg.stages), free, free]
+
+
+@dataclasses.dataclass(frozen=True)
+class _QueryTile:
+    b: jax.Array
+    h: jax.Array
+    wg: jax.Array
+    r0: jax.Array      # first query row of the block
+    blocks: tuple      # (lo, full_lo, full_hi, hi) key blocks, see kv_block_range
+
+
+def _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, regs):
+    """This block's query rows and key-block range; runs the producer, which
+    streams those K and V blocks into ``ring`` (``_kv_ring_scratch`` refs)."""
+    pl, plgpu = _pl(), _plgpu()
+    k_smem, v_smem, k_ready, v_ready, k_free, v_free = ring
+    bkv = cfg.block_kv
+    h, b, wg = lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
+    # Longest (causal) tiles first: they launch before the short ones.
+    r0 = (n_q_tiles - 1 - lax.axis_index("q")) * (_CONSUMERS * cfg.block_q)
+    lo, flo, fhi, hi = kv_block_range(r0, _CONSUMERS * cfg.block_q, block_kv=bkv, **spec.ranges())
+    kvh = lax.div(h, G)
+
+    @pl.when(wg == _CONSUMERS)
+    def _producer():
+        def issue(t, slot):
+            keys = (b, pl.ds((lo + t) * bkv, bkv), kvh)
+            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+        _ring_producer(hi - lo, cfg.stages, issue, (k_free, v_free), regs)
+
+    return _QueryTile(b=b, h=h, wg=wg, r0=r0, blocks=(lo, flo, fhi, hi))
+
+
 # ----------------------------------------------------------------------------
 # Forward.
 
@@ -233,8 +291,7 @@ def _forward(q, k, v, spec: _Spec):
     no key (so the backward's exp2(s - lse2) is 0 there)."""
     pl, plgpu = _pl(), _plgpu()
     B, Sp, H, D = q.shape
-    KH = k.shape[2]
-    G = H // KH
+    G = H // k.shape[2]
     cfg = spec.blocks.fwd
     bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
     pingpong = spec.blocks.pingpong
@@ -242,27 +299,16 @@ def _forward(q, k, v, spec: _Spec):
     dtype = q.dtype
     c = spec.scale * LOG2E
 
-    def body(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem,
-             q_ready, k_ready, v_ready, k_free, v_free, turn):
-        h, b = lax.axis_index("h"), lax.axis_index("b")
-        # Longest (causal) tiles first: they launch before the short ones.
-        r0 = (n_q_tiles - 1 - lax.axis_index("q")) * (_CONSUMERS * bq)
-        lo, flo, fhi, hi = kv_block_range(r0, _CONSUMERS * bq, block_kv=bkv, **spec.ranges())
-        wg = lax.axis_index("wg")
-        kvh = lax.div(h, G)
-
-        @pl.when(wg == _CONSUMERS)
-        def _producer():
-            def issue(t, slot):
-                keys = (b, pl.ds((lo + t) * bkv, bkv), kvh)
-                plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
-            _ring_producer(hi - lo, stages, issue, (k_free, v_free))
+    def body(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, lse_smem, q_ready, turn, *ring):
+        tile = _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, _FWD_REGS)
+        k_smem, v_smem, k_ready, v_ready, k_free, v_free = ring
+        b, h, wg = tile.b, tile.h, tile.wg
+        lo = tile.blocks[0]
 
         @pl.when(wg < _CONSUMERS)
         def _consumer():
-            plgpu.set_max_registers(_CONSUMER_REGS, action="increase")
-            row0 = r0 + wg * bq
+            plgpu.set_max_registers(_FWD_REGS[1], action="increase")
+            row0 = tile.r0 + wg * bq
             my_q = q_smem.at[wg]
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], my_q, q_ready.at[wg])
             plgpu.barrier_wait(q_ready.at[wg])
@@ -283,16 +329,18 @@ def _forward(q, k, v, spec: _Spec):
                     return s_ref[...]
                 s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
-                s = s * c
                 if masked:
                     ok = spec.mask(_iota((bq, bkv), 0) + (row0 + spec.offset),
                                    _iota((bq, bkv), 1) + j * bkv)
                     s = jnp.where(ok, s, -jnp.inf)
+                # m is the running row max of the raw logits: scaling and the
+                # max subtraction are then one FMA per logit.
                 m_new = jnp.maximum(m, s.max(axis=1))
                 # A row that has seen no key yet keeps m = -inf; subtract 0 then.
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-                alpha = jnp.exp2(m - m_use)
-                p = jnp.exp2(s - _rows(m_use, s.shape))
+                mc = m_use * c
+                alpha = jnp.exp2(m * c - mc)
+                p = jnp.exp2(s * c - _rows(mc, s.shape))
                 l = l * alpha + p.sum(axis=1)
                 acc = acc * _rows(alpha, acc.shape)
                 p16 = p.astype(dtype)
@@ -308,10 +356,7 @@ def _forward(q, k, v, spec: _Spec):
             carry = (_zeros((bq, D)), _vector(bq, -jnp.inf, 1), _vector(bq, 0.0, 1))
             if pingpong:  # consumer 1 starts half a step behind consumer 0
                 pl.when(wg == 1)(take_turn)
-            masked = functools.partial(step, masked=True)
-            carry = lax.fori_loop(lo, flo, masked, carry)
-            carry = lax.fori_loop(flo, fhi, functools.partial(step, masked=False), carry)
-            acc, m, l = lax.fori_loop(fhi, hi, masked, carry)
+            acc, m, l = _sweep(step, *tile.blocks, carry)
             if pingpong:
                 pl.when(wg == 0)(take_turn)
 
@@ -319,7 +364,7 @@ def _forward(q, k, v, spec: _Spec):
             inv_l = 1.0 / jnp.where(empty, 1.0, l)
             my_q[...] = (acc * _rows(inv_l, acc.shape)).astype(dtype)
             lse_smem.at[wg][...] = jnp.where(empty, jnp.inf,
-                                             m + jnp.log(jnp.where(empty, 1.0, l)) * LOG2E)
+                                             m * c + jnp.log(jnp.where(empty, 1.0, l)) * LOG2E)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(my_q, o_ref.at[b, pl.ds(row0, bq), h])
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, bq)])
@@ -327,15 +372,10 @@ def _forward(q, k, v, spec: _Spec):
 
     scratch = [
         _tile_smem((_CONSUMERS, bq, D), dtype),
-        _tile_smem((stages, bkv, D), dtype),
-        _tile_smem((stages, bkv, D), dtype),
         plgpu.SMEM((_CONSUMERS, bq), jnp.float32),
         plgpu.Barrier(num_barriers=_CONSUMERS),
-        plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=_CONSUMERS),
+        *_kv_ring_scratch(cfg, D, dtype),
     ]
     out_type = (jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((B, H, Sp), jnp.float32))
@@ -348,8 +388,7 @@ def _forward(q, k, v, spec: _Spec):
 def _backward_dq(q, k, v, do, lse, delta, spec: _Spec):
     pl, plgpu = _pl(), _plgpu()
     B, Sp, H, D = q.shape
-    KH = k.shape[2]
-    G = H // KH
+    G = H // k.shape[2]
     cfg = spec.blocks.dq
     bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
     n_q_tiles = Sp // (_CONSUMERS * bq)
@@ -357,26 +396,16 @@ def _backward_dq(q, k, v, do, lse, delta, spec: _Spec):
     c = spec.scale * LOG2E
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-             q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem,
-             row_ready, k_ready, v_ready, k_free, v_free):
-        h, b = lax.axis_index("h"), lax.axis_index("b")
-        r0 = (n_q_tiles - 1 - lax.axis_index("q")) * (_CONSUMERS * bq)
-        lo, flo, fhi, hi = kv_block_range(r0, _CONSUMERS * bq, block_kv=bkv, **spec.ranges())
-        wg = lax.axis_index("wg")
-        kvh = lax.div(h, G)
-
-        @pl.when(wg == _CONSUMERS)
-        def _producer():
-            def issue(t, slot):
-                keys = (b, pl.ds((lo + t) * bkv, bkv), kvh)
-                plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
-            _ring_producer(hi - lo, stages, issue, (k_free, v_free))
+             q_smem, do_smem, lse_smem, delta_smem, row_ready, *ring):
+        tile = _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, _BWD_REGS)
+        k_smem, v_smem, k_ready, v_ready, k_free, v_free = ring
+        b, h, wg = tile.b, tile.h, tile.wg
+        lo = tile.blocks[0]
 
         @pl.when(wg < _CONSUMERS)
         def _consumer():
-            plgpu.set_max_registers(_CONSUMER_REGS, action="increase")
-            row0 = r0 + wg * bq
+            plgpu.set_max_registers(_BWD_REGS[1], action="increase")
+            row0 = tile.r0 + wg * bq
             rows = (b, pl.ds(row0, bq), h)
             my_q, my_do = q_smem.at[wg], do_smem.at[wg]
             ready = [row_ready.at[wg * 4 + i] for i in range(4)]
@@ -413,11 +442,7 @@ def _backward_dq(q, k, v, do, lse, delta, spec: _Spec):
                 plgpu.barrier_arrive(k_free.at[slot])
                 return dq
 
-            dq = _zeros((bq, D))
-            masked = functools.partial(step, masked=True)
-            dq = lax.fori_loop(lo, flo, masked, dq)
-            dq = lax.fori_loop(flo, fhi, functools.partial(step, masked=False), dq)
-            dq = lax.fori_loop(fhi, hi, masked, dq)
+            dq = _sweep(step, *tile.blocks, _zeros((bq, D)))
             my_q[...] = (dq * spec.scale).astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(my_q, dq_ref.at[rows])
@@ -428,13 +453,8 @@ def _backward_dq(q, k, v, do, lse, delta, spec: _Spec):
         _tile_smem((_CONSUMERS, bq, D), dtype),
         plgpu.SMEM((_CONSUMERS, bq), jnp.float32),
         plgpu.SMEM((_CONSUMERS, bq), jnp.float32),
-        _tile_smem((stages, bkv, D), dtype),
-        _tile_smem((stages, bkv, D), dtype),
         plgpu.Barrier(num_barriers=_CONSUMERS * 4),
-        plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
+        *_kv_ring_scratch(cfg, D, dtype),
     ]
     return _call(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch,
                  (H, B, n_q_tiles), ("h", "b", "q"))(q, k, v, do, lse, delta)
@@ -482,11 +502,11 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
                 if want_dk:
                     plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_smem.at[slot],
                                             delta_ready.at[slot])
-            _ring_producer(G * per_head, stages, issue, (q_free, do_free))
+            _ring_producer(G * per_head, stages, issue, (q_free, do_free), _BWD_REGS)
 
         @pl.when(wg < _CONSUMERS)
         def _consumer():
-            plgpu.set_max_registers(_CONSUMER_REGS, action="increase")
+            plgpu.set_max_registers(_BWD_REGS[1], action="increase")
             key0 = c0 + wg * bkv
             keys = (b, pl.ds(key0, bkv), kvh)
             my_k, my_v = k_smem.at[wg], v_smem.at[wg]
@@ -500,7 +520,6 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
 
             def step(i, carry, g, masked):
                 dk, dv = carry
-                h = kvh * G + g
                 slot = lax.rem(g * per_head + (i - lo), stages)
                 q_slot, do_slot = q_smem.at[slot], do_smem.at[slot]
                 plgpu.barrier_wait(q_ready.at[slot])
@@ -535,10 +554,7 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
                 return dk, dv
 
             def head(g, carry):
-                masked = functools.partial(step, g=g, masked=True)
-                carry = lax.fori_loop(lo, flo, masked, carry)
-                carry = lax.fori_loop(flo, fhi, functools.partial(step, g=g, masked=False), carry)
-                return lax.fori_loop(fhi, hi, masked, carry)
+                return _sweep(functools.partial(step, g=g), lo, flo, fhi, hi, carry)
 
             zero = _zeros((bkv, D))
             dk, dv = lax.fori_loop(0, G, head, (zero if want_dk else None,

@@ -17,9 +17,12 @@ import pytest
 from conftest import HAS_GPU
 
 from pallas_kernels.quant_matmul import (
+    dequantize_int4,
     fp8_blockwise_matmul,
     fp8_blockwise_reference,
+    int4_mosaic_gpu,
     int4_weight_only_matmul,
+    int4_weight_only_reference,
     mosaic_gpu,
     pack_int4,
     w8a8_matmul,
@@ -114,6 +117,32 @@ def test_fp8_blockwise_mosaic_matches_reference(mode, case):
     assert rel_err(got, want) < (5e-4 if out_dtype == jnp.float32 else 5e-3)
 
 
+INT4_CASES = [  # M, K, N, group, x dtype, kernel options
+    (1, 1024, 384, 128, jnp.bfloat16, {}),
+    (5, 512, 256, 64, jnp.float16, dict(block_n=256, split_k=2)),
+    (16, 2048, 1152, 128, jnp.bfloat16, dict(block_k=128, stages=3)),
+    (37, 768, 640, 128, jnp.bfloat16, dict(split_k=3)),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", range(len(INT4_CASES)))
+def test_int4_mosaic_matches_reference(mode, case):
+    M, K, N, g, dtype, opts = INT4_CASES[case]
+    k = jax.random.split(jax.random.key(40 + case), 3)
+    packed = pack_int4(jax.random.randint(k[0], (K, N), -8, 8, jnp.int32))
+    s = jax.random.uniform(k[1], (K // g, N), jnp.float32, 0.001, 0.01)
+    x = jax.random.normal(k[2], (M, K), jnp.float32).astype(dtype)
+    got = run_or_lower(mode, lambda x, p, s: int4_mosaic_gpu.int4_weight_only_mosaic(
+        x, p, s, group_size=g, **opts), x, packed, s)
+    if got is None:
+        return
+    want = int4_weight_only_reference(x, packed, s, group_size=g, out_dtype=jnp.float32)
+    assert got.shape == (M, N) and got.dtype == dtype
+    # weights are dequantised to x's 16-bit dtype before the tensor-core product
+    assert rel_err(got, want) < (1e-2 if dtype == jnp.bfloat16 else 2e-3)
+
+
 @pytest.mark.gpu
 def test_api_dispatches_to_mosaic_on_hopper():
     xq, xs, wq, ws = w8a8_operands(20, 2 * 45, 256, 136)
@@ -126,7 +155,20 @@ def test_api_dispatches_to_mosaic_on_hopper():
     want = fp8_blockwise_matmul(fx, fxs, fw, fws, implementation="xla", out_dtype=jnp.float32)
     got = fp8_blockwise_matmul(fx, fxs, fw, fws, implementation="mosaic_gpu",
                                out_dtype=jnp.float32, tiling=Tiling(128, 128, 3))
-    assert rel_err(got, want) < 1e-5
+    assert rel_err(got, want) < 5e-4
+    # int4 through the API (Mosaic forward, dequantised-weight backward)
+    packed = pack_int4(jax.random.randint(jax.random.key(22), (512, 256), -8, 8, jnp.int32))
+    s = jax.random.uniform(jax.random.key(23), (4, 256), jnp.float32, 0.001, 0.01)
+    x = jax.random.normal(jax.random.key(24), (3, 512), jnp.float32).astype(jnp.float16)
+    w = dequantize_int4(packed, s, group_size=128)
+
+    def loss(x, impl):
+        y = int4_weight_only_matmul(x, packed, s, group_size=128, implementation=impl)
+        return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
+    (_, got), g_got = jax.value_and_grad(loss, has_aux=True)(x, "pallas")
+    want = x.astype(jnp.float32) @ w
+    g_want = jax.grad(lambda x: jnp.sum(jnp.sin(x.astype(jnp.float32) @ w)))(x)
+    assert rel_err(got, want) < 2e-3 and rel_err(g_got, g_want) < 2e-3
 
 
 @pytest.mark.parametrize("m_tiles,n_tiles,group_m", [(7, 5, 3), (1, 9, 8), (16, 3, 8), (5, 5, 1)])
@@ -171,10 +213,20 @@ def test_dispatch_errors():
         w8a8_matmul(xq, xs, wq, ws, implementation="xla", tiling=Tiling(128, 128, 3))
     with pytest.raises(ValueError, match="block_sizes=.* apply to the portable kernel"):
         w8a8_matmul(xq, xs, wq, ws, implementation="mosaic_gpu", block_sizes=(64, 64, 64))
-    packed = pack_int4(jnp.zeros((64, 16), jnp.int32))
-    with pytest.raises(ValueError, match="'mosaic_gpu' has no kernel for this matmul"):
-        int4_weight_only_matmul(jnp.ones((2, 64)), packed, jnp.ones((1, 16)), group_size=64,
+    packed = pack_int4(jnp.zeros((128, 128), jnp.int32))
+    with pytest.raises(ValueError, match="cannot run this int4 matmul: x has dtype float32"):
+        int4_weight_only_matmul(jnp.ones((2, 128)), packed, jnp.ones((2, 128)), group_size=64,
                                 implementation="mosaic_gpu")
+    with pytest.raises(ValueError, match="cannot run this int4 matmul: zero points"):
+        int4_weight_only_matmul(jnp.ones((2, 128), jnp.bfloat16), packed, jnp.ones((2, 128)),
+                                jnp.ones((2, 128)), group_size=64, implementation="mosaic_gpu")
+    with pytest.raises(ValueError, match="block_n=64 must be 128 or 256"):
+        int4_mosaic_gpu.int4_weight_only_mosaic(jnp.ones((2, 128), jnp.bfloat16), packed,
+                                                jnp.ones((2, 128)), group_size=64, block_n=64)
+    with pytest.raises(ValueError, match="block_k=96 must be a multiple of 64"):
+        int4_mosaic_gpu.int4_weight_only_mosaic(jnp.ones((2, 256), jnp.bfloat16),
+                                                pack_int4(jnp.zeros((256, 128), jnp.int32)),
+                                                jnp.ones((1, 128)), group_size=256, block_k=96)
     if not HAS_GPU:
         with pytest.raises(ValueError, match="needs a Hopper .* device is 'cpu'"):
             w8a8_matmul(xq, xs, wq, ws, implementation="mosaic_gpu")

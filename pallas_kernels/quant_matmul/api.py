@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import compat
-from pallas_kernels.quant_matmul import mosaic_gpu
+from pallas_kernels.quant_matmul import int4_mosaic_gpu, mosaic_gpu
 from pallas_kernels.quant_matmul import reference as ref
 from pallas_kernels.quant_matmul.fp8_blockwise import fp8_blockwise_pallas
 from pallas_kernels.quant_matmul.int4_weight_only import int4_weight_only_pallas
@@ -160,8 +160,10 @@ def int4_weight_only_matmul(x, packed, scales, zeros=None, *, group_size: int,
                             split_k: int | None = None, interpret: bool | None = None):
     """x [..., K] (bf16/fp16/f32) times int4 weights packed [K/2, N] (uint8)
     with group scales [K/g, N] (and zero points, for unsigned codes) ->
-    [..., N] in x's dtype. split_k None picks enough K slices to give the GPU
-    about 256 programs."""
+    [..., N] in x's dtype. split_k None picks enough K slices to keep every
+    SM streaming. On Hopper 'pallas' runs the Mosaic GPU decode kernel
+    (int4_mosaic_gpu.py) where it supports the call (symmetric codes, <= 64
+    rows, 16-bit x), the portable kernel otherwise."""
     _check_dtype("x", x, (jnp.bfloat16, jnp.float16, jnp.float32))
     _check_dtype("packed", packed, (jnp.uint8,))
     x2, lead = _rows(x)
@@ -175,10 +177,19 @@ def int4_weight_only_matmul(x, packed, scales, zeros=None, *, group_size: int,
     if scales.shape != (groups, N) or (zeros is not None and zeros.shape != (groups, N)):
         raise ValueError(f"scales {scales.shape} / zeros {None if zeros is None else zeros.shape} "
                          f"must be [K/group_size, N] = {(groups, N)}")
-    impl, interpret = _resolve(implementation, interpret, has_mosaic=False)
+    why_not = int4_mosaic_gpu.unsupported(x2, packed, zeros, group_size)
+    if implementation == "mosaic_gpu" and why_not:
+        raise ValueError(f"implementation='mosaic_gpu' cannot run this int4 matmul: {why_not}")
+    impl, interpret = _resolve(implementation, interpret, has_mosaic=why_not is None)
     if impl == "xla":
         def forward(x_, p_, s_, z_):
             return ref.int4_weight_only_reference(x_, p_, s_, z_, group_size=group_size)
+    elif impl == "mosaic_gpu":
+        def forward(x_, p_, s_, z_):
+            del z_  # symmetric codes only (checked above)
+            return int4_mosaic_gpu.int4_weight_only_mosaic(
+                x_, p_, s_, group_size=group_size, split_k=split_k,
+                **({} if block_n is None else {"block_n": block_n}))
     else:
         bn = 128 if block_n is None else block_n
         if split_k is None:

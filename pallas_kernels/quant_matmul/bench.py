@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import compat
 from pallas_kernels.benchmarking import rel_err, time_fn
-from pallas_kernels.quant_matmul import mosaic_gpu
+from pallas_kernels.quant_matmul import int4_mosaic_gpu, mosaic_gpu
 from pallas_kernels.quant_matmul import reference as ref
 from pallas_kernels.quant_matmul.fp8_blockwise import fp8_blockwise_pallas
 from pallas_kernels.quant_matmul.int4_weight_only import int4_weight_only_pallas
@@ -39,8 +39,10 @@ W8A8_TILINGS = [mosaic_gpu.W8A8_TILING, mosaic_gpu.Tiling(256, 128, 3),
                 mosaic_gpu.Tiling(128, 256, 3, 4)]
 FP8_TILINGS = [mosaic_gpu.FP8_TILING, mosaic_gpu.Tiling(128, 128, 4),
                mosaic_gpu.Tiling(128, 128, 5, 16), mosaic_gpu.Tiling(128, 128, 3)]
-INT4_CONFIGS = [(128, 4, 4, 3), (64, 8, 4, 3), (256, 4, 8, 3), (128, 8, 4, 4), (64, 16, 4, 4),
-                (256, 2, 8, 4), (128, 16, 8, 3)]  # block_n, split_k, num_warps, num_stages
+INT4_CONFIGS = [(64, 8, 4, 3), (128, 8, 4, 4), (64, 16, 4, 4),
+                (128, 16, 8, 3)]  # block_n, split_k, num_warps, num_stages
+INT4_MOSAIC_CONFIGS = [(128, 64, 4, None), (128, 64, 6, None), (128, 128, 4, None),
+                       (256, 64, 4, None), (128, 64, 4, 8)]  # block_n, block_k, stages, split_k
 
 
 def _tiling_label(t):
@@ -173,6 +175,15 @@ def int4_suite(size, results):
                     for bn, sk, nw, ns in INT4_CONFIGS]
         best_of(f"int4_pallas_M{M}", variants, (x, packed, scales),
                 lambda o, want=want: rel_err(o, want), row)
+        if compat.is_hopper() and not SKIP_MOSAIC:
+            variants = [(f"bn{bn}_bk{bk}_s{st}_split{sk}",
+                         jax.jit(lambda x, p, s, bn=bn, bk=bk, st=st, sk=sk:
+                                 int4_mosaic_gpu.int4_weight_only_mosaic(
+                                     x, p, s, group_size=g, block_n=bn, block_k=bk, stages=st,
+                                     split_k=sk)))
+                        for bn, bk, st, sk in INT4_MOSAIC_CONFIGS]
+            best_of(f"int4_mosaic_M{M}", variants, (x, packed, scales),
+                    lambda o, want=want: rel_err(o, want), row)
         xla = jax.jit(lambda x, p, s: ref.int4_weight_only_reference(x, p, s, group_size=g))
         row["xla_dequant_dot"] = dict(seconds=time_fn(xla, x, packed, scales))
         dense = jax.jit(lambda x, w: jnp.dot(x, w))

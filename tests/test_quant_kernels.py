@@ -16,6 +16,7 @@ from pallas_kernels.quant_matmul import (
     w8a8_matmul,
     w8a8_reference,
 )
+from pallas_kernels.quant_matmul.packing import unpack_nibbles_float
 
 
 def rel_err(a, b):
@@ -90,11 +91,16 @@ def int4_operands(seed, K, N, g, asymmetric):
 
 
 @pytest.mark.parametrize("interpret", kernel_modes())
-@pytest.mark.parametrize("M,asymmetric,split_k", [(1, False, 2), (5, True, 4)])
-def test_int4_weight_only_forward_and_grad(interpret, M, asymmetric, split_k):
+@pytest.mark.parametrize("M,asymmetric,split_k,dtype", [
+    (1, False, 2, jnp.float32), (5, True, 4, jnp.float32), (3, False, 1, jnp.float16),
+    (7, True, 1, jnp.bfloat16)])
+def test_int4_weight_only_forward_and_grad(interpret, M, asymmetric, split_k, dtype):
     K, N, g = 256, 72, 32
     packed, s, z = int4_operands(10 + M, K, N, g, asymmetric)
-    x = jax.random.normal(jax.random.key(20 + M), (M, K))
+    x = jax.random.normal(jax.random.key(20 + M), (M, K)).astype(dtype)
+    # 16-bit x: y and dx are rounded to x's dtype, and dx = cos(y) @ w^T also
+    # carries y's rounding
+    tol = {jnp.float32: 1e-5, jnp.float16: 2e-3, jnp.bfloat16: 2e-2}[dtype]
     w = dequantize_int4(packed, s, z, group_size=g)
 
     def loss(x, impl):
@@ -104,9 +110,10 @@ def test_int4_weight_only_forward_and_grad(interpret, M, asymmetric, split_k):
 
     (_, got), g_got = jax.value_and_grad(loss, has_aux=True)(x, "pallas")
     (_, want), g_want = jax.value_and_grad(lambda x: (jnp.sum(jnp.sin(x @ w)), x @ w),
-                                           has_aux=True)(x)
-    assert rel_err(got, want) < 1e-5
-    assert rel_err(g_got, g_want) < 1e-5
+                                           has_aux=True)(x.astype(jnp.float32))
+    assert got.dtype == dtype and g_got.dtype == dtype
+    assert rel_err(got, want) < tol
+    assert rel_err(g_got, g_want) < tol
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -119,6 +126,17 @@ def test_int4_packing_round_trip(signed):
     # layout: low nibble row i, high nibble row i + K/2
     np.testing.assert_array_equal(np.asarray(packed) & 15, np.asarray(codes[:19]) & 15)
     np.testing.assert_array_equal(np.asarray(packed) >> 4, np.asarray(codes[19:]) & 15)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("signed", [True, False])
+def test_unpack_nibbles_float_is_exact(dtype, signed):
+    every_byte = jnp.arange(256, dtype=jnp.int32).astype(jnp.uint8).reshape(2, 128)
+    lo, hi = unpack_nibbles_float(every_byte, dtype, signed=signed)
+    assert lo.dtype == dtype and hi.dtype == dtype
+    codes = np.asarray(unpack_int4(every_byte, signed=signed), np.float32)
+    np.testing.assert_array_equal(np.asarray(lo, np.float32), codes[:2])
+    np.testing.assert_array_equal(np.asarray(hi, np.float32), codes[2:])
 
 
 def test_error_paths():
@@ -152,3 +170,5 @@ def test_error_paths():
                                 interpret=True)
     with pytest.raises(ValueError, match="even K"):
         pack_int4(jnp.ones((5, 3), jnp.int32))
+    with pytest.raises(ValueError, match="takes bfloat16, float16 or float32, got int8"):
+        unpack_nibbles_float(packed, jnp.int8, signed=True)

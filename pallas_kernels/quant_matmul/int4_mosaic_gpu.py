@@ -9,8 +9,8 @@ multiple of 8), so no tensor-core work is spent on padding rows of x.
 Each block owns tn weight columns and one of split_k slices of K. A TMA
 pipeline brings, per step, kt2 packed rows [kt2, tn] (holding K rows i.. and
 K/2 + i.., one group each), the two groups' scale rows, and the two matching
-[M, kt2] slices of x. The block unpacks the nibbles in registers, scales them
-to bf16 weights, stores them to shared memory (the next step's unpacking
+[M, kt2] slices of x. The block unpacks the nibbles in registers (float32 by
+the magic-number trick of packing.py), scales them to 16-bit weights, stores them to shared memory (the next step's unpacking
 overlaps this step's wgmma) and accumulates W^T x^T into one float32 wgmma
 accumulator. Split-K partial sums are added afterwards in XLA (they are
 [split_k, N, M] floats: small next to the weights).
@@ -28,6 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.quant_matmul.packing import unpack_nibbles_float
 from pallas_kernels.quant_matmul.tiling import pad_to, round_up
 
 MAX_ROWS = 64
@@ -104,19 +105,16 @@ def int4_weight_only_mosaic(x, packed, scales, *, group_size: int, block_n: int 
         def group(s):
             return (first + s) * kt2 // group_size
 
-        def dequant(p, s_smem, high):
-            # A signed nibble q has low bits u = q & 15, and u ^ 8 = q + 8:
-            # w = (u ^ 8) * s - 8 s, one multiply-add per weight.
-            u = (p >> 4) if high else (p & 15)
+        def dequant(q, s_smem):
             scale = plgpu.load(s_smem.at[0], (), layout=plgpu.Layout.WGMMA.reduce(0))
-            bias = lax.broadcast_in_dim(scale * -8.0, p.shape, [1])
-            scale = lax.broadcast_in_dim(scale, p.shape, [1])
-            return ((u ^ 8).astype(jnp.float32) * scale + bias).astype(dtype)
+            return (q * lax.broadcast_in_dim(scale, q.shape, [1])).astype(dtype)
 
         def accumulate(acc_ref):
             def step(_, x_lo, x_hi, p_smem, s_lo, s_hi):
-                p = plgpu.load(p_smem, (), layout=plgpu.Layout.WGMMA).astype(jnp.int32)
-                w_lo, w_hi = dequant(p, s_lo, False), dequant(p, s_hi, True)
+                p = plgpu.load(p_smem, (), layout=plgpu.Layout.WGMMA)
+                # float32 codes without int-to-float conversions (packing.py)
+                q_lo, q_hi = unpack_nibbles_float(p, jnp.float32, signed=True)
+                w_lo, w_hi = dequant(q_lo, s_lo), dequant(q_hi, s_hi)
                 plgpu.wgmma_wait(0)  # the previous step's products have read w_smem
                 w_smem.at[0][...] = w_lo
                 w_smem.at[1][...] = w_hi

@@ -6,9 +6,11 @@ byte, packing.py layout) until they reach registers. Each program owns an
 output tile [M, bn] and, optionally, one of ``split_k`` slices of K (partial
 sums are added afterwards) so that enough programs stream weights at once.
 Per step it loads g packed rows, which hold group i (low nibbles) and group
-i + K/(2g) (high nibbles); the codes are exact in the activation dtype, the
-dot accumulates in fp32 and the group's scale is applied to the [M, bn]
-partial product rather than to the [g, bn] weights.
+i + K/(2g) (high nibbles); the codes are unpacked straight into the
+activation dtype (exact, by the magic-number trick of packing.py: no
+int-to-float conversions, which would bound the kernel), the dot
+accumulates in fp32 and the group's scale is applied to the [M, bn] partial
+product rather than to the [g, bn] weights.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import compat
-from pallas_kernels.quant_matmul.packing import unpack_nibbles
+from pallas_kernels.quant_matmul.packing import unpack_nibbles_float
 from pallas_kernels.quant_matmul.tiling import (
     MIN_DOT,
     check_block,
@@ -39,8 +41,7 @@ def _kernel(x_lo_ref, x_hi_ref, p_ref, s_lo_ref, s_hi_ref, *rest, g: int, steps:
 
     def step(t, acc):
         rows = pl.ds(t * g, g)
-        lo, hi = unpack_nibbles(p_ref[rows, :], signed=not asymmetric)
-        lo, hi = lo.astype(cd), hi.astype(cd)
+        lo, hi = unpack_nibbles_float(p_ref[rows, :], cd, signed=not asymmetric)
         if asymmetric:
             lo = lo - z_lo_ref[pl.ds(t, 1), :].astype(cd)
             hi = hi - z_hi_ref[pl.ds(t, 1), :].astype(cd)
@@ -49,7 +50,7 @@ def _kernel(x_lo_ref, x_hi_ref, p_ref, s_lo_ref, s_hi_ref, *rest, g: int, steps:
         return acc + part_lo * s_lo_ref[pl.ds(t, 1), :] + part_hi * s_hi_ref[pl.ds(t, 1), :]
 
     acc = jax.lax.fori_loop(0, steps, step, jnp.zeros(o_ref.shape, jnp.float32))
-    o_ref[...] = acc
+    o_ref[...] = acc.astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "out_dtype", "block_n", "split_k",
@@ -88,13 +89,17 @@ def int4_weight_only_pallas(x, packed, scales, zeros=None, *, group_size: int, o
                      pl.BlockSpec((steps, bn), lambda j, c: (split_k + c, j))]
     params = {} if interpret else dict(
         compiler_params=compat.triton_compiler_params(num_warps=num_warps, num_stages=num_stages))
+    out_dtype = out_dtype or x.dtype
+    # Without split-K the kernel writes the result; otherwise float32 partial
+    # sums, added by XLA.
     partial_sums = pl.pallas_call(
         functools.partial(_kernel, g=g, steps=steps, asymmetric=asymmetric),
         grid=(Np // bn, split_k),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, Mp, bn), lambda j, c: (c, 0, j)),
-        out_shape=jax.ShapeDtypeStruct((split_k, Mp, Np), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((split_k, Mp, Np),
+                                       out_dtype if split_k == 1 else jnp.float32),
         interpret=interpret, **params,
     )(*operands)
     out = partial_sums[0] if split_k == 1 else jnp.sum(partial_sums, axis=0)
-    return out[:M, :N].astype(out_dtype or x.dtype)
+    return out[:M, :N].astype(out_dtype)

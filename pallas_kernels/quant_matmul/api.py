@@ -5,8 +5,9 @@ implementation:
   'mosaic_gpu' the Hopper kernels of mosaic_gpu.py (w8a8 and fp8 blockwise;
                sm_90 GPUs only, compiled only; ``tiling`` tunes them);
   'pallas'     on a Hopper GPU, compiled, with no ``block_sizes``: the Mosaic
-               GPU kernel where one exists; otherwise the portable BlockSpec
-               kernel (Triton lowering on GPU, interpreted on CPU);
+               GPU kernel where one exists (w8a8, fp8 blockwise); otherwise
+               the portable BlockSpec kernel (Triton lowering on GPU,
+               interpreted on CPU);
   'auto'       'pallas' on GPU, 'xla' elsewhere.
 Leading batch dimensions of x are flattened into rows. The w8a8 and fp8
 kernels are inference kernels on quantised codes; the int4 weight-only matmul
@@ -161,9 +162,9 @@ def int4_weight_only_matmul(x, packed, scales, zeros=None, *, group_size: int,
     """x [..., K] (bf16/fp16/f32) times int4 weights packed [K/2, N] (uint8)
     with group scales [K/g, N] (and zero points, for unsigned codes) ->
     [..., N] in x's dtype. split_k None picks enough K slices to keep every
-    SM streaming. On Hopper 'pallas' runs the Mosaic GPU decode kernel
-    (int4_mosaic_gpu.py) where it supports the call (symmetric codes, <= 64
-    rows, 16-bit x), the portable kernel otherwise."""
+    SM streaming. 'pallas' runs the portable kernel, also on Hopper, where it
+    beats the Mosaic GPU decode kernel (BENCHMARKS.md); 'mosaic_gpu' runs
+    int4_mosaic_gpu.py (symmetric codes, <= 64 rows, 16-bit x)."""
     _check_dtype("x", x, (jnp.bfloat16, jnp.float16, jnp.float32))
     _check_dtype("packed", packed, (jnp.uint8,))
     x2, lead = _rows(x)
@@ -180,7 +181,8 @@ def int4_weight_only_matmul(x, packed, scales, zeros=None, *, group_size: int,
     why_not = int4_mosaic_gpu.unsupported(x2, packed, zeros, group_size)
     if implementation == "mosaic_gpu" and why_not:
         raise ValueError(f"implementation='mosaic_gpu' cannot run this int4 matmul: {why_not}")
-    impl, interpret = _resolve(implementation, interpret, has_mosaic=why_not is None)
+    impl, interpret = _resolve(implementation, interpret,
+                               has_mosaic=why_not is None and implementation == "mosaic_gpu")
     if impl == "xla":
         def forward(x_, p_, s_, z_):
             return ref.int4_weight_only_reference(x_, p_, s_, z_, group_size=group_size)
@@ -191,6 +193,8 @@ def int4_weight_only_matmul(x, packed, scales, zeros=None, *, group_size: int,
                 x_, p_, s_, group_size=group_size, split_k=split_k,
                 **({} if block_n is None else {"block_n": block_n}))
     else:
+        # About 256 programs (block_n 128, split_k 4 at N=K=8192) is the
+        # fastest tiling of the H100 sweep (BENCHMARKS.md).
         bn = 128 if block_n is None else block_n
         if split_k is None:
             per_half = groups // 2

@@ -42,12 +42,12 @@ W8A8_TILINGS = [mosaic_gpu.W8A8_TILING, mosaic_gpu.Tiling(128, 256, 3, 16)]
 FP8_TILINGS = [mosaic_gpu.FP8_TILING, mosaic_gpu.Tiling(128, 128, 4),
                mosaic_gpu.Tiling(128, 128, 5, 16)]
 # int4 tilings are swept at the first batch only: the others (every batch pads
-# to the same 16 rows in the portable kernel) take its fastest one.
-INT4_CONFIGS = [(64, 8, 4, 3), (128, 4, 4, 3), (64, 4, 4, 4), (64, 2, 4, 4), (32, 2, 4, 4),
-                (32, 1, 4, 4), (64, 1, 4, 4), (128, 8, 8, 3), (128, 2, 8, 4),
-                (64, 16, 4, 3)]  # block_n, split_k, warps, stages
-INT4_MOSAIC_CONFIGS = [(128, 64, 4, None), (128, 64, 6, None), (256, 64, 4, None),
-                       (128, 64, 4, 8)]  # block_n, block_k, stages, split_k
+# to the same 16 rows in the portable kernel) take its fastest one. The last
+# H100 sweep (us at batch 16) also tried, portable: split_k 2 (35-36), 16 (38),
+# 1 (44-53), block_n 32 (43-53); Mosaic: 6 stages (43), block_n 256 (50).
+INT4_CONFIGS = [(128, 4, 4, 3), (64, 8, 4, 3), (128, 8, 8, 3),
+                (64, 4, 4, 4)]  # block_n, split_k, warps, stages (33.6-35 us)
+INT4_MOSAIC_CONFIGS = [(128, 64, 4, None), (128, 64, 4, 8)]  # block_n, block_k, stages, split_k
 INT4_BATCHES = (16, 4, 1)
 
 

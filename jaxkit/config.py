@@ -402,8 +402,9 @@ def validate(cfg: Config) -> None:
     from jaxkit.sharding.rules import resolve_rules  # imports this module
     resolve_rules(cfg.mesh.rules)  # raises ConfigError naming a bad mesh.rules entry
     try:
-        from jaxkit.quant.config_check import check_quant_config  # imports this module
+        from jaxkit.quant.config_check import check_head_target, check_quant_config
         check_quant_config(m.quant)
+        check_head_target(m.quant, m.tie_embeddings)
     except ValueError as err:
         raise ConfigError(f"model.quant: {err}") from None
     c = cfg.checkpoint

@@ -162,10 +162,18 @@ def test_quant_config_errors():
         (["model.quant.mode=int", "model.quant.weight_format=int8",
           "model.quant.activation_format=fp8_e4m3"], "supported: w8a8"),
         (["model.quant.mode=qat"], "needs a weight_format or an activation_format"),
+        (base + ["model.quant.targets=q,head"], "needs an untied output head"),
     ]
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):
             load_config(None, overrides)
+    head = QuantConfig(mode="ptq", weight_format="int8", targets=("head",))
+    with pytest.raises(ValueError, match="untied output head"):
+        Transformer(dataclasses.replace(TINY, quant=head), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="untied output head"):
+        attach_quantizers(Transformer(TINY, rngs=nnx.Rngs(0)), head, rngs=nnx.Rngs(0))
+    untied = Transformer(dataclasses.replace(TINY, tie_embeddings=False), rngs=nnx.Rngs(0))
+    assert attach_quantizers(untied, head, rngs=nnx.Rngs(0)) == 1
     with pytest.raises(ValueError, match="unknown Linear target 'mlp_up'"):
         Linear(4, 4, axes=("embed", "mlp"), rngs=nnx.Rngs(0), target="mlp_up")
 

@@ -16,6 +16,7 @@ from flax import nnx
 from jaxkit.config import ConfigError, ModelConfig
 from jaxkit.layers import Attention, Linear, RMSNorm, SwiGLU
 from jaxkit.layers.linear import param
+from jaxkit.quant.config_check import check_head_target
 from jaxkit.sharding import RESIDUAL, constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -94,6 +95,7 @@ def _apply(unit, x, positions, segment_ids):
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
+        check_head_target(cfg.quant, cfg.tie_embeddings)
         pd = DTYPES[cfg.param_dtype]
         self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                            std=cfg.d_model ** -0.5, dtype=pd)

@@ -35,6 +35,13 @@ def int_kernel(cfg) -> str:
                      f"granularity={g!r}, block_size={b!r}; supported: {supported}")
 
 
+def check_head_target(cfg, tie_embeddings: bool) -> None:
+    """A tied output head is the embedding table itself: no Linear to quantise."""
+    if cfg.mode != "none" and "head" in cfg.targets and tie_embeddings:
+        raise ValueError("quant target 'head' needs an untied output head: set "
+                         "model.tie_embeddings=false, or remove 'head' from model.quant.targets")
+
+
 def check_quant_config(cfg) -> None:
     """Raise ValueError naming the first impossible setting of a QuantConfig."""
     if cfg.mode not in MODES:

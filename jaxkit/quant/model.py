@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 
 from flax import nnx
 
-from jaxkit.quant.config_check import check_quant_config
+from jaxkit.quant.config_check import check_head_target, check_quant_config
 from jaxkit.quant.experts import ExpertQuantizer
 from jaxkit.quant.layer import Quantizer
 
@@ -43,10 +43,18 @@ def _applies(cfg, linear) -> bool:
     return cfg.mode != "none" and linear.target in cfg.targets
 
 
+def _check_head(model, cfg) -> None:
+    """Target 'head' must name a layer: a tied head (the embedding) has none."""
+    cfg_model = getattr(model, "cfg", None)
+    if cfg_model is not None and hasattr(cfg_model, "tie_embeddings"):
+        check_head_target(cfg, cfg_model.tie_embeddings)
+
+
 def attach_quantizers(model, cfg, *, rngs: nnx.Rngs) -> int:
     """Give every Linear whose target cfg names a fresh Quantizer (e.g. PTQ of
     a model trained in float). Returns how many layers were attached."""
     check_quant_config(cfg)
+    _check_head(model, cfg)
     count = 0
     for lin in _linears(model):
         if _applies(cfg, lin):
@@ -101,6 +109,7 @@ def quantize_model(model, cfg) -> int:
     check_quant_config(cfg)
     if cfg.mode != "int":
         raise ValueError(f"quantize_model needs a QuantConfig with mode 'int', got {cfg.mode!r}")
+    _check_head(model, cfg)
     count = 0
     for lin in _linears(model):
         if lin.target not in cfg.targets:

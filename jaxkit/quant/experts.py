@@ -32,7 +32,7 @@ from flax import nnx
 from jaxkit.config import QuantConfig
 from jaxkit.quant.config_check import check_quant_config, int_kernel
 from jaxkit.quant.core import QTensor, dequantize, fake_quant, quantize
-from jaxkit.quant.layer import QuantScale, QuantWeight, quantize_gradient
+from jaxkit.quant.layer import QuantScale, QuantWeight, quant_kwargs, quantize_gradient
 from jaxkit.quant.rotation import random_signs, rotate_activation, rotate_weight
 from pallas_kernels.quant_matmul import pack_int4, unpack_int4
 
@@ -51,11 +51,6 @@ def check_expert_quant(cfg: QuantConfig) -> None:
         raise ValueError("MoE experts quantise activations with dynamic scales; static "
                          f"per-tensor scales (granularity 'tensor' in mode {cfg.mode!r}) are "
                          f"not supported ({fix}, or use granularity 'token'/'block')")
-
-
-def _quant_kwargs(cfg: QuantConfig) -> dict:
-    return {"granularity": cfg.granularity, "block_size": cfg.block_size,
-            "scale_method": cfg.scale_method, "percentile": cfg.percentile}
 
 
 @jax.tree_util.register_dataclass
@@ -83,14 +78,14 @@ class ExpertQuant:
         for name, m in zip(MATRICES, w, strict=True):
             m = rotate_experts(m, self._signs(name))
             out.append(m if fmt is None else
-                       fake_quant(m, fmt, axis=WEIGHT_AXIS, **_quant_kwargs(self.cfg)))
+                       fake_quant(m, fmt, axis=WEIGHT_AXIS, **quant_kwargs(self.cfg)))
         return type(w)(*out)
 
     def _apply(self, x, signs):
         if signs is not None:
             x = rotate_activation(x.astype(jnp.float32), signs)
         if self.cfg.activation_format is not None:
-            x = fake_quant(x, self.cfg.activation_format, axis=-1, **_quant_kwargs(self.cfg))
+            x = fake_quant(x, self.cfg.activation_format, axis=-1, **quant_kwargs(self.cfg))
         return x
 
     def inputs(self, rows):
@@ -154,7 +149,7 @@ class ExpertQuantizer(nnx.Module):
         for name, w in zip(MATRICES, float_weights, strict=True):
             q = quantize(rotate_experts(w, self._signs(name)), self.cfg.weight_format,
                          axis=WEIGHT_AXIS,
-                         **_quant_kwargs(self.cfg))
+                         **quant_kwargs(self.cfg))
             if kind == "fp8_blockwise":
                 codes = q.codes.astype(jnp.float8_e4m3fn)  # exact: codes lie on the e4m3 grid
             elif kind == "w8a8":

@@ -46,6 +46,12 @@ class QuantWeight(nnx.Variable):
 PHASES = ("run", "observe_channels", "observe_activations")
 
 
+def quant_kwargs(cfg) -> dict:
+    """The QuantConfig fields that quantize/fake_quant take as keywords."""
+    return {"granularity": cfg.granularity, "block_size": cfg.block_size,
+            "scale_method": cfg.scale_method, "percentile": cfg.percentile}
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def quantize_gradient(y, fmt_name: str):
     """Identity forward; the backward quantise-dequantises the incoming
@@ -82,11 +88,6 @@ class Quantizer(nnx.Module):
         self.storage = nnx.data(None)  # mode 'int': dict of QuantWeight
 
     # ------------------------------------------------------------ helpers
-    def _quant_kwargs(self):
-        c = self.cfg
-        return dict(granularity=c.granularity, block_size=c.block_size,
-                    scale_method=c.scale_method, percentile=c.percentile)
-
     def needs_channel_stats(self) -> bool:
         return self.cfg.smoothquant_alpha is not None
 
@@ -178,7 +179,7 @@ class Quantizer(nnx.Module):
                            preferred_element_type=jnp.float32).astype(compute_dtype)
         c = self.cfg
         x, w = self.transform(x.astype(jnp.float32), kernel.astype(jnp.float32))
-        kw = self._quant_kwargs()
+        kw = quant_kwargs(self.cfg)
         if c.weight_format is not None:
             w = fake_quant(w, c.weight_format, axis=0, **kw)
         if c.activation_format is not None:
@@ -201,7 +202,7 @@ class Quantizer(nnx.Module):
             w = w * extra["smooth"][:, None]
         if self.signs is not None:
             w = rotate_weight(w, self.signs[...])
-        kw = self._quant_kwargs()
+        kw = quant_kwargs(self.cfg)
         if kind == "w8a8":
             q = quantize(w.T, "int8", axis=-1, **kw)  # stored [N, K]
             storage = {"codes": ungroup(q, q.codes).astype(jnp.int8),
@@ -225,7 +226,7 @@ class Quantizer(nnx.Module):
         if self.needs_channel_stats() or self.signs is not None:
             # rotation/smoothing of x alone: W was transformed at conversion
             x = self._transform_x(x)
-        kw = self._quant_kwargs()
+        kw = quant_kwargs(self.cfg)
         if self.kernel_kind == "w8a8":
             q = quantize(x, "int8", axis=-1, amax=self._static_amax(), **kw)
             xs = ungroup(q, q.scale)[..., 0]

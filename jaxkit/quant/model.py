@@ -28,7 +28,7 @@ def _linears(model):
 
 
 def _moes(model):
-    """The model's MoE layers whose routed experts quant target 'experts' covers."""
+    """The model's MoE layers (their routed experts are quant target 'experts')."""
     from jaxkit.layers.moe import MoE
     return [m for _, m in nnx.iter_modules(model) if isinstance(m, MoE)]
 
@@ -101,6 +101,18 @@ def calibrate(model, batches: Iterable, forward: Callable | None = None) -> int:
     return len(batches)
 
 
+def _conversion_quantizer(q, make, cfg, what: str):
+    """The quantizer that converts a layer to cfg (mode 'int'): its own, which
+    must differ from cfg in the mode alone, or make() when it has none."""
+    if q is None:
+        q = make()
+    elif dataclasses.replace(q.cfg, mode="int") != cfg:
+        raise ValueError(f"{what} was prepared with {q.cfg}, which differs from {cfg} in more "
+                         "than the mode")
+    q.cfg = cfg
+    return q
+
+
 def quantize_model(model, cfg) -> int:
     """Replace the float kernel of every Linear cfg targets (and, with target
     'experts', every MoE layer's routed experts) by low-bit storage (cfg.mode
@@ -116,13 +128,9 @@ def quantize_model(model, cfg) -> int:
             continue
         if lin.kernel is None:
             raise ValueError(f"Linear '{lin.target}' was already converted")
-        q = lin.quantizer
-        if q is None:
-            q = Quantizer(*lin.kernel.shape, cfg, rngs=nnx.Rngs(0))
-        elif dataclasses.replace(q.cfg, mode="int") != cfg:
-            raise ValueError(f"Linear '{lin.target}' was prepared with {q.cfg}, which differs "
-                             f"from {cfg} in more than the mode")
-        q.cfg = cfg
+        q = _conversion_quantizer(lin.quantizer,
+                                  lambda: Quantizer(*lin.kernel.shape, cfg, rngs=nnx.Rngs(0)),
+                                  cfg, f"Linear '{lin.target}'")
         q.convert(lin.kernel[...])
         lin.quantizer = q
         lin.kernel = None
@@ -130,14 +138,10 @@ def quantize_model(model, cfg) -> int:
     if "experts" in cfg.targets:
         for moe in _moes(model):
             weights = _expert_weights(moe)
-            q = moe.quantizer
-            if q is None:
-                _, D, H = weights[0].shape
-                q = ExpertQuantizer(D, H, cfg, rngs=nnx.Rngs(0))
-            elif dataclasses.replace(q.cfg, mode="int") != cfg:
-                raise ValueError(f"MoE experts were prepared with {q.cfg}, which differs from "
-                                 f"{cfg} in more than the mode")
-            q.cfg = cfg
+            _, D, H = weights[0].shape
+            q = _conversion_quantizer(moe.quantizer,
+                                      lambda: ExpertQuantizer(D, H, cfg, rngs=nnx.Rngs(0)),
+                                      cfg, "MoE experts")
             q.convert(weights)
             moe.quantizer = q
             moe.gate = moe.up = moe.down = None

@@ -18,15 +18,21 @@ def jaxkit(*args, cwd):
     return out.stdout
 
 
-def test_prepare_train_eval_resume(tmp_path):
+def tiny_run(tmp_path, *overrides):
+    """Prepares a small corpus under tmp_path; returns the arguments of a tiny
+    quickstart run on it (config, overrides, data path, run directory)."""
     docs = tmp_path / "docs"
     docs.mkdir()
     for i in range(6):
         (docs / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox " * 200)
     jaxkit("data", "prepare", "--inputs", str(docs), "--out", str(tmp_path / "tok"),
            "--val-fraction", "0.3", cwd=ROOT)
-    common = [str(ROOT / "configs/quickstart.yaml"), *TINY, "--set", f"data.path={tmp_path / 'tok'}",
-              "--run-dir", str(tmp_path / "run")]
+    return [str(ROOT / "configs/quickstart.yaml"), *TINY, *overrides,
+            "--set", f"data.path={tmp_path / 'tok'}", "--run-dir", str(tmp_path / "run")]
+
+
+def test_prepare_train_eval_resume(tmp_path):
+    common = tiny_run(tmp_path)
     first = json.loads(jaxkit("train", *common, "--set", "train.steps=4", cwd=tmp_path).splitlines()[-1])
     assert first["step"] == 4
     resumed = json.loads(jaxkit("train", *common, "--set", "train.steps=8", "--resume",
@@ -54,16 +60,9 @@ def test_prepare_train_eval_resume(tmp_path):
 def test_quantize_a_qat_run(tmp_path):
     """A run trained with QAT converts with its own formats (and rotation);
     other formats are refused by name."""
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    for i in range(3):
-        (docs / f"{i}.txt").write_text(f"text {i} to learn from " * 400)
-    jaxkit("data", "prepare", "--inputs", str(docs), "--out", str(tmp_path / "tok"),
-           "--val-fraction", "0.3", cwd=ROOT)
-    qat = ["--set", "model.quant.weight_format=int4", "--set", "model.quant.granularity=block",
-           "--set", "model.quant.block_size=16", "--set", "model.quant.hadamard=true"]
-    common = [str(ROOT / "configs/quickstart.yaml"), *TINY, *qat,
-              "--set", f"data.path={tmp_path / 'tok'}", "--run-dir", str(tmp_path / "run")]
+    common = tiny_run(tmp_path, "--set", "model.quant.weight_format=int4",
+                      "--set", "model.quant.granularity=block", "--set", "model.quant.block_size=16",
+                      "--set", "model.quant.hadamard=true")
     jaxkit("train", *common, "--set", "model.quant.mode=qat", "--set", "train.steps=4",
            cwd=tmp_path)
     q = json.loads(jaxkit("quantize", *common, "--set", "model.quant.mode=int",

@@ -1,7 +1,6 @@
 """Test modes: every kernel test body runs interpreted on CPU and, where a GPU
 is present, compiled (tests marked ``gpu``). Without a GPU the compiled
 variants are deselected, not skipped: CI reports only what it really ran."""
-import os
 
 import jax
 import pytest

@@ -3,7 +3,6 @@ tiny run's loss decreases."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 

@@ -121,11 +121,14 @@ def test_int4_packing_round_trip(signed):
     lo, hi = (-8, 8) if signed else (0, 16)
     codes = jax.random.randint(jax.random.key(5), (38, 7), lo, hi, jnp.int32)
     packed = pack_int4(codes)
-    assert packed.shape == (19, 7) and packed.dtype == jnp.uint8
+    assert packed.shape == (7, 19) and packed.dtype == jnp.uint8
     np.testing.assert_array_equal(unpack_int4(packed, signed=signed), codes)
-    # layout: low nibble row i, high nibble row i + K/2
-    np.testing.assert_array_equal(np.asarray(packed) & 15, np.asarray(codes[:19]) & 15)
-    np.testing.assert_array_equal(np.asarray(packed) >> 4, np.asarray(codes[19:]) & 15)
+    # layout: byte [n, i] holds k = 2i in its low nibble and k = 2i + 1 in its high one
+    np.testing.assert_array_equal(np.asarray(packed) & 15, np.asarray(codes[0::2]).T & 15)
+    np.testing.assert_array_equal(np.asarray(packed) >> 4, np.asarray(codes[1::2]).T & 15)
+    if signed:  # the same bytes as int4 W^T, as the Mosaic GPU kernel reads them
+        as_int4 = jax.lax.bitcast_convert_type(packed, jnp.int4).reshape(7, 38)
+        np.testing.assert_array_equal(np.asarray(as_int4, np.int32), np.asarray(codes).T)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
@@ -134,9 +137,9 @@ def test_unpack_nibbles_float_is_exact(dtype, signed):
     every_byte = jnp.arange(256, dtype=jnp.int32).astype(jnp.uint8).reshape(2, 128)
     lo, hi = unpack_nibbles_float(every_byte, dtype, signed=signed)
     assert lo.dtype == dtype and hi.dtype == dtype
-    codes = np.asarray(unpack_int4(every_byte, signed=signed), np.float32)
-    np.testing.assert_array_equal(np.asarray(lo, np.float32), codes[:2])
-    np.testing.assert_array_equal(np.asarray(hi, np.float32), codes[2:])
+    codes = np.asarray(unpack_int4(every_byte, signed=signed), np.float32)  # [256, 2]
+    np.testing.assert_array_equal(np.asarray(lo, np.float32), codes[0::2].T)
+    np.testing.assert_array_equal(np.asarray(hi, np.float32), codes[1::2].T)
 
 
 def test_error_paths():
@@ -165,8 +168,8 @@ def test_error_paths():
         int4_weight_only_matmul(x.astype(jnp.int32), packed, s, group_size=16)
     with pytest.raises(ValueError, match="group_size=24 must divide K=64"):
         int4_weight_only_matmul(x, packed, s, group_size=24)
-    with pytest.raises(ValueError, match="K/2=32 must be a multiple of group_size=64"):
-        int4_weight_only_matmul(x, packed, s[:1], group_size=64, implementation="pallas",
+    with pytest.raises(ValueError, match="group_size // 2=8 must be a power of two >= 16"):
+        int4_weight_only_matmul(x, packed, s, group_size=16, implementation="pallas",
                                 interpret=True)
     with pytest.raises(ValueError, match="even K"):
         pack_int4(jnp.ones((5, 3), jnp.int32))

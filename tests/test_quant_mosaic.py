@@ -119,9 +119,11 @@ def test_fp8_blockwise_mosaic_matches_reference(mode, case):
 
 INT4_CASES = [  # M, K, N, group, x dtype, kernel options
     (1, 1024, 384, 128, jnp.bfloat16, {}),
-    (5, 512, 256, 64, jnp.float16, dict(block_n=256, split_k=2)),
+    (3, 768, 320, 128, jnp.bfloat16, {}),  # default step: 256 codes (768 % 512 != 0)
+    (5, 512, 256, 64, jnp.bfloat16, dict(block_n=256, block_k=256, split_k=2)),  # 4 groups a step
     (16, 2048, 1152, 128, jnp.bfloat16, dict(block_k=128, stages=3)),
     (37, 768, 640, 128, jnp.bfloat16, dict(split_k=3)),
+    (8, 512, 192, 128, jnp.bfloat16, dict(block_n=64, block_k=64)),  # 2 steps a group
 ]
 
 
@@ -139,8 +141,8 @@ def test_int4_mosaic_matches_reference(mode, case):
         return
     want = int4_weight_only_reference(x, packed, s, group_size=g, out_dtype=jnp.float32)
     assert got.shape == (M, N) and got.dtype == dtype
-    # weights are dequantised to x's 16-bit dtype before the tensor-core product
-    assert rel_err(got, want) < (1e-2 if dtype == jnp.bfloat16 else 2e-3)
+    # weights are dequantised to bf16 before the tensor-core product
+    assert rel_err(got, want) < 1e-2
 
 
 @pytest.mark.gpu
@@ -160,7 +162,7 @@ def test_api_dispatches_to_mosaic_on_hopper():
     # backward)
     packed = pack_int4(jax.random.randint(jax.random.key(22), (512, 256), -8, 8, jnp.int32))
     s = jax.random.uniform(jax.random.key(23), (4, 256), jnp.float32, 0.001, 0.01)
-    x = jax.random.normal(jax.random.key(24), (3, 512), jnp.float32).astype(jnp.float16)
+    x = jax.random.normal(jax.random.key(24), (3, 512), jnp.float32).astype(jnp.bfloat16)
     w = dequantize_int4(packed, s, group_size=128)
 
     def loss(x, impl):
@@ -170,7 +172,7 @@ def test_api_dispatches_to_mosaic_on_hopper():
     g_want = jax.grad(lambda x: jnp.sum(jnp.sin(x.astype(jnp.float32) @ w)))(x)
     for impl in ("mosaic_gpu", "pallas"):
         (_, got), g_got = jax.value_and_grad(loss, has_aux=True)(x, impl)
-        assert rel_err(got, want) < 2e-3 and rel_err(g_got, g_want) < 2e-3
+        assert rel_err(got, want) < 1e-2 and rel_err(g_got, g_want) < 1e-2
 
 
 @pytest.mark.parametrize("m_tiles,n_tiles,group_m", [(7, 5, 3), (1, 9, 8), (16, 3, 8), (5, 5, 1)])
@@ -222,9 +224,9 @@ def test_dispatch_errors():
     with pytest.raises(ValueError, match="cannot run this int4 matmul: zero points"):
         int4_weight_only_matmul(jnp.ones((2, 128), jnp.bfloat16), packed, jnp.ones((2, 128)),
                                 jnp.ones((2, 128)), group_size=64, implementation="mosaic_gpu")
-    with pytest.raises(ValueError, match="block_n=64 must be 128 or 256"):
+    with pytest.raises(ValueError, match="block_n=32 must be 64, 128 or 256"):
         int4_mosaic_gpu.int4_weight_only_mosaic(jnp.ones((2, 128), jnp.bfloat16), packed,
-                                                jnp.ones((2, 128)), group_size=64, block_n=64)
+                                                jnp.ones((2, 128)), group_size=64, block_n=32)
     with pytest.raises(ValueError, match="block_k=96 must be a multiple of 64"):
         int4_mosaic_gpu.int4_weight_only_mosaic(jnp.ones((2, 256), jnp.bfloat16),
                                                 pack_int4(jnp.zeros((256, 128), jnp.int32)),

@@ -147,7 +147,7 @@ def _int4_fwd(x, packed, scales, zeros, forward):
 
 def _int4_bwd(forward, res, dy):
     packed, scales, zeros, x = res
-    group_size = packed.shape[0] * 2 // scales.shape[0]
+    group_size = packed.shape[1] * 2 // scales.shape[0]
     w = ref.dequantize_int4(packed, scales, zeros, group_size=group_size)
     dx = jnp.dot(dy.astype(jnp.float32), w.T, precision=jax.lax.Precision.HIGHEST)
     return dx.astype(x.dtype), None, None, None  # codes and scales are frozen
@@ -159,19 +159,20 @@ _int4_with_grad.defvjp(_int4_fwd, _int4_bwd)
 def int4_weight_only_matmul(x, packed, scales, zeros=None, *, group_size: int,
                             implementation: str = "auto", block_n: int | None = None,
                             split_k: int | None = None, interpret: bool | None = None):
-    """x [..., K] (bf16/fp16/f32) times int4 weights packed [K/2, N] (uint8)
+    """x [..., K] (bf16/fp16/f32) times int4 weights packed [N, K/2] (uint8)
     with group scales [K/g, N] (and zero points, for unsigned codes) ->
     [..., N] in x's dtype. split_k None picks enough K slices to keep every
-    SM streaming. 'pallas' runs the portable kernel, also on Hopper, where it
-    beats the Mosaic GPU decode kernel (BENCHMARKS.md); 'mosaic_gpu' runs
-    int4_mosaic_gpu.py (symmetric codes, <= 64 rows, 16-bit x)."""
+    SM streaming. On Hopper, 'pallas' and 'auto' run the Mosaic GPU decode
+    kernel int4_mosaic_gpu.py where it takes the call (symmetric codes,
+    <= 64 rows of bf16 x) and the portable kernel otherwise; 'mosaic_gpu'
+    names the Mosaic kernel and raises where it cannot run."""
     _check_dtype("x", x, (jnp.bfloat16, jnp.float16, jnp.float32))
     _check_dtype("packed", packed, (jnp.uint8,))
     x2, lead = _rows(x)
     K = x2.shape[1]
-    half, N = packed.shape
+    N, half = packed.shape
     if K != 2 * half:
-        raise ValueError(f"x has K={K} but packed weights [{half}, {N}] hold K={2 * half}")
+        raise ValueError(f"x has K={K} but packed weights [{N}, {half}] hold K={2 * half}")
     if group_size < 1 or K % group_size:
         raise ValueError(f"group_size={group_size} must divide K={K}")
     groups = K // group_size
@@ -181,8 +182,7 @@ def int4_weight_only_matmul(x, packed, scales, zeros=None, *, group_size: int,
     why_not = int4_mosaic_gpu.unsupported(x2, packed, zeros, group_size)
     if implementation == "mosaic_gpu" and why_not:
         raise ValueError(f"implementation='mosaic_gpu' cannot run this int4 matmul: {why_not}")
-    impl, interpret = _resolve(implementation, interpret,
-                               has_mosaic=why_not is None and implementation == "mosaic_gpu")
+    impl, interpret = _resolve(implementation, interpret, has_mosaic=why_not is None)
     if impl == "xla":
         def forward(x_, p_, s_, z_):
             return ref.int4_weight_only_reference(x_, p_, s_, z_, group_size=group_size)
@@ -197,9 +197,8 @@ def int4_weight_only_matmul(x, packed, scales, zeros=None, *, group_size: int,
         # fastest tiling of the H100 sweep (BENCHMARKS.md).
         bn = 128 if block_n is None else block_n
         if split_k is None:
-            per_half = groups // 2
             programs = -(-N // bn)
-            split_k = math.gcd(per_half, max(1, 256 // programs))
+            split_k = math.gcd(groups, max(1, 256 // programs))
 
         def forward(x_, p_, s_, z_):
             return int4_weight_only_pallas(x_, p_, s_, z_, group_size=group_size, block_n=bn,

@@ -47,7 +47,8 @@ FP8_TILINGS = [mosaic_gpu.FP8_TILING, mosaic_gpu.Tiling(128, 128, 4),
 # 1 (44-53), block_n 32 (43-53); Mosaic: 6 stages (43), block_n 256 (50).
 INT4_CONFIGS = [(128, 4, 4, 3), (64, 8, 4, 3), (128, 8, 8, 3),
                 (64, 4, 4, 4)]  # block_n, split_k, warps, stages (33.6-35 us)
-INT4_MOSAIC_CONFIGS = [(128, 64, 4, None), (128, 64, 4, 8)]  # block_n, block_k, stages, split_k
+INT4_MOSAIC_CONFIGS = [  # block_n, block_k, stages, split_k (sweep in BENCHMARKS.md)
+    (64, 512, 3, None), (64, 256, 6, None), (64, 256, 3, 4)]
 INT4_BATCHES = (16, 4, 1)
 
 

@@ -2,15 +2,16 @@
 Pallas kernel.
 
 Decode is bound by reading the weights, so they stay packed (two codes a
-byte, packing.py layout) until they reach registers. Each program owns an
-output tile [M, bn] and, optionally, one of ``split_k`` slices of K (partial
-sums are added afterwards) so that enough programs stream weights at once.
-Per step it loads g packed rows, which hold group i (low nibbles) and group
-i + K/(2g) (high nibbles); the codes are unpacked straight into the
+byte, packing.py layout: [N, K/2], even k in the low nibble) until they reach
+registers. Each program owns an output tile [M, bn] and, optionally, one of
+``split_k`` slices of K (partial sums are added afterwards) so that enough
+programs stream weights at once. Per step it loads the [bn, g/2] bytes of one
+group of g codes and unpacks their even and odd k straight into the
 activation dtype (exact, by the magic-number trick of packing.py: no
-int-to-float conversions, which would bound the kernel), the dot
-accumulates in fp32 and the group's scale is applied to the [M, bn] partial
-product rather than to the [g, bn] weights.
+int-to-float conversions, which would bound the kernel); the wrapper splits
+x into its even and odd columns to match, the two dots accumulate in fp32
+and the group's scale is applied to the [M, bn] partial product rather than
+to the [bn, g] weights.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import compat
@@ -31,25 +33,28 @@ from pallas_kernels.quant_matmul.tiling import (
 )
 
 
-def _kernel(x_lo_ref, x_hi_ref, p_ref, s_lo_ref, s_hi_ref, *rest, g: int, steps: int,
+def _kernel(x_even_ref, x_odd_ref, p_ref, s_ref, *rest, g2: int, steps: int,
             asymmetric: bool):
     if asymmetric:
-        z_lo_ref, z_hi_ref, o_ref = rest
+        z_ref, o_ref = rest
     else:
         (o_ref,) = rest
-    cd = x_lo_ref.dtype
+    cd = x_even_ref.dtype
+    nt = (((1,), (1,)), ((), ()))  # x [M, g/2] . w [bn, g/2]^T
 
     def step(t, acc):
-        rows = pl.ds(t * g, g)
-        lo, hi = unpack_nibbles_float(p_ref[rows, :], cd, signed=not asymmetric)
-        if asymmetric:
-            lo = lo - z_lo_ref[pl.ds(t, 1), :].astype(cd)
-            hi = hi - z_hi_ref[pl.ds(t, 1), :].astype(cd)
-        part_lo = jnp.dot(x_lo_ref[:, rows], lo, preferred_element_type=jnp.float32)
-        part_hi = jnp.dot(x_hi_ref[:, rows], hi, preferred_element_type=jnp.float32)
-        return acc + part_lo * s_lo_ref[pl.ds(t, 1), :] + part_hi * s_hi_ref[pl.ds(t, 1), :]
+        cols = pl.ds(t * g2, g2)
+        even, odd = unpack_nibbles_float(p_ref[:, cols], cd, signed=not asymmetric)
+        x_even, x_odd = x_even_ref[:, cols], x_odd_ref[:, cols]
+        part = (lax.dot_general(x_even, even, nt, preferred_element_type=jnp.float32)
+                + lax.dot_general(x_odd, odd, nt, preferred_element_type=jnp.float32))
+        if asymmetric:  # x . (q - z) = x . q - z * sum(x), per group
+            x_sum = jnp.sum(x_even.astype(jnp.float32) + x_odd.astype(jnp.float32), axis=1,
+                            keepdims=True)
+            part = part - x_sum * z_ref[pl.ds(t, 1), :]
+        return acc + part * s_ref[pl.ds(t, 1), :]
 
-    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros(o_ref.shape, jnp.float32))
+    acc = lax.fori_loop(0, steps, step, jnp.zeros(o_ref.shape, jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -59,41 +64,39 @@ def int4_weight_only_pallas(x, packed, scales, zeros=None, *, group_size: int, o
                             block_n: int = 128, split_k: int = 1, interpret: bool = False,
                             num_warps: int = 4, num_stages: int = 3):
     M, K = x.shape
-    half, N = packed.shape
+    N, half = packed.shape
     g = group_size
-    check_block("group_size", g)
-    if half % g:
-        raise ValueError(f"K/2={half} must be a multiple of group_size={g} for the packed layout")
-    groups_half = half // g
-    if groups_half % split_k:
-        raise ValueError(f"split_k={split_k} must divide the {groups_half} groups in each half of K")
+    check_block("group_size // 2", g // 2)  # the dots contract g/2 codes
+    if K % g:
+        raise ValueError(f"K={K} must be a multiple of group_size={g}")
+    groups = K // g
+    if groups % split_k:
+        raise ValueError(f"split_k={split_k} must divide the {groups} groups of K")
     bn = pow2_block(N, block_n)
     check_block("block_n", bn)
     Mp, Np = round_up(max(M, MIN_DOT), MIN_DOT), round_up(N, bn)
-    steps = groups_half // split_k  # groups per program and half
-    span = steps * g  # packed rows per program
-    xp = pad_to(x, (Mp, K))
-    p = pad_to(packed, (half, Np))
-    s = pad_to(scales.astype(jnp.float32), (2 * groups_half, Np))
+    steps = groups // split_k  # groups per program
+    span = steps * g // 2  # packed columns per program
+    x_even = pad_to(x[:, 0::2], (Mp, half))
+    x_odd = pad_to(x[:, 1::2], (Mp, half))
+    p = pad_to(packed, (Np, half))
+    s = pad_to(scales.astype(jnp.float32), (groups, Np))
     asymmetric = zeros is not None
-    operands = [xp, xp, p, s, s]
+    operands = [x_even, x_odd, p, s]
     in_specs = [pl.BlockSpec((Mp, span), lambda j, c: (0, c)),
-                pl.BlockSpec((Mp, span), lambda j, c: (0, split_k + c)),
-                pl.BlockSpec((span, bn), lambda j, c: (c, j)),
-                pl.BlockSpec((steps, bn), lambda j, c: (c, j)),
-                pl.BlockSpec((steps, bn), lambda j, c: (split_k + c, j))]
+                pl.BlockSpec((Mp, span), lambda j, c: (0, c)),
+                pl.BlockSpec((bn, span), lambda j, c: (j, c)),
+                pl.BlockSpec((steps, bn), lambda j, c: (c, j))]
     if asymmetric:
-        z = pad_to(zeros.astype(jnp.float32), (2 * groups_half, Np))
-        operands += [z, z]
-        in_specs += [pl.BlockSpec((steps, bn), lambda j, c: (c, j)),
-                     pl.BlockSpec((steps, bn), lambda j, c: (split_k + c, j))]
+        operands.append(pad_to(zeros.astype(jnp.float32), (groups, Np)))
+        in_specs.append(pl.BlockSpec((steps, bn), lambda j, c: (c, j)))
     params = {} if interpret else dict(
         compiler_params=compat.triton_compiler_params(num_warps=num_warps, num_stages=num_stages))
     out_dtype = out_dtype or x.dtype
     # Without split-K the kernel writes the result; otherwise float32 partial
     # sums, added by XLA.
     partial_sums = pl.pallas_call(
-        functools.partial(_kernel, g=g, steps=steps, asymmetric=asymmetric),
+        functools.partial(_kernel, g2=g // 2, steps=steps, asymmetric=asymmetric),
         grid=(Np // bn, split_k),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, Mp, bn), lambda j, c: (c, 0, j)),

@@ -1,10 +1,12 @@
 """Two int4 codes per byte.
 
-Layout (half-split along K): for codes q [K, N], byte p[i, n] holds q[i, n] in
-its low nibble and q[i + K/2, n] in its high nibble. A kernel that reads rows
-[i0, i0 + t) of p therefore gets two contiguous K ranges, [i0, i0 + t) and
-[K/2 + i0, K/2 + i0 + t), and needs no interleaving: it multiplies each with
-the matching slice of x.
+Layout (transposed, K-pairs): for codes q [K, N] of a weight W [K, N], byte
+p[n, i] holds q[2i, n] in its low nibble and q[2i + 1, n] in its high
+nibble. These are exactly the bytes of a signed int4 array W^T [N, K] (XLA
+packs int4 low nibble first), the K-major operand Hopper's Mosaic GPU kernel
+converts two codes per instruction. A portable kernel reading a block of p
+gets the even and the odd k of a K range and multiplies each with the
+matching columns of x.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from jax import lax
 
 
 def pack_int4(codes):
-    """int codes [K, N] in [-8, 7] or [0, 15] -> uint8 [K/2, N] (the low 4 bits
+    """int codes [K, N] in [-8, 7] or [0, 15] -> uint8 [N, K/2] (the low 4 bits
     of each code are kept, so both ranges unpack exactly with the matching
     ``signed``)."""
     codes = jnp.asarray(codes)
@@ -21,9 +23,8 @@ def pack_int4(codes):
         raise ValueError(f"pack_int4 needs [K, N] codes with even K, got shape {codes.shape}")
     if not jnp.issubdtype(codes.dtype, jnp.integer):
         raise ValueError(f"pack_int4 needs integer codes, got dtype {codes.dtype}")
-    u = codes.astype(jnp.int32) & 0xF
-    half = codes.shape[0] // 2
-    return (u[:half] | (u[half:] << 4)).astype(jnp.uint8)
+    u = codes.T.astype(jnp.int32) & 0xF
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).astype(jnp.uint8)
 
 
 def unpack_nibbles(packed, *, signed: bool):
@@ -67,6 +68,6 @@ def unpack_nibbles_float(packed, dtype, *, signed: bool):
 
 
 def unpack_int4(packed, *, signed: bool = True):
-    """uint8 [K/2, N] -> int8 codes [K, N] (inverse of pack_int4)."""
+    """uint8 [N, K/2] -> int8 codes [K, N] (inverse of pack_int4)."""
     lo, hi = unpack_nibbles(packed, signed=signed)
-    return jnp.concatenate([lo, hi], axis=0).astype(jnp.int8)
+    return jnp.stack([lo, hi], axis=-1).reshape(packed.shape[0], -1).T.astype(jnp.int8)

@@ -11,7 +11,7 @@ fp8 blockwise xq e4m3 [M, K], xs f32 [M, ceil(K/128)] (1x128 blocks),
               wq e4m3 [N, K], ws f32 [ceil(N/128), ceil(K/128)] (128x128
               blocks): out = sum over K-blocks b of (xq_b @ wq_b^T, f32)
               * xs[:, b] * ws[n // 128, b].
-int4 weight   x float [M, K], packed uint8 [K/2, N] (packing.py layout),
+int4 weight   x float [M, K], packed uint8 [N, K/2] (packing.py layout),
 only          scales f32 [K/g, N] per group of g rows, optional zeros
               [K/g, N] (unsigned codes then): W = (q - zero) * scale, out = x @ W.
 """

@@ -24,6 +24,12 @@ def device_kind() -> str:
     return jax.devices()[0].device_kind
 
 
+def sm_count() -> int:
+    """Streaming multiprocessors of the first device; lowering for CUDA without
+    a GPU (the CPU tests) falls back to the H100's 132."""
+    return getattr(jax.devices()[0], "core_count", 0) or 132
+
+
 def is_hopper() -> bool:
     """True on an sm_90 GPU (H100/H200), where the Mosaic GPU kernels run."""
     if platform() != "gpu":

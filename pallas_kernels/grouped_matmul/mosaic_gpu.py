@@ -43,8 +43,7 @@ def _launch(body, out_type, out_smem, interpret):
     if interpret:
         programs, extra = 2, dict(interpret=compat.mosaic_gpu_interpret_params())
     else:
-        # Lowering without a GPU (tests on CPU) falls back to the H100 count.
-        programs, extra = getattr(jax.devices()[0], "core_count", 0) or 132, {}
+        programs, extra = compat.sm_count(), {}
     return plgpu.kernel(body, out_type=out_type, scratch_types=[out_smem], grid=(programs,),
                         grid_names=("sm",), compiler_params=_params(), **extra)
 

@@ -33,6 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import compat
 from pallas_kernels.quant_matmul.tiling import pad_to, round_up
 
 MAX_ROWS = 64
@@ -71,7 +72,7 @@ def default_block_k(k: int, group_size: int) -> int:
 def default_split_k(n: int, tn: int, steps: int) -> int:
     """Split K (in powers of two dividing the steps) until there are about two
     blocks per SM, so that each SM has several warpgroups converting codes."""
-    sms = getattr(jax.devices()[0], "core_count", 0) or 132
+    sms = compat.sm_count()
     tiles, split = -(-n // tn), 1
     while tiles * split <= sms and steps % (split * 2) == 0:
         split *= 2

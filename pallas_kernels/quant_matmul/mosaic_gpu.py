@@ -40,6 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import compat
 from pallas_kernels.quant_matmul.reference import FP8_BLOCK
 from pallas_kernels.quant_matmul.tiling import pad_to, round_up
 
@@ -135,9 +136,7 @@ def tile_coords(t, m_tiles, n_tiles, group_m):
 
 
 def _num_programs(tiles: int) -> int:
-    # Lowering without a GPU (tests on CPU) falls back to the H100's 132 SMs.
-    sms = getattr(jax.devices()[0], "core_count", 0) or 132
-    return min(sms, tiles)
+    return min(compat.sm_count(), tiles)
 
 
 def _matmul(x, w, row_scales, col_scales, *, kind, tiling, out_dtype):

@@ -3,9 +3,11 @@
 implementation:
   'xla'        the jnp reference (XLA's native int8 dot for w8a8);
   'mosaic_gpu' the Hopper kernels of mosaic_gpu.py (w8a8 and fp8 blockwise;
-               sm_90 GPUs only, compiled only; ``tiling`` tunes them);
+               ``tiling`` tunes them) and int4_mosaic_gpu.py (sm_90 GPUs
+               only, compiled only);
   'pallas'     on a Hopper GPU, compiled, with no ``block_sizes``: the Mosaic
-               GPU kernel where one exists (w8a8, fp8 blockwise); otherwise
+               GPU kernel where one takes the call (w8a8, fp8 blockwise, int4
+               decode of bf16 x); otherwise
                the portable BlockSpec kernel (Triton lowering on GPU,
                interpreted on CPU);
   'auto'       'pallas' on GPU, 'xla' elsewhere.
@@ -193,8 +195,8 @@ def int4_weight_only_matmul(x, packed, scales, zeros=None, *, group_size: int,
                 x_, p_, s_, group_size=group_size, split_k=split_k,
                 **({} if block_n is None else {"block_n": block_n}))
     else:
-        # About 256 programs (block_n 128, split_k 4 at N=K=8192) is the
-        # fastest tiling of the H100 sweep (BENCHMARKS.md).
+        # About 256 programs (block_n 128, split_k 4 at N=K=8192): within a
+        # few percent of the fastest tiling in the H100 sweeps (BENCHMARKS.md).
         bn = 128 if block_n is None else block_n
         if split_k is None:
             programs = -(-N // bn)

@@ -41,12 +41,12 @@ SKIP_MOSAIC = False  # --skip-mosaic: leave out the Hopper kernels
 W8A8_TILINGS = [mosaic_gpu.W8A8_TILING, mosaic_gpu.Tiling(128, 256, 3, 16)]
 FP8_TILINGS = [mosaic_gpu.FP8_TILING, mosaic_gpu.Tiling(128, 128, 4),
                mosaic_gpu.Tiling(128, 128, 5, 16)]
-# int4 tilings are swept at the first batch only: the others (every batch pads
-# to the same 16 rows in the portable kernel) take its fastest one. The last
-# H100 sweep (us at batch 16) also tried, portable: split_k 2 (35-36), 16 (38),
-# 1 (44-53), block_n 32 (43-53); Mosaic: 6 stages (43), block_n 256 (50).
+# int4 tilings are swept at the first batch only: the others take its fastest
+# one. Session-3 H100 sweeps at batch 16 (us, whole call): portable 37-39 for
+# these four; Mosaic 25-28 for block_n 64/128, block_k 256/512, 3-6 stages,
+# split_k 2-8, and 52 for block_n 256 (before the UPCAST_4X load).
 INT4_CONFIGS = [(128, 4, 4, 3), (64, 8, 4, 3), (128, 8, 8, 3),
-                (64, 4, 4, 4)]  # block_n, split_k, warps, stages (33.6-35 us)
+                (64, 4, 4, 4)]  # block_n, split_k, warps, stages
 INT4_MOSAIC_CONFIGS = [  # block_n, block_k, stages, split_k (sweep in BENCHMARKS.md)
     (64, 512, 3, None), (64, 256, 6, None), (64, 256, 3, 4)]
 INT4_BATCHES = (16, 4, 1)

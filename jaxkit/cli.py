@@ -29,6 +29,12 @@ def _load(args):
     return cfg
 
 
+def _run_dir(cfg, args) -> Path:
+    """--run-dir, or the run directory training used for this config."""
+    from jaxkit.train.trainer import run_dir_for
+    return Path(args.run_dir) if args.run_dir else run_dir_for(cfg, args.config)
+
+
 def _join(args) -> None:
     """Joins the multi-process run, if any, before anything touches a device."""
     try:
@@ -55,8 +61,8 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     cfg = _load(args)
     _join(args)
-    from jaxkit.train.trainer import Trainer, run_dir_for
-    run_dir = Path(args.run_dir) if args.run_dir else run_dir_for(cfg, args.config)
+    from jaxkit.train.trainer import Trainer
+    run_dir = _run_dir(cfg, args)
     trainer = Trainer(cfg, run_dir)
     step = trainer.restore_latest()
     if step == 0:
@@ -73,8 +79,7 @@ def cmd_export(args) -> None:
     cfg = _load(args)
     _join(args)
     from jaxkit.checkpoint import export_run
-    from jaxkit.train.trainer import run_dir_for
-    run_dir = Path(args.run_dir) if args.run_dir else run_dir_for(cfg, args.config)
+    run_dir = _run_dir(cfg, args)
     try:
         step = export_run(cfg, run_dir, args.out, step=args.step)
     except FileNotFoundError as e:
@@ -86,8 +91,7 @@ def cmd_export(args) -> None:
 def cmd_quantize(args) -> None:
     cfg = _load(args)
     from jaxkit.quant.run import quantize_run
-    from jaxkit.train.trainer import run_dir_for
-    run_dir = Path(args.run_dir) if args.run_dir else run_dir_for(cfg, args.config)
+    run_dir = _run_dir(cfg, args)
     try:
         result = quantize_run(cfg, run_dir, out=args.out)
     except FileNotFoundError as e:

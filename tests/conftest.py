@@ -2,7 +2,13 @@
 is present, compiled (tests marked ``gpu``). Without a GPU the compiled
 variants are deselected, not skipped: CI reports only what it really ran."""
 
-import jax
+import os
+
+# Several xdist workers share one GPU: each preallocating most of its memory
+# made the later ones fail with CUDA out-of-memory errors.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402 - after the allocator setting
 import pytest
 
 HAS_GPU = jax.default_backend() == "gpu"

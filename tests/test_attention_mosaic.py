@@ -1,15 +1,18 @@
 """Tests of the Hopper (Pallas Mosaic GPU) flash-attention kernels.
 
-The kernels run compiled only, on an sm_90 GPU (tests marked ``gpu``). They
-cannot run under Mosaic GPU interpret mode (``InterpretGPUParams``) in jax
-0.10.2: its wgmma reads both operands from shared memory as plain arrays, so
-the transposed operand views (``transpose_ref``, needed for Q K^T, dO V^T and
-K Q^T) fail with "'TransposeTransform' object has no attribute 'indices'", and
-a register (not shared-memory) left operand, used for P V, is not supported.
+The kernels run compiled only on an sm_90 GPU (``compiled`` cases, marked
+``gpu``). They cannot run under Mosaic GPU interpret mode
+(``InterpretGPUParams``) in jax 0.10.2: its wgmma reads both operands from
+shared memory as plain arrays, so the transposed operand views
+(``transpose_ref``, needed for Q K^T, dO V^T and K Q^T) fail with
+"'TransposeTransform' object has no attribute 'indices'", and a register (not
+shared-memory) left operand, used for P V, is not supported. On CPU the same
+cases are instead lowered for CUDA (``lower``), which checks layouts,
+swizzles and shared-memory transforms of every kernel.
 
-On CPU this module tests what does not need the GPU: the block ranges that
-decide which tiles each kernel visits and masks (against the mask itself),
-and that unsupported arguments are reported and refused.
+On CPU this module also tests the block ranges that decide which tiles each
+kernel visits and masks (against the mask itself), and that unsupported
+arguments are reported and refused.
 """
 import dataclasses
 
@@ -98,6 +101,7 @@ def _qkv(seed, B, S, T, H, KH, D, dtype):
     (dict(segment_ids=(jnp.zeros((1, 64), jnp.int32),) * 2), "segment_ids"),
     (dict(logit_softcap=30.0), "logit_softcap"),
     (dict(sliding_window=0), "sliding_window"),
+    (dict(block_sizes=dataclasses.replace(tuning.DEFAULTS[64], fused_dq=True)), "fused_dq"),
 ])
 def test_unsupported_arguments_raise(kwargs, needle):
     q, k, v, _ = _qkv(0, 1, 64, 64, 2, 1, 64, jnp.bfloat16)
@@ -163,21 +167,52 @@ GPU_CASES += [
      dataclasses.replace(tuning.DEFAULTS[64], pingpong=False, fwd=KB(64, 256, 2), dq=KB(64, 128, 2))),
     (1, 190, 190, 2, 1, 256, True, 50, jnp.bfloat16, tuning.DEFAULTS[256]),
 ]
+# dQ fused into the dK/dV kernel (head_dim 128): GQA, odd and unequal lengths, windows.
+FUSED = dataclasses.replace(tuning.DEFAULTS[128], fused_dq=True)
+GPU_CASES += [
+    (2, 300, 300, 4, 2, 128, True, None, jnp.bfloat16, FUSED),
+    (1, 200, 330, 4, 1, 128, False, None, jnp.float16, FUSED),
+    (1, 330, 200, 2, 2, 128, True, 70, jnp.bfloat16, FUSED),
+]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=str)
-def test_kernel_matches_reference(case):
+def _case_id(case):
+    B, S, T, H, KH, D, causal, window, dtype, *blocks = case
+    bs = blocks[0] if blocks else None
+    tag = ("" if bs is None else "-fused" if bs.fused_dq else
+           f"-blocks{bs.fwd.block_kv}x{bs.dkv.stages}{'pp' if bs.pingpong else ''}")
+    return (f"B{B}-S{S}-T{T}-H{H}-KH{KH}-D{D}-{'causal' if causal else 'full'}-w{window}"
+            f"-{jnp.dtype(dtype).name}{tag}")
+
+
+# "lower": lower forward and backward for CUDA on CPU (Pallas -> Mosaic GPU
+# checks operand types, layouts, swizzles and shared-memory transforms);
+# "compiled": run on the GPU against the reference.
+MODES = [pytest.param("lower", id="lower"),
+         pytest.param("compiled", id="compiled", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
+def test_kernel_matches_reference(case, mode):
     B, S, T, H, KH, D, causal, window, dtype, *blocks = case
     seed = hash(case[:8]) % 2**31
     q, k, v, do = _qkv(seed, B, S, T, H, KH, D, dtype)
     kw = dict(causal=causal, sliding_window=window)
+
+    def kernel_vjp(q, k, v, do):
+        out, vjp = jax.vjp(lambda *a: mosaic_gpu.mosaic_flash_attention(
+            *a, **kw, block_sizes=blocks[0] if blocks else None), q, k, v)
+        return out, *vjp(do)
+    if mode == "lower":
+        text = jax.jit(kernel_vjp).trace(q, k, v, do).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("mosaic_gpu") >= 2  # forward and backward kernels
+        return
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     ref_out, ref_vjp = jax.vjp(lambda *a: attention_reference(*a, **kw), *f32)
     ref_grads = ref_vjp(do.astype(jnp.float32))
-    out, vjp = jax.vjp(lambda *a: mosaic_gpu.mosaic_flash_attention(
-        *a, **kw, block_sizes=blocks[0] if blocks else None), q, k, v)
-    grads = vjp(do)
+    out, *grads = kernel_vjp(q, k, v, do)
+
     assert out.shape == q.shape and out.dtype == dtype
     assert _rel(out, ref_out) < 2e-2
     for name, g, r in zip("qkv", grads, ref_grads):

@@ -44,6 +44,10 @@ _CONSUMERS = 2
 _FWD_REGS = (24, 240)
 _BWD_REGS = (40, 232)
 HEAD_DIMS = (64, 128, 256)
+# Fused backward: dS^T tiles alternate between two shared-memory buffers, so
+# one barrier per step keeps a consumer from overwriting a tile the other is
+# still reading (it reads step t's before it can arrive for step t + 1).
+_DS_BUFFERS = 2
 
 
 # ----------------------------------------------------------------------------
@@ -202,12 +206,18 @@ def _zeros(shape):
 
 
 def _call(body, out_type, scratch, grid, names):
-    """A kernel of two consumer warpgroups and one producer over ``grid``."""
-    plgpu = _plgpu()
-    return plgpu.kernel(
-        body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=names,
-        num_threads=_CONSUMERS + 1, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True))
+    """A kernel of two consumer warpgroups and one producer over ``grid``.
+
+    Built on pl.kernel (plgpu.kernel's batching wrapper takes no refs) so that
+    a ``jax.new_ref`` operand is updated in place: the fused backward adds
+    its dQ partial sums into one."""
+    pl, plgpu = _pl(), _plgpu()
+
+    def with_scratch(*refs):
+        pl.run_scoped(lambda *s: body(*refs, *s), *scratch, collective_axes="wg")
+    mesh = plgpu.Mesh(grid=grid, grid_names=names, num_threads=_CONSUMERS + 1, thread_name="wg")
+    return pl.kernel(with_scratch, out_type=out_type, mesh=mesh,
+                     compiler_params=plgpu.CompilerParams(approx_math=True))
 
 
 def _ring_producer(n_steps, stages, issue, free_barriers, regs):
@@ -461,10 +471,19 @@ def _backward_dq(q, k, v, do, lse, delta, spec: _Spec):
 
 
 # ----------------------------------------------------------------------------
-# Backward: dK and dV, key-parallel, summed over the heads of each kv group.
+# Backward: dK and dV (and, fused, dQ), key-parallel, summed over the heads of
+# each kv group.
 
-def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=True):
-    """dK, dV for k/v [B,Tp,KH,D] (None where not wanted)."""
+def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=True,
+                  dq_acc=None):
+    """dK, dV for k/v [B,Tp,KH,D] (None where not wanted).
+
+    With ``dq_acc`` (a float32 [B,Sp,H,D] ``jax.new_ref`` of zeros) the kernel
+    also adds dQ/scale into it, so no second pass recomputes S and dP (5
+    matrix products per step instead of 7). Each step's dS^T tiles of both
+    consumers go to shared memory; consumer w then forms the partial dQ of
+    head-dim columns [w*D/2, (w+1)*D/2) over the block's keys, and the TMA
+    unit reduce-adds it (float32) into dq_acc."""
     pl, plgpu = _pl(), _plgpu()
     B, Sp, H, D = q.shape
     Tp, KH = k.shape[1], k.shape[2]
@@ -474,13 +493,20 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
     n_kv_tiles = Tp // (_CONSUMERS * bkv)
     dtype = q.dtype
     c = spec.scale * LOG2E
-    need_v = want_dk  # dP = dO V^T feeds only dK
+    need_v = want_dk  # dP = dO V^T feeds only dK (and dQ)
+    fused = dq_acc is not None
+    half = D // _CONSUMERS  # dQ columns per consumer when fused
+    assert not fused or (want_dk and want_dv and D == 128), "checked by mosaic_flash_attention"
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+        if fused:
+            dq_ref, refs = refs[0], refs[1:]
         n_out = want_dk + want_dv
         outs, refs = refs[:n_out], refs[n_out:]
         (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
-         own_ready, q_ready, do_ready, lse_ready, delta_ready, q_free, do_free) = refs
+         own_ready, q_ready, do_ready, lse_ready, delta_ready, q_free, do_free) = refs[:13]
+        if fused:
+            ds_smem, dq_smem, ds_ready, dq_done = refs[13:]
         dk_ref = outs[0] if want_dk else None
         dv_ref = outs[-1] if want_dv else None
         kvh, b = lax.axis_index("kvh"), lax.axis_index("b")
@@ -516,11 +542,40 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
             plgpu.barrier_wait(own_ready.at[2 * wg])
             if need_v:
                 plgpu.barrier_wait(own_ready.at[2 * wg + 1])
+            if fused:  # dQ reads the other consumer's keys too
+                plgpu.barrier_wait(own_ready.at[2 * (1 - wg)])
             col_layout = plgpu.Layout.WGMMA.reduce(0)
+
+            cols = pl.ds(wg * half, half)
+
+            def dk_and_dq(dk, dst, q_slot, t, i, h):
+                """dK += dS^T Q; once both consumers' dS^T tiles of step t are
+                in shared memory, this consumer's dQ columns, reduce-added."""
+                buf = lax.rem(t, _DS_BUFFERS)
+                ds_smem.at[buf, wg][...] = dst
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(ds_ready.at[buf])
+
+                def products(refs):  # dK in flight while waiting for the other dS^T
+                    plgpu.wgmma(refs[0], dst, q_slot)
+                    plgpu.barrier_wait(ds_ready.at[buf])
+                    for u in range(_CONSUMERS):
+                        plgpu.wgmma(refs[1], plgpu.transpose_ref(ds_smem.at[buf, u], (1, 0)),
+                                    k_smem.at[u, :, cols])
+                dk, dq = pl.run_state(products)((plgpu.ACC.init(dk),
+                                                 plgpu.ACC.init(_zeros((bq, half)))))
+                my_dq = dq_smem.at[wg]
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last add has read it
+                my_dq[...] = dq
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(my_dq, dq_ref.at[b, pl.ds(i * bq, bq), h, cols],
+                                        reduction_op="add")
+                return dk
 
             def step(i, carry, g, masked):
                 dk, dv = carry
-                slot = lax.rem(g * per_head + (i - lo), stages)
+                t = g * per_head + (i - lo)
+                slot = lax.rem(t, stages)
                 q_slot, do_slot = q_smem.at[slot], do_smem.at[slot]
                 plgpu.barrier_wait(q_ready.at[slot])
                 plgpu.barrier_wait(lse_ready.at[slot])
@@ -549,7 +604,10 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
                 plgpu.barrier_wait(delta_ready.at[slot])
                 delta_v = plgpu.load(delta_smem.at[slot], (), layout=col_layout)
                 dst = (pt * (dpt - _cols(delta_v, dpt.shape))).astype(dtype)
-                dk = _mma_acc(dk, dst, q_slot)
+                if fused:
+                    dk = dk_and_dq(dk, dst, q_slot, t, i, kvh * G + g)
+                else:
+                    dk = _mma_acc(dk, dst, q_slot)
                 plgpu.barrier_arrive(q_free.at[slot])
                 return dk, dv
 
@@ -559,6 +617,9 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
             zero = _zeros((bkv, D))
             dk, dv = lax.fori_loop(0, G, head, (zero if want_dk else None,
                                                  zero if want_dv else None))
+            if fused:  # the other consumer may still read my K for its dQ
+                plgpu.barrier_arrive(dq_done)
+                plgpu.barrier_wait(dq_done)
             if want_dk:
                 my_k[...] = (dk * spec.scale).astype(dtype)
             if want_dv:
@@ -585,9 +646,17 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
         plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
     ]
+    if fused:
+        f32_tiles = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+        scratch += [
+            _tile_smem((_DS_BUFFERS, _CONSUMERS, bkv, bq), dtype),
+            plgpu.SMEM((_CONSUMERS, bq, half), jnp.float32, transforms=f32_tiles),
+            plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=_DS_BUFFERS),
+            plgpu.Barrier(num_arrivals=_CONSUMERS),
+        ]
     out_type = [jax.ShapeDtypeStruct(k.shape, dtype)] * (want_dk + want_dv)
-    outs = _call(body, out_type, scratch, (KH, B, n_kv_tiles), ("kvh", "b", "k"))(
-        q, k, v, do, lse, delta)
+    args = (q, k, v, do, lse, delta) + ((dq_acc,) if fused else ())
+    outs = _call(body, out_type, scratch, (KH, B, n_kv_tiles), ("kvh", "b", "k"))(*args)
     return (outs[0] if want_dk else None), (outs[-1] if want_dv else None)
 
 
@@ -607,6 +676,10 @@ def _attention_fwd(q, k, v, spec):
 def _attention_bwd(spec, res, do):
     q, k, v, out, lse = res
     delta = jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), out.astype(jnp.float32))
+    if spec.blocks.fused_dq:
+        dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
+        dk, dv = _backward_dkv(q, k, v, do, lse, delta, spec, dq_acc=dq_acc)
+        return (dq_acc[...] * spec.scale).astype(q.dtype), dk, dv
     dq = _backward_dq(q, k, v, do, lse, delta, spec)
     if q.shape[-1] > 128:  # dK and dV accumulators do not fit in registers together
         dk, _ = _backward_dkv(q, k, v, do, lse, delta, spec, want_dv=False)
@@ -674,6 +747,9 @@ def mosaic_flash_attention(q, k, v, *, causal=False, segment_ids=None, sliding_w
     S, T, D = q.shape[1], k.shape[1], q.shape[-1]
     if block_sizes is None:
         block_sizes = tuning.block_sizes_for(compat.device_kind(), D, causal)
+    if block_sizes.fused_dq and D != 128:
+        raise ValueError(f"fused_dq needs head_dim 128 (dK, dV and dQ accumulators in "
+                         f"registers, dQ split in 64-column halves); got head_dim={D}")
     spec = _Spec(q_len=S, kv_len=T, causal=bool(causal), window=sliding_window,
                  scale=float(D ** -0.5 if scale is None else scale), blocks=block_sizes)
     bs = block_sizes

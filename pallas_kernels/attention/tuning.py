@@ -40,6 +40,7 @@ class BlockSizes:
     dq: KernelBlocks
     dkv: KernelBlocks
     pingpong: bool = True  # forward: the two consumers take turns on the tensor cores
+    fused_dq: bool = False  # backward: dQ inside the dK/dV kernel (head_dim 128 only)
 
     def to_json(self):
         return dataclasses.asdict(self)
@@ -47,7 +48,8 @@ class BlockSizes:
     @classmethod
     def from_json(cls, d):
         return cls(fwd=KernelBlocks(**d["fwd"]), dq=KernelBlocks(**d["dq"]),
-                   dkv=KernelBlocks(**d["dkv"]), pingpong=bool(d.get("pingpong", True)))
+                   dkv=KernelBlocks(**d["dkv"]), pingpong=bool(d.get("pingpong", True)),
+                   fused_dq=bool(d.get("fused_dq", False)))
 
 
 def _kb(q, kv, s):
@@ -93,6 +95,8 @@ def candidates(head_dim: int):
         bwd = []  # only the default fits in shared memory
     else:
         bwd = [dict(dq=_kb(64, kv, 2), dkv=_kb(64, 64, s)) for kv, s in ((64, 2), (128, 2), (128, 3))]
+        if head_dim == 128:
+            bwd.append(dict(fused_dq=True))
     return fwd, bwd
 
 

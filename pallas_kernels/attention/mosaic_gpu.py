@@ -17,7 +17,11 @@ and ``*_free`` (both consumers done with a slot, consumer -> producer).
 * backward: delta = rowsum(dO*O) in XLA; a key-parallel kernel accumulates
   dK and dV over the query blocks of every head of its kv group (no atomics,
   no per-head copies); a query-parallel kernel accumulates dQ. For head_dim
-  256 dK and dV do not both fit in registers and run as two passes.
+  256 dK and dV do not both fit in registers and run as two passes. With
+  ``fused_dq`` (head_dim 128) the key-parallel kernel forms dQ too: the
+  consumers share their dS^T tiles through shared memory and the TMA unit
+  reduce-adds float32 partial dQ tiles (5 matrix products per step instead of
+  the 7 of the two kernels; faster without a causal mask, see BENCHMARKS.md).
 
 Lengths that are not multiples of the blocks are padded here: padded keys are
 masked, padded query rows are sliced off (their dO is zero in the backward).

@@ -120,10 +120,17 @@ def test_fp8_blockwise_mosaic_matches_reference(mode, case):
 INT4_CASES = [  # M, K, N, group, x dtype, kernel options
     (1, 1024, 384, 128, jnp.bfloat16, {}),
     (3, 768, 320, 128, jnp.bfloat16, {}),  # default step: 256 codes (768 % 512 != 0)
-    (5, 512, 256, 64, jnp.bfloat16, dict(block_n=256, block_k=256, split_k=2)),  # 4 groups a step
+    (5, 512, 256, 64, jnp.bfloat16, dict(block_n=256, block_k=256)),  # 4 groups a step
     (16, 2048, 1152, 128, jnp.bfloat16, dict(block_k=128, stages=3)),
-    (37, 768, 640, 128, jnp.bfloat16, dict(split_k=3)),
+    (37, 768, 640, 128, jnp.bfloat16, dict(split_k=1)),  # ragged batch over 8 rows: x padded
+    (64, 768, 192, 128, jnp.bfloat16, dict(compute_wgs=3)),  # 3 steps, one per warpgroup
     (8, 512, 192, 128, jnp.bfloat16, dict(block_n=64, block_k=64)),  # 2 steps a group
+    (4, 2048, 128, 128, jnp.bfloat16, dict(block_k=1024, stages=2)),  # 8 groups a step
+    (2, 1536, 384, 128, jnp.bfloat16, dict(stages=4)),  # 3 steps: warpgroup 0 takes two
+    (11, 1024, 192, 64, jnp.bfloat16, dict(compute_wgs=3, block_k=128, stages=5)),
+    # x multicast to the blocks of a cluster
+    (3, 1024, 512, 128, jnp.bfloat16, dict(cluster=2, compute_wgs=3)),
+    (16, 1536, 256, 128, jnp.bfloat16, dict(cluster=2, block_k=256, stages=3)),
 ]
 
 
@@ -231,6 +238,13 @@ def test_dispatch_errors():
         int4_mosaic_gpu.int4_weight_only_mosaic(jnp.ones((2, 256), jnp.bfloat16),
                                                 pack_int4(jnp.zeros((256, 128), jnp.int32)),
                                                 jnp.ones((1, 128)), group_size=256, block_k=96)
+    with pytest.raises(ValueError, match="split_k=2: the Mosaic GPU int4 kernel sums all of K"):
+        int4_mosaic_gpu.int4_weight_only_mosaic(jnp.ones((2, 128), jnp.bfloat16), packed,
+                                                jnp.ones((2, 128)), group_size=64, split_k=2)
+    with pytest.raises(ValueError, match="cluster=2 must divide the 3 tiles of x's block"):
+        int4_mosaic_gpu.int4_weight_only_mosaic(jnp.ones((20, 128), jnp.bfloat16),
+                                                pack_int4(jnp.zeros((128, 256), jnp.int32)),
+                                                jnp.ones((2, 256)), group_size=64, cluster=2)
     if not HAS_GPU:
         with pytest.raises(ValueError, match="needs a Hopper .* device is 'cpu'"):
             w8a8_matmul(xq, xs, wq, ws, implementation="mosaic_gpu")

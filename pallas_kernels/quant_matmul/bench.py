@@ -43,12 +43,13 @@ FP8_TILINGS = [mosaic_gpu.FP8_TILING, mosaic_gpu.Tiling(128, 128, 4),
                mosaic_gpu.Tiling(128, 128, 5, 16)]
 # int4 tilings are swept at the first batch only: the others take its fastest
 # one. Session-3 H100 sweeps at batch 16 (us, whole call): portable 37-39 for
-# these four; Mosaic 25-28 for block_n 64/128, block_k 256/512, 3-6 stages,
-# split_k 2-8, and 52 for block_n 256 (before the UPCAST_4X load).
+# these four. Mosaic (block_n 64, block_k 512, 6 stages): the options swept
+# in session 4 (BENCHMARKS.md) beside the default.
 INT4_CONFIGS = [(128, 4, 4, 3), (64, 8, 4, 3), (128, 8, 8, 3),
                 (64, 4, 4, 4)]  # block_n, split_k, warps, stages
-INT4_MOSAIC_CONFIGS = [  # block_n, block_k, stages, split_k (sweep in BENCHMARKS.md)
-    (64, 512, 3, None), (64, 256, 6, None), (64, 256, 3, 4)]
+INT4_MOSAIC_CONFIGS = [  # int4_weight_only_mosaic options
+    dict(compute_wgs=2), dict(compute_wgs=3), dict(compute_wgs=2, cluster=2),
+    dict(compute_wgs=3, cluster=2)]
 INT4_BATCHES = (16, 4, 1)
 
 
@@ -212,12 +213,11 @@ def int4_suite(size, results):
         sweep("int4_pallas", variants, M, (x, packed, scales),
               lambda o, want=want: rel_err(o, want), row, timer)
         if compat.is_hopper() and not SKIP_MOSAIC:
-            variants = [(f"bn{bn}_bk{bk}_s{st}_split{sk}",
-                         jax.jit(lambda x, p, s, bn=bn, bk=bk, st=st, sk=sk:
+            variants = [("_".join(f"{k}{v}" for k, v in opts.items()),
+                         jax.jit(lambda x, p, s, opts=opts:
                                  int4_mosaic_gpu.int4_weight_only_mosaic(
-                                     x, p, s, group_size=g, block_n=bn, block_k=bk, stages=st,
-                                     split_k=sk)))
-                        for bn, bk, st, sk in INT4_MOSAIC_CONFIGS]
+                                     x, p, s, group_size=g, **opts)))
+                        for opts in INT4_MOSAIC_CONFIGS]
             sweep("int4_mosaic", variants, M, (x, packed, scales),
                   lambda o, want=want: rel_err(o, want), row, timer)
         xla = jax.jit(lambda x, p, s: ref.int4_weight_only_reference(x, p, s, group_size=g))

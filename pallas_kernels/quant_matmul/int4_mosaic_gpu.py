@@ -7,18 +7,20 @@ wgmma's 64-row M side and the few activation rows its N side (8..64, a
 multiple of 8), so no tensor-core work is spent on padding rows of x.
 
 The packed bytes [N, K/2] are exactly a signed int4 array W^T [N, K], which
-is what the kernel sees. Each block owns tn weight rows of W^T and one of
-split_k slices of K. A TMA pipeline brings, per step, the [tn, kt] int4
-codes, their group scales and the [M, kt] slice of x. The codes go from
-shared memory straight into registers, 8 per thread and 32-bit load, are
-moved into the wgmma operand layout by a shuffle and byte-permutes, and
-Mosaic GPU converts them to bf16 two at a time (a byte-permute, a LOP3 and a
-packed subtraction per pair: the magic-number trick of packing.py, on 32-bit
-words); one packed multiply applies the scale, and the wgmma takes the
-weights from registers. Nothing is written back to shared memory, so the
-ALU work per weight is a few packed instructions, well under what streaming
-at HBM speed allows. Split-K partial sums are added afterwards in XLA (they
-are [split_k, N, M] floats: small next to the weights).
+is what the kernel sees. Each block owns tn weight rows of W^T and all of K,
+so the call is this one kernel: no partial sums, no transpose, no cast in
+XLA. A TMA warpgroup streams, per step, the [tn, kt] int4 codes, their group
+scales and the [m8, kt] slice of x; compute warpgroups take the steps in
+turn (one warpgroup converting codes cannot keep up with one SM's share of
+HBM bandwidth), each into its own accumulator, and add them up in shared
+memory at the end. The codes go from shared memory straight into registers,
+8 per thread and 32-bit load, are moved into the wgmma operand layout by a
+shuffle and byte-permutes, and Mosaic GPU converts them to bf16 two at a
+time (a byte-permute, a LOP3 and a packed subtraction per pair: the
+magic-number trick of packing.py, on 32-bit words); one packed multiply
+applies the scale, and the wgmma takes the weights from registers. With
+cluster > 1 the blocks of a cluster share each x step (one TMA multicast),
+cutting the L2 reads of x, which at batch 16 match the weight bytes.
 
 Supported: symmetric codes (no zero points), bf16 x with at most 64 rows
 (the bf16 conversion is Mosaic GPU's fast path), group_size a multiple of 64.
@@ -33,11 +35,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import compat
 from pallas_kernels.quant_matmul.tiling import pad_to, round_up
 
 MAX_ROWS = 64
 CHUNK = 64  # K per wgmma: one 128-byte swizzled row of bf16 x
+SMEM_LIMIT = 226 * 1024  # of the 227 KB a block may take, 1 KB left for barriers
+MAX_STAGES = 6  # the depth of the fastest measured configuration (H100, batch 16)
 
 
 def _swizzled(dtype, minor: int):
@@ -69,29 +72,71 @@ def default_block_k(k: int, group_size: int) -> int:
                 if k % b == 0 and (b % group_size == 0 or group_size % b == 0))
 
 
-def default_split_k(n: int, tn: int, steps: int) -> int:
-    """Split K (in powers of two dividing the steps) until there are about two
-    blocks per SM, so that each SM has several warpgroups converting codes."""
-    sms = compat.sm_count()
-    tiles, split = -(-n // tn), 1
-    while tiles * split <= sms and steps % (split * 2) == 0:
-        split *= 2
-    return split
+def _smem_bytes(m8: int, tn: int, kt: int, group_size: int, compute_wgs: int):
+    """Shared memory (per pipeline slot: codes, x, f32 scales; once: the
+    output tile and the other warpgroups' f32 sums)."""
+    step = tn * kt // 2 + m8 * kt * 2 + max(1, kt // group_size) * tn * 4
+    return step, m8 * tn * 2 + (compute_wgs - 1) * tn * m8 * 4
+
+
+def default_stages(m8: int, tn: int, kt: int, group_size: int, compute_wgs: int) -> int:
+    """As many pipeline slots as fit in shared memory, at most MAX_STAGES."""
+    step, once = _smem_bytes(m8, tn, kt, group_size, compute_wgs)
+    return min(MAX_STAGES, (SMEM_LIMIT - once) // step)
+
+
+def _multiply_step(acc_ref, w_smem, x_smem, s_smem, *, group_size: int):
+    """acc [tn, m8] += dequantised codes [tn, kt] @ x^T [kt, m8], one wgmma of
+    CHUNK codes at a time; returns with every wgmma done (the pipeline frees
+    the slots, x included, when the step returns)."""
+    tn, kt = w_smem.shape
+    g = group_size
+    # 8 consecutive codes (32 bits) per thread and load; a shuffle and
+    # byte-permutes move them into the wgmma operand layout.
+    codes = plgpu.layout_cast(plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X),
+                              plgpu.Layout.WGMMA)
+    for i in range(kt // CHUNK):
+        ks = slice(i * CHUNK, (i + 1) * CHUNK)
+        scale = plgpu.load(s_smem.at[i * CHUNK // g if kt > g else 0], (),
+                           layout=plgpu.Layout.WGMMA.reduce(1))
+        w = codes[:, ks].astype(jnp.bfloat16) * lax.broadcast_in_dim(
+            scale.astype(jnp.bfloat16), (tn, CHUNK), [0])
+        plgpu.wgmma(acc_ref, w, plgpu.transpose_ref(x_smem.at[:, ks], (1, 0)))
+        plgpu.wgmma_wait(1)  # keeps one wgmma in flight while converting the next chunk
+    plgpu.wgmma_wait(0)
+
+
+def _store_transposed(acc, out_smem, out_gmem, rows: int):
+    """Write the f32 accumulator out^T [tn, m8] as out[:rows] ([rows, tn] in
+    out_smem's dtype). WGMMA_TRANSPOSED holds the same values after one
+    shuffle and stores through a transposed view of [m8, tn]."""
+    out_t = plgpu.layout_cast(acc.astype(out_smem.dtype), plgpu.Layout.WGMMA_TRANSPOSED)
+    # (.at[:] makes a view: jax 0.11's transpose_ref takes no bare ref)
+    plgpu.transpose_ref(out_smem.at[:], (1, 0))[...] = out_t
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, rows)], out_gmem)
+    plgpu.wait_smem_to_gmem(0)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "block_n", "block_k", "split_k",
-                                             "stages"))
+                                             "stages", "compute_wgs", "cluster"))
 def int4_weight_only_mosaic(x, packed, scales, *, group_size: int, block_n: int = 64,
                             block_k: int | None = None, split_k: int | None = None,
-                            stages: int = 3):
+                            stages: int | None = None, compute_wgs: int = 2,
+                            cluster: int = 1):
     """x [M, K] bf16 @ dequantised int4 weights (packed [N, K/2], scales
     [K/g, N]) -> [M, N] bf16; see reference.int4_weight_only_reference.
     block_n weight rows of W^T and block_k codes of K per step (None: the
-    largest of 512..64 that fits K and the groups); split_k None picks about
-    two blocks per SM."""
+    largest of 512..64 that fits K and the groups); stages pipeline slots
+    (None: default_stages). Each block sums all of K itself (split_k must be
+    None or 1). compute_wgs warpgroups (2 or 3) take the steps in turn;
+    cluster (1 or 2) blocks share each x step through TMA multicast."""
     why = unsupported(x, packed, None, group_size)
     if why:
         raise ValueError(f"the Mosaic GPU int4 kernel cannot run this call: {why}")
+    if split_k not in (None, 1):
+        raise ValueError(f"split_k={split_k}: the Mosaic GPU int4 kernel sums all of K in one "
+                         "block (pass None or 1)")
     M, K = x.shape
     N, half = packed.shape
     g = group_size
@@ -101,69 +146,85 @@ def int4_weight_only_mosaic(x, packed, scales, *, group_size: int, block_n: int 
     if kt % CHUNK or (kt % g and g % kt) or K % kt:
         raise ValueError(f"block_k={kt} must be a multiple of {CHUNK} dividing K={K}, and a "
                          f"multiple or divisor of group_size={g}")
-    steps_total = K // kt
-    split = split_k or default_split_k(N, tn, steps_total)
-    if steps_total % split:
-        raise ValueError(f"split_k={split} must divide the {steps_total} steps of {kt} codes")
-    steps = steps_total // split
-    scale_rows = max(1, kt // g)  # group scale rows per step
+    if compute_wgs not in (2, 3):
+        raise ValueError(f"compute_wgs={compute_wgs} must be 2 or 3")
+    if cluster not in (1, 2) or N % (cluster * tn):
+        raise ValueError(f"cluster={cluster} must be 1 or 2, with cluster * block_n "
+                         f"dividing N={N}")
+    # x's block has m8 rows (the wgmma's N side); TMA fills rows past M with
+    # zeros, and the columns of out^T they make are never stored. TMA takes
+    # such a partial block only from an array of fewer than 8 rows: larger
+    # ragged batches are padded (one small XLA op).
     m8 = round_up(M, 8)
-    xp = pad_to(x, (m8, K))
+    slots = stages or default_stages(m8, tn, kt, g, compute_wgs)
+    step_bytes, once_bytes = _smem_bytes(m8, tn, kt, g, compute_wgs)
+    if slots < 1 or slots * step_bytes + once_bytes > SMEM_LIMIT:
+        raise ValueError(f"stages={slots} must be >= 1 and, at {step_bytes} bytes a slot plus "
+                         f"{once_bytes}, fit {SMEM_LIMIT} bytes of shared memory (block_n={tn}, "
+                         f"block_k={kt}, {m8} rows of x)")
+    # TMA multicast splits x's block along its first dimension of 8-row
+    # tiles of more than one (the 64-column tiles at m8 == 8).
+    tiles = m8 // 8 if m8 > 8 else kt // CHUNK
+    if tiles % cluster:
+        raise ValueError(f"cluster={cluster} must divide the {tiles} tiles of x's block "
+                         f"({m8} rows padded from M={M}, block_k={kt})")
+    xp = x if M < 8 else pad_to(x, (m8, K))
     # The same bytes as int4 W^T [N, K] (the low nibble is the even k).
     w_t = lax.bitcast_convert_type(packed, jnp.int4).reshape(N, K)
-    n_tiles = N // tn
-    chunks = kt // CHUNK
+    scale_rows = max(1, kt // g)  # group scale rows per step
+    x_axes = ("cluster",) if cluster > 1 else ()
 
-    def body(x_ref, w_ref, s_ref, out_ref, out_smem):
-        j, c = lax.axis_index("n"), lax.axis_index("k")
-        first = c * steps  # this slice's first step
+    def body(x_ref, w_ref, s_ref, out_ref, out_smem, partial_smem, partial_done):
+        wg = lax.axis_index("wg")
+        j = lax.axis_index("n")
+        if cluster > 1:
+            j = j * cluster + lax.axis_index("cluster")
 
-        def accumulate(acc_ref):
-            def step(_, w_smem, x_smem, s_smem):
-                if chunks == 1:
-                    # The last step's wgmma may still read the registers this
-                    # step's weights are about to take.
-                    plgpu.wgmma_wait(0)
-                # 8 consecutive codes (32 bits) per thread and load; a shuffle
-                # and byte-permutes move them into the wgmma operand layout.
-                codes = plgpu.layout_cast(
-                    plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X),
-                    plgpu.Layout.WGMMA)
-                for i in range(chunks):
-                    ks = slice(i * CHUNK, (i + 1) * CHUNK)
-                    scale = plgpu.load(s_smem.at[i * CHUNK // g if kt > g else 0], (),
-                                       layout=plgpu.Layout.WGMMA.reduce(1))
-                    w = codes[:, ks].astype(jnp.bfloat16) * lax.broadcast_in_dim(
-                        scale.astype(jnp.bfloat16), (tn, CHUNK), [0])
-                    plgpu.wgmma(acc_ref, w, plgpu.transpose_ref(x_smem.at[:, ks], (1, 0)))
-                    plgpu.wgmma_wait(1)
+        def step(indices, w_smem, x_smem, s_smem, acc_ref):
+            @pl.when(indices[0] % compute_wgs == wg)
+            def _():
+                _multiply_step(acc_ref, w_smem, x_smem, s_smem, group_size=g)
+            return acc_ref
 
-            plgpu.emit_pipeline(
-                step,
-                grid=(steps,),
-                in_specs=[
-                    plgpu.BlockSpec((tn, kt), lambda s: (j, first + s),
-                                    transforms=_swizzled(jnp.int4, kt)),
-                    plgpu.BlockSpec((m8, kt), lambda s: (0, first + s),
-                                    transforms=_swizzled(jnp.bfloat16, kt), delay_release=1),
-                    plgpu.BlockSpec((scale_rows, tn),
-                                    lambda s: ((first + s) * kt // (g * scale_rows), j)),
-                ],
-                max_concurrent_steps=stages,
-            )(w_ref, x_ref, s_ref)
-            return acc_ref[...]
+        def compute(run_pipeline):
+            def with_acc(acc_ref):
+                run_pipeline(acc_ref)
+                acc = acc_ref[...]
 
-        acc = pl.run_scoped(accumulate, plgpu.ACC((tn, m8), jnp.float32))
-        out_smem[...] = acc
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem, out_ref.at[c, pl.ds(j * tn, tn)])
-        plgpu.wait_smem_to_gmem(0)
+                # Warpgroups 1.. hand their sums to warpgroup 0, which writes out.
+                @pl.when(wg > 0)
+                def _():
+                    partial_smem.at[wg - 1][...] = acc
+                    plgpu.barrier_arrive(partial_done)
 
-    partial_sums = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((split, N, m8), jnp.float32),
-        scratch_types=[plgpu.SMEM((tn, m8), jnp.float32)],
-        grid=(n_tiles, split), grid_names=("n", "k"),
-        compiler_params=plgpu.CompilerParams(),
+                @pl.when(wg == 0)
+                def _():
+                    plgpu.barrier_wait(partial_done)
+                    total = acc
+                    for i in range(compute_wgs - 1):
+                        total += plgpu.load(partial_smem.at[i], (), layout=plgpu.Layout.WGMMA)
+                    _store_transposed(total, out_smem, out_ref.at[:, pl.ds(j * tn, tn)], M)
+
+            pl.run_scoped(with_acc, plgpu.ACC((tn, m8), jnp.float32))
+
+        plgpu.emit_pipeline_warp_specialized(
+            step, grid=(K // kt,), memory_registers=40, wg_axis="wg",
+            num_compute_wgs=compute_wgs, max_concurrent_steps=slots, compute_context=compute,
+            in_specs=[
+                plgpu.BlockSpec((tn, kt), lambda s: (j, s), transforms=_swizzled(jnp.int4, kt)),
+                plgpu.BlockSpec((m8, kt), lambda s: (0, s),
+                                transforms=_swizzled(jnp.bfloat16, kt), collective_axes=x_axes),
+                plgpu.BlockSpec((scale_rows, tn), lambda s: (s * kt // (g * scale_rows), j)),
+            ],
+        )(w_ref, x_ref, s_ref)
+
+    scratch = [plgpu.SMEM((m8, tn), x.dtype),
+               plgpu.SMEM((compute_wgs - 1, tn, m8), jnp.float32,
+                          transforms=_swizzled(jnp.float32, m8)),
+               plgpu.Barrier(num_arrivals=compute_wgs - 1)]
+    clusters = dict(cluster=(cluster,), cluster_names=("cluster",)) if cluster > 1 else {}
+    return plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((M, N), x.dtype), scratch_types=scratch,
+        grid=(N // tn // cluster,), grid_names=("n",), num_threads=compute_wgs + 1,
+        thread_name="wg", compiler_params=plgpu.CompilerParams(), **clusters,
     )(xp, w_t, scales.astype(jnp.float32))
-    out = partial_sums[0] if split == 1 else jnp.sum(partial_sums, axis=0)
-    return out[:, :M].T.astype(x.dtype)

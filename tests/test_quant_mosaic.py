@@ -117,37 +117,37 @@ def test_fp8_blockwise_mosaic_matches_reference(mode, case):
     assert rel_err(got, want) < (5e-4 if out_dtype == jnp.float32 else 5e-3)
 
 
-INT4_CASES = [  # M, K, N, group, x dtype, kernel options
-    (1, 1024, 384, 128, jnp.bfloat16, {}),
-    (3, 768, 320, 128, jnp.bfloat16, {}),  # default step: 256 codes (768 % 512 != 0)
-    (5, 512, 256, 64, jnp.bfloat16, dict(block_n=256, block_k=256)),  # 4 groups a step
-    (16, 2048, 1152, 128, jnp.bfloat16, dict(block_k=128, stages=3)),
-    (37, 768, 640, 128, jnp.bfloat16, dict(split_k=1)),  # ragged batch over 8 rows: x padded
-    (64, 768, 192, 128, jnp.bfloat16, dict(compute_wgs=3)),  # 3 steps, one per warpgroup
-    (8, 512, 192, 128, jnp.bfloat16, dict(block_n=64, block_k=64)),  # 2 steps a group
-    (4, 2048, 128, 128, jnp.bfloat16, dict(block_k=1024, stages=2)),  # 8 groups a step
-    (2, 1536, 384, 128, jnp.bfloat16, dict(stages=4)),  # 3 steps: warpgroup 0 takes two
-    (11, 1024, 192, 64, jnp.bfloat16, dict(compute_wgs=3, block_k=128, stages=5)),
+INT4_CASES = [  # M, K, N, group, kernel options (x is bfloat16: the kernel's only dtype)
+    (1, 1024, 384, 128, {}),
+    (3, 768, 320, 128, {}),  # default step: 256 codes (768 % 512 != 0)
+    (5, 512, 256, 64, dict(block_n=256, block_k=256)),  # 4 groups a step
+    (16, 2048, 1152, 128, dict(block_k=128, stages=3)),
+    (37, 768, 640, 128, {}),  # ragged batch over 8 rows: x padded
+    (64, 768, 192, 128, dict(compute_wgs=3)),  # 3 steps, one per warpgroup
+    (8, 512, 192, 128, dict(block_n=64, block_k=64)),  # 2 steps a group
+    (4, 2048, 128, 128, dict(block_k=1024, stages=2)),  # 8 groups a step
+    (2, 1536, 384, 128, dict(stages=4)),  # 3 steps: warpgroup 0 takes two
+    (11, 1024, 192, 64, dict(compute_wgs=3, block_k=128, stages=5)),
     # x multicast to the blocks of a cluster
-    (3, 1024, 512, 128, jnp.bfloat16, dict(cluster=2, compute_wgs=3)),
-    (16, 1536, 256, 128, jnp.bfloat16, dict(cluster=2, block_k=256, stages=3)),
+    (3, 1024, 512, 128, dict(cluster=2, compute_wgs=3)),
+    (16, 1536, 256, 128, dict(cluster=2, block_k=256, stages=3)),
 ]
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", range(len(INT4_CASES)))
 def test_int4_mosaic_matches_reference(mode, case):
-    M, K, N, g, dtype, opts = INT4_CASES[case]
+    M, K, N, g, opts = INT4_CASES[case]
     k = jax.random.split(jax.random.key(40 + case), 3)
     packed = pack_int4(jax.random.randint(k[0], (K, N), -8, 8, jnp.int32))
     s = jax.random.uniform(k[1], (K // g, N), jnp.float32, 0.001, 0.01)
-    x = jax.random.normal(k[2], (M, K), jnp.float32).astype(dtype)
+    x = jax.random.normal(k[2], (M, K), jnp.float32).astype(jnp.bfloat16)
     got = run_or_lower(mode, lambda x, p, s: int4_mosaic_gpu.int4_weight_only_mosaic(
         x, p, s, group_size=g, **opts), x, packed, s)
     if got is None:
         return
     want = int4_weight_only_reference(x, packed, s, group_size=g, out_dtype=jnp.float32)
-    assert got.shape == (M, N) and got.dtype == dtype
+    assert got.shape == (M, N) and got.dtype == jnp.bfloat16
     # weights are dequantised to bf16 before the tensor-core product
     assert rel_err(got, want) < 1e-2
 
@@ -238,9 +238,9 @@ def test_dispatch_errors():
         int4_mosaic_gpu.int4_weight_only_mosaic(jnp.ones((2, 256), jnp.bfloat16),
                                                 pack_int4(jnp.zeros((256, 128), jnp.int32)),
                                                 jnp.ones((1, 128)), group_size=256, block_k=96)
-    with pytest.raises(ValueError, match="split_k=2: the Mosaic GPU int4 kernel sums all of K"):
-        int4_mosaic_gpu.int4_weight_only_mosaic(jnp.ones((2, 128), jnp.bfloat16), packed,
-                                                jnp.ones((2, 128)), group_size=64, split_k=2)
+    with pytest.raises(ValueError, match="cannot run this int4 matmul: split_k=2"):
+        int4_weight_only_matmul(jnp.ones((2, 128), jnp.bfloat16), packed, jnp.ones((2, 128)),
+                                group_size=64, implementation="mosaic_gpu", split_k=2)
     with pytest.raises(ValueError, match="cluster=2 must divide the 3 tiles of x's block"):
         int4_mosaic_gpu.int4_weight_only_mosaic(jnp.ones((20, 128), jnp.bfloat16),
                                                 pack_int4(jnp.zeros((128, 256), jnp.int32)),

@@ -163,8 +163,9 @@ def int4_weight_only_matmul(x, packed, scales, zeros=None, *, group_size: int,
                             split_k: int | None = None, interpret: bool | None = None):
     """x [..., K] (bf16/fp16/f32) times int4 weights packed [N, K/2] (uint8)
     with group scales [K/g, N] (and zero points, for unsigned codes) ->
-    [..., N] in x's dtype. split_k None picks enough K slices to keep every
-    SM streaming. On Hopper, 'pallas' and 'auto' run the Mosaic GPU decode
+    [..., N] in x's dtype. block_n and split_k tile the portable kernel
+    (split_k None: enough K slices to keep every SM streaming); the Mosaic
+    kernel takes block_n and sums all of K in one block. On Hopper, 'pallas' and 'auto' run the Mosaic GPU decode
     kernel int4_mosaic_gpu.py where it takes the call (symmetric codes,
     <= 64 rows of bf16 x) and the portable kernel otherwise; 'mosaic_gpu'
     names the Mosaic kernel and raises where it cannot run."""
@@ -182,6 +183,8 @@ def int4_weight_only_matmul(x, packed, scales, zeros=None, *, group_size: int,
         raise ValueError(f"scales {scales.shape} / zeros {None if zeros is None else zeros.shape} "
                          f"must be [K/group_size, N] = {(groups, N)}")
     why_not = int4_mosaic_gpu.unsupported(x2, packed, zeros, group_size)
+    if why_not is None and split_k not in (None, 1):
+        why_not = f"split_k={split_k} (the Mosaic kernel does not split K)"
     if implementation == "mosaic_gpu" and why_not:
         raise ValueError(f"implementation='mosaic_gpu' cannot run this int4 matmul: {why_not}")
     impl, interpret = _resolve(implementation, interpret, has_mosaic=why_not is None)
@@ -192,7 +195,7 @@ def int4_weight_only_matmul(x, packed, scales, zeros=None, *, group_size: int,
         def forward(x_, p_, s_, z_):
             del z_  # symmetric codes only (checked above)
             return int4_mosaic_gpu.int4_weight_only_mosaic(
-                x_, p_, s_, group_size=group_size, split_k=split_k,
+                x_, p_, s_, group_size=group_size,
                 **({} if block_n is None else {"block_n": block_n}))
     else:
         # About 256 programs (block_n 128, split_k 4 at N=K=8192): within a

@@ -118,25 +118,21 @@ def _store_transposed(acc, out_smem, out_gmem, rows: int):
     plgpu.wait_smem_to_gmem(0)
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "block_n", "block_k", "split_k",
-                                             "stages", "compute_wgs", "cluster"))
+@functools.partial(jax.jit, static_argnames=("group_size", "block_n", "block_k", "stages",
+                                             "compute_wgs", "cluster"))
 def int4_weight_only_mosaic(x, packed, scales, *, group_size: int, block_n: int = 64,
-                            block_k: int | None = None, split_k: int | None = None,
-                            stages: int | None = None, compute_wgs: int = 2,
+                            block_k: int | None = None, stages: int | None = None,
+                            compute_wgs: int = 2,
                             cluster: int = 1):
     """x [M, K] bf16 @ dequantised int4 weights (packed [N, K/2], scales
     [K/g, N]) -> [M, N] bf16; see reference.int4_weight_only_reference.
     block_n weight rows of W^T and block_k codes of K per step (None: the
     largest of 512..64 that fits K and the groups); stages pipeline slots
-    (None: default_stages). Each block sums all of K itself (split_k must be
-    None or 1). compute_wgs warpgroups (2 or 3) take the steps in turn;
+    (None: default_stages). Each block sums all of K itself. compute_wgs warpgroups (2 or 3) take the steps in turn;
     cluster (1 or 2) blocks share each x step through TMA multicast."""
     why = unsupported(x, packed, None, group_size)
     if why:
         raise ValueError(f"the Mosaic GPU int4 kernel cannot run this call: {why}")
-    if split_k not in (None, 1):
-        raise ValueError(f"split_k={split_k}: the Mosaic GPU int4 kernel sums all of K in one "
-                         "block (pass None or 1)")
     M, K = x.shape
     N, half = packed.shape
     g = group_size

@@ -14,8 +14,8 @@ import pytest
 
 from jaxkit.checkpoint import Checkpointer
 from jaxkit.config import CheckpointConfig
-from test_sharding import (STEPS, STOP_AT, TINY, compile_cache, eight_devices,  # noqa: F401
-                           load_tree, losses, run_worker, worker_env, assert_trees_close)
+from multidevice import (STEPS, STOP_AT, TINY, assert_trees_close, load_tree, losses,
+                         run_worker, worker_env)
 
 
 def test_resume_after_sigterm_is_exact(eight_devices):
@@ -108,7 +108,7 @@ def worker_four_devices(run: Path):
     from jaxkit.cli import main
     from jaxkit.config import load_config
     from jaxkit.train.trainer import Trainer
-    from test_sharding import _save_params, save_tree
+    from multidevice import save_params, save_tree
 
     assert jax.device_count() == 4
     cfg = load_config(None, TINY + ["mesh.data=2", "mesh.fsdp=2"])
@@ -118,7 +118,7 @@ def worker_four_devices(run: Path):
     layout = lambda x: [repr(x.sharding.spec), list(x.sharding.shard_shape(x.shape))]
     result = trainer.fit(resume=True)
     assert result["step"] == STEPS, result
-    _save_params(trainer, run / "params.npz")
+    save_params(trainer, run / "params.npz")
     (run / "report.json").write_text(json.dumps(
         dict(restored_step=step, embed=layout(embed), mu_embed=layout(mu))))
     # Export through the command line, then load into a fresh single-device model.

@@ -13,8 +13,7 @@ import orbax.checkpoint as ocp
 from jaxkit.checkpoint import export_run
 from jaxkit.config import load_config, save_config
 from jaxkit.sharding.state import path_str
-from test_sharding import (STEPS, TINY, assert_trees_close, compile_cache,  # noqa: F401
-                           eight_devices, load_tree, losses, worker_env)
+from multidevice import STEPS, TINY, assert_trees_close, load_tree, losses, worker_env
 
 
 def _free_port() -> int:

@@ -160,8 +160,10 @@ def _pl():
 
 
 def _tile_smem(shape, dtype):
+    """Shared memory in the 128-byte-swizzled tiling that wgmma and TMA use."""
     plgpu = _plgpu()
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)),
+    cols = 128 // jnp.dtype(dtype).itemsize
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, cols)),
                                                 plgpu.SwizzleTransform(128)))
 
 
@@ -651,10 +653,9 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
         plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
     ]
     if fused:
-        f32_tiles = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
         scratch += [
             _tile_smem((_DS_BUFFERS, _CONSUMERS, bkv, bq), dtype),
-            plgpu.SMEM((_CONSUMERS, bq, half), jnp.float32, transforms=f32_tiles),
+            _tile_smem((_CONSUMERS, bq, half), jnp.float32),
             plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=_DS_BUFFERS),
             plgpu.Barrier(num_arrivals=_CONSUMERS),
         ]

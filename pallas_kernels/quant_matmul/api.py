@@ -165,10 +165,11 @@ def int4_weight_only_matmul(x, packed, scales, zeros=None, *, group_size: int,
     with group scales [K/g, N] (and zero points, for unsigned codes) ->
     [..., N] in x's dtype. block_n and split_k tile the portable kernel
     (split_k None: enough K slices to keep every SM streaming); the Mosaic
-    kernel takes block_n and sums all of K in one block. On Hopper, 'pallas' and 'auto' run the Mosaic GPU decode
-    kernel int4_mosaic_gpu.py where it takes the call (symmetric codes,
-    <= 64 rows of bf16 x) and the portable kernel otherwise; 'mosaic_gpu'
-    names the Mosaic kernel and raises where it cannot run."""
+    kernel takes block_n and sums all of K in one block. On Hopper, 'pallas'
+    and 'auto' run the Mosaic GPU decode kernel int4_mosaic_gpu.py where it
+    takes the call (symmetric codes, <= 64 rows of bf16 x, no split_k) and
+    the portable kernel otherwise; 'mosaic_gpu' names the Mosaic kernel and
+    raises where it cannot run."""
     _check_dtype("x", x, (jnp.bfloat16, jnp.float16, jnp.float32))
     _check_dtype("packed", packed, (jnp.uint8,))
     x2, lead = _rows(x)

@@ -213,7 +213,7 @@ def int4_suite(size, results):
         sweep("int4_pallas", variants, M, (x, packed, scales),
               lambda o, want=want: rel_err(o, want), row, timer)
         if compat.is_hopper() and not SKIP_MOSAIC:
-            variants = [("_".join(f"{k}{v}" for k, v in opts.items()),
+            variants = [("_".join(f"{name}{value}" for name, value in opts.items()),
                          jax.jit(lambda x, p, s, opts=opts:
                                  int4_mosaic_gpu.int4_weight_only_mosaic(
                                      x, p, s, group_size=g, **opts)))

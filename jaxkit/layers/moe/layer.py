@@ -89,11 +89,11 @@ class MoE(nnx.Module):
         B, S, D = x.shape
         m = self.cfg
         xc = x.astype(self.compute_dtype)
-        weights = None if self.gate is None else \
-            ExpertWeights(self.gate[...], self.up[...], self.down[...])
-        quant = None if self.quantizer is None else self.quantizer.quant()
-        if weights is None:  # converted to low-bit storage by jaxkit.quant.quantize_model
+        if self.gate is None:  # converted to low-bit storage by jaxkit.quant.quantize_model
             weights = ExpertWeights(*self.quantizer.stored_weights())
+        else:
+            weights = ExpertWeights(self.gate[...], self.up[...], self.down[...])
+        quant = None if self.quantizer is None else self.quantizer.quant()
         bias = None if self.bias is None else self.bias[...]
         body = lambda t, r, b, experts: moe_tokens(t, r, b, experts, m)
         mesh = current_mesh()

@@ -98,8 +98,10 @@ def _qkv(seed, B, S, T, H, KH, D, dtype):
 
 
 @pytest.mark.parametrize("kwargs,needle", [
-    (dict(segment_ids=(jnp.zeros((1, 64), jnp.int32),) * 2), "segment_ids"),
-    (dict(logit_softcap=30.0), "logit_softcap"),
+    (dict(segment_ids=jnp.zeros((1, 64), jnp.int32)), "pair"),
+    (dict(segment_ids=(jnp.zeros((1, 64), jnp.int32), jnp.zeros((1, 63), jnp.int32))), r"\(1, 63\)"),
+    (dict(segment_ids=(jnp.zeros((1, 64)),) * 2), "integers"),
+    (dict(logit_softcap=-3.0), "logit_softcap"),
     (dict(sliding_window=0), "sliding_window"),
     (dict(block_sizes=dataclasses.replace(tuning.DEFAULTS[64], fused_dq=True)), "fused_dq"),
 ])
@@ -128,7 +130,8 @@ def test_supports_names_the_reason_off_hopper():
     reason = mosaic_gpu.supports(q, k, v, causal=True)
     if jax.default_backend() == "gpu" and mosaic_gpu.compat.is_hopper():
         assert reason is None
-        assert "logit_softcap" in mosaic_gpu.supports(q, k, v, logit_softcap=5.0)
+        assert mosaic_gpu.supports(q, k, v, logit_softcap=5.0) is None
+        assert "logit_softcap" in mosaic_gpu.supports(q, k, v, logit_softcap=0.0)
     else:
         assert "Hopper" in reason
 
@@ -137,7 +140,8 @@ def test_supports_names_the_reason_off_hopper():
 # Kernels against the reference (GPU).
 
 GPU_CASES = [
-    # B, S, T, H, KH, D, causal, window, dtype
+    # B, S, T, H, KH, D, causal, window, dtype[, options: blocks (tuning.BlockSizes),
+    # softcap, segments (number of packed segments: sorted random ids)]
     (2, 256, 256, 2, 1, 128, True, None, jnp.bfloat16),
     (1, 200, 200, 4, 2, 128, False, None, jnp.bfloat16),
     (1, 130, 330, 4, 4, 64, True, None, jnp.float16),
@@ -147,8 +151,6 @@ GPU_CASES = [
     (1, 300, 300, 2, 1, 128, True, 100, jnp.bfloat16),
     (1, 260, 260, 2, 2, 64, False, 90, jnp.float16),
 ]
-
-
 def _rel(x, ref):
     x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
     assert np.isfinite(x).all()
@@ -159,30 +161,55 @@ def _rel(x, ref):
 KB = tuning.KernelBlocks
 GPU_CASES += [
     (2, 300, 300, 4, 2, 128, True, None, jnp.bfloat16,
-     dataclasses.replace(tuning.DEFAULTS[128], fwd=KB(64, 64, 3), dkv=KB(64, 64, 3))),
+     dict(blocks=dataclasses.replace(tuning.DEFAULTS[128], fwd=KB(64, 64, 3), dkv=KB(64, 64, 3)))),
     (1, 250, 250, 2, 1, 128, False, 70, jnp.float16,
-     dataclasses.replace(tuning.DEFAULTS[128], pingpong=False, fwd=KB(64, 64, 3),
-                         dq=KB(64, 128, 2), dkv=KB(64, 64, 3))),
+     dict(blocks=dataclasses.replace(tuning.DEFAULTS[128], pingpong=False, fwd=KB(64, 64, 3),
+                                     dq=KB(64, 128, 2), dkv=KB(64, 64, 3)))),
     (1, 200, 330, 2, 2, 64, True, None, jnp.bfloat16,
-     dataclasses.replace(tuning.DEFAULTS[64], pingpong=False, fwd=KB(64, 256, 2), dq=KB(64, 128, 2))),
-    (1, 190, 190, 2, 1, 256, True, 50, jnp.bfloat16, tuning.DEFAULTS[256]),
+     dict(blocks=dataclasses.replace(tuning.DEFAULTS[64], pingpong=False, fwd=KB(64, 256, 2),
+                                     dq=KB(64, 128, 2)))),
+    (1, 190, 190, 2, 1, 256, True, 50, jnp.bfloat16, dict(blocks=tuning.DEFAULTS[256])),
 ]
 # dQ fused into the dK/dV kernel (head_dim 128): GQA, odd and unequal lengths, windows.
 FUSED = dataclasses.replace(tuning.DEFAULTS[128], fused_dq=True)
 GPU_CASES += [
-    (2, 300, 300, 4, 2, 128, True, None, jnp.bfloat16, FUSED),
-    (1, 200, 330, 4, 1, 128, False, None, jnp.float16, FUSED),
-    (1, 330, 200, 2, 2, 128, True, 70, jnp.bfloat16, FUSED),
+    (2, 300, 300, 4, 2, 128, True, None, jnp.bfloat16, dict(blocks=FUSED)),
+    (1, 200, 330, 4, 1, 128, False, None, jnp.float16, dict(blocks=FUSED)),
+    (1, 330, 200, 2, 2, 128, True, 70, jnp.bfloat16, dict(blocks=FUSED)),
+]
+# Segment ids (packed sequences) and logit soft-capping, alone and together, in
+# every kernel variant (two dQ kernels, fused dQ, head_dim 256's two dK/dV passes).
+# A small cap (2-3) bends most logits; unequal lengths draw q and kv ids
+# separately, so some query rows see no key at all.
+GPU_CASES += [
+    (2, 300, 300, 4, 2, 128, True, None, jnp.bfloat16, dict(segments=3)),
+    (1, 130, 330, 2, 1, 64, False, None, jnp.float16, dict(segments=2)),
+    (1, 200, 200, 4, 2, 64, True, 60, jnp.bfloat16, dict(softcap=2.0)),
+    (1, 190, 190, 2, 2, 256, True, None, jnp.bfloat16, dict(softcap=3.0, segments=2)),
+    (1, 300, 300, 4, 2, 128, False, None, jnp.bfloat16,
+     dict(blocks=FUSED, softcap=2.5, segments=4)),
 ]
 
 
 def _case_id(case):
-    B, S, T, H, KH, D, causal, window, dtype, *blocks = case
-    bs = blocks[0] if blocks else None
+    B, S, T, H, KH, D, causal, window, dtype, *opts = case
+    opts = opts[0] if opts else {}
+    bs = opts.get("blocks")
     tag = ("" if bs is None else "-fused" if bs.fused_dq else
            f"-blocks{bs.fwd.block_kv}x{bs.dkv.stages}{'pp' if bs.pingpong else ''}")
+    tag += f"-cap{opts['softcap']}" if "softcap" in opts else ""
+    tag += f"-seg{opts['segments']}" if "segments" in opts else ""
     return (f"B{B}-S{S}-T{T}-H{H}-KH{KH}-D{D}-{'causal' if causal else 'full'}-w{window}"
             f"-{jnp.dtype(dtype).name}{tag}")
+
+
+def _segment_ids(seed, B, S, T, n):
+    """Sorted random ids in [0, n): packed sequences. One array for both sides
+    when S == T, else independent draws for q and kv."""
+    kq, kk = jax.random.split(jax.random.key(seed + 1))
+    ids = lambda key, L: jnp.sort(jax.random.randint(key, (B, L), 0, n), axis=1)
+    q_seg = ids(kq, S)
+    return (q_seg, q_seg) if S == T else (q_seg, ids(kk, T))
 
 
 # "lower": lower forward and backward for CUDA on CPU (Pallas -> Mosaic GPU
@@ -195,14 +222,17 @@ MODES = [pytest.param("lower", id="lower"),
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
 def test_kernel_matches_reference(case, mode):
-    B, S, T, H, KH, D, causal, window, dtype, *blocks = case
+    B, S, T, H, KH, D, causal, window, dtype, *opts = case
+    opts = opts[0] if opts else {}
     seed = hash(case[:8]) % 2**31
     q, k, v, do = _qkv(seed, B, S, T, H, KH, D, dtype)
-    kw = dict(causal=causal, sliding_window=window)
+    kw = dict(causal=causal, sliding_window=window, logit_softcap=opts.get("softcap"))
+    if "segments" in opts:
+        kw["segment_ids"] = _segment_ids(seed, B, S, T, opts["segments"])
 
     def kernel_vjp(q, k, v, do):
         out, vjp = jax.vjp(lambda *a: mosaic_gpu.mosaic_flash_attention(
-            *a, **kw, block_sizes=blocks[0] if blocks else None), q, k, v)
+            *a, **kw, block_sizes=opts.get("blocks")), q, k, v)
         return out, *vjp(do)
     if mode == "lower":
         text = jax.jit(kernel_vjp).trace(q, k, v, do).lower(lowering_platforms=("cuda",)).as_text()

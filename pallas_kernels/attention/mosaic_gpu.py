@@ -23,6 +23,13 @@ and ``*_free`` (both consumers done with a slot, consumer -> producer).
   reduce-adds float32 partial dQ tiles (5 matrix products per step instead of
   the 7 of the two kernels; faster without a causal mask, see BENCHMARKS.md).
 
+Logit soft-capping (c*tanh(logits/c)) costs one tanh per logit; the backward
+recomputes it and scales dS by 1 - tanh^2. Segment ids (packed sequences)
+arrive as two int32 operands: each consumer keeps its own rows' ids in
+registers and the key (or query) blocks' ids stream through the ring beside
+K (or Q); every visited block is then masked, since no block is known to be
+wholly inside one segment.
+
 Lengths that are not multiples of the blocks are padded here: padded keys are
 masked, padded query rows are sliced off (their dO is zero in the backward).
 """
@@ -134,6 +141,8 @@ class _Spec:
     window: int | None
     scale: float
     blocks: tuning.BlockSizes
+    softcap: float | None = None
+    segments: bool = False  # segment ids come as two extra kernel operands
 
     @property
     def offset(self):
@@ -143,10 +152,36 @@ class _Spec:
         return dict(offset=self.offset, q_len=self.q_len, kv_len=self.kv_len,
                     causal=self.causal, window=self.window)
 
-    def mask(self, q_pos, k_pos):
-        """Visible pairs (positions already absolute), padded keys excluded."""
-        return visible(q_pos, k_pos, causal=self.causal,
-                       sliding_window=self.window) & (k_pos < self.kv_len)
+    def mask(self, q_pos, k_pos, q_seg=None, k_seg=None):
+        """Visible pairs (positions already absolute, segment ids broadcast to
+        the tile), padded keys excluded."""
+        return visible(q_pos, k_pos, causal=self.causal, sliding_window=self.window,
+                       q_segment=q_seg, k_segment=k_seg) & (k_pos < self.kv_len)
+
+    def sweep_blocks(self, lo, flo, fhi, hi):
+        """The block range for ``_sweep``: every block is masked when segment
+        ids decide visibility (no block is known to be fully visible)."""
+        return (lo, hi, hi, hi) if self.segments else (lo, flo, fhi, hi)
+
+    @property
+    def exp_scale(self):
+        """Factor from ``forward_logits`` to the base-2 exponent."""
+        return LOG2E if self.softcap else self.scale * LOG2E
+
+    def forward_logits(self, s):
+        """q.k products -> logits up to the factor ``exp_scale``: the raw
+        products (scaling folds into the exponent's FMA), or soft-capped ones."""
+        if self.softcap is None:
+            return s
+        return jnp.tanh(s * (self.scale / self.softcap)) * self.softcap
+
+    def base2_logits(self, s):
+        """q.k products -> (base-2 logits, the derivative of the logits w.r.t.
+        the scaled products: None for 1, 1 - tanh^2 when soft-capped)."""
+        if self.softcap is None:
+            return s * (self.scale * LOG2E), None
+        t = jnp.tanh(s * (self.scale / self.softcap))
+        return t * (self.softcap * LOG2E), 1.0 - t * t
 
 
 def _plgpu():
@@ -274,9 +309,11 @@ class _QueryTile:
     blocks: tuple      # (lo, full_lo, full_hi, hi) key blocks, see kv_block_range
 
 
-def _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, regs):
+def _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, regs, kv_seg=None):
     """This block's query rows and key-block range; runs the producer, which
-    streams those K and V blocks into ``ring`` (``_kv_ring_scratch`` refs)."""
+    streams those K and V blocks into ``ring`` (``_kv_ring_scratch`` refs),
+    and with ``kv_seg`` = (ref [B,Tp], ring [stages, block_kv], its ready
+    barriers) their segment ids too (their slot is freed with K's)."""
     pl, plgpu = _pl(), _plgpu()
     k_smem, v_smem, k_ready, v_ready, k_free, v_free = ring
     bkv = cfg.block_kv
@@ -292,6 +329,10 @@ def _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, regs):
             keys = (b, pl.ds((lo + t) * bkv, bkv), kvh)
             plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+            if kv_seg is not None:
+                seg_ref, seg_smem, seg_ready = kv_seg
+                plgpu.copy_gmem_to_smem(seg_ref.at[b, pl.ds((lo + t) * bkv, bkv)],
+                                        seg_smem.at[slot], seg_ready.at[slot])
         _ring_producer(hi - lo, cfg.stages, issue, (k_free, v_free), regs)
 
     return _QueryTile(b=b, h=h, wg=wg, r0=r0, blocks=(lo, flo, fhi, hi))
@@ -300,8 +341,34 @@ def _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, regs):
 # ----------------------------------------------------------------------------
 # Forward.
 
-def _forward(q, k, v, spec: _Spec):
-    """q [B,Sp,H,D], k/v [B,Tp,KH,D] padded -> (out [B,Sp,H,D], lse2 [B,H,Sp]).
+def _segment_scratch(cfg, rows):
+    """Segment ids of a query-parallel kernel: each consumer's query rows (and
+    their barriers), and a ring of the key blocks' ids with its ready barriers."""
+    plgpu = _plgpu()
+    return [plgpu.SMEM((_CONSUMERS, rows), jnp.int32), plgpu.Barrier(num_barriers=_CONSUMERS),
+            plgpu.SMEM((cfg.stages, cfg.block_kv), jnp.int32),
+            plgpu.Barrier(num_barriers=cfg.stages)]
+
+
+def _own_segments(seg_ref, seg_smem, ready, index, wg):
+    """Copy this consumer's segment ids (seg_ref.at[index]) and load them as
+    the row vector of its tiles."""
+    plgpu = _plgpu()
+    plgpu.copy_gmem_to_smem(seg_ref.at[index], seg_smem.at[wg], ready.at[wg])
+    plgpu.barrier_wait(ready.at[wg])
+    return plgpu.load(seg_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
+
+
+def _slot_segments(seg_smem, ready, slot):
+    """The segment ids of a ring slot, as the column vector of a tile."""
+    plgpu = _plgpu()
+    plgpu.barrier_wait(ready.at[slot])
+    return plgpu.load(seg_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+
+
+def _forward(q, k, v, segs, spec: _Spec):
+    """q [B,Sp,H,D], k/v [B,Tp,KH,D] padded, segs None or (q ids [B,Sp], kv
+    ids [B,Tp]) -> (out [B,Sp,H,D], lse2 [B,H,Sp]).
 
     lse2 is the base-2 logsumexp of the scaled logits, +inf for rows that see
     no key (so the backward's exp2(s - lse2) is 0 there)."""
@@ -313,10 +380,17 @@ def _forward(q, k, v, spec: _Spec):
     pingpong = spec.blocks.pingpong
     n_q_tiles = Sp // (_CONSUMERS * bq)
     dtype = q.dtype
-    c = spec.scale * LOG2E
+    c = spec.exp_scale
 
-    def body(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, lse_smem, q_ready, turn, *ring):
-        tile = _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, _FWD_REGS)
+    def body(q_ref, k_ref, v_ref, *refs):
+        if spec.segments:
+            (qs_ref, ks_ref), refs = refs[:2], refs[2:]
+        o_ref, lse_ref, q_smem, lse_smem, q_ready, turn = refs[:6]
+        ring = refs[6:12]
+        if spec.segments:
+            qs_smem, qs_ready, ks_smem, ks_ready = refs[12:]
+        tile = _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, _FWD_REGS,
+                           kv_seg=(ks_ref, ks_smem, ks_ready) if spec.segments else None)
         k_smem, v_smem, k_ready, v_ready, k_free, v_free = ring
         b, h, wg = tile.b, tile.h, tile.wg
         lo = tile.blocks[0]
@@ -327,6 +401,8 @@ def _forward(q, k, v, spec: _Spec):
             row0 = tile.r0 + wg * bq
             my_q = q_smem.at[wg]
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], my_q, q_ready.at[wg])
+            if spec.segments:
+                qs_v = _own_segments(qs_ref, qs_smem, qs_ready, (b, pl.ds(row0, bq)), wg)
             plgpu.barrier_wait(q_ready.at[wg])
 
             def take_turn():
@@ -337,6 +413,8 @@ def _forward(q, k, v, spec: _Spec):
             def step(j, carry, masked):
                 acc, m, l = carry
                 slot = lax.rem(j - lo, stages)
+                if spec.segments:  # read before the slot is freed with K
+                    ks_v = _slot_segments(ks_smem, ks_ready, slot)
                 plgpu.barrier_wait(k_ready.at[slot])
 
                 def qk(s_ref):
@@ -345,12 +423,14 @@ def _forward(q, k, v, spec: _Spec):
                     return s_ref[...]
                 s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
+                s = spec.forward_logits(s)
                 if masked:
+                    seg = (_rows(qs_v, s.shape), _cols(ks_v, s.shape)) if spec.segments else ()
                     ok = spec.mask(_iota((bq, bkv), 0) + (row0 + spec.offset),
-                                   _iota((bq, bkv), 1) + j * bkv)
+                                   _iota((bq, bkv), 1) + j * bkv, *seg)
                     s = jnp.where(ok, s, -jnp.inf)
-                # m is the running row max of the raw logits: scaling and the
-                # max subtraction are then one FMA per logit.
+                # m is the running row max of the logits before the factor c:
+                # scaling and the max subtraction are then one FMA per logit.
                 m_new = jnp.maximum(m, s.max(axis=1))
                 # A row that has seen no key yet keeps m = -inf; subtract 0 then.
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
@@ -372,7 +452,7 @@ def _forward(q, k, v, spec: _Spec):
             carry = (_zeros((bq, D)), _vector(bq, -jnp.inf, 1), _vector(bq, 0.0, 1))
             if pingpong:  # consumer 1 starts half a step behind consumer 0
                 pl.when(wg == 1)(take_turn)
-            acc, m, l = _sweep(step, *tile.blocks, carry)
+            acc, m, l = _sweep(step, *spec.sweep_blocks(*tile.blocks), carry)
             if pingpong:
                 pl.when(wg == 0)(take_turn)
 
@@ -392,16 +472,16 @@ def _forward(q, k, v, spec: _Spec):
         plgpu.Barrier(num_barriers=_CONSUMERS),
         plgpu.Barrier(num_arrivals=_CONSUMERS),
         *_kv_ring_scratch(cfg, D, dtype),
-    ]
+    ] + (_segment_scratch(cfg, bq) if spec.segments else [])
     out_type = (jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((B, H, Sp), jnp.float32))
-    return _call(body, out_type, scratch, (H, B, n_q_tiles), ("h", "b", "q"))(q, k, v)
+    return _call(body, out_type, scratch, (H, B, n_q_tiles), ("h", "b", "q"))(q, k, v, *(segs or ()))
 
 
 # ----------------------------------------------------------------------------
 # Backward: dQ, query-parallel.
 
-def _backward_dq(q, k, v, do, lse, delta, spec: _Spec):
+def _backward_dq(q, k, v, do, lse, delta, segs, spec: _Spec):
     pl, plgpu = _pl(), _plgpu()
     B, Sp, H, D = q.shape
     G = H // k.shape[2]
@@ -409,11 +489,16 @@ def _backward_dq(q, k, v, do, lse, delta, spec: _Spec):
     bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
     n_q_tiles = Sp // (_CONSUMERS * bq)
     dtype = q.dtype
-    c = spec.scale * LOG2E
 
-    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-             q_smem, do_smem, lse_smem, delta_smem, row_ready, *ring):
-        tile = _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, _BWD_REGS)
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+        if spec.segments:
+            (qs_ref, ks_ref), refs = refs[:2], refs[2:]
+        dq_ref, q_smem, do_smem, lse_smem, delta_smem, row_ready = refs[:6]
+        ring = refs[6:12]
+        if spec.segments:
+            qs_smem, qs_ready, ks_smem, ks_ready = refs[12:]
+        tile = _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, _BWD_REGS,
+                           kv_seg=(ks_ref, ks_smem, ks_ready) if spec.segments else None)
         k_smem, v_smem, k_ready, v_ready, k_free, v_free = ring
         b, h, wg = tile.b, tile.h, tile.wg
         lo = tile.blocks[0]
@@ -429,6 +514,8 @@ def _backward_dq(q, k, v, do, lse, delta, spec: _Spec):
             plgpu.copy_gmem_to_smem(do_ref.at[rows], my_do, ready[1])
             plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(row0, bq)], lse_smem.at[wg], ready[2])
             plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(row0, bq)], delta_smem.at[wg], ready[3])
+            if spec.segments:
+                qs_v = _own_segments(qs_ref, qs_smem, qs_ready, (b, pl.ds(row0, bq)), wg)
             for bar in ready:
                 plgpu.barrier_wait(bar)
             row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -437,6 +524,8 @@ def _backward_dq(q, k, v, do, lse, delta, spec: _Spec):
 
             def step(j, dq, masked):
                 slot = lax.rem(j - lo, stages)
+                if spec.segments:
+                    ks_v = _slot_segments(ks_smem, ks_ready, slot)
                 plgpu.barrier_wait(k_ready.at[slot])
                 plgpu.barrier_wait(v_ready.at[slot])
 
@@ -447,18 +536,21 @@ def _backward_dq(q, k, v, do, lse, delta, spec: _Spec):
                 acc = plgpu.ACC((bq, bkv), jnp.float32)
                 s, dp = pl.run_scoped(s_and_dp, acc, acc)
                 plgpu.barrier_arrive(v_free.at[slot])
-                s = s * c
+                s, dcap = spec.base2_logits(s)
                 if masked:
+                    seg = (_rows(qs_v, s.shape), _cols(ks_v, s.shape)) if spec.segments else ()
                     ok = spec.mask(_iota((bq, bkv), 0) + (row0 + spec.offset),
-                                   _iota((bq, bkv), 1) + j * bkv)
+                                   _iota((bq, bkv), 1) + j * bkv, *seg)
                     s = jnp.where(ok, s, -jnp.inf)
                 p = jnp.exp2(s - _rows(lse_v, s.shape))
                 ds = p * (dp - _rows(delta_v, dp.shape))
+                if dcap is not None:
+                    ds = ds * dcap
                 dq = _mma_acc(dq, ds.astype(dtype), k_smem.at[slot])
                 plgpu.barrier_arrive(k_free.at[slot])
                 return dq
 
-            dq = _sweep(step, *tile.blocks, _zeros((bq, D)))
+            dq = _sweep(step, *spec.sweep_blocks(*tile.blocks), _zeros((bq, D)))
             my_q[...] = (dq * spec.scale).astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(my_q, dq_ref.at[rows])
@@ -471,16 +563,16 @@ def _backward_dq(q, k, v, do, lse, delta, spec: _Spec):
         plgpu.SMEM((_CONSUMERS, bq), jnp.float32),
         plgpu.Barrier(num_barriers=_CONSUMERS * 4),
         *_kv_ring_scratch(cfg, D, dtype),
-    ]
+    ] + (_segment_scratch(cfg, bq) if spec.segments else [])
     return _call(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch,
-                 (H, B, n_q_tiles), ("h", "b", "q"))(q, k, v, do, lse, delta)
+                 (H, B, n_q_tiles), ("h", "b", "q"))(q, k, v, do, lse, delta, *(segs or ()))
 
 
 # ----------------------------------------------------------------------------
 # Backward: dK and dV (and, fused, dQ), key-parallel, summed over the heads of
 # each kv group.
 
-def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=True,
+def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want_dv=True,
                   dq_acc=None):
     """dK, dV for k/v [B,Tp,KH,D] (None where not wanted).
 
@@ -498,13 +590,14 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
     bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
     n_kv_tiles = Tp // (_CONSUMERS * bkv)
     dtype = q.dtype
-    c = spec.scale * LOG2E
     need_v = want_dk  # dP = dO V^T feeds only dK (and dQ)
     fused = dq_acc is not None
     half = D // _CONSUMERS  # dQ columns per consumer when fused
     assert not fused or (want_dk and want_dv and D == 128), "checked by mosaic_flash_attention"
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+        if spec.segments:
+            (qs_ref, ks_ref), refs = refs[:2], refs[2:]
         if fused:
             dq_ref, refs = refs[0], refs[1:]
         n_out = want_dk + want_dv
@@ -512,7 +605,9 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
         (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
          own_ready, q_ready, do_ready, lse_ready, delta_ready, q_free, do_free) = refs[:13]
         if fused:
-            ds_smem, dq_smem, ds_ready, dq_done = refs[13:]
+            ds_smem, dq_smem, ds_ready, dq_done = refs[13:17]
+        if spec.segments:  # the consumers' own keys; a ring of the query blocks'
+            ks_smem, ks_ready, qs_smem, qs_ready = refs[-4:]
         dk_ref = outs[0] if want_dk else None
         dv_ref = outs[-1] if want_dv else None
         kvh, b = lax.axis_index("kvh"), lax.axis_index("b")
@@ -534,6 +629,9 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
                 if want_dk:
                     plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_smem.at[slot],
                                             delta_ready.at[slot])
+                if spec.segments:
+                    plgpu.copy_gmem_to_smem(qs_ref.at[b, pl.ds(i * bq, bq)], qs_smem.at[slot],
+                                            qs_ready.at[slot])
             _ring_producer(G * per_head, stages, issue, (q_free, do_free), _BWD_REGS)
 
         @pl.when(wg < _CONSUMERS)
@@ -550,6 +648,8 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
                 plgpu.barrier_wait(own_ready.at[2 * wg + 1])
             if fused:  # dQ reads the other consumer's keys too
                 plgpu.barrier_wait(own_ready.at[2 * (1 - wg)])
+            if spec.segments:
+                ks_v = _own_segments(ks_ref, ks_smem, ks_ready, (b, pl.ds(key0, bkv)), wg)
             col_layout = plgpu.Layout.WGMMA.reduce(0)
 
             cols = pl.ds(wg * half, half)
@@ -585,10 +685,15 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
                 q_slot, do_slot = q_smem.at[slot], do_smem.at[slot]
                 plgpu.barrier_wait(q_ready.at[slot])
                 plgpu.barrier_wait(lse_ready.at[slot])
-                st = _mma(my_k, plgpu.transpose_ref(q_slot, (1, 0)), (bkv, bq)) * c
+                st, dcap = spec.base2_logits(
+                    _mma(my_k, plgpu.transpose_ref(q_slot, (1, 0)), (bkv, bq)))
                 if masked:
+                    seg = ()
+                    if spec.segments:
+                        qs_v = _slot_segments(qs_smem, qs_ready, slot)
+                        seg = (_cols(qs_v, st.shape), _rows(ks_v, st.shape))
                     ok = spec.mask(_iota((bkv, bq), 1) + (i * bq + spec.offset),
-                                   _iota((bkv, bq), 0) + key0)
+                                   _iota((bkv, bq), 0) + key0, *seg)
                     st = jnp.where(ok, st, -jnp.inf)
                 lse_v = plgpu.load(lse_smem.at[slot], (), layout=col_layout)
                 pt = jnp.exp2(st - _cols(lse_v, st.shape))
@@ -609,7 +714,8 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
                 plgpu.barrier_arrive(do_free.at[slot])
                 plgpu.barrier_wait(delta_ready.at[slot])
                 delta_v = plgpu.load(delta_smem.at[slot], (), layout=col_layout)
-                dst = (pt * (dpt - _cols(delta_v, dpt.shape))).astype(dtype)
+                dst = pt * (dpt - _cols(delta_v, dpt.shape))
+                dst = (dst if dcap is None else dst * dcap).astype(dtype)
                 if fused:
                     dk = dk_and_dq(dk, dst, q_slot, t, i, kvh * G + g)
                 else:
@@ -618,7 +724,8 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
                 return dk, dv
 
             def head(g, carry):
-                return _sweep(functools.partial(step, g=g), lo, flo, fhi, hi, carry)
+                return _sweep(functools.partial(step, g=g), *spec.sweep_blocks(lo, flo, fhi, hi),
+                              carry)
 
             zero = _zeros((bkv, D))
             dk, dv = lax.fori_loop(0, G, head, (zero if want_dk else None,
@@ -659,8 +766,12 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
             plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=_DS_BUFFERS),
             plgpu.Barrier(num_arrivals=_CONSUMERS),
         ]
+    if spec.segments:
+        scratch += [plgpu.SMEM((_CONSUMERS, bkv), jnp.int32),
+                    plgpu.Barrier(num_barriers=_CONSUMERS),
+                    plgpu.SMEM((stages, bq), jnp.int32), plgpu.Barrier(num_barriers=stages)]
     out_type = [jax.ShapeDtypeStruct(k.shape, dtype)] * (want_dk + want_dv)
-    args = (q, k, v, do, lse, delta) + ((dq_acc,) if fused else ())
+    args = (q, k, v, do, lse, delta, *(segs or ())) + ((dq_acc,) if fused else ())
     outs = _call(body, out_type, scratch, (KH, B, n_kv_tiles), ("kvh", "b", "k"))(*args)
     return (outs[0] if want_dk else None), (outs[-1] if want_dv else None)
 
@@ -668,30 +779,32 @@ def _backward_dkv(q, k, v, do, lse, delta, spec: _Spec, want_dk=True, want_dv=Tr
 # ----------------------------------------------------------------------------
 # Differentiable entry point.
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention(q, k, v, spec):
-    return _forward(q, k, v, spec)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, segs, spec):
+    return _forward(q, k, v, segs, spec)[0]
 
 
-def _attention_fwd(q, k, v, spec):
-    out, lse = _forward(q, k, v, spec)
-    return out, (q, k, v, out, lse)
+def _attention_fwd(q, k, v, segs, spec):
+    out, lse = _forward(q, k, v, segs, spec)
+    return out, (q, k, v, segs, out, lse)
 
 
 def _attention_bwd(spec, res, do):
-    q, k, v, out, lse = res
+    q, k, v, segs, out, lse = res
     delta = jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), out.astype(jnp.float32))
+    args = (q, k, v, do, lse, delta, segs, spec)
     if spec.blocks.fused_dq:
         dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
-        dk, dv = _backward_dkv(q, k, v, do, lse, delta, spec, dq_acc=dq_acc)
-        return (dq_acc[...] * spec.scale).astype(q.dtype), dk, dv
-    dq = _backward_dq(q, k, v, do, lse, delta, spec)
-    if q.shape[-1] > 128:  # dK and dV accumulators do not fit in registers together
-        dk, _ = _backward_dkv(q, k, v, do, lse, delta, spec, want_dv=False)
-        _, dv = _backward_dkv(q, k, v, do, lse, delta, spec, want_dk=False)
+        dk, dv = _backward_dkv(*args, dq_acc=dq_acc)
+        dq = (dq_acc[...] * spec.scale).astype(q.dtype)
     else:
-        dk, dv = _backward_dkv(q, k, v, do, lse, delta, spec)
-    return dq, dk, dv
+        dq = _backward_dq(*args)
+        if q.shape[-1] > 128:  # dK and dV accumulators do not fit in registers together
+            dk, _ = _backward_dkv(*args, want_dv=False)
+            _, dv = _backward_dkv(*args, want_dk=False)
+        else:
+            dk, dv = _backward_dkv(*args)
+    return dq, dk, dv, None  # segment ids are integers: no cotangent
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -703,12 +816,24 @@ def supports(q, k, v, *, causal=False, segment_ids=None, sliding_window=None,
     del causal, scale
     if not compat.is_hopper():
         return "the Mosaic GPU kernel needs a Hopper (sm_90) GPU"
-    if segment_ids is not None:
-        return "segment_ids are not supported by the Mosaic GPU kernel"
-    if logit_softcap is not None:
-        return "logit_softcap is not supported by the Mosaic GPU kernel"
+    return _argument_problem(q, k, v, segment_ids, sliding_window, logit_softcap)
+
+
+def _argument_problem(q, k, v, segment_ids, sliding_window, logit_softcap) -> str | None:
     if sliding_window is not None and sliding_window < 1:
         return f"sliding_window must be >= 1, got {sliding_window}"
+    if logit_softcap is not None and not logit_softcap > 0:
+        return f"logit_softcap must be > 0, got {logit_softcap}"
+    if segment_ids is not None:
+        if not (isinstance(segment_ids, (tuple, list)) and len(segment_ids) == 2):
+            return "segment_ids must be a pair (q ids [B,S], kv ids [B,T])"
+        q_seg, kv_seg = segment_ids
+        if q_seg.shape != q.shape[:2] or kv_seg.shape != k.shape[:2]:
+            return (f"segment ids shapes {q_seg.shape}, {kv_seg.shape} must be [B,S] "
+                    f"{q.shape[:2]} and [B,T] {k.shape[:2]}")
+        if not (jnp.issubdtype(q_seg.dtype, jnp.integer)
+                and jnp.issubdtype(kv_seg.dtype, jnp.integer)):
+            return f"segment ids must be integers; got {q_seg.dtype}, {kv_seg.dtype}"
     return _shape_problem(q, k, v)
 
 
@@ -739,14 +864,9 @@ def mosaic_flash_attention(q, k, v, *, causal=False, segment_ids=None, sliding_w
                            block_sizes: tuning.BlockSizes | None = None):
     """Attention out [B,S,H,D] from the Hopper kernels, differentiable in q, k, v.
 
+    segment_ids: None or a pair (q ids [B,S], kv ids [B,T]) of integers;
     block_sizes overrides the tuning table (see ``tuning.py``)."""
-    if segment_ids is not None:
-        raise ValueError("segment_ids are not supported by the Mosaic GPU kernel")
-    if logit_softcap is not None:
-        raise ValueError("logit_softcap is not supported by the Mosaic GPU kernel")
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
-    problem = _shape_problem(q, k, v)
+    problem = _argument_problem(q, k, v, segment_ids, sliding_window, logit_softcap)
     if problem:
         raise ValueError(problem)
     S, T, D = q.shape[1], k.shape[1], q.shape[-1]
@@ -756,9 +876,15 @@ def mosaic_flash_attention(q, k, v, *, causal=False, segment_ids=None, sliding_w
         raise ValueError(f"fused_dq needs head_dim 128 (dK, dV and dQ accumulators in "
                          f"registers, dQ split in 64-column halves); got head_dim={D}")
     spec = _Spec(q_len=S, kv_len=T, causal=bool(causal), window=sliding_window,
-                 scale=float(D ** -0.5 if scale is None else scale), blocks=block_sizes)
+                 scale=float(D ** -0.5 if scale is None else scale), blocks=block_sizes,
+                 softcap=None if logit_softcap is None else float(logit_softcap),
+                 segments=segment_ids is not None)
     bs = block_sizes
     q_mult = math.lcm(_CONSUMERS * bs.fwd.block_q, _CONSUMERS * bs.dq.block_q, bs.dkv.block_q)
     kv_mult = math.lcm(bs.fwd.block_kv, bs.dq.block_kv, _CONSUMERS * bs.dkv.block_kv)
-    out = _attention(_pad_to(q, 1, q_mult), _pad_to(k, 1, kv_mult), _pad_to(v, 1, kv_mult), spec)
+    segs = None if segment_ids is None else (
+        _pad_to(segment_ids[0].astype(jnp.int32), 1, q_mult),
+        _pad_to(segment_ids[1].astype(jnp.int32), 1, kv_mult))  # padded keys are masked anyway
+    out = _attention(_pad_to(q, 1, q_mult), _pad_to(k, 1, kv_mult), _pad_to(v, 1, kv_mult),
+                     segs, spec)
     return out[:, :S]

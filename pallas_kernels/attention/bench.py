@@ -5,9 +5,10 @@
 Implementations: 'pallas' (our Mosaic GPU kernel), 'cudnn'
 (jax.nn.dot_product_attention), 'xla' (the jitted reference) and 'jax-mgpu'
 (jax's own Pallas Mosaic GPU attention op, as a peer, where importable).
-Each is checked against cuDNN (or the reference where cuDNN fails) before it
-is timed; failures are printed in the table instead of stopping the run.
-FLOPs follow ``reference.attention_flops`` (backward = 2.5x forward).
+Each is checked against cuDNN (or the reference where cuDNN fails or does
+not apply) before it is timed; failures are printed in the table instead of stopping the run.
+FLOPs follow ``reference.attention_flops`` (backward = 2.5x forward); rows with
+segment ids count the causal mask's FLOPs (the blocks the kernel visits).
 """
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ import numpy as np
 from pallas_kernels.benchmarking import rel_err, time_fn
 from pallas_kernels.attention.reference import attention_flops, attention_reference
 
-# name, B, S, H, KH, D, causal
+# name, B, S, H, KH, D, causal[, options: softcap, segments (packed documents
+# per row, random lengths)]. cuDNN (through jax.nn.dot_product_attention)
+# takes neither option, so those rows compare against the reference and
+# against the plain causal row above them.
 SHAPES = [
     ("B4 S4096 H16 D128 causal", 4, 4096, 16, 16, 128, True),
     ("B4 S4096 H16 D128 full", 4, 4096, 16, 16, 128, False),
@@ -32,6 +36,8 @@ SHAPES = [
     ("B4 S4096 H32/KH8 D128 causal", 4, 4096, 32, 8, 128, True),
     ("B4 S4096 H32 D64 causal", 4, 4096, 32, 32, 64, True),
     ("B4 S4096 H8 D256 causal", 4, 4096, 8, 8, 256, True),
+    ("B4 S4096 H16 D128 causal cap30", 4, 4096, 16, 16, 128, True, dict(softcap=30.0)),
+    ("B4 S4096 H16 D128 causal 4 docs", 4, 4096, 16, 16, 128, True, dict(segments=4)),
 ]
 # The float32 reference materialises B*H*S*T logits several times over.
 _REFERENCE_MAX_LOGITS = 2**30
@@ -59,14 +65,17 @@ def _jax_mgpu(causal, D):
     return run
 
 
-def implementations(causal, D):
+def implementations(causal, D, softcap=None, segment_ids=None):
     from pallas_kernels.attention import mosaic_gpu
+    kw = dict(causal=causal, logit_softcap=softcap, segment_ids=segment_ids)
     impls = {
-        "pallas": lambda q, k, v: mosaic_gpu.mosaic_flash_attention(q, k, v, causal=causal),
+        "pallas": lambda q, k, v: mosaic_gpu.mosaic_flash_attention(q, k, v, **kw),
         "cudnn": lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, implementation="cudnn"),
-        "xla": lambda q, k, v: attention_reference(q, k, v, causal=causal),
+        "xla": lambda q, k, v: attention_reference(q, k, v, **kw),
     }
+    if softcap is not None or segment_ids is not None:
+        return {n: impls[n] for n in ("pallas", "xla")}
     try:
         impls["jax-mgpu"] = _jax_mgpu(causal, D)
     except Exception as e:  # noqa: BLE001 - the peer is optional
@@ -78,10 +87,15 @@ def _short(e):
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:90]}" if str(e) else type(e).__name__
 
 
-def bench_shape(name, B, S, H, KH, D, causal, impls_filter=None, iters=20):
+def bench_shape(name, B, S, H, KH, D, causal, opts=None, impls_filter=None, iters=20):
+    opts = opts or {}
     q, k, v = random_inputs(jax.random.key(hash(name) % 2**31), B, S, S, H, KH, D, jnp.bfloat16)
     do = jax.random.normal(jax.random.key(7), q.shape, jnp.float32).astype(jnp.bfloat16)
-    impls = implementations(causal, D)
+    segment_ids = None
+    if "segments" in opts:
+        ids = jnp.sort(jax.random.randint(jax.random.key(8), (B, S), 0, opts["segments"]), axis=1)
+        segment_ids = (ids, ids)
+    impls = implementations(causal, D, opts.get("softcap"), segment_ids)
     if impls_filter:
         impls = {n: f for n, f in impls.items() if n in impls_filter}
     fwd_flops = attention_flops(B, S, S, H, D, causal=causal)
@@ -139,7 +153,7 @@ def bench_shape(name, B, S, H, KH, D, causal, impls_filter=None, iters=20):
 
 
 def format_table(all_results):
-    lines = [f"{'shape':30s} {'impl':9s} {'fwd TF/s':>9s} {'x cudnn':>7s} {'f+b TF/s':>9s} "
+    lines = [f"{'shape':32s} {'impl':9s} {'fwd TF/s':>9s} {'x cudnn':>7s} {'f+b TF/s':>9s} "
              f"{'x cudnn':>7s}  rel err vs cudnn |x-ref|/|ref| (out,dq,dk,dv) / note"]
     for shape, results in all_results.items():
         base = results.get("cudnn", {})
@@ -157,7 +171,7 @@ def format_table(all_results):
                 note = " ".join(f"{x:.1e}" for x in errs[0].values()) + " " + note
             if "bwd_error" in r:
                 note += f" [bwd: {r['bwd_error']}]"
-            lines.append(f"{shape:30s} {impl:9s} {cell('fwd_tflops')} {ratio('fwd_tflops')} "
+            lines.append(f"{shape:32s} {impl:9s} {cell('fwd_tflops')} {ratio('fwd_tflops')} "
                          f"{cell('fwdbwd_tflops')} {ratio('fwdbwd_tflops')}  {note}")
     return "\n".join(lines)
 

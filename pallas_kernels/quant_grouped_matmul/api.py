@@ -1,0 +1,183 @@
+"""Public quantised-weight grouped matmul with ``implementation=`` dispatch.
+
+qgmm(lhs [M,K], codes, scales [G,K/gs,N], group_sizes [G], *, kind,
+group_size) -> [M,N]: the grouped matmul of pallas_kernels.grouped_matmul
+with weights stored as low-bit codes plus per-(K group, column) scales;
+layouts in reference.py (int8 / e4m3 [G,K,N], int4 packed [G,N,K/2] with
+optional zero points).
+
+implementation:
+  'xla'     the jnp reference (dequantise, then a masked einsum), differentiated
+            by XLA;
+  'pallas'  the portable kernel of blockspec.py, dequantising tile by tile:
+            compiled by Pallas's Triton lowering on GPU, interpreted elsewhere
+            (interpret=None picks). Its gradient is a custom VJP: d-lhs =
+            dout @ W^T by grouped_matmul.gmm (transpose_rhs) on the weights
+            dequantised into lhs's dtype, d-scales = per scale group sums of
+            codes (less zero points) * (lhs^T dout per group), the latter by
+            grouped_matmul.tgmm in float32 ([G,K,N], the size of a float
+            weight gradient). Both run the grouped-matmul kernels (the
+            portable ones interpreted, 'auto' compiled). Codes and zero points
+            are integer storage: no gradient.
+  'auto'    'pallas' on GPU, 'xla' elsewhere.
+The kernel needs K steps that divide the scale group (see blockspec.py):
+``unsupported`` says why a (kind, group_size, tiling) cannot run it, and
+'pallas' raises for those. group_sizes must be non-negative with sum <= M
+(checked when concrete).
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import compat
+from pallas_kernels.grouped_matmul.api import gmm, tgmm
+from pallas_kernels.quant_grouped_matmul import blockspec
+from pallas_kernels.quant_grouped_matmul.reference import (CODE_DTYPES, KINDS, dequantize_groups,
+                                                           qgmm_reference)
+
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
+LHS_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+DEFAULT_TILING = (128, 64, 128)  # (tm, tk, tn)
+
+
+class _Config(NamedTuple):
+    """Static settings of one kernel call (hashable, for custom_vjp)."""
+    kind: str
+    group_size: int
+    out_dtype: jnp.dtype
+    tiling: tuple
+    interpret: bool
+
+
+def unsupported(kind: str, group_size: int, tiling=None) -> str | None:
+    """Why the kernel cannot take this weight layout, or None when it can."""
+    tk = (tiling or DEFAULT_TILING)[1]
+    if blockspec.k_step(kind, group_size, tk):
+        return None
+    return (f"group_size={group_size} with K tile {tk}: the kernel's K step must be a power of "
+            f"two >= {blockspec.min_k_step(kind)} dividing group_size (kind {kind!r})")
+
+
+def _check(lhs, codes, scales, group_sizes, zeros, kind, group_size, implementation, tiling):
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown quantised grouped matmul implementation {implementation!r}; "
+                         f"choose one of {IMPLEMENTATIONS}")
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
+    if lhs.ndim != 2 or lhs.shape[0] < 1:
+        raise ValueError(f"lhs must be [M, K] with M >= 1; got shape {lhs.shape}")
+    if lhs.dtype not in LHS_DTYPES:
+        raise ValueError(f"lhs has dtype {lhs.dtype}; use float32, bfloat16 or float16")
+    m, k = lhs.shape
+    if codes.dtype != CODE_DTYPES[kind]:
+        raise ValueError(f"kind {kind!r} takes {CODE_DTYPES[kind].name} codes; got {codes.dtype}")
+    if codes.ndim != 3:
+        raise ValueError(f"codes must be 3-D; got shape {codes.shape}")
+    g = codes.shape[0]
+    if kind == "int4":
+        n = codes.shape[1]
+        if codes.shape[2] * 2 != k:
+            raise ValueError(f"int4 codes must be [G, N, K/2] = [{g}, N, {k / 2}] for the K={k} "
+                             f"of lhs; got shape {codes.shape}")
+    else:
+        n = codes.shape[2]
+        if codes.shape[1] != k:
+            raise ValueError(f"{kind} codes must be [G, K, N] with the K={k} of lhs; got shape "
+                             f"{codes.shape}")
+    if int(group_size) != group_size or group_size < 1 or k % group_size:
+        raise ValueError(f"group_size={group_size} must be a positive divisor of K={k}")
+    want = (g, k // group_size, n)
+    if scales.shape != want or not jnp.issubdtype(scales.dtype, jnp.floating):
+        raise ValueError(f"scales must be float [G, K/group_size, N] = {want}; got "
+                         f"{scales.dtype} {scales.shape}")
+    if zeros is not None:
+        if kind != "int4":
+            raise ValueError(f"zero points are only for kind 'int4' (unsigned codes); got kind "
+                             f"{kind!r}")
+        if zeros.shape != want:
+            raise ValueError(f"zeros must be [G, K/group_size, N] = {want}; got {zeros.shape}")
+    if group_sizes.ndim != 1 or group_sizes.shape[0] != g:
+        raise ValueError(f"group_sizes must be [G] = [{g}] (the groups of codes); got shape "
+                         f"{group_sizes.shape}")
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"group_sizes must be integers; got {group_sizes.dtype}")
+    if not isinstance(group_sizes, jax.core.Tracer):
+        sizes = np.asarray(group_sizes)
+        if (sizes < 0).any():
+            raise ValueError(f"group_sizes must be non-negative; got {sizes.tolist()}")
+        if sizes.sum() > m:
+            raise ValueError(f"sum(group_sizes)={int(sizes.sum())} exceeds the {m} rows of lhs")
+    if tiling is not None and (len(tiling) != 3 or any(
+            int(t) != t or t < 1 or int(t) & (int(t) - 1) for t in tiling)):
+        raise ValueError(f"tiling must be three powers of two (tm, tk, tn); got {tiling}")
+
+
+def _kernel(lhs, codes, scales, group_sizes, zeros, cfg: _Config):
+    return blockspec.qgmm(lhs, codes, scales, group_sizes, zeros, kind=cfg.kind,
+                          group_size=cfg.group_size, out_dtype=cfg.out_dtype, tiling=cfg.tiling,
+                          interpret=cfg.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _pallas_qgmm(lhs, codes, scales, group_sizes, zeros, cfg: _Config):
+    return _kernel(lhs, codes, scales, group_sizes, zeros, cfg)
+
+
+def _fwd(lhs, codes, scales, group_sizes, zeros, cfg):
+    out = _kernel(lhs, codes, scales, group_sizes, zeros, cfg)
+    return out, (lhs, codes, scales, group_sizes, zeros)
+
+
+def _bwd(cfg, residuals, dout):
+    lhs, codes, scales, group_sizes, zeros = residuals
+    dout = dout.astype(lhs.dtype)
+    grouped = dict(implementation="pallas", interpret=True) if cfg.interpret \
+        else dict(implementation="auto")
+    w = dequantize_groups(codes, scales, zeros, kind=cfg.kind, group_size=cfg.group_size)
+    dlhs = gmm(dout, w.astype(lhs.dtype), group_sizes, transpose_rhs=True,
+               preferred_element_type=lhs.dtype, **grouped)
+    # d scale[g, b, n] = sum over k of group b of (q - zero)[g, k, n] * (lhs_g^T dout_g)[k, n]
+    q = dequantize_groups(codes, jnp.ones_like(scales), zeros, kind=cfg.kind,
+                          group_size=cfg.group_size)
+    xtd = tgmm(lhs, dout, group_sizes, preferred_element_type=jnp.float32, **grouped)
+    g, k, n = q.shape
+    dscales = jnp.sum((q * xtd).reshape(g, k // cfg.group_size, cfg.group_size, n), axis=2)
+    return dlhs, None, dscales.astype(scales.dtype), None, None
+
+
+_pallas_qgmm.defvjp(_fwd, _bwd)
+
+
+def qgmm(lhs, codes, scales, group_sizes, *, kind: str, group_size: int, zeros=None,
+         implementation: str = "auto", preferred_element_type=jnp.float32, tiling=None,
+         interpret: bool | None = None):
+    """lhs [M,K] x the dequantised weights of each group -> [M,N] in
+    preferred_element_type (see the module docstring). tiling=(tm, tk, tn):
+    the kernel's row, K-step and column tiles (powers of two)."""
+    _check(lhs, codes, scales, group_sizes, zeros, kind, group_size, implementation, tiling)
+    group_sizes = group_sizes.astype(jnp.int32)
+    out_dtype = jnp.dtype(preferred_element_type or jnp.float32)
+    on_gpu = compat.platform() == "gpu"
+    if implementation == "auto":
+        implementation = "pallas" if on_gpu else "xla"
+    if implementation == "xla":
+        if tiling is not None or interpret is not None:
+            raise ValueError("implementation='xla' takes no tiling or interpret")
+        return qgmm_reference(lhs, codes, scales, group_sizes, kind=kind, group_size=group_size,
+                              zeros=zeros, preferred_element_type=out_dtype)
+    if interpret is None:
+        interpret = not on_gpu
+    if not interpret and not on_gpu:
+        raise ValueError("compiled implementation='pallas' needs a GPU (Triton lowering); pass "
+                         "interpret=True to run the kernel interpreted")
+    why_not = unsupported(kind, group_size, tiling)
+    if why_not:
+        raise ValueError(f"implementation='pallas' cannot run this layout: {why_not}")
+    cfg = _Config(kind, int(group_size), out_dtype, tuple(tiling or DEFAULT_TILING),
+                  bool(interpret))
+    return _pallas_qgmm(lhs, codes, scales.astype(jnp.float32), group_sizes, zeros, cfg)

@@ -85,7 +85,9 @@ def _kernel(group_ref, tile_ref, lo_ref, hi_ref, *refs, kind: str, groups: int, 
     mine = (rows >= lo) & (rows < hi)
     out = o_ref.at[pl.ds(row0, tm), pl.ds(col0, tn)]
     cd = (xe_ref if kind == "int4" else x_ref).dtype
-    dot = functools.partial(lax.dot_general, preferred_element_type=jnp.float32)
+    # float32 operands: full-precision dots (Triton would use TF32 by default)
+    dot = functools.partial(lax.dot_general, preferred_element_type=jnp.float32,
+                            precision=lax.Precision.HIGHEST if cd == jnp.float32 else None)
 
     def k_tile(b, i, carry):
         part, xsum = carry

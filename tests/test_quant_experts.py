@@ -143,3 +143,48 @@ def test_expert_quant_errors():
         attach_quantizers(MoE(moe_cfg(), rngs=nnx.Rngs(0)), static, rngs=nnx.Rngs(0))
     # the same configs are fine when experts are not a target
     MoE(moe_cfg(dataclasses.replace(sq, targets=("q", "k"))), rngs=nnx.Rngs(0))
+
+
+def _pallas_operand_dtypes(jaxpr):
+    """Operand dtypes of every pallas_call in a jaxpr, nested ones included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append({str(v.aval.dtype) for v in eqn.invars})
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    found += _pallas_operand_dtypes(sub)
+    return found
+
+
+@pytest.mark.parametrize("qc,code_dtype", [
+    (QuantConfig(mode="ptq", weight_format="int8", activation_format="int8", hadamard=True),
+     "int8"),
+    (QuantConfig(mode="ptq", weight_format="int4_asym", granularity="block", block_size=32),
+     "uint8"),
+    (QuantConfig(mode="ptq", weight_format="fp8_e4m3", activation_format="fp8_e4m3",
+                 granularity="block", block_size=128), "float8_e4m3fn"),
+])
+def test_int_experts_run_the_quantised_grouped_kernel(qc, code_dtype):
+    """Mode 'int' with gmm_implementation 'pallas' multiplies the stored codes
+    with the qgmm kernel (interpreted here: its pallas_call takes the codes)
+    and equals mode 'ptq' (fake-quantised float weights, the XLA grouped
+    matmul) within rtol 1e-4 / atol 1e-5: the kernel scales per-group
+    partial sums instead of dequantised weights, a float32 rounding change."""
+    cfg = dataclasses.replace(moe_cfg(expert_hidden=128), d_model=128)
+    cfg_kernel = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe,
+                                                                  gmm_implementation="pallas"))
+    x = jax.random.normal(jax.random.key(4), (2, 8, 128))
+    sim = MoE(dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, gmm_implementation="xla")),
+              rngs=nnx.Rngs(0))
+    real = MoE(cfg_kernel, rngs=nnx.Rngs(0))
+    attach_quantizers(sim, qc, rngs=nnx.Rngs(1))
+    attach_quantizers(real, qc, rngs=nnx.Rngs(1))
+    quantize_model(real, dataclasses.replace(qc, mode="int"))
+    graphdef, state = nnx.split(real)
+    jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x).jaxpr
+    calls = _pallas_operand_dtypes(jaxpr)
+    assert len(calls) == 3 and all(code_dtype in dtypes for dtypes in calls), calls
+    np.testing.assert_allclose(forward(real, x)[0], forward(sim, x)[0], rtol=1e-4, atol=1e-5)

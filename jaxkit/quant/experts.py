@@ -11,11 +11,26 @@ get their own quantizer with the Linear one's semantics:
 * 'hadamard' rotates both contraction dimensions (D and H) with their own
   random signs; 'gradient_format' quantises each expert matmul's output
   gradient (QAT);
-* mode 'int' keeps the weights as low-bit codes (int8, two int4 codes per
-  byte, or fp8 e4m3) plus their group scales and dequantises them into the
-  compute dtype for the grouped matmul. No quantised grouped-matmul kernel
-  exists yet, so this saves weight memory, not matmul time; the numbers equal
-  mode 'ptq' (the same codes, scales and activation quantisation).
+* mode 'int' keeps each matrix as low-bit codes plus scales in the layout of
+  pallas_kernels.quant_grouped_matmul (LowBitExperts: int8 [E, K, N] with
+  per-channel scales, fp8 e4m3 [E, K, N] with 1x128 scales along K, or int4
+  packed [E, N, K/2] with group scales and, for int4_asym, zero points). The
+  grouped (dropless) path multiplies the codes directly with
+  quant_grouped_matmul.qgmm, which dequantises tile by tile inside its
+  kernel; the dense-buffer path (capacity and expert-choice dispatch)
+  dequantises the whole stacks, then runs a batched matmul. The numbers equal
+  mode 'ptq' (the same codes, scales and activation quantisation) up to
+  float rounding.
+
+  Which layouts reach the kernel (LowBitExperts.grouped_matmul): every one
+  whose scale group gs (K for int8, 128 for fp8, block_size for int4) has a
+  power-of-two divisor >= 16 (>= 32 for int4), with the MoE's
+  gmm_implementation 'pallas' (the kernel; interpreted off GPU), 'auto' (the
+  kernel on GPU, its jnp reference elsewhere) or 'xla' (the reference). The
+  rest dequantise the stacks and call grouped_matmul.gmm with the same
+  implementation: int4 with block_size 16, int8 whose K (d_model or
+  expert_hidden) has no such divisor, and any layout under 'ragged_dot'
+  (there is no quantised ragged_dot).
 
 Not available for experts (a clear error, never ignored): SmoothQuant and
 static per-tensor activation scales, both of which need per-expert
@@ -31,13 +46,19 @@ from flax import nnx
 
 from jaxkit.config import QuantConfig
 from jaxkit.quant.config_check import check_quant_config, int_kernel
-from jaxkit.quant.core import QTensor, dequantize, fake_quant, quantize
+from jaxkit.quant.core import QTensor, fake_quant, quantize, ungroup
 from jaxkit.quant.layer import QuantScale, QuantWeight, quant_kwargs, quantize_gradient
 from jaxkit.quant.rotation import random_signs, rotate_activation, rotate_weight
-from pallas_kernels.quant_matmul import pack_int4, unpack_int4
+from pallas_kernels.grouped_matmul import gmm
+from pallas_kernels.quant_grouped_matmul import (dequantize_groups, pack_int4_groups, qgmm,
+                                                 unsupported)
 
 MATRICES = ("gate", "up", "down")  # the order of jaxkit.layers.moe.ExpertWeights
 WEIGHT_AXIS = 1  # contraction axis of every stacked expert matrix
+# mode 'int': the quant_matmul kernel kind of the config -> the qgmm kind
+QGMM_KIND = {"w8a8": "int8", "fp8_blockwise": "fp8", "int4_weight_only": "int4"}
+# MoE gmm_implementation -> qgmm implementation ('ragged_dot' has none)
+QGMM_IMPLEMENTATION = {"auto": "auto", "xla": "xla", "pallas": "pallas"}
 
 
 def check_expert_quant(cfg: QuantConfig) -> None:
@@ -63,7 +84,7 @@ class ExpertQuant:
     signs_in: jax.Array | None  # [D]: rotation of the gate/up contraction
     signs_hidden: jax.Array | None  # [H]: rotation of the down contraction
     cfg: QuantConfig = dataclasses.field(metadata={"static": True})
-    # False in mode 'int': the weights arrive dequantised, already rotated
+    # False in mode 'int': the weights arrive as LowBitExperts, already rotated
     fake_quant_weights: bool = dataclasses.field(default=True, metadata={"static": True})
 
     def _signs(self, name):
@@ -109,9 +130,56 @@ def rotate_experts(w, signs):
     return w if signs is None else jax.vmap(rotate_weight, in_axes=(0, None))(w, signs)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LowBitExperts:
+    """One stacked expert matrix [E, K, N] in low-bit storage, in the layout of
+    pallas_kernels.quant_grouped_matmul. A pytree whose arrays all lead with
+    the expert axis, so it shards along it (expert parallelism) like the
+    float weights."""
+    codes: jax.Array  # int8 / e4m3 [E, K, N], or int4 packed uint8 [E, N, K/2]
+    scales: jax.Array  # float32 [E, K/gs, N]
+    zeros: jax.Array | None  # int4_asym: zero points [E, K/gs, N]
+    kind: str = dataclasses.field(metadata={"static": True})  # qgmm kind
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The logical [E, K, N] of the float matrix."""
+        e, a, b = self.codes.shape
+        return (e, 2 * b, a) if self.kind == "int4" else (e, a, b)
+
+    @property
+    def group_size(self) -> int:
+        return self.shape[1] // self.scales.shape[1]
+
+    def dequantize(self) -> jax.Array:
+        """float32 [E, K, N]."""
+        return dequantize_groups(self.codes, self.scales, self.zeros, kind=self.kind,
+                                 group_size=self.group_size)
+
+    def grouped_matmul(self, lhs, group_sizes, *, implementation: str) -> jax.Array:
+        """lhs [M, K] rows grouped by expert -> [M, N] float32, through the
+        qgmm kernel where the layout and implementation allow (module
+        docstring), else dequantised weights and grouped_matmul.gmm."""
+        impl = QGMM_IMPLEMENTATION.get(implementation)
+        if impl is None or unsupported(self.kind, self.group_size):
+            return gmm(lhs, self.dequantize().astype(lhs.dtype), group_sizes,
+                       implementation=implementation, preferred_element_type=jnp.float32)
+        return qgmm(lhs, self.codes, self.scales, group_sizes, kind=self.kind,
+                    group_size=self.group_size, zeros=self.zeros, implementation=impl,
+                    preferred_element_type=jnp.float32)
+
+
 def _int_codes(q: QTensor) -> jax.Array:
-    """Integer codes of an integer-format QTensor (its codes are code * step)."""
-    return jnp.round(q.codes / q.fmt.element.step).astype(jnp.int32)
+    """Integer codes [..] of an integer-format QTensor in its original layout
+    (its grouped codes are code * step)."""
+    return jnp.round(ungroup(q, q.codes) / q.fmt.element.step).astype(jnp.int32)
+
+
+def _per_group(q: QTensor, a) -> jax.Array:
+    """A per-group array of q ([E, N, K/gs, 1], quantised along axis 1) as
+    [E, K/gs, N] float32."""
+    return jnp.swapaxes(a[..., 0], 1, 2).astype(jnp.float32)
 
 
 class ExpertQuantizer(nnx.Module):
@@ -124,7 +192,7 @@ class ExpertQuantizer(nnx.Module):
             else nnx.data(None)
         self.signs_in, self.signs_hidden = signs(d_model), signs(hidden)
         self.storage = nnx.data(None)  # mode 'int': {matrix: {name: QuantWeight}}
-        self.layout = nnx.data(None)  # mode 'int': {matrix: QTensor of shapes (static info)}
+        self.kind = None  # mode 'int': the qgmm kind of the storage
 
     def _signs(self, name):
         s = self.signs_hidden if name == "down" else self.signs_in
@@ -136,40 +204,29 @@ class ExpertQuantizer(nnx.Module):
                            fake_quant_weights=self.storage is None)
 
     def stored_weights(self):
-        """(gate, up, down) dequantised from low-bit storage (mode 'int')."""
+        """(gate, up, down) as LowBitExperts (mode 'int')."""
         if self.storage is None:
             raise ValueError("the experts have neither float weights nor low-bit storage")
-        return tuple(self._dequantized(name) for name in MATRICES)
+        return tuple(LowBitExperts(st["codes"][...], st["scale"][...],
+                                   st["zero"][...] if "zero" in st else None, self.kind)
+                     for st in (self.storage[name] for name in MATRICES))
 
     # ------------------------------------------------------------ mode 'int'
     def convert(self, float_weights) -> None:
         """Quantise (gate, up, down) into low-bit storage (cfg.mode 'int')."""
-        kind = int_kernel(self.cfg)
-        storage, layout = {}, {}
+        kind = QGMM_KIND[int_kernel(self.cfg)]
+        storage = {}
         for name, w in zip(MATRICES, float_weights, strict=True):
             q = quantize(rotate_experts(w, self._signs(name)), self.cfg.weight_format,
-                         axis=WEIGHT_AXIS,
-                         **quant_kwargs(self.cfg))
-            if kind == "fp8_blockwise":
-                codes = q.codes.astype(jnp.float8_e4m3fn)  # exact: codes lie on the e4m3 grid
-            elif kind == "w8a8":
+                         axis=WEIGHT_AXIS, **quant_kwargs(self.cfg))
+            if kind == "fp8":  # exact: the codes lie on the e4m3 grid
+                codes = ungroup(q, q.codes).astype(jnp.float8_e4m3fn)
+            elif kind == "int8":
                 codes = _int_codes(q).astype(jnp.int8)
-            else:  # int4: two codes per byte, over the flattened codes
-                codes = pack_int4(_int_codes(q).reshape(2, -1))
-            st = {"codes": codes, "scale": q.scale}
+            else:
+                codes = pack_int4_groups(_int_codes(q))
+            st = {"codes": codes, "scale": _per_group(q, q.scale)}
             if q.zero is not None:
-                st["zero"] = q.zero
+                st["zero"] = _per_group(q, q.zero)
             storage[name] = {k: QuantWeight(v) for k, v in st.items()}
-            layout[name] = (q.fmt, q.axis, q.shape, q.codes.shape)
-        self.storage, self.layout = storage, layout
-
-    def _dequantized(self, name):
-        fmt, axis, shape, grouped = self.layout[name]
-        st = {k: v[...] for k, v in self.storage[name].items()}
-        codes = st["codes"]
-        if codes.dtype == jnp.uint8:
-            codes = unpack_int4(codes, signed=not fmt.asymmetric)
-        codes = codes.astype(jnp.float32).reshape(grouped)
-        if fmt.element.kind == "int":
-            codes = codes * fmt.element.step
-        return dequantize(QTensor(codes, st["scale"], st.get("zero"), None, fmt, axis, shape))
+        self.storage, self.kind = storage, kind

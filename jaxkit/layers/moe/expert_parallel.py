@@ -106,7 +106,8 @@ def sharded_moe(body, x, router_kernel, bias, weights: ExpertWeights, *, mesh, i
     x_spec = P(batch or None, seq or None, None)
     w_spec = P(EXPERT_AXIS if ep > 1 else None, None, None)
     args = {"x": x, "router": router_kernel, "weights": weights, "bias": bias, "quant": quant}
-    specs = {"x": x_spec, "router": P(), "weights": ExpertWeights(w_spec, w_spec, w_spec),
+    # every weight array (float, or low-bit codes/scales) leads with the expert axis
+    specs = {"x": x_spec, "router": P(), "weights": jax.tree.map(lambda _: w_spec, weights),
              "bias": None if bias is None else P(), "quant": jax.tree.map(lambda _: P(), quant)}
     args = jax.tree.map(lambda s, a: _reshard(a, s, mesh), specs, args,
                         is_leaf=lambda s: isinstance(s, P))

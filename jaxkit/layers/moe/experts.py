@@ -1,7 +1,12 @@
 """The experts' SwiGLU feed-forward math on the two layouts dispatch produces:
 rows sorted by expert with group sizes (grouped matmul), or a dense
 [E, C, D] buffer (batched matmul). Inputs are in the compute dtype; outputs
-float32 so the weighted combine of k experts is accumulated in float32."""
+float32 so the weighted combine of k experts is accumulated in float32.
+
+Expert matrices are float arrays, or jaxkit.quant.experts.LowBitExperts after
+conversion to low-bit storage (quant mode 'int'): the grouped path hands
+those to their grouped_matmul (the quantised grouped-matmul kernel), the
+batched path dequantises them first."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,13 +15,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxkit.quant.experts import LowBitExperts
 from pallas_kernels.grouped_matmul import gmm
 
 
 class ExpertWeights(NamedTuple):
-    gate: jax.Array  # [E, D, H]
-    up: jax.Array  # [E, D, H]
-    down: jax.Array  # [E, H, D]
+    """Float arrays or LowBitExperts (mode 'int') of these logical shapes."""
+    gate: jax.Array | LowBitExperts  # [E, D, H]
+    up: jax.Array | LowBitExperts  # [E, D, H]
+    down: jax.Array | LowBitExperts  # [E, H, D]
 
 
 def group_sizes(sorted_expert, num_experts: int):
@@ -41,15 +48,21 @@ def _ffn(x, w: ExpertWeights, mm, quant):
 def grouped_ffn(rows, sizes, w: ExpertWeights, *, implementation: str, quant=None):
     """rows [M, D] grouped by expert (sizes [E]) -> [M, D] float32; rows past
     sum(sizes) are padding and come out zero."""
-    mm = lambda a, b: gmm(a, b.astype(a.dtype), sizes, implementation=implementation,
-                          preferred_element_type=jnp.float32)
+    def mm(a, b):
+        if isinstance(b, LowBitExperts):
+            return b.grouped_matmul(a, sizes, implementation=implementation)
+        return gmm(a, b.astype(a.dtype), sizes, implementation=implementation,
+                   preferred_element_type=jnp.float32)
     return _ffn(rows, w, mm, quant)
 
 
 def batched_ffn(x_e, w: ExpertWeights, *, quant=None):
     """x_e [E, C, D] -> [E, C, D] float32."""
-    mm = lambda a, b: jnp.einsum("ecd,edh->ech", a, b.astype(a.dtype),
-                                 preferred_element_type=jnp.float32)
+    def mm(a, b):
+        if isinstance(b, LowBitExperts):  # no batched quantised kernel: whole stacks
+            b = b.dequantize()
+        return jnp.einsum("ecd,edh->ech", a, b.astype(a.dtype),
+                          preferred_element_type=jnp.float32)
     return _ffn(x_e, w, mm, quant)
 
 

@@ -84,6 +84,33 @@ def test_q_block_range_covers_exactly_the_visible_blocks(S, T, causal, window):
             assert real.shape[1] == cols and blocks[i, :max(0, min(block, S - i * block))].all()
 
 
+@pytest.mark.parametrize("sorted_ids", [True, False])
+@pytest.mark.parametrize("S,T,tile", [(200, 200, 40), (130, 330, 10), (64, 256, 64)])
+def test_segment_spans_cover_every_same_segment_pair(S, T, tile, sorted_ids):
+    """Each tile's key span holds every key sharing a segment with one of its
+    rows; with sorted ids (packed sequences) it is exactly the span of those
+    keys (empty when there are none), so the kernels skip the rest."""
+    rng = np.random.default_rng(S * T + tile + sorted_ids)
+    q_ids = rng.integers(0, 5, (2, S))
+    kv_ids = rng.integers(0, 5, (2, T))
+    if sorted_ids:
+        q_ids, kv_ids = np.sort(q_ids, 1), np.sort(kv_ids, 1)
+        kv_ids[1] += 1  # batch row 1: some query segments have no keys
+    spans = np.asarray(mosaic_gpu.tile_spans(
+        mosaic_gpu.segment_span(jnp.asarray(q_ids), jnp.asarray(kv_ids)), tile))
+    assert spans.shape == (2, 2, S // tile)
+    for b in range(2):
+        for t in range(S // tile):
+            same = q_ids[b, t * tile:(t + 1) * tile, None] == kv_ids[b, None, :]
+            keys = np.flatnonzero(same.any(0))
+            lo, hi = spans[:, b, t]
+            if sorted_ids:
+                want = (keys[0], keys[-1] + 1) if keys.size else None
+                assert (lo, hi) == want if want else hi <= lo
+            else:
+                assert (lo, hi) == (0, T)
+
+
 # ---------------------------------------------------------------------------
 # Argument checks (CPU).
 

@@ -27,8 +27,9 @@ Logit soft-capping (c*tanh(logits/c)) costs one tanh per logit; the backward
 recomputes it and scales dS by 1 - tanh^2. Segment ids (packed sequences)
 arrive as two int32 operands: each consumer keeps its own rows' ids in
 registers and the key (or query) blocks' ids stream through the ring beside
-K (or Q); every visited block is then masked, since no block is known to be
-wholly inside one segment.
+K (or Q). Where the ids are sorted (packed sequences) each tile visits only
+the blocks of its own segments (spans found by a binary search in XLA); every
+visited block is masked, since none is known to lie inside one segment.
 
 Lengths that are not multiples of the blocks are padded here: padded keys are
 masked, padded query rows are sliced off (their dO is zero in the backward).
@@ -128,6 +129,34 @@ def q_block_range(c0, cols, *, offset, q_len, kv_len, block_q, causal, window):
     flo = _clip(_cdiv(jnp.maximum(full_lo, 0), block_q), lo, hi)
     fhi = _clip(lax.div(jnp.maximum(full_hi, 0), block_q), flo, hi)
     return lo, flo, fhi, hi
+
+
+def segment_span(ids, other_ids):
+    """Per position of ``ids`` [B,L]: the span [lo, hi) of ``other_ids``
+    [B,M] holding the same segment id, when other_ids are sorted along M (packed
+    sequences); all of [0, M) in rows where they are not. A superset of what
+    the segments let a position see, so kernels may skip blocks outside it."""
+    def search(side):
+        return jax.vmap(lambda a, v: jnp.searchsorted(a, v, side=side))(other_ids, ids)
+    m = other_ids.shape[1]
+    is_sorted = jnp.all(other_ids[:, 1:] >= other_ids[:, :-1], axis=1, keepdims=True)
+    return (jnp.where(is_sorted, search("left"), 0).astype(jnp.int32),
+            jnp.where(is_sorted, search("right"), m).astype(jnp.int32))
+
+
+def tile_spans(span, tile):
+    """Per-position spans -> [2, B, L // tile]: the union span of each tile."""
+    lo, hi = span
+    B, L = lo.shape
+    return jnp.stack([lo.reshape(B, L // tile, tile).min(-1),
+                      hi.reshape(B, L // tile, tile).max(-1)])
+
+
+def _narrow(lo, hi, spans_ref, b, tile, block):
+    """Block range [lo, hi) cut to the tile's segment span (positions) in spans_ref."""
+    lo = jnp.maximum(lo, lax.div(spans_ref[0, b, tile], block))
+    hi = jnp.minimum(hi, _cdiv(spans_ref[1, b, tile], block))
+    return lo, jnp.maximum(hi, lo)
 
 
 # ----------------------------------------------------------------------------
@@ -311,16 +340,21 @@ class _QueryTile:
 
 def _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, regs, kv_seg=None):
     """This block's query rows and key-block range; runs the producer, which
-    streams those K and V blocks into ``ring`` (``_kv_ring_scratch`` refs),
-    and with ``kv_seg`` = (ref [B,Tp], ring [stages, block_kv], its ready
-    barriers) their segment ids too (their slot is freed with K's)."""
+    streams those K and V blocks into ``ring`` (``_kv_ring_scratch`` refs).
+    With ``kv_seg`` = (ids [B,Tp], the tiles' key spans [2,B,n_q_tiles], a
+    ring [stages, block_kv], its ready barriers) the range is cut to the
+    keys of the tile's segments and their ids stream too (the slot is freed
+    with K's)."""
     pl, plgpu = _pl(), _plgpu()
     k_smem, v_smem, k_ready, v_ready, k_free, v_free = ring
     bkv = cfg.block_kv
     h, b, wg = lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
     # Longest (causal) tiles first: they launch before the short ones.
-    r0 = (n_q_tiles - 1 - lax.axis_index("q")) * (_CONSUMERS * cfg.block_q)
+    tile = n_q_tiles - 1 - lax.axis_index("q")
+    r0 = tile * (_CONSUMERS * cfg.block_q)
     lo, flo, fhi, hi = kv_block_range(r0, _CONSUMERS * cfg.block_q, block_kv=bkv, **spec.ranges())
+    if kv_seg is not None:
+        lo, hi = _narrow(lo, hi, kv_seg[1], b, tile, bkv)
     kvh = lax.div(h, G)
 
     @pl.when(wg == _CONSUMERS)
@@ -330,7 +364,7 @@ def _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, regs, kv_seg=None):
             plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
             if kv_seg is not None:
-                seg_ref, seg_smem, seg_ready = kv_seg
+                seg_ref, _, seg_smem, seg_ready = kv_seg
                 plgpu.copy_gmem_to_smem(seg_ref.at[b, pl.ds((lo + t) * bkv, bkv)],
                                         seg_smem.at[slot], seg_ready.at[slot])
         _ring_producer(hi - lo, cfg.stages, issue, (k_free, v_free), regs)
@@ -366,6 +400,15 @@ def _slot_segments(seg_smem, ready, slot):
     return plgpu.load(seg_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
 
 
+def _query_segments(segs, rows):
+    """Kernel operands for segment ids in a query-parallel kernel whose tiles
+    have ``rows`` rows: both id arrays and the key span of each tile."""
+    if segs is None:
+        return ()
+    q_ids, kv_ids = segs
+    return q_ids, kv_ids, tile_spans(segment_span(q_ids, kv_ids), rows)
+
+
 def _forward(q, k, v, segs, spec: _Spec):
     """q [B,Sp,H,D], k/v [B,Tp,KH,D] padded, segs None or (q ids [B,Sp], kv
     ids [B,Tp]) -> (out [B,Sp,H,D], lse2 [B,H,Sp]).
@@ -384,13 +427,13 @@ def _forward(q, k, v, segs, spec: _Spec):
 
     def body(q_ref, k_ref, v_ref, *refs):
         if spec.segments:
-            (qs_ref, ks_ref), refs = refs[:2], refs[2:]
+            (qs_ref, ks_ref, spans_ref), refs = refs[:3], refs[3:]
         o_ref, lse_ref, q_smem, lse_smem, q_ready, turn = refs[:6]
         ring = refs[6:12]
         if spec.segments:
             qs_smem, qs_ready, ks_smem, ks_ready = refs[12:]
         tile = _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, _FWD_REGS,
-                           kv_seg=(ks_ref, ks_smem, ks_ready) if spec.segments else None)
+                           kv_seg=(ks_ref, spans_ref, ks_smem, ks_ready) if spec.segments else None)
         k_smem, v_smem, k_ready, v_ready, k_free, v_free = ring
         b, h, wg = tile.b, tile.h, tile.wg
         lo = tile.blocks[0]
@@ -475,7 +518,8 @@ def _forward(q, k, v, segs, spec: _Spec):
     ] + (_segment_scratch(cfg, bq) if spec.segments else [])
     out_type = (jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((B, H, Sp), jnp.float32))
-    return _call(body, out_type, scratch, (H, B, n_q_tiles), ("h", "b", "q"))(q, k, v, *(segs or ()))
+    return _call(body, out_type, scratch, (H, B, n_q_tiles), ("h", "b", "q"))(
+        q, k, v, *_query_segments(segs, _CONSUMERS * bq))
 
 
 # ----------------------------------------------------------------------------
@@ -492,13 +536,13 @@ def _backward_dq(q, k, v, do, lse, delta, segs, spec: _Spec):
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
         if spec.segments:
-            (qs_ref, ks_ref), refs = refs[:2], refs[2:]
+            (qs_ref, ks_ref, spans_ref), refs = refs[:3], refs[3:]
         dq_ref, q_smem, do_smem, lse_smem, delta_smem, row_ready = refs[:6]
         ring = refs[6:12]
         if spec.segments:
             qs_smem, qs_ready, ks_smem, ks_ready = refs[12:]
         tile = _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, _BWD_REGS,
-                           kv_seg=(ks_ref, ks_smem, ks_ready) if spec.segments else None)
+                           kv_seg=(ks_ref, spans_ref, ks_smem, ks_ready) if spec.segments else None)
         k_smem, v_smem, k_ready, v_ready, k_free, v_free = ring
         b, h, wg = tile.b, tile.h, tile.wg
         lo = tile.blocks[0]
@@ -565,7 +609,8 @@ def _backward_dq(q, k, v, do, lse, delta, segs, spec: _Spec):
         *_kv_ring_scratch(cfg, D, dtype),
     ] + (_segment_scratch(cfg, bq) if spec.segments else [])
     return _call(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch,
-                 (H, B, n_q_tiles), ("h", "b", "q"))(q, k, v, do, lse, delta, *(segs or ()))
+                 (H, B, n_q_tiles), ("h", "b", "q"))(
+        q, k, v, do, lse, delta, *_query_segments(segs, _CONSUMERS * bq))
 
 
 # ----------------------------------------------------------------------------
@@ -597,7 +642,7 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
         if spec.segments:
-            (qs_ref, ks_ref), refs = refs[:2], refs[2:]
+            (qs_ref, ks_ref, spans_ref), refs = refs[:3], refs[3:]
         if fused:
             dq_ref, refs = refs[0], refs[1:]
         n_out = want_dk + want_dv
@@ -611,8 +656,11 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
         dk_ref = outs[0] if want_dk else None
         dv_ref = outs[-1] if want_dv else None
         kvh, b = lax.axis_index("kvh"), lax.axis_index("b")
-        c0 = (n_kv_tiles - 1 - lax.axis_index("k")) * (_CONSUMERS * bkv)
+        tile = n_kv_tiles - 1 - lax.axis_index("k")
+        c0 = tile * (_CONSUMERS * bkv)
         lo, flo, fhi, hi = q_block_range(c0, _CONSUMERS * bkv, block_q=bq, **spec.ranges())
+        if spec.segments:  # only the query blocks of the tile's segments
+            lo, hi = _narrow(lo, hi, spans_ref, b, tile, bq)
         per_head = hi - lo
         wg = lax.axis_index("wg")
 
@@ -771,7 +819,11 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
                     plgpu.Barrier(num_barriers=_CONSUMERS),
                     plgpu.SMEM((stages, bq), jnp.int32), plgpu.Barrier(num_barriers=stages)]
     out_type = [jax.ShapeDtypeStruct(k.shape, dtype)] * (want_dk + want_dv)
-    args = (q, k, v, do, lse, delta, *(segs or ())) + ((dq_acc,) if fused else ())
+    seg_args = ()
+    if segs is not None:  # the query rows each key tile's segments reach
+        q_ids, kv_ids = segs
+        seg_args = (q_ids, kv_ids, tile_spans(segment_span(kv_ids, q_ids), _CONSUMERS * bkv))
+    args = (q, k, v, do, lse, delta, *seg_args) + ((dq_acc,) if fused else ())
     outs = _call(body, out_type, scratch, (KH, B, n_kv_tiles), ("kvh", "b", "k"))(*args)
     return (outs[0] if want_dk else None), (outs[-1] if want_dv else None)
 
@@ -849,14 +901,14 @@ def _shape_problem(q, k, v) -> str | None:
     return None
 
 
-def _pad_to(x, axis, multiple):
+def _pad_to(x, axis, multiple, mode="constant"):
     n = x.shape[axis]
     extra = -n % multiple
     if not extra:
         return x
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, extra)
-    return jnp.pad(x, pad)
+    return jnp.pad(x, pad, mode=mode)
 
 
 def mosaic_flash_attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None,
@@ -882,9 +934,11 @@ def mosaic_flash_attention(q, k, v, *, causal=False, segment_ids=None, sliding_w
     bs = block_sizes
     q_mult = math.lcm(_CONSUMERS * bs.fwd.block_q, _CONSUMERS * bs.dq.block_q, bs.dkv.block_q)
     kv_mult = math.lcm(bs.fwd.block_kv, bs.dq.block_kv, _CONSUMERS * bs.dkv.block_kv)
+    # Padding repeats the last id: sorted ids stay sorted, so the segment spans
+    # still narrow the block ranges (padded keys are masked, padded rows dropped).
     segs = None if segment_ids is None else (
-        _pad_to(segment_ids[0].astype(jnp.int32), 1, q_mult),
-        _pad_to(segment_ids[1].astype(jnp.int32), 1, kv_mult))  # padded keys are masked anyway
+        _pad_to(segment_ids[0].astype(jnp.int32), 1, q_mult, mode="edge"),
+        _pad_to(segment_ids[1].astype(jnp.int32), 1, kv_mult, mode="edge"))
     out = _attention(_pad_to(q, 1, q_mult), _pad_to(k, 1, kv_mult), _pad_to(v, 1, kv_mult),
                      segs, spec)
     return out[:, :S]

@@ -128,6 +128,7 @@ INT4_CASES = [  # M, K, N, group, kernel options (x is bfloat16: the kernel's on
     (4, 2048, 128, 128, dict(block_k=1024, stages=2)),  # 8 groups a step
     (2, 1536, 384, 128, dict(stages=4)),  # 3 steps: warpgroup 0 takes two
     (11, 1024, 192, 64, dict(compute_wgs=3, block_k=128, stages=5)),
+    (9, 2560, 256, 128, dict(compute_wgs=4, block_n=128)),  # 5 steps over 4 warpgroups
     # x multicast to the blocks of a cluster
     (3, 1024, 512, 128, dict(cluster=2, compute_wgs=3)),
     (16, 1536, 256, 128, dict(cluster=2, block_k=256, stages=3)),

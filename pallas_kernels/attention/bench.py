@@ -1,6 +1,6 @@
 """Attention benchmark: TFLOP/s forward and forward+backward, one run, same GPU.
 
-    python -m pallas_kernels.attention.bench [--json PATH] [--quick]
+    python -m pallas_kernels.attention.bench [--json PATH] [--quick] [--match TEXT]
 
 Implementations: 'pallas' (our Mosaic GPU kernel), 'cudnn'
 (jax.nn.dot_product_attention), 'xla' (the jitted reference) and 'jax-mgpu'
@@ -180,10 +180,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--quick", action="store_true", help="first shape only")
+    parser.add_argument("--match", help="only the shapes whose name contains this text")
     parser.add_argument("--impls", help="comma-separated subset of implementations")
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args(argv)
     shapes = SHAPES[:1] if args.quick else SHAPES
+    if args.match:
+        shapes = [s for s in shapes if args.match in s[0]]
     impls = args.impls.split(",") if args.impls else None
     meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "date": datetime.date.today().isoformat(), "dtype": "bfloat16"}

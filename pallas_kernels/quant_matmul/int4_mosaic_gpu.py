@@ -128,7 +128,7 @@ def int4_weight_only_mosaic(x, packed, scales, *, group_size: int, block_n: int 
     [K/g, N]) -> [M, N] bf16; see reference.int4_weight_only_reference.
     block_n weight rows of W^T and block_k codes of K per step (None: the
     largest of 512..64 that fits K and the groups); stages pipeline slots
-    (None: default_stages). Each block sums all of K itself. compute_wgs warpgroups (2 or 3) take the steps in turn;
+    (None: default_stages). Each block sums all of K itself. compute_wgs warpgroups (2-4) take the steps in turn;
     cluster (1 or 2) blocks share each x step through TMA multicast."""
     why = unsupported(x, packed, None, group_size)
     if why:
@@ -142,8 +142,8 @@ def int4_weight_only_mosaic(x, packed, scales, *, group_size: int, block_n: int 
     if kt % CHUNK or (kt % g and g % kt) or K % kt:
         raise ValueError(f"block_k={kt} must be a multiple of {CHUNK} dividing K={K}, and a "
                          f"multiple or divisor of group_size={g}")
-    if compute_wgs not in (2, 3):
-        raise ValueError(f"compute_wgs={compute_wgs} must be 2 or 3")
+    if compute_wgs not in (2, 3, 4):
+        raise ValueError(f"compute_wgs={compute_wgs} must be 2, 3 or 4")
     if cluster not in (1, 2) or N % (cluster * tn):
         raise ValueError(f"cluster={cluster} must be 1 or 2, with cluster * block_n "
                          f"dividing N={N}")

@@ -1,10 +1,10 @@
 """Quantised grouped-matmul benchmark (forward, MoE expert shapes), one run, same GPU.
 
-    python -m pallas_kernels.quant_grouped_matmul.bench [--json PATH]
+    python -m pallas_kernels.quant_grouped_matmul.bench [--json PATH] [--shapes decode prefill]
 
 Shapes (E experts, K = d_model, N = expert hidden, Mixtral-8x7B's w1):
-  prefill  E=8, M=8192 routed rows (4096 tokens x top-2), K=4096, N=14336
   decode   E=8, M=64 routed rows (8 per expert),          K=4096, N=14336
+  prefill  E=8, M=8192 routed rows (4096 tokens x top-2), K=4096, N=14336
 Group sizes are a multinomial draw over Dirichlet(1) expert probabilities
 (seeded) for prefill and equal groups for decode. lhs is bf16, every output
 bf16.
@@ -36,7 +36,7 @@ from pallas_kernels.quant_grouped_matmul.api import qgmm
 from pallas_kernels.quant_grouped_matmul.reference import (dequantize_groups, pack_int4_groups,
                                                            qgmm_reference)
 
-SHAPES = {"prefill": (8192, 4096, 14336, 8), "decode": (64, 4096, 14336, 8)}
+SHAPES = {"decode": (64, 4096, 14336, 8), "prefill": (8192, 4096, 14336, 8)}
 TILINGS = {"prefill": [(128, 64, 128), (128, 128, 64)],
            "decode": [(16, 128, 64), (64, 64, 128)]}
 GROUP = 128  # int4 and fp8 scale group along K
@@ -68,9 +68,12 @@ def quantised(w, kind):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="write results here")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     args = parser.parse_args()
     rows = []
-    for shape, (m, k, n, g) in SHAPES.items():
+    for shape in args.shapes:
+        m, k, n, g = SHAPES[shape]
+        print(f"{shape}: preparing weights and references", flush=True)
         ks = jax.random.split(jax.random.key(0), 2)
         lhs = jax.random.normal(ks[0], (m, k), jnp.float32).astype(BF16)
         w = jax.random.normal(ks[1], (g, k, n), jnp.float32) / np.sqrt(k)
@@ -104,6 +107,7 @@ def main():
                              wb.size * 2, bf16_ref))
         for impl, kind, config, fn, fargs, wbytes, ref in variants:
             row = dict(shape=shape, m=m, k=k, n=n, g=g, impl=impl, kind=kind, config=config)
+            print(f"{shape}: checking {impl} {kind} {config}", flush=True)  # locates a hang
             try:
                 row["rel_err"] = rel_err(fn(*fargs), ref)
                 row["ok"] = bool(row["rel_err"] < TOLERANCE)
@@ -118,7 +122,8 @@ def main():
 
     device = jax.devices()[0]
     header = (f"{device.device_kind}, jax {jax.__version__}, forward, bf16 lhs and output; "
-              + "; ".join(f"{s}: M={m} K={k} N={n} E={g}" for s, (m, k, n, g) in SHAPES.items()))
+              + "; ".join(f"{s}: M={m} K={k} N={n} E={g}" for s, (m, k, n, g) in SHAPES.items()
+                          if s in args.shapes))
     print("\n" + header)
     print(f"{'shape':8s} {'implementation':24s} {'weights':7s} {'config':22s} {'ms':>8s} "
           f"{'TFLOP/s':>8s} {'GB/s':>7s} {'rel_err':>8s}")

@@ -60,6 +60,7 @@ HEAD_DIMS = (64, 128, 256)
 # one barrier per step keeps a consumer from overwriting a tile the other is
 # still reading (it reads step t's before it can arrive for step t + 1).
 _DS_BUFFERS = 2
+SPAN_SEARCH = "sort"  # jnp.searchsorted method for the segment spans
 
 
 # ----------------------------------------------------------------------------
@@ -136,8 +137,9 @@ def segment_span(ids, other_ids):
     [B,M] holding the same segment id, when other_ids are sorted along M (packed
     sequences); all of [0, M) in rows where they are not. A superset of what
     the segments let a position see, so kernels may skip blocks outside it."""
-    def search(side):
-        return jax.vmap(lambda a, v: jnp.searchsorted(a, v, side=side))(other_ids, ids)
+    def search(side):  # 'sort': no XLA while loop (one per bit with 'scan')
+        return jax.vmap(lambda a, v: jnp.searchsorted(a, v, side=side, method=SPAN_SEARCH))(
+            other_ids, ids)
     m = other_ids.shape[1]
     is_sorted = jnp.all(other_ids[:, 1:] >= other_ids[:, :-1], axis=1, keepdims=True)
     return (jnp.where(is_sorted, search("left"), 0).astype(jnp.int32),

@@ -122,7 +122,7 @@ def _store_transposed(acc, out_smem, out_gmem, rows: int):
                                              "compute_wgs", "cluster"))
 def int4_weight_only_mosaic(x, packed, scales, *, group_size: int, block_n: int = 64,
                             block_k: int | None = None, stages: int | None = None,
-                            compute_wgs: int = 2,
+                            compute_wgs: int = 3,
                             cluster: int = 1):
     """x [M, K] bf16 @ dequantised int4 weights (packed [N, K/2], scales
     [K/g, N]) -> [M, N] bf16; see reference.int4_weight_only_reference.

@@ -45,16 +45,16 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import compat
+from pallas_kernels import mosaic_common as mc
 from pallas_kernels.attention import tuning
 from pallas_kernels.attention.mask import visible
 
 LOG2E = math.log2(math.e)
 _CONSUMERS = 2
-# Registers per thread (producer, consumers): the producer only issues copies.
-# The forward gives its consumers the most (measured faster on H100); the
-# backward kernels were measured with (40, 232).
+# Registers per thread (producer, consumers): the forward gives its consumers
+# the most (measured faster on H100); the backward kernels use the shared split.
 _FWD_REGS = (24, 240)
-_BWD_REGS = (40, 232)
+_BWD_REGS = (mc.PRODUCER_REGS, mc.CONSUMER_REGS)
 HEAD_DIMS = (64, 128, 256)
 # Fused backward: dS^T tiles alternate between two shared-memory buffers, so
 # one barrier per step keeps a consumer from overwriting a tile the other is
@@ -225,14 +225,6 @@ def _pl():
     return pl
 
 
-def _tile_smem(shape, dtype):
-    """Shared memory in the 128-byte-swizzled tiling that wgmma and TMA use."""
-    plgpu = _plgpu()
-    cols = 128 // jnp.dtype(dtype).itemsize
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, cols)),
-                                                plgpu.SwizzleTransform(128)))
-
-
 def _mma(a, b, shape):
     """a @ b with a fresh float32 accumulator; waits for the result."""
     pl, plgpu = _pl(), _plgpu()
@@ -250,15 +242,6 @@ def _mma_acc(acc, a, b):
     def body(acc_ref):
         plgpu.wgmma(acc_ref, a, b)
     return pl.run_state(body)(plgpu.ACC.init(acc))
-
-
-def _rows(x, shape):
-    """Broadcast a per-row vector across columns."""
-    return lax.broadcast_in_dim(x, shape, [0])
-
-
-def _cols(x, shape):
-    return lax.broadcast_in_dim(x, shape, [1])
 
 
 def _iota(shape, dim):
@@ -325,7 +308,7 @@ def _kv_ring_scratch(cfg, D, dtype):
     """K and V ring slots and their barriers: k_smem, v_smem, k_ready,
     v_ready, k_free, v_free (the order ``_query_tile`` takes them in)."""
     plgpu = _plgpu()
-    ring = _tile_smem((cfg.stages, cfg.block_kv, D), dtype)
+    ring = mc.swizzled_smem((cfg.stages, cfg.block_kv, D), dtype)
     free = plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=cfg.stages)
     return [ring, ring, plgpu.Barrier(num_barriers=cfg.stages),
             plgpu.Barrier(num_barriers=cfg.stages), free, free]
@@ -340,13 +323,11 @@ class _QueryTile:
     blocks: tuple      # (lo, full_lo, full_hi, hi) key blocks, see kv_block_range
 
 
-def _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, regs, kv_seg=None):
+def _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, regs, segs=None):
     """This block's query rows and key-block range; runs the producer, which
     streams those K and V blocks into ``ring`` (``_kv_ring_scratch`` refs).
-    With ``kv_seg`` = (ids [B,Tp], the tiles' key spans [2,B,n_q_tiles], a
-    ring [stages, block_kv], its ready barriers) the range is cut to the
-    keys of the tile's segments and their ids stream too (the slot is freed
-    with K's)."""
+    With ``segs`` (_Segments) the range is cut to the keys of the tile's
+    segments and their ids stream too (the slot is freed with K's)."""
     pl, plgpu = _pl(), _plgpu()
     k_smem, v_smem, k_ready, v_ready, k_free, v_free = ring
     bkv = cfg.block_kv
@@ -355,8 +336,8 @@ def _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, regs, kv_seg=None):
     tile = n_q_tiles - 1 - lax.axis_index("q")
     r0 = tile * (_CONSUMERS * cfg.block_q)
     lo, flo, fhi, hi = kv_block_range(r0, _CONSUMERS * cfg.block_q, block_kv=bkv, **spec.ranges())
-    if kv_seg is not None:
-        lo, hi = _narrow(lo, hi, kv_seg[1], b, tile, bkv)
+    if segs is not None:
+        lo, hi = _narrow(lo, hi, segs.spans, b, tile, bkv)
     kvh = lax.div(h, G)
 
     @pl.when(wg == _CONSUMERS)
@@ -365,10 +346,8 @@ def _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, regs, kv_seg=None):
             keys = (b, pl.ds((lo + t) * bkv, bkv), kvh)
             plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
-            if kv_seg is not None:
-                seg_ref, _, seg_smem, seg_ready = kv_seg
-                plgpu.copy_gmem_to_smem(seg_ref.at[b, pl.ds((lo + t) * bkv, bkv)],
-                                        seg_smem.at[slot], seg_ready.at[slot])
+            if segs is not None:
+                segs.fetch(b, (lo + t) * bkv, bkv, slot)
         _ring_producer(hi - lo, cfg.stages, issue, (k_free, v_free), regs)
 
     return _QueryTile(b=b, h=h, wg=wg, r0=r0, blocks=(lo, flo, fhi, hi))
@@ -377,29 +356,57 @@ def _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, regs, kv_seg=None):
 # ----------------------------------------------------------------------------
 # Forward.
 
-def _segment_scratch(cfg, rows):
-    """Segment ids of a query-parallel kernel: each consumer's query rows (and
-    their barriers), and a ring of the key blocks' ids with its ready barriers."""
+def _segment_scratch(own_rows, stages, block):
+    """Segment-id scratch: each consumer's own rows' ids (and their barriers),
+    and a ring of the streamed blocks' ids with its ready barriers."""
     plgpu = _plgpu()
-    return [plgpu.SMEM((_CONSUMERS, rows), jnp.int32), plgpu.Barrier(num_barriers=_CONSUMERS),
-            plgpu.SMEM((cfg.stages, cfg.block_kv), jnp.int32),
-            plgpu.Barrier(num_barriers=cfg.stages)]
+    return [plgpu.SMEM((_CONSUMERS, own_rows), jnp.int32), plgpu.Barrier(num_barriers=_CONSUMERS),
+            plgpu.SMEM((stages, block), jnp.int32), plgpu.Barrier(num_barriers=stages)]
 
 
-def _own_segments(seg_ref, seg_smem, ready, index, wg):
-    """Copy this consumer's segment ids (seg_ref.at[index]) and load them as
-    the row vector of its tiles."""
-    plgpu = _plgpu()
-    plgpu.copy_gmem_to_smem(seg_ref.at[index], seg_smem.at[wg], ready.at[wg])
-    plgpu.barrier_wait(ready.at[wg])
-    return plgpu.load(seg_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
+@dataclasses.dataclass(frozen=True)
+class _Segments:
+    """Segment-id refs of one kernel: ``own`` is the side a block owns (queries
+    in the query-parallel kernels, keys in the key-parallel one), ``streamed``
+    the side its ring brings in; spans [2,B,tiles] bound the streamed
+    positions each tile's segments reach. Scratch in _segment_scratch order."""
+    own_ids: object
+    streamed_ids: object
+    spans: object
+    own_smem: object
+    own_ready: object
+    ring_smem: object
+    ring_ready: object
+
+    def own(self, b, start, n, wg):
+        """This consumer's ids [start, start + n), as the row vector of its tiles."""
+        plgpu, pl = _plgpu(), _pl()
+        plgpu.copy_gmem_to_smem(self.own_ids.at[b, pl.ds(start, n)], self.own_smem.at[wg],
+                                self.own_ready.at[wg])
+        plgpu.barrier_wait(self.own_ready.at[wg])
+        return plgpu.load(self.own_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
+
+    def fetch(self, b, start, n, slot):
+        """Producer: bring streamed ids [start, start + n) into a ring slot."""
+        plgpu, pl = _plgpu(), _pl()
+        plgpu.copy_gmem_to_smem(self.streamed_ids.at[b, pl.ds(start, n)], self.ring_smem.at[slot],
+                                self.ring_ready.at[slot])
+
+    def at(self, slot):
+        """The ids of a ring slot, as the column vector of a tile."""
+        plgpu = _plgpu()
+        plgpu.barrier_wait(self.ring_ready.at[slot])
+        return plgpu.load(self.ring_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
 
 
-def _slot_segments(seg_smem, ready, slot):
-    """The segment ids of a ring slot, as the column vector of a tile."""
-    plgpu = _plgpu()
-    plgpu.barrier_wait(ready.at[slot])
-    return plgpu.load(seg_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+def _query_kernel_refs(spec, refs, n_own):
+    """A query-parallel body's refs after its fixed inputs -> (_Segments or
+    None, its n_own outputs and scratch refs, the K/V ring refs)."""
+    segs = None
+    if spec.segments:
+        ids, refs = refs[:3], refs[3:]
+        segs = _Segments(*ids, *refs[n_own + 6:])
+    return segs, refs[:n_own], refs[n_own:n_own + 6]
 
 
 def _query_segments(segs, rows):
@@ -428,14 +435,9 @@ def _forward(q, k, v, segs, spec: _Spec):
     c = spec.exp_scale
 
     def body(q_ref, k_ref, v_ref, *refs):
-        if spec.segments:
-            (qs_ref, ks_ref, spans_ref), refs = refs[:3], refs[3:]
-        o_ref, lse_ref, q_smem, lse_smem, q_ready, turn = refs[:6]
-        ring = refs[6:12]
-        if spec.segments:
-            qs_smem, qs_ready, ks_smem, ks_ready = refs[12:]
-        tile = _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, _FWD_REGS,
-                           kv_seg=(ks_ref, spans_ref, ks_smem, ks_ready) if spec.segments else None)
+        segs, (o_ref, lse_ref, q_smem, lse_smem, q_ready, turn), ring = \
+            _query_kernel_refs(spec, refs, 6)
+        tile = _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, _FWD_REGS, segs)
         k_smem, v_smem, k_ready, v_ready, k_free, v_free = ring
         b, h, wg = tile.b, tile.h, tile.wg
         lo = tile.blocks[0]
@@ -446,8 +448,8 @@ def _forward(q, k, v, segs, spec: _Spec):
             row0 = tile.r0 + wg * bq
             my_q = q_smem.at[wg]
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], my_q, q_ready.at[wg])
-            if spec.segments:
-                qs_v = _own_segments(qs_ref, qs_smem, qs_ready, (b, pl.ds(row0, bq)), wg)
+            if segs:
+                qs_v = segs.own(b, row0, bq, wg)
             plgpu.barrier_wait(q_ready.at[wg])
 
             def take_turn():
@@ -458,8 +460,8 @@ def _forward(q, k, v, segs, spec: _Spec):
             def step(j, carry, masked):
                 acc, m, l = carry
                 slot = lax.rem(j - lo, stages)
-                if spec.segments:  # read before the slot is freed with K
-                    ks_v = _slot_segments(ks_smem, ks_ready, slot)
+                if segs:  # read before the slot is freed with K
+                    ks_v = segs.at(slot)
                 plgpu.barrier_wait(k_ready.at[slot])
 
                 def qk(s_ref):
@@ -470,7 +472,7 @@ def _forward(q, k, v, segs, spec: _Spec):
                 plgpu.barrier_arrive(k_free.at[slot])
                 s = spec.forward_logits(s)
                 if masked:
-                    seg = (_rows(qs_v, s.shape), _cols(ks_v, s.shape)) if spec.segments else ()
+                    seg = (mc.rows(qs_v, s.shape), mc.cols(ks_v, s.shape)) if spec.segments else ()
                     ok = spec.mask(_iota((bq, bkv), 0) + (row0 + spec.offset),
                                    _iota((bq, bkv), 1) + j * bkv, *seg)
                     s = jnp.where(ok, s, -jnp.inf)
@@ -479,11 +481,11 @@ def _forward(q, k, v, segs, spec: _Spec):
                 m_new = jnp.maximum(m, s.max(axis=1))
                 # A row that has seen no key yet keeps m = -inf; subtract 0 then.
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-                mc = m_use * c
-                alpha = jnp.exp2(m * c - mc)
-                p = jnp.exp2(s * c - _rows(mc, s.shape))
+                m_scaled = m_use * c
+                alpha = jnp.exp2(m * c - m_scaled)
+                p = jnp.exp2(s * c - mc.rows(m_scaled, s.shape))
                 l = l * alpha + p.sum(axis=1)
-                acc = acc * _rows(alpha, acc.shape)
+                acc = acc * mc.rows(alpha, acc.shape)
                 p16 = p.astype(dtype)
                 if pingpong:  # hand the tensor cores over; take them back for P V
                     plgpu.barrier_arrive(turn)
@@ -503,7 +505,7 @@ def _forward(q, k, v, segs, spec: _Spec):
 
             empty = l == 0.0
             inv_l = 1.0 / jnp.where(empty, 1.0, l)
-            my_q[...] = (acc * _rows(inv_l, acc.shape)).astype(dtype)
+            my_q[...] = (acc * mc.rows(inv_l, acc.shape)).astype(dtype)
             lse_smem.at[wg][...] = jnp.where(empty, jnp.inf,
                                              m * c + jnp.log(jnp.where(empty, 1.0, l)) * LOG2E)
             plgpu.commit_smem()
@@ -512,12 +514,12 @@ def _forward(q, k, v, segs, spec: _Spec):
             plgpu.wait_smem_to_gmem(0)
 
     scratch = [
-        _tile_smem((_CONSUMERS, bq, D), dtype),
+        mc.swizzled_smem((_CONSUMERS, bq, D), dtype),
         plgpu.SMEM((_CONSUMERS, bq), jnp.float32),
         plgpu.Barrier(num_barriers=_CONSUMERS),
         plgpu.Barrier(num_arrivals=_CONSUMERS),
         *_kv_ring_scratch(cfg, D, dtype),
-    ] + (_segment_scratch(cfg, bq) if spec.segments else [])
+    ] + (_segment_scratch(bq, stages, bkv) if spec.segments else [])
     out_type = (jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((B, H, Sp), jnp.float32))
     return _call(body, out_type, scratch, (H, B, n_q_tiles), ("h", "b", "q"))(
@@ -537,14 +539,9 @@ def _backward_dq(q, k, v, do, lse, delta, segs, spec: _Spec):
     dtype = q.dtype
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
-        if spec.segments:
-            (qs_ref, ks_ref, spans_ref), refs = refs[:3], refs[3:]
-        dq_ref, q_smem, do_smem, lse_smem, delta_smem, row_ready = refs[:6]
-        ring = refs[6:12]
-        if spec.segments:
-            qs_smem, qs_ready, ks_smem, ks_ready = refs[12:]
-        tile = _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, _BWD_REGS,
-                           kv_seg=(ks_ref, spans_ref, ks_smem, ks_ready) if spec.segments else None)
+        segs, (dq_ref, q_smem, do_smem, lse_smem, delta_smem, row_ready), ring = \
+            _query_kernel_refs(spec, refs, 6)
+        tile = _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, _BWD_REGS, segs)
         k_smem, v_smem, k_ready, v_ready, k_free, v_free = ring
         b, h, wg = tile.b, tile.h, tile.wg
         lo = tile.blocks[0]
@@ -560,8 +557,8 @@ def _backward_dq(q, k, v, do, lse, delta, segs, spec: _Spec):
             plgpu.copy_gmem_to_smem(do_ref.at[rows], my_do, ready[1])
             plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(row0, bq)], lse_smem.at[wg], ready[2])
             plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(row0, bq)], delta_smem.at[wg], ready[3])
-            if spec.segments:
-                qs_v = _own_segments(qs_ref, qs_smem, qs_ready, (b, pl.ds(row0, bq)), wg)
+            if segs:
+                qs_v = segs.own(b, row0, bq, wg)
             for bar in ready:
                 plgpu.barrier_wait(bar)
             row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -570,8 +567,8 @@ def _backward_dq(q, k, v, do, lse, delta, segs, spec: _Spec):
 
             def step(j, dq, masked):
                 slot = lax.rem(j - lo, stages)
-                if spec.segments:
-                    ks_v = _slot_segments(ks_smem, ks_ready, slot)
+                if segs:
+                    ks_v = segs.at(slot)
                 plgpu.barrier_wait(k_ready.at[slot])
                 plgpu.barrier_wait(v_ready.at[slot])
 
@@ -584,12 +581,12 @@ def _backward_dq(q, k, v, do, lse, delta, segs, spec: _Spec):
                 plgpu.barrier_arrive(v_free.at[slot])
                 s, dcap = spec.base2_logits(s)
                 if masked:
-                    seg = (_rows(qs_v, s.shape), _cols(ks_v, s.shape)) if spec.segments else ()
+                    seg = (mc.rows(qs_v, s.shape), mc.cols(ks_v, s.shape)) if spec.segments else ()
                     ok = spec.mask(_iota((bq, bkv), 0) + (row0 + spec.offset),
                                    _iota((bq, bkv), 1) + j * bkv, *seg)
                     s = jnp.where(ok, s, -jnp.inf)
-                p = jnp.exp2(s - _rows(lse_v, s.shape))
-                ds = p * (dp - _rows(delta_v, dp.shape))
+                p = jnp.exp2(s - mc.rows(lse_v, s.shape))
+                ds = p * (dp - mc.rows(delta_v, dp.shape))
                 if dcap is not None:
                     ds = ds * dcap
                 dq = _mma_acc(dq, ds.astype(dtype), k_smem.at[slot])
@@ -603,13 +600,13 @@ def _backward_dq(q, k, v, do, lse, delta, segs, spec: _Spec):
             plgpu.wait_smem_to_gmem(0)
 
     scratch = [
-        _tile_smem((_CONSUMERS, bq, D), dtype),
-        _tile_smem((_CONSUMERS, bq, D), dtype),
+        mc.swizzled_smem((_CONSUMERS, bq, D), dtype),
+        mc.swizzled_smem((_CONSUMERS, bq, D), dtype),
         plgpu.SMEM((_CONSUMERS, bq), jnp.float32),
         plgpu.SMEM((_CONSUMERS, bq), jnp.float32),
         plgpu.Barrier(num_barriers=_CONSUMERS * 4),
         *_kv_ring_scratch(cfg, D, dtype),
-    ] + (_segment_scratch(cfg, bq) if spec.segments else [])
+    ] + (_segment_scratch(bq, stages, bkv) if spec.segments else [])
     return _call(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch,
                  (H, B, n_q_tiles), ("h", "b", "q"))(
         q, k, v, do, lse, delta, *_query_segments(segs, _CONSUMERS * bq))
@@ -643,8 +640,10 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
     assert not fused or (want_dk and want_dv and D == 128), "checked by mosaic_flash_attention"
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
-        if spec.segments:
-            (qs_ref, ks_ref, spans_ref), refs = refs[:3], refs[3:]
+        segs = None
+        if spec.segments:  # own: the consumers' keys; streamed: the query blocks
+            (q_ids, kv_ids, spans), refs = refs[:3], refs[3:]
+            segs = _Segments(kv_ids, q_ids, spans, *refs[-4:])
         if fused:
             dq_ref, refs = refs[0], refs[1:]
         n_out = want_dk + want_dv
@@ -653,16 +652,14 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
          own_ready, q_ready, do_ready, lse_ready, delta_ready, q_free, do_free) = refs[:13]
         if fused:
             ds_smem, dq_smem, ds_ready, dq_done = refs[13:17]
-        if spec.segments:  # the consumers' own keys; a ring of the query blocks'
-            ks_smem, ks_ready, qs_smem, qs_ready = refs[-4:]
         dk_ref = outs[0] if want_dk else None
         dv_ref = outs[-1] if want_dv else None
         kvh, b = lax.axis_index("kvh"), lax.axis_index("b")
         tile = n_kv_tiles - 1 - lax.axis_index("k")
         c0 = tile * (_CONSUMERS * bkv)
         lo, flo, fhi, hi = q_block_range(c0, _CONSUMERS * bkv, block_q=bq, **spec.ranges())
-        if spec.segments:  # only the query blocks of the tile's segments
-            lo, hi = _narrow(lo, hi, spans_ref, b, tile, bq)
+        if segs:  # only the query blocks of the tile's segments
+            lo, hi = _narrow(lo, hi, segs.spans, b, tile, bq)
         per_head = hi - lo
         wg = lax.axis_index("wg")
 
@@ -679,9 +676,8 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
                 if want_dk:
                     plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_smem.at[slot],
                                             delta_ready.at[slot])
-                if spec.segments:
-                    plgpu.copy_gmem_to_smem(qs_ref.at[b, pl.ds(i * bq, bq)], qs_smem.at[slot],
-                                            qs_ready.at[slot])
+                if segs:
+                    segs.fetch(b, i * bq, bq, slot)
             _ring_producer(G * per_head, stages, issue, (q_free, do_free), _BWD_REGS)
 
         @pl.when(wg < _CONSUMERS)
@@ -698,8 +694,8 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
                 plgpu.barrier_wait(own_ready.at[2 * wg + 1])
             if fused:  # dQ reads the other consumer's keys too
                 plgpu.barrier_wait(own_ready.at[2 * (1 - wg)])
-            if spec.segments:
-                ks_v = _own_segments(ks_ref, ks_smem, ks_ready, (b, pl.ds(key0, bkv)), wg)
+            if segs:
+                ks_v = segs.own(b, key0, bkv, wg)
             col_layout = plgpu.Layout.WGMMA.reduce(0)
 
             cols = pl.ds(wg * half, half)
@@ -739,14 +735,14 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
                     _mma(my_k, plgpu.transpose_ref(q_slot, (1, 0)), (bkv, bq)))
                 if masked:
                     seg = ()
-                    if spec.segments:
-                        qs_v = _slot_segments(qs_smem, qs_ready, slot)
-                        seg = (_cols(qs_v, st.shape), _rows(ks_v, st.shape))
+                    if segs:
+                        qs_v = segs.at(slot)
+                        seg = (mc.cols(qs_v, st.shape), mc.rows(ks_v, st.shape))
                     ok = spec.mask(_iota((bkv, bq), 1) + (i * bq + spec.offset),
                                    _iota((bkv, bq), 0) + key0, *seg)
                     st = jnp.where(ok, st, -jnp.inf)
                 lse_v = plgpu.load(lse_smem.at[slot], (), layout=col_layout)
-                pt = jnp.exp2(st - _cols(lse_v, st.shape))
+                pt = jnp.exp2(st - mc.cols(lse_v, st.shape))
                 plgpu.barrier_wait(do_ready.at[slot])
                 if not want_dk:
                     dv = _mma_acc(dv, pt.astype(dtype), do_slot)
@@ -764,7 +760,7 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
                 plgpu.barrier_arrive(do_free.at[slot])
                 plgpu.barrier_wait(delta_ready.at[slot])
                 delta_v = plgpu.load(delta_smem.at[slot], (), layout=col_layout)
-                dst = pt * (dpt - _cols(delta_v, dpt.shape))
+                dst = pt * (dpt - mc.cols(delta_v, dpt.shape))
                 dst = (dst if dcap is None else dst * dcap).astype(dtype)
                 if fused:
                     dk = dk_and_dq(dk, dst, q_slot, t, i, kvh * G + g)
@@ -795,10 +791,10 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
             plgpu.wait_smem_to_gmem(0)
 
     scratch = [
-        _tile_smem((_CONSUMERS, bkv, D), dtype),
-        _tile_smem((_CONSUMERS, bkv, D), dtype),
-        _tile_smem((stages, bq, D), dtype),
-        _tile_smem((stages, bq, D), dtype),
+        mc.swizzled_smem((_CONSUMERS, bkv, D), dtype),
+        mc.swizzled_smem((_CONSUMERS, bkv, D), dtype),
+        mc.swizzled_smem((stages, bq, D), dtype),
+        mc.swizzled_smem((stages, bq, D), dtype),
         plgpu.SMEM((stages, bq), jnp.float32),
         plgpu.SMEM((stages, bq), jnp.float32),
         plgpu.Barrier(num_barriers=_CONSUMERS * 2),
@@ -811,15 +807,13 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
     ]
     if fused:
         scratch += [
-            _tile_smem((_DS_BUFFERS, _CONSUMERS, bkv, bq), dtype),
-            _tile_smem((_CONSUMERS, bq, half), jnp.float32),
+            mc.swizzled_smem((_DS_BUFFERS, _CONSUMERS, bkv, bq), dtype),
+            mc.swizzled_smem((_CONSUMERS, bq, half), jnp.float32),
             plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=_DS_BUFFERS),
             plgpu.Barrier(num_arrivals=_CONSUMERS),
         ]
     if spec.segments:
-        scratch += [plgpu.SMEM((_CONSUMERS, bkv), jnp.int32),
-                    plgpu.Barrier(num_barriers=_CONSUMERS),
-                    plgpu.SMEM((stages, bq), jnp.int32), plgpu.Barrier(num_barriers=stages)]
+        scratch += _segment_scratch(bkv, stages, bq)
     out_type = [jax.ShapeDtypeStruct(k.shape, dtype)] * (want_dk + want_dv)
     seg_args = ()
     if segs is not None:  # the query rows each key tile's segments reach

@@ -49,6 +49,18 @@ class _Config(NamedTuple):
     transpose_rhs: bool = False
 
 
+def check_group_sizes(group_sizes, rows: int):
+    """Integer sizes, and (when concrete) non-negative with sum <= rows."""
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"group_sizes must be integers; got {group_sizes.dtype}")
+    if not isinstance(group_sizes, jax.core.Tracer):
+        sizes = np.asarray(group_sizes)
+        if (sizes < 0).any():
+            raise ValueError(f"group_sizes must be non-negative; got {sizes.tolist()}")
+        if sizes.sum() > rows:
+            raise ValueError(f"sum(group_sizes)={int(sizes.sum())} exceeds the {rows} rows of lhs")
+
+
 def _check_common(lhs, group_sizes, implementation, tiling):
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown grouped matmul implementation {implementation!r}; "
@@ -61,15 +73,7 @@ def _check_common(lhs, group_sizes, implementation, tiling):
         raise ValueError(f"unsupported dtype {lhs.dtype}; use float32, bfloat16 or float16")
     if group_sizes.ndim != 1 or group_sizes.shape[0] < 1:
         raise ValueError(f"group_sizes must be [G] with G >= 1; got shape {group_sizes.shape}")
-    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise ValueError(f"group_sizes must be integers; got {group_sizes.dtype}")
-    if not isinstance(group_sizes, jax.core.Tracer):
-        sizes = np.asarray(group_sizes)
-        if (sizes < 0).any():
-            raise ValueError(f"group_sizes must be non-negative; got {sizes.tolist()}")
-        if sizes.sum() > lhs.shape[0]:
-            raise ValueError(f"sum(group_sizes)={int(sizes.sum())} exceeds the {lhs.shape[0]} "
-                             f"rows of lhs")
+    check_group_sizes(group_sizes, lhs.shape[0])
     if tiling is not None and (len(tiling) != 3 or any(int(t) != t or t < 1 for t in tiling)):
         raise ValueError(f"tiling must be three positive ints (tm, tk, tn); got {tiling}")
 

@@ -32,10 +32,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels import compat
-from pallas_kernels.grouped_matmul.api import gmm, tgmm
+from pallas_kernels.grouped_matmul.api import check_group_sizes, gmm, tgmm
 from pallas_kernels.quant_grouped_matmul import blockspec
 from pallas_kernels.quant_grouped_matmul.reference import (CODE_DTYPES, KINDS, dequantize_groups,
                                                            qgmm_reference)
@@ -104,14 +103,7 @@ def _check(lhs, codes, scales, group_sizes, zeros, kind, group_size, implementat
     if group_sizes.ndim != 1 or group_sizes.shape[0] != g:
         raise ValueError(f"group_sizes must be [G] = [{g}] (the groups of codes); got shape "
                          f"{group_sizes.shape}")
-    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise ValueError(f"group_sizes must be integers; got {group_sizes.dtype}")
-    if not isinstance(group_sizes, jax.core.Tracer):
-        sizes = np.asarray(group_sizes)
-        if (sizes < 0).any():
-            raise ValueError(f"group_sizes must be non-negative; got {sizes.tolist()}")
-        if sizes.sum() > m:
-            raise ValueError(f"sum(group_sizes)={int(sizes.sum())} exceeds the {m} rows of lhs")
+    check_group_sizes(group_sizes, m)
     if tiling is not None and (len(tiling) != 3 or any(
             int(t) != t or t < 1 or int(t) & (int(t) - 1) for t in tiling)):
         raise ValueError(f"tiling must be three powers of two (tm, tk, tn); got {tiling}")

@@ -41,14 +41,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import compat
+from pallas_kernels import mosaic_common as mc
 from pallas_kernels.quant_matmul.reference import FP8_BLOCK
 from pallas_kernels.quant_matmul.tiling import pad_to, round_up
 
 STEP_K = 128                 # K elements per pipeline step (128 bytes of 8-bit codes)
 CONSUMERS = 2
 SMEM_BYTES = 227 * 1024      # Hopper's per-block shared-memory limit
-_CONSUMER_REGS = 232
-_PRODUCER_REGS = 40
 OUT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
@@ -67,21 +66,6 @@ FP8_TILING = Tiling(128, 128, 5)
 
 def _cdiv(a, b):
     return (a + b - 1) // b
-
-
-def _swizzled(shape, dtype):
-    """Shared memory in the 128-byte-swizzled tiling that wgmma and TMA use."""
-    cols = 128 // jnp.dtype(dtype).itemsize
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, cols)),
-                                                plgpu.SwizzleTransform(128)))
-
-
-def _rows(v, shape):
-    return lax.broadcast_in_dim(v, shape, [0])
-
-
-def _cols(v, shape):
-    return lax.broadcast_in_dim(v, shape, [1])
 
 
 def check_tiling(tiling: Tiling, kind: str, out_dtype) -> None:
@@ -167,7 +151,7 @@ def _matmul(x, w, row_scales, col_scales, *, kind, tiling, out_dtype):
 
         @pl.when(wg == CONSUMERS)
         def _producer():
-            plgpu.set_max_registers(_PRODUCER_REGS, action="decrease")
+            plgpu.set_max_registers(mc.PRODUCER_REGS, action="decrease")
 
             @pl.loop(0, my_tiles * k_steps)
             def _(g):
@@ -191,7 +175,7 @@ def _matmul(x, w, row_scales, col_scales, *, kind, tiling, out_dtype):
 
         @pl.when(wg < CONSUMERS)
         def _consumer():
-            plgpu.set_max_registers(_CONSUMER_REGS, action="increase")
+            plgpu.set_max_registers(mc.CONSUMER_REGS, action="increase")
             row_layout = plgpu.Layout.WGMMA.reduce(1)
 
             @pl.loop(0, my_tiles)
@@ -222,7 +206,7 @@ def _matmul(x, w, row_scales, col_scales, *, kind, tiling, out_dtype):
                         part = pl.run_scoped(block, plgpu.ACC((tmc, tn), jnp.float32))
                         x_scale = plgpu.load(sx_smem.at[slot, wg], (), layout=row_layout)
                         plgpu.barrier_arrive(free.at[slot])
-                        acc = acc + part * _rows(x_scale * w_scale, part.shape)
+                        acc = acc + part * mc.rows(x_scale * w_scale, part.shape)
                         return acc, next_w_scale
 
                     zeros = plgpu.layout_cast(jnp.zeros((tmc, tn), jnp.float32),
@@ -247,8 +231,8 @@ def _matmul(x, w, row_scales, col_scales, *, kind, tiling, out_dtype):
                     plgpu.barrier_wait(scales_ready.at[wg])
                     x_scale = plgpu.load(xs_smem.at[wg], (), layout=row_layout)
                     w_scale = plgpu.load(ws_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(0))
-                    y = acc.astype(jnp.float32) * _rows(x_scale, acc.shape) \
-                        * _cols(w_scale, acc.shape)
+                    y = acc.astype(jnp.float32) * mc.rows(x_scale, acc.shape) \
+                        * mc.cols(w_scale, acc.shape)
 
                 # The previous tile's store may still be reading out_smem.
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -260,8 +244,8 @@ def _matmul(x, w, row_scales, col_scales, *, kind, tiling, out_dtype):
             plgpu.wait_smem_to_gmem(0)
 
     in_dtype = x.dtype
-    scratch = [_swizzled((stages, CONSUMERS, tmc, STEP_K), in_dtype),
-               _swizzled((stages, tn, STEP_K), in_dtype)]
+    scratch = [mc.swizzled_smem((stages, CONSUMERS, tmc, STEP_K), in_dtype),
+               mc.swizzled_smem((stages, tn, STEP_K), in_dtype)]
     per_step_copies = CONSUMERS + 1
     if fp8:
         scratch.append(plgpu.SMEM((stages, CONSUMERS, tmc), jnp.float32))
@@ -269,7 +253,7 @@ def _matmul(x, w, row_scales, col_scales, *, kind, tiling, out_dtype):
     else:
         scratch += [plgpu.SMEM((CONSUMERS, tmc), jnp.float32),
                     plgpu.SMEM((CONSUMERS, tn), jnp.float32)]
-    scratch += [_swizzled((CONSUMERS, tmc, tn), out_dtype),
+    scratch += [mc.swizzled_smem((CONSUMERS, tmc, tn), out_dtype),
                 plgpu.Barrier(num_arrivals=per_step_copies, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages)]
     if not fp8:

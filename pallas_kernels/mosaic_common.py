@@ -1,0 +1,32 @@
+"""Pieces every Hopper (Pallas Mosaic GPU) kernel here shares: shared memory
+in the layout wgmma and TMA read, vector broadcasts over a tile, and the
+register split between a copy-issuing producer and the math warpgroups."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+# Registers per thread: the producer only issues TMA copies, so the consumers
+# take the rest (measured on H100 for the backward attention and 8-bit
+# matmul kernels; the attention forward gives its consumers more).
+PRODUCER_REGS = 40
+CONSUMER_REGS = 232
+
+
+def swizzled_smem(shape, dtype):
+    """Shared memory [..., rows, cols] in 8-row tiles of 128 bytes, 128-byte
+    swizzled: the layout wgmma operands and TMA copies use."""
+    cols = 128 // jnp.dtype(dtype).itemsize
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, cols)),
+                                                plgpu.SwizzleTransform(128)))
+
+
+def rows(v, shape):
+    """Broadcast a per-row vector across the columns of a tile."""
+    return lax.broadcast_in_dim(v, shape, [0])
+
+
+def cols(v, shape):
+    """Broadcast a per-column vector down the rows of a tile."""
+    return lax.broadcast_in_dim(v, shape, [1])

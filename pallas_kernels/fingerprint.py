@@ -1,0 +1,101 @@
+"""Fingerprints of the Mosaic GPU kernels a call lowers to: a way to show, on a
+machine without a GPU, that a refactor left the kernels unchanged.
+
+    python -m pallas_kernels.fingerprint     # one line per standard case
+
+Each Mosaic GPU custom call carries its kernel as an MLIR module in bytecode,
+source locations included, so moving a line changes its bytes. The module is
+parsed back, printed without debug information and hashed: equal fingerprints
+before and after a change mean the GPU gets the same kernels. (This reads
+jax-internal MLIR bindings, present in jax 0.10 and 0.11.)
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import jax
+import jax.numpy as jnp
+
+
+def kernel_modules(fn, *args) -> list[str]:
+    """The Mosaic GPU kernel modules of jit(fn)(*args) lowered for CUDA, as text
+    without locations, in program order."""
+    from jax._src.interpreters import mlir as jax_mlir
+    from jax._src.lib.mlir import ir
+    from jax.experimental.mosaic.gpu import dialect
+
+    module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
+    blobs = []
+
+    def walk(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for inner in block.operations:
+                    attrs = inner.attributes
+                    if (inner.operation.name == "stablehlo.custom_call"
+                            and "mosaic_gpu" in str(attrs["call_target_name"])):
+                        config = ir.DictAttr(attrs["mhlo.backend_config"])
+                        blobs.append(ir.StringAttr(config["module"]).value_bytes)
+                    walk(inner.operation)
+    walk(module.operation)
+    ctx = jax_mlir.make_ir_context()
+    ctx.allow_unregistered_dialects = True  # the serialisation dialect of newer Mosaic GPU
+    dialect.register_dialect(ctx)
+    ctx.load_all_available_dialects()
+    with ctx:
+        return [ir.Module.parse(b).operation.get_asm(enable_debug_info=False) for b in blobs]
+
+
+def fingerprints(fn, *args) -> list[str]:
+    """Short hashes of kernel_modules(fn, *args)."""
+    return [hashlib.sha1(text.encode()).hexdigest()[:12] for text in kernel_modules(fn, *args)]
+
+
+def _attention_case(S, T, H, KH, D, **kwargs):
+    from pallas_kernels.attention.mosaic_gpu import mosaic_flash_attention
+    q = jnp.ones((1, S, H, D), jnp.bfloat16)
+    k = jnp.ones((1, T, KH, D), jnp.bfloat16)
+
+    def forward_and_backward(q, k, v, do):
+        out, vjp = jax.vjp(lambda *a: mosaic_flash_attention(*a, **kwargs), q, k, v)
+        return out, *vjp(do)
+    return forward_and_backward, (q, k, k, q)
+
+
+def _cases():
+    """name -> (fn, args): every Hopper kernel variant of the repository."""
+    from pallas_kernels.attention import tuning
+    from pallas_kernels.quant_matmul import int4_mosaic_gpu, mosaic_gpu
+    from pallas_kernels.quant_matmul.packing import pack_int4
+    ids = jnp.zeros((1, 300), jnp.int32)
+    fused = dataclasses.replace(tuning.DEFAULTS[128], fused_dq=True)
+    x = jnp.ones((16, 1024), jnp.bfloat16)
+    packed = pack_int4(jnp.ones((1024, 512), jnp.int32))
+    xq, wq = jnp.ones((256, 512), jnp.int8), jnp.ones((384, 512), jnp.int8)
+    xf, wf = xq.astype(jnp.float8_e4m3fn), wq.astype(jnp.float8_e4m3fn)
+    return {
+        "attention causal d128": _attention_case(300, 300, 4, 2, 128, causal=True),
+        "attention full d128 fused": _attention_case(300, 300, 4, 2, 128, block_sizes=fused),
+        "attention window d64": _attention_case(300, 300, 2, 2, 64, sliding_window=50),
+        "attention causal d256 softcap segments": _attention_case(
+            300, 300, 2, 1, 256, causal=True, logit_softcap=3.0, segment_ids=(ids, ids)),
+        "attention causal d128 fused softcap segments": _attention_case(
+            300, 300, 4, 2, 128, causal=True, logit_softcap=2.5, segment_ids=(ids, ids),
+            block_sizes=fused),
+        "int4 weight-only": (
+            lambda x, p, s: int4_mosaic_gpu.int4_weight_only_mosaic(x, p, s, group_size=128),
+            (x, packed, jnp.ones((8, 512), jnp.float32))),
+        "w8a8": (mosaic_gpu.w8a8_mosaic, (xq, jnp.ones((256,)), wq, jnp.ones((384,)))),
+        "fp8 blockwise": (mosaic_gpu.fp8_blockwise_mosaic,
+                          (xf, jnp.ones((256, 4)), wf, jnp.ones((3, 4)))),
+    }
+
+
+def main():
+    for name, (fn, args) in _cases().items():
+        print(f"{name:46s} {' '.join(fingerprints(fn, *args))}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,8 @@
 """Timing and error helpers shared by the kernels' benchmark scripts."""
 from __future__ import annotations
 
+import datetime
+import json
 import statistics
 import time
 
@@ -33,3 +35,10 @@ def _rel_err(x, ref):
 def rel_err(x, ref) -> float:
     """||x - ref|| / ||ref|| in float32; NaN when x has a non-finite value."""
     return float(_rel_err(x, ref))
+
+
+def write_rows(path: str, header: str, rows: list) -> None:
+    """A bench's result rows as JSON at path, with its header line and the time."""
+    with open(path, "w") as fh:
+        json.dump(dict(header=header, date=datetime.datetime.now().isoformat(), rows=rows),
+                  fh, indent=1, default=str)

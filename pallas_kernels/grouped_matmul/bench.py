@@ -19,15 +19,13 @@ printed in the table and that implementation is not timed.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.benchmarking import rel_err, time_fn
+from pallas_kernels.benchmarking import rel_err, time_fn, write_rows
 from pallas_kernels.grouped_matmul import mosaic_gpu
 from pallas_kernels.grouped_matmul.api import gmm
 from pallas_kernels.grouped_matmul.reference import gmm_flops, gmm_reference
@@ -160,9 +158,7 @@ def main():
             tf = f"{r['tflops']:8.1f}" if "tflops" in r else ""
             print(f"{r['routing']:14s} {r['impl']:22s} {ms} {tf}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(header=header, date=datetime.datetime.now().isoformat(), rows=rows),
-                      fh, indent=1, default=str)
+        write_rows(args.json, header, rows)
 
 
 if __name__ == "__main__":

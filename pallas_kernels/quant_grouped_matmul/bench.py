@@ -24,15 +24,13 @@ check or a crash is reported in the table and the variant is not timed.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.benchmarking import rel_err, time_fn
+from pallas_kernels.benchmarking import rel_err, time_fn, write_rows
 from pallas_kernels.grouped_matmul import gmm
 from pallas_kernels.quant_grouped_matmul.api import qgmm
 from pallas_kernels.quant_grouped_matmul.reference import dequantize_groups, pack_int4_groups
@@ -154,9 +152,7 @@ def main():
         err = f"{r['rel_err']:8.1e}" if "rel_err" in r else ""
         print(f"{r['shape']:8s} {r['impl']:24s} {r['kind']:7s} {r['config']:22s} {ms} {tf} {err}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(header=header, date=datetime.datetime.now().isoformat(), rows=rows),
-                      fh, indent=1, default=str)
+        write_rows(args.json, header, rows)
 
 
 if __name__ == "__main__":

@@ -75,5 +75,11 @@ def build_data(cfg: Config):
     if train_file.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's "
                           f"vocabulary ({train_file.vocab_size})")
-    return (data.TokenBatcher(train_file, d.seq_len, d.batch_size, d.seed),
-            data.TokenBatcher(val_file, d.seq_len, d.batch_size, d.seed + 1))
+    eos_id = None
+    if d.document_mask:
+        if train_file.tokenizer != data.ByteTokenizer.name:
+            raise ConfigError(f"data.document_mask needs the EOS id of the data's tokenizer; "
+                              f"{train_file.tokenizer!r} is not known here")
+        eos_id = data.ByteTokenizer.eos_id
+    return (data.TokenBatcher(train_file, d.seq_len, d.batch_size, d.seed, eos_id),
+            data.TokenBatcher(val_file, d.seq_len, d.batch_size, d.seed + 1, eos_id))

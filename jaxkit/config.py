@@ -105,6 +105,9 @@ class DataConfig:
     seq_len: int = 256
     batch_size: int = 16  # global batch, in sequences
     seed: int = 0
+    # tokens: attention stays inside each document of a window (segment ids
+    # from the EOS tokens) and rotary positions restart at each document
+    document_mask: bool = False
     # MQAR task
     mqar_vocab_size: int = 256
     mqar_num_kv_pairs: int = 8
@@ -382,6 +385,11 @@ def validate(cfg: Config) -> None:
              f"({d.batch_size}) must be > 0")
     _require(d.seq_len <= m.max_seq_len,
              f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+    _require(not d.document_mask or d.kind == "tokens",
+             f"data.document_mask applies to data.kind 'tokens', not {d.kind!r}")
+    _require(not d.document_mask or a.implementation != "cudnn",
+             "data.document_mask needs segment ids, which model.attention.implementation "
+             "'cudnn' does not take; use 'pallas', 'xla' or 'auto'")
     o = cfg.optimizer
     _require(o.learning_rate > 0, f"optimizer.learning_rate must be > 0, got {o.learning_rate}")
     _require(o.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {o.warmup_steps}")

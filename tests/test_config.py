@@ -56,6 +56,17 @@ def test_errors_name_the_key(override, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["data.kind=mqar", "data.document_mask=true"], "data.document_mask applies to data.kind"),
+    (["model.attention.implementation=cudnn", "data.document_mask=true"],
+     "'cudnn' does not take"),
+])
+def test_document_mask_errors(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
 def test_moe_errors():
     with pytest.raises(ConfigError, match=r"model.moe.top_k \(9\) must be in \[1, num_experts=8\]"):
         load_config(None, ["model.moe.num_experts=8", "model.moe.top_k=9"])

@@ -10,6 +10,7 @@ import pytest
 
 from jaxkit.data import (ByteTokenizer, MQARTask, TokenBatcher, TokenFile, default_corpus_paths,
                          mqar_accuracy, prepare, prepare_stdlib, unigram_entropy, write_token_file)
+from jaxkit.data.batches import document_segments
 from jaxkit.data.prepare import add_prepare_args, run_prepare
 
 TOK = ByteTokenizer()
@@ -237,6 +238,37 @@ def test_batches_are_windows(counting_file):
     np.testing.assert_array_equal(b["inputs"], offsets + np.arange(37))
     np.testing.assert_array_equal(b["targets"], b["inputs"] + 1)
     assert offsets.min() >= 0 and offsets.max() + 37 <= 3000
+
+
+def test_document_segments_by_hand_and_against_a_loop():
+    x = np.array([[5, 9, 2, 9, 9, 7, 1], [9, 3, 4, 5, 6, 9, 1]])
+    seg, pos = document_segments(x, 9)
+    np.testing.assert_array_equal(seg, [[0, 0, 1, 1, 2, 3, 3], [0, 1, 1, 1, 1, 1, 2]])
+    np.testing.assert_array_equal(pos, [[0, 1, 0, 1, 0, 0, 1], [0, 0, 1, 2, 3, 4, 0]])
+    x = np.random.default_rng(4).integers(0, 6, (5, 40))  # EOS = 0, about 1 in 6 tokens
+    seg, pos = document_segments(x, 0)
+    for row in range(5):
+        doc, start = 0, 0
+        for i in range(40):
+            if i and x[row, i - 1] == 0:
+                doc, start = doc + 1, i
+            assert (seg[row, i], pos[row, i]) == (doc, i - start)
+
+
+def test_batches_carry_document_segments(tmp_path):
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(0, 258, 4001)
+    tokens[rng.choice(4001, 150, replace=False)] = 258  # EOS id of the byte tokenizer
+    write_token_file(tmp_path / "docs", tokens, 259)
+    plain = TokenBatcher(tmp_path / "docs", seq_len=64, global_batch_size=4, seed=2).batch(7)
+    assert set(plain) == {"inputs", "targets"}
+    b = TokenBatcher(tmp_path / "docs", seq_len=64, global_batch_size=4, seed=2,
+                     eos_id=258).batch(7)
+    np.testing.assert_array_equal(b["inputs"], plain["inputs"])
+    seg, pos = document_segments(b["inputs"], 258)
+    np.testing.assert_array_equal(b["segment_ids"], seg)
+    np.testing.assert_array_equal(b["positions"], pos)
+    assert b["segment_ids"].max() > 0  # the windows do hold several documents
 
 
 def test_batches_are_deterministic(tmp_path):

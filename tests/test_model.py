@@ -115,3 +115,34 @@ def test_tiny_run_loss_decreases():
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.3 * losses[0], losses
     assert int(state["step"]) == 40
+
+
+def test_packed_documents_do_not_see_each_other():
+    """With document segments (data.document_mask) each document of a window
+    gives the logits it would alone, and the train/eval step uses them."""
+    from jaxkit.build import split_model
+    from jaxkit.data.batches import document_segments
+    from jaxkit.train.step import make_eval_step
+    eos = 36
+    model = Transformer(TINY, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(3)
+    first = np.append(rng.integers(0, eos, 6), eos)  # a document ends with EOS
+    second = rng.integers(0, eos, 9)
+    window = np.concatenate([first, second])[None]
+    segments, positions = document_segments(window, eos)
+    packed, _ = model(jnp.asarray(window), jnp.asarray(positions), jnp.asarray(segments))
+    alone, _ = model(jnp.asarray(second[None]))
+    np.testing.assert_allclose(packed[0, 7:], alone[0], rtol=1e-5, atol=1e-5)
+    other = window.copy()
+    other[0, :6] = (other[0, :6] + 5) % eos  # another first document, same boundary
+    changed, _ = model(jnp.asarray(other), jnp.asarray(positions), jnp.asarray(segments))
+    np.testing.assert_allclose(changed[0, 7:], packed[0, 7:], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(changed[0, :7], packed[0, :7])
+
+    graphdef, _, params, model_state = split_model(model)
+    targets = np.roll(window, -1, axis=1)
+    batch = dict(inputs=jnp.asarray(window), targets=jnp.asarray(targets),
+                 segment_ids=jnp.asarray(segments), positions=jnp.asarray(positions))
+    metrics = make_eval_step(graphdef)(params, model_state, batch)
+    want, _ = cross_entropy(packed, jnp.asarray(targets), None)
+    np.testing.assert_allclose(float(metrics["ce"]), float(want), rtol=1e-6)

@@ -30,12 +30,27 @@ def process_slice(global_batch_size: int, process_index: int, process_count: int
     return slice(process_index * per_process, (process_index + 1) * per_process)
 
 
+def document_segments(inputs: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(segment ids, positions) [B, S] of windows of concatenated documents,
+    each ending in eos_id: a document starts after each EOS, its ids count
+    the EOS tokens before it and its positions restart at 0."""
+    rows, length = inputs.shape
+    ends = inputs == eos_id
+    starts = np.concatenate([np.ones((rows, 1), bool), ends[:, :-1]], axis=1)
+    segment_ids = np.cumsum(starts, axis=1, dtype=np.int32) - 1
+    index = np.arange(length, dtype=np.int32)
+    first = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    return segment_ids, index - first
+
+
 class TokenBatcher:
     """Windows of seq_len + 1 tokens at random offsets: inputs are the first
-    seq_len tokens, targets the last seq_len (inputs shifted by one)."""
+    seq_len tokens, targets the last seq_len (inputs shifted by one). With
+    eos_id, batches also carry per-document segment ids and positions
+    (document_segments), so attention stays inside each document."""
 
     def __init__(self, token_file: TokenFile | str, seq_len: int, global_batch_size: int,
-                 seed: int):
+                 seed: int, eos_id: int | None = None):
         self.token_file = token_file if isinstance(token_file, TokenFile) else TokenFile(token_file)
         for name, value in (("seq_len", seq_len), ("global_batch_size", global_batch_size)):
             if not isinstance(value, (int, np.integer)) or value < 1:
@@ -45,6 +60,7 @@ class TokenBatcher:
             raise ValueError(f"{self.token_file.bin_path} holds {self.token_file.num_tokens} tokens, "
                              f"fewer than one window of seq_len + 1 = {seq_len + 1}")
         self.seq_len, self.global_batch_size, self.seed = seq_len, global_batch_size, seed
+        self.eos_id = eos_id
 
     @property
     def num_offsets(self) -> int:
@@ -54,7 +70,11 @@ class TokenBatcher:
     def _windows(self, offsets: np.ndarray) -> dict:
         idx = offsets[:, None] + np.arange(self.seq_len + 1)
         window = self.token_file.tokens[idx].astype(np.int32)
-        return {"inputs": window[:, :-1], "targets": window[:, 1:]}
+        batch = {"inputs": window[:, :-1], "targets": window[:, 1:]}
+        if self.eos_id is not None:
+            batch["segment_ids"], batch["positions"] = document_segments(batch["inputs"],
+                                                                         self.eos_id)
+        return batch
 
     def batch(self, step: int, *, process_index: int = 0, process_count: int = 1) -> dict:
         _check_non_negative("step", step)

@@ -85,9 +85,11 @@ def quantize_run(cfg: Config, run_dir: str | Path, *, out: str | Path | None = N
     ptq = dataclasses.replace(q, mode="ptq")
     _prepare(model, trained.model.quant, ptq, trained.train.seed)
     if any(isinstance(m, Quantizer) for _, m in nnx.iter_modules(model)):
-        batches = (jax.tree.map(jnp.asarray, trainer.train_data.batch(i))["inputs"]
+        batches = (jax.tree.map(jnp.asarray, trainer.train_data.batch(i))
                    for i in range(q.calibration_batches))
-        result["calibration_batches"] = calibrate(model, batches)
+        # the training forward: document segments and positions when the data has them
+        forward = lambda m, b: m(b["inputs"], b.get("positions"), b.get("segment_ids"))
+        result["calibration_batches"] = calibrate(model, batches, forward)
     result["eval_loss"]["ptq"] = _eval_ce(model, trainer)
     if q.mode == "int":
         result["converted_layers"] = quantize_model(model, q)

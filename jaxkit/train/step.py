@@ -18,7 +18,7 @@ from jaxkit.train.loss import cross_entropy
 def _forward(graphdef, params, model_state, batch, z_loss):
     # copy: fresh Variables at this trace level, so the forward pass may update model state
     model = nnx.merge(graphdef, params, model_state, copy=True)
-    logits, aux = model(batch["inputs"])
+    logits, aux = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
     loss, metrics = cross_entropy(logits, batch["targets"], batch.get("loss_mask"), z_loss=z_loss)
     metrics["moe_loss"] = aux["moe_loss"]
     return loss + aux["moe_loss"], metrics, aux["moe"], nnx.state(model, nnx.Not(nnx.Param))

@@ -215,6 +215,7 @@ GPU_CASES += [
     (1, 190, 190, 2, 2, 256, True, None, jnp.bfloat16, dict(softcap=3.0, segments=2)),
     (1, 300, 300, 4, 2, 128, False, None, jnp.bfloat16,
      dict(blocks=FUSED, softcap=2.5, segments=4)),
+    (1, 260, 330, 2, 1, 128, True, 70, jnp.bfloat16, dict(segments=3)),  # window cuts spans
 ]
 
 

@@ -25,7 +25,7 @@ from jaxkit.quant.config_check import check_quant_config
 from jaxkit.quant.experts import ExpertQuantizer
 from jaxkit.quant.layer import Quantizer, QuantWeight
 from jaxkit.quant.model import attach_quantizers, calibrate, quantize_model
-from jaxkit.train.step import make_eval_step
+from jaxkit.train.step import make_eval_step, model_on_batch
 from jaxkit.train.trainer import Trainer
 
 
@@ -87,9 +87,7 @@ def quantize_run(cfg: Config, run_dir: str | Path, *, out: str | Path | None = N
     if any(isinstance(m, Quantizer) for _, m in nnx.iter_modules(model)):
         batches = (jax.tree.map(jnp.asarray, trainer.train_data.batch(i))
                    for i in range(q.calibration_batches))
-        # the training forward: document segments and positions when the data has them
-        forward = lambda m, b: m(b["inputs"], b.get("positions"), b.get("segment_ids"))
-        result["calibration_batches"] = calibrate(model, batches, forward)
+        result["calibration_batches"] = calibrate(model, batches, model_on_batch)
     result["eval_loss"]["ptq"] = _eval_ce(model, trainer)
     if q.mode == "int":
         result["converted_layers"] = quantize_model(model, q)

@@ -15,10 +15,16 @@ from flax import nnx
 from jaxkit.train.loss import cross_entropy
 
 
+def model_on_batch(model, batch):
+    """(logits, aux) of a batch: its inputs, and its per-document positions and
+    segment ids when the data carries them (data.document_mask)."""
+    return model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+
+
 def _forward(graphdef, params, model_state, batch, z_loss):
     # copy: fresh Variables at this trace level, so the forward pass may update model state
     model = nnx.merge(graphdef, params, model_state, copy=True)
-    logits, aux = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+    logits, aux = model_on_batch(model, batch)
     loss, metrics = cross_entropy(logits, batch["targets"], batch.get("loss_mask"), z_loss=z_loss)
     metrics["moe_loss"] = aux["moe_loss"]
     return loss + aux["moe_loss"], metrics, aux["moe"], nnx.state(model, nnx.Not(nnx.Param))

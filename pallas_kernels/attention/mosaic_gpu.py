@@ -409,13 +409,16 @@ def _query_kernel_refs(spec, refs, n_own):
     return segs, refs[:n_own], refs[n_own:n_own + 6]
 
 
-def _query_segments(segs, rows):
-    """Kernel operands for segment ids in a query-parallel kernel whose tiles
-    have ``rows`` rows: both id arrays and the key span of each tile."""
+def _segment_operands(segs, tile, *, key_parallel=False):
+    """Kernel operands for segment ids (none without them): both id arrays and
+    the span each tile of ``tile`` owned positions reaches on the streamed
+    side (keys for the query-parallel kernels, query rows for the
+    key-parallel one)."""
     if segs is None:
         return ()
     q_ids, kv_ids = segs
-    return q_ids, kv_ids, tile_spans(segment_span(q_ids, kv_ids), rows)
+    own, streamed = (kv_ids, q_ids) if key_parallel else (q_ids, kv_ids)
+    return q_ids, kv_ids, tile_spans(segment_span(own, streamed), tile)
 
 
 def _forward(q, k, v, segs, spec: _Spec):
@@ -523,7 +526,7 @@ def _forward(q, k, v, segs, spec: _Spec):
     out_type = (jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((B, H, Sp), jnp.float32))
     return _call(body, out_type, scratch, (H, B, n_q_tiles), ("h", "b", "q"))(
-        q, k, v, *_query_segments(segs, _CONSUMERS * bq))
+        q, k, v, *_segment_operands(segs, _CONSUMERS * bq))
 
 
 # ----------------------------------------------------------------------------
@@ -609,7 +612,7 @@ def _backward_dq(q, k, v, do, lse, delta, segs, spec: _Spec):
     ] + (_segment_scratch(bq, stages, bkv) if spec.segments else [])
     return _call(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch,
                  (H, B, n_q_tiles), ("h", "b", "q"))(
-        q, k, v, do, lse, delta, *_query_segments(segs, _CONSUMERS * bq))
+        q, k, v, do, lse, delta, *_segment_operands(segs, _CONSUMERS * bq))
 
 
 # ----------------------------------------------------------------------------
@@ -815,10 +818,7 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
     if spec.segments:
         scratch += _segment_scratch(bkv, stages, bq)
     out_type = [jax.ShapeDtypeStruct(k.shape, dtype)] * (want_dk + want_dv)
-    seg_args = ()
-    if segs is not None:  # the query rows each key tile's segments reach
-        q_ids, kv_ids = segs
-        seg_args = (q_ids, kv_ids, tile_spans(segment_span(kv_ids, q_ids), _CONSUMERS * bkv))
+    seg_args = _segment_operands(segs, _CONSUMERS * bkv, key_parallel=True)
     args = (q, k, v, do, lse, delta, *seg_args) + ((dq_acc,) if fused else ())
     outs = _call(body, out_type, scratch, (KH, B, n_kv_tiles), ("kvh", "b", "k"))(*args)
     return (outs[0] if want_dk else None), (outs[-1] if want_dv else None)

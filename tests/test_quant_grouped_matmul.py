@@ -204,3 +204,17 @@ def test_errors():
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="needs a GPU"):
             qgmm(lhs, codes, scales, sizes, implementation="pallas", interpret=False, **kw)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
+def test_default_tiling_follows_rows_per_expert(kind):
+    """Few rows per expert take the decode tiling, many the prefill one; every
+    tuned tiling is valid and runs the group-128 layout the benchmark tunes."""
+    from pallas_kernels.quant_grouped_matmul.api import TUNED_TILINGS, default_tiling
+    assert default_tiling(kind, 64, 8) == TUNED_TILINGS["decode"][kind]
+    assert default_tiling(kind, 8192, 8) == TUNED_TILINGS["prefill"][kind]
+    assert default_tiling(kind, 33 * 8, 8) == TUNED_TILINGS["prefill"][kind]
+    for regime in TUNED_TILINGS.values():
+        tiling = regime[kind]
+        assert all(t & (t - 1) == 0 for t in tiling)
+        assert unsupported(kind, 128, tiling) is None

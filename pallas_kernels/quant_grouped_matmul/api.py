@@ -41,7 +41,20 @@ from pallas_kernels.quant_grouped_matmul.reference import (CODE_DTYPES, KINDS, d
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 LHS_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-DEFAULT_TILING = (128, 64, 128)  # (tm, tk, tn)
+# The fastest (tm, tk, tn) per weight kind on an H100 at Mixtral-sized experts
+# (BENCHMARKS.md, "Quantised grouped matmul"): one for few rows per expert
+# (decode: small row tiles, the weights stream once) and one for many (prefill).
+TUNED_TILINGS = {
+    "decode": {"int8": (64, 64, 128), "int4": (16, 128, 64), "fp8": (16, 128, 64)},
+    "prefill": {"int8": (128, 64, 128), "int4": (128, 128, 64), "fp8": (128, 128, 64)},
+}
+DECODE_ROWS_PER_GROUP = 32  # up to this many rows per expert on average: decode tilings
+
+
+def default_tiling(kind: str, rows: int, groups: int) -> tuple:
+    """The tuned tiling for ``rows`` lhs rows over ``groups`` experts."""
+    regime = "decode" if rows <= DECODE_ROWS_PER_GROUP * groups else "prefill"
+    return TUNED_TILINGS[regime][kind]
 
 
 class _Config(NamedTuple):
@@ -55,7 +68,7 @@ class _Config(NamedTuple):
 
 def unsupported(kind: str, group_size: int, tiling=None) -> str | None:
     """Why the kernel cannot take this weight layout, or None when it can."""
-    tk = (tiling or DEFAULT_TILING)[1]
+    tk = tiling[1] if tiling else blockspec.min_k_step(kind)  # no tuned K tile is smaller
     if blockspec.k_step(kind, group_size, tk):
         return None
     return (f"group_size={group_size} with K tile {tk}: the kernel's K step must be a power of "
@@ -150,7 +163,8 @@ def qgmm(lhs, codes, scales, group_sizes, *, kind: str, group_size: int, zeros=N
          interpret: bool | None = None):
     """lhs [M,K] x the dequantised weights of each group -> [M,N] in
     preferred_element_type (see the module docstring). tiling=(tm, tk, tn):
-    the kernel's row, K-step and column tiles (powers of two)."""
+    the kernel's row, K-step and column tiles (powers of two); None: the
+    tuned one for the kind and rows per group (``default_tiling``)."""
     _check(lhs, codes, scales, group_sizes, zeros, kind, group_size, implementation, tiling)
     group_sizes = group_sizes.astype(jnp.int32)
     out_dtype = jnp.dtype(preferred_element_type or jnp.float32)
@@ -170,6 +184,6 @@ def qgmm(lhs, codes, scales, group_sizes, *, kind: str, group_size: int, zeros=N
     why_not = unsupported(kind, group_size, tiling)
     if why_not:
         raise ValueError(f"implementation='pallas' cannot run this layout: {why_not}")
-    cfg = _Config(kind, int(group_size), out_dtype, tuple(tiling or DEFAULT_TILING),
-                  bool(interpret))
+    tiling = tiling or default_tiling(kind, lhs.shape[0], codes.shape[0])
+    cfg = _Config(kind, int(group_size), out_dtype, tuple(tiling), bool(interpret))
     return _pallas_qgmm(lhs, codes, scales.astype(jnp.float32), group_sizes, zeros, cfg)

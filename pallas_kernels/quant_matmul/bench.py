@@ -43,14 +43,12 @@ W8A8_TILINGS = [mosaic_gpu.W8A8_TILING, mosaic_gpu.Tiling(128, 256, 3, 16)]
 FP8_TILINGS = [mosaic_gpu.FP8_TILING, mosaic_gpu.Tiling(128, 128, 4),
                mosaic_gpu.Tiling(128, 128, 5, 16)]
 # int4 tilings are swept at the first batch only: the others take its fastest
-# one. Session-3 H100 sweeps at batch 16 (us, whole call): portable 37-39 for
-# these four. Mosaic (block_n 64, block_k 512, 6 stages): the options swept
-# in session 4 (BENCHMARKS.md) beside the default.
-INT4_CONFIGS = [(128, 4, 4, 3), (64, 8, 4, 3), (128, 8, 8, 3),
-                (64, 4, 4, 4)]  # block_n, split_k, warps, stages
-INT4_MOSAIC_CONFIGS = [  # int4_weight_only_mosaic options
-    dict(compute_wgs=3), dict(compute_wgs=2), dict(compute_wgs=4),
-    dict(compute_wgs=3, block_n=128), dict(compute_wgs=3, cluster=2)]
+# one. H100 sweeps at batch 16 (us, whole call), recorded in BENCHMARKS.md:
+# portable 34-39 for (128, 4, 4, 3), (64, 8, 4, 3), (128, 8, 8, 3), (64, 4, 4, 4)
+# (the first two kept); Mosaic 3 compute warpgroups 22-26, 2 warpgroups 23-28,
+# x multicast to 2-block clusters no gain, block_n 128 34 (half the SMs).
+INT4_CONFIGS = [(64, 8, 4, 3), (128, 4, 4, 3)]  # block_n, split_k, warps, stages
+INT4_MOSAIC_CONFIGS = [dict(compute_wgs=3), dict(compute_wgs=2)]  # int4_weight_only_mosaic options
 INT4_BATCHES = (16, 4, 1)
 
 
@@ -225,10 +223,12 @@ def int4_suite(size, results):
         row["xla_dequant_dot"] = dict(seconds=rotated_time(xla, sets[:4]))
         # What a plain copy of the kernel's bytes reaches, timed the same way
         # (16 short kernels in one jit): the ceiling for a transfer this size.
-        half = jnp.zeros((nbytes // 2,), jnp.uint8)
-        copy = jax.jit(lambda a: a + jnp.uint8(1))
+        # bf16 like copy_bandwidth's: XLA's uint8 elementwise op is slower than
+        # the memory (session 6: 1306 GB/s for these bytes).
+        half = jnp.zeros((nbytes // 4,), jnp.bfloat16)
+        copy = jax.jit(lambda a: a + jnp.bfloat16(1))
         row["copy_same_bytes"] = dict(seconds=rotated_time(
-            copy, [(half + jnp.uint8(r),) for r in range(ROTATE)]))
+            copy, [(half + r,) for r in range(ROTATE)]))
         dense = jax.jit(lambda x, w: jnp.dot(x, w))
         row["bf16_weights_xla"] = dict(seconds=rotated_time(dense, [(x, w_bf16 * (1 + 0.01 * r))
                                                                     for r in range(4)]),

@@ -45,8 +45,8 @@ LHS_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.flo
 # (BENCHMARKS.md, "Quantised grouped matmul"): one for few rows per expert
 # (decode: small row tiles, the weights stream once) and one for many (prefill).
 TUNED_TILINGS = {
-    "decode": {"int8": (64, 64, 128), "int4": (16, 128, 64), "fp8": (16, 128, 64)},
-    "prefill": {"int8": (128, 64, 128), "int4": (128, 128, 64), "fp8": (128, 128, 64)},
+    "decode": {"int8": (16, 64, 128), "int4": (16, 128, 128), "fp8": (16, 128, 128)},
+    "prefill": {"int8": (128, 64, 128), "int4": (128, 128, 64), "fp8": (64, 128, 128)},
 }
 DECODE_ROWS_PER_GROUP = 32  # up to this many rows per expert on average: decode tilings
 

@@ -50,6 +50,7 @@ from jaxkit.quant.core import QTensor, fake_quant, quantize, ungroup
 from jaxkit.quant.layer import QuantScale, QuantWeight, quant_kwargs, quantize_gradient
 from jaxkit.quant.rotation import random_signs, rotate_activation, rotate_weight
 from pallas_kernels.grouped_matmul import gmm
+from pallas_kernels.quant_grouped_matmul import IMPLEMENTATIONS as QGMM_IMPLEMENTATIONS
 from pallas_kernels.quant_grouped_matmul import (dequantize_groups, pack_int4_groups, qgmm,
                                                  unsupported)
 
@@ -57,8 +58,6 @@ MATRICES = ("gate", "up", "down")  # the order of jaxkit.layers.moe.ExpertWeight
 WEIGHT_AXIS = 1  # contraction axis of every stacked expert matrix
 # mode 'int': the quant_matmul kernel kind of the config -> the qgmm kind
 QGMM_KIND = {"w8a8": "int8", "fp8_blockwise": "fp8", "int4_weight_only": "int4"}
-# MoE gmm_implementation -> qgmm implementation ('ragged_dot' has none)
-QGMM_IMPLEMENTATION = {"auto": "auto", "xla": "xla", "pallas": "pallas"}
 
 
 def check_expert_quant(cfg: QuantConfig) -> None:
@@ -161,12 +160,12 @@ class LowBitExperts:
         """lhs [M, K] rows grouped by expert -> [M, N] float32, through the
         qgmm kernel where the layout and implementation allow (module
         docstring), else dequantised weights and grouped_matmul.gmm."""
-        impl = QGMM_IMPLEMENTATION.get(implementation)
-        if impl is None or unsupported(self.kind, self.group_size):
+        # qgmm takes the MoE's implementation names but 'ragged_dot'
+        if implementation not in QGMM_IMPLEMENTATIONS or unsupported(self.kind, self.group_size):
             return gmm(lhs, self.dequantize().astype(lhs.dtype), group_sizes,
                        implementation=implementation, preferred_element_type=jnp.float32)
         return qgmm(lhs, self.codes, self.scales, group_sizes, kind=self.kind,
-                    group_size=self.group_size, zeros=self.zeros, implementation=impl,
+                    group_size=self.group_size, zeros=self.zeros, implementation=implementation,
                     preferred_element_type=jnp.float32)
 
 

@@ -143,12 +143,13 @@ def _bwd(cfg, residuals, dout):
     dout = dout.astype(lhs.dtype)
     grouped = dict(implementation="pallas", interpret=True) if cfg.interpret \
         else dict(implementation="auto")
-    w = dequantize_groups(codes, scales, zeros, kind=cfg.kind, group_size=cfg.group_size)
-    dlhs = gmm(dout, w.astype(lhs.dtype), group_sizes, transpose_rhs=True,
-               preferred_element_type=lhs.dtype, **grouped)
-    # d scale[g, b, n] = sum over k of group b of (q - zero)[g, k, n] * (lhs_g^T dout_g)[k, n]
+    # q: the codes less zero points (unit scales); W = q * scale
     q = dequantize_groups(codes, jnp.ones_like(scales), zeros, kind=cfg.kind,
                           group_size=cfg.group_size)
+    w = q * jnp.repeat(scales.astype(jnp.float32), cfg.group_size, axis=1)
+    dlhs = gmm(dout, w.astype(lhs.dtype), group_sizes, transpose_rhs=True,
+               preferred_element_type=lhs.dtype, **grouped)
+    # d scale[g, b, n] = sum over k of group b of q[g, k, n] * (lhs_g^T dout_g)[k, n]
     xtd = tgmm(lhs, dout, group_sizes, preferred_element_type=jnp.float32, **grouped)
     g, k, n = q.shape
     dscales = jnp.sum((q * xtd).reshape(g, k // cfg.group_size, cfg.group_size, n), axis=2)

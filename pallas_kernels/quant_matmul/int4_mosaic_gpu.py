@@ -17,8 +17,9 @@ memory at the end. The codes go from shared memory straight into registers,
 8 per thread and 32-bit load, are moved into the wgmma operand layout by a
 shuffle and byte-permutes, and Mosaic GPU converts them to bf16 two at a
 time (a byte-permute, a LOP3 and a packed subtraction per pair: the
-magic-number trick of packing.py, on 32-bit words); one packed multiply
-applies the scale, and the wgmma takes the weights from registers. With
+magic-number trick of packing.py, on 32-bit words); the wgmma takes these
+integer-valued weights from registers, and each group's product is scaled
+afterwards in float32 (see _multiply_step). With
 cluster > 1 the blocks of a cluster share each x step (one TMA multicast),
 cutting the L2 reads of x, which at batch 16 match the weight bytes.
 
@@ -85,25 +86,48 @@ def default_stages(m8: int, tn: int, kt: int, group_size: int, compute_wgs: int)
     return min(MAX_STAGES, (SMEM_LIMIT - once) // step)
 
 
-def _multiply_step(acc_ref, w_smem, x_smem, s_smem, *, group_size: int):
-    """acc [tn, m8] += dequantised codes [tn, kt] @ x^T [kt, m8], one wgmma of
-    CHUNK codes at a time; returns with every wgmma done (the pipeline frees
-    the slots, x included, when the step returns)."""
+def _pieces(kt: int, group_size: int):
+    """The step's runs of chunks that share one scale row: (chunk indices,
+    scale row), a group each when the step holds whole groups, else the
+    whole step inside one group."""
+    per = max(1, min(kt, group_size) // CHUNK)
+    return [(range(p * per, (p + 1) * per), p if kt > group_size else 0)
+            for p in range(kt // CHUNK // per)]
+
+
+def _multiply_step(total, w_smem, x_smem, s_smem, *, group_size: int):
+    """total [tn, m8] f32 + dequantised codes [tn, kt] @ x^T [kt, m8].
+
+    The tensor cores take the integer codes as bf16 (exact) and each group's
+    product is scaled once in f32 afterwards: a few multiplies per thread
+    instead of one per weight, and no bf16 rounding of code * scale. The next
+    group's codes are converted while its predecessor's wgmma runs. Returns
+    with every wgmma done (the pipeline frees the slots when the step returns)."""
     tn, kt = w_smem.shape
-    g = group_size
     # 8 consecutive codes (32 bits) per thread and load; a shuffle and
     # byte-permutes move them into the wgmma operand layout.
     codes = plgpu.layout_cast(plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X),
                               plgpu.Layout.WGMMA)
-    for i in range(kt // CHUNK):
-        ks = slice(i * CHUNK, (i + 1) * CHUNK)
-        scale = plgpu.load(s_smem.at[i * CHUNK // g if kt > g else 0], (),
-                           layout=plgpu.Layout.WGMMA.reduce(1))
-        w = codes[:, ks].astype(jnp.bfloat16) * lax.broadcast_in_dim(
-            scale.astype(jnp.bfloat16), (tn, CHUNK), [0])
-        plgpu.wgmma(acc_ref, w, plgpu.transpose_ref(x_smem.at[:, ks], (1, 0)))
-        plgpu.wgmma_wait(1)  # keeps one wgmma in flight while converting the next chunk
-    plgpu.wgmma_wait(0)
+
+    def convert(chunks):
+        return [codes[:, i * CHUNK:(i + 1) * CHUNK].astype(jnp.bfloat16) for i in chunks]
+
+    pieces = _pieces(kt, group_size)
+    w_next = convert(pieces[0][0])
+    for p, (chunks, scale_row) in enumerate(pieces):
+        w_now = w_next
+
+        def product(acc_ref, w_now=w_now, chunks=chunks, p=p):
+            for w, i in zip(w_now, chunks):
+                plgpu.wgmma(acc_ref, w, plgpu.transpose_ref(
+                    x_smem.at[:, pl.ds(i * CHUNK, CHUNK)], (1, 0)))
+            following = convert(pieces[p + 1][0]) if p + 1 < len(pieces) else []
+            return acc_ref[...], following
+
+        part, w_next = pl.run_scoped(product, plgpu.ACC(total.shape, jnp.float32))
+        scale = plgpu.load(s_smem.at[scale_row], (), layout=plgpu.Layout.WGMMA.reduce(1))
+        total = total + part * lax.broadcast_in_dim(scale, total.shape, [0])
+    return total
 
 
 def _store_transposed(acc, out_smem, out_gmem, rows: int):
@@ -128,8 +152,8 @@ def int4_weight_only_mosaic(x, packed, scales, *, group_size: int, block_n: int 
     [K/g, N]) -> [M, N] bf16; see reference.int4_weight_only_reference.
     block_n weight rows of W^T and block_k codes of K per step (None: the
     largest of 512..64 that fits K and the groups); stages pipeline slots
-    (None: default_stages). Each block sums all of K itself. compute_wgs warpgroups (2-4) take the steps in turn;
-    cluster (1 or 2) blocks share each x step through TMA multicast."""
+    (None: default_stages). Each block sums all of K itself. compute_wgs
+    warpgroups (2 or 3) take the steps in turn; cluster (1 or 2) blocks share each x step through TMA multicast."""
     why = unsupported(x, packed, None, group_size)
     if why:
         raise ValueError(f"the Mosaic GPU int4 kernel cannot run this call: {why}")
@@ -142,8 +166,11 @@ def int4_weight_only_mosaic(x, packed, scales, *, group_size: int, block_n: int 
     if kt % CHUNK or (kt % g and g % kt) or K % kt:
         raise ValueError(f"block_k={kt} must be a multiple of {CHUNK} dividing K={K}, and a "
                          f"multiple or divisor of group_size={g}")
-    if compute_wgs not in (2, 3, 4):
-        raise ValueError(f"compute_wgs={compute_wgs} must be 2, 3 or 4")
+    # Not 4: a block of 5 warpgroups launches with at most 96 registers a
+    # thread, fewer than the pipeline's register split then asks for, so the
+    # compute warpgroups' register increase never returns (it hung on the H200).
+    if compute_wgs not in (2, 3):
+        raise ValueError(f"compute_wgs={compute_wgs} must be 2 or 3")
     if cluster not in (1, 2) or N % (cluster * tn):
         raise ValueError(f"cluster={cluster} must be 1 or 2, with cluster * block_n "
                          f"dividing N={N}")
@@ -176,32 +203,28 @@ def int4_weight_only_mosaic(x, packed, scales, *, group_size: int, block_n: int 
         if cluster > 1:
             j = j * cluster + lax.axis_index("cluster")
 
-        def step(indices, w_smem, x_smem, s_smem, acc_ref):
-            @pl.when(indices[0] % compute_wgs == wg)
-            def _():
-                _multiply_step(acc_ref, w_smem, x_smem, s_smem, group_size=g)
-            return acc_ref
+        def step(indices, w_smem, x_smem, s_smem, total):
+            return lax.cond(indices[0] % compute_wgs == wg,
+                            lambda t: _multiply_step(t, w_smem, x_smem, s_smem, group_size=g),
+                            lambda t: t, total)
 
         def compute(run_pipeline):
-            def with_acc(acc_ref):
-                run_pipeline(acc_ref)
-                acc = acc_ref[...]
+            total = run_pipeline(plgpu.layout_cast(jnp.zeros((tn, m8), jnp.float32),
+                                                   plgpu.Layout.WGMMA))
 
-                # Warpgroups 1.. hand their sums to warpgroup 0, which writes out.
-                @pl.when(wg > 0)
-                def _():
-                    partial_smem.at[wg - 1][...] = acc
-                    plgpu.barrier_arrive(partial_done)
+            # Warpgroups 1.. hand their sums to warpgroup 0, which writes out.
+            @pl.when(wg > 0)
+            def _():
+                partial_smem.at[wg - 1][...] = total
+                plgpu.barrier_arrive(partial_done)
 
-                @pl.when(wg == 0)
-                def _():
-                    plgpu.barrier_wait(partial_done)
-                    total = acc
-                    for i in range(compute_wgs - 1):
-                        total += plgpu.load(partial_smem.at[i], (), layout=plgpu.Layout.WGMMA)
-                    _store_transposed(total, out_smem, out_ref.at[:, pl.ds(j * tn, tn)], M)
-
-            pl.run_scoped(with_acc, plgpu.ACC((tn, m8), jnp.float32))
+            @pl.when(wg == 0)
+            def _():
+                plgpu.barrier_wait(partial_done)
+                out = total
+                for i in range(compute_wgs - 1):
+                    out += plgpu.load(partial_smem.at[i], (), layout=plgpu.Layout.WGMMA)
+                _store_transposed(out, out_smem, out_ref.at[:, pl.ds(j * tn, tn)], M)
 
         plgpu.emit_pipeline_warp_specialized(
             step, grid=(K // kt,), memory_registers=40, wg_axis="wg",

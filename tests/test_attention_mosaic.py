@@ -138,14 +138,6 @@ def test_unsupported_arguments_raise(kwargs, needle):
         mosaic_gpu.mosaic_flash_attention(q, k, v, **kwargs)
 
 
-@pytest.mark.parametrize("D,fused", [(128, True), (256, False)])
-def test_backward_pingpong_needs_the_two_kernel_single_pass_backward(D, fused):
-    q, k, v, _ = _qkv(0, 1, 64, 64, 2, 1, D, jnp.bfloat16)
-    blocks = dataclasses.replace(tuning.DEFAULTS[D], fused_dq=fused, bwd_pingpong=True)
-    with pytest.raises(ValueError, match=f"bwd_pingpong needs .* fused_dq={fused}, head_dim={D}"):
-        mosaic_gpu.mosaic_flash_attention(q, k, v, block_sizes=blocks)
-
-
 @pytest.mark.parametrize("shape_kv,dtype,needle", [
     (((1, 64, 2, 96), (1, 64, 1, 96)), jnp.bfloat16, "head_dim"),
     (((1, 64, 2, 64), (1, 64, 1, 64)), jnp.float32, "bfloat16 or float16"),
@@ -212,16 +204,6 @@ GPU_CASES += [
     (1, 200, 330, 4, 1, 128, False, None, jnp.float16, dict(blocks=FUSED)),
     (1, 330, 200, 2, 2, 128, True, 70, jnp.bfloat16, dict(blocks=FUSED)),
 ]
-# The backward kernels' consumers taking turns on the tensor cores.
-BWD_PP = dataclasses.replace(tuning.DEFAULTS[128], bwd_pingpong=True)
-GPU_CASES += [
-    (2, 300, 300, 4, 2, 128, True, None, jnp.bfloat16, dict(blocks=BWD_PP)),
-    (1, 250, 330, 2, 1, 64, False, 70, jnp.float16,
-     dict(blocks=dataclasses.replace(tuning.DEFAULTS[64], bwd_pingpong=True))),
-    (1, 300, 300, 4, 2, 128, True, None, jnp.bfloat16,
-     dict(blocks=dataclasses.replace(BWD_PP, dq=KB(64, 128, 2), dkv=KB(64, 64, 3)),
-          softcap=2.5, segments=3)),
-]
 # Segment ids (packed sequences) and logit soft-capping, alone and together, in
 # every kernel variant (two dQ kernels, fused dQ, head_dim 256's two dK/dV passes).
 # A small cap (2-3) bends most logits; unequal lengths draw q and kv ids
@@ -242,8 +224,7 @@ def _case_id(case):
     opts = opts[0] if opts else {}
     bs = opts.get("blocks")
     tag = ("" if bs is None else "-fused" if bs.fused_dq else
-           f"-blocks{bs.fwd.block_kv}x{bs.dkv.stages}{'pp' if bs.pingpong else ''}"
-           f"{'-bwdpp' if bs.bwd_pingpong else ''}")
+           f"-blocks{bs.fwd.block_kv}x{bs.dkv.stages}{'pp' if bs.pingpong else ''}")
     tag += f"-cap{opts['softcap']}" if "softcap" in opts else ""
     tag += f"-seg{opts['segments']}" if "segments" in opts else ""
     return (f"B{B}-S{S}-T{T}-H{H}-KH{KH}-D{D}-{'causal' if causal else 'full'}-w{window}"

@@ -225,6 +225,16 @@ def _pl():
     return pl
 
 
+def _mma(a, b, shape):
+    """a @ b with a fresh float32 accumulator; waits for the result."""
+    pl, plgpu = _pl(), _plgpu()
+
+    def body(acc):
+        plgpu.wgmma(acc, a, b)
+        return acc[...]
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
 def _mma_acc(acc, a, b):
     """acc + a @ b for a float32 register accumulator."""
     pl, plgpu = _pl(), _plgpu()
@@ -263,30 +273,6 @@ def _call(body, out_type, scratch, grid, names):
     mesh = plgpu.Mesh(grid=grid, grid_names=names, num_threads=_CONSUMERS + 1, thread_name="wg")
     return pl.kernel(with_scratch, out_type=out_type, mesh=mesh,
                      compiler_params=plgpu.CompilerParams(approx_math=True))
-
-
-def _turns(turn, wg):
-    """Ping-pong between the two consumers: ``take_turn()`` is a rendezvous on
-    the ``turn`` barrier (None: no ping-pong, a no-op). A consumer's work is
-    split into alternating matrix-product and elementwise segments by these
-    rendezvous; ``start()`` puts consumer 1 one segment behind consumer 0 (and
-    ``finish()`` evens the count), so one's elementwise math overlaps the
-    other's products. Both must take the same number of turns."""
-    pl, plgpu = _pl(), _plgpu()
-
-    def take_turn():
-        if turn is not None:
-            plgpu.barrier_arrive(turn)
-            plgpu.barrier_wait(turn)
-
-    def start():
-        if turn is not None:
-            pl.when(wg == 1)(take_turn)
-
-    def finish():
-        if turn is not None:
-            pl.when(wg == 0)(take_turn)
-    return take_turn, start, finish
 
 
 def _ring_producer(n_steps, stages, issue, free_barriers, regs):
@@ -457,7 +443,6 @@ def _forward(q, k, v, segs, spec: _Spec):
         tile = _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, _FWD_REGS, segs)
         k_smem, v_smem, k_ready, v_ready, k_free, v_free = ring
         b, h, wg = tile.b, tile.h, tile.wg
-        take_turn, start_turns, finish_turns = _turns(turn if pingpong else None, wg)
         lo = tile.blocks[0]
 
         @pl.when(wg < _CONSUMERS)
@@ -469,6 +454,11 @@ def _forward(q, k, v, segs, spec: _Spec):
             if segs:
                 qs_v = segs.own(b, row0, bq, wg)
             plgpu.barrier_wait(q_ready.at[wg])
+
+            def take_turn():
+                if pingpong:
+                    plgpu.barrier_arrive(turn)
+                    plgpu.barrier_wait(turn)
 
             def step(j, carry, masked):
                 acc, m, l = carry
@@ -510,9 +500,11 @@ def _forward(q, k, v, segs, spec: _Spec):
                 return acc, m_new, l
 
             carry = (_zeros((bq, D)), _vector(bq, -jnp.inf, 1), _vector(bq, 0.0, 1))
-            start_turns()
+            if pingpong:  # consumer 1 starts half a step behind consumer 0
+                pl.when(wg == 1)(take_turn)
             acc, m, l = _sweep(step, *spec.sweep_blocks(*tile.blocks), carry)
-            finish_turns()
+            if pingpong:
+                pl.when(wg == 0)(take_turn)
 
             empty = l == 0.0
             inv_l = 1.0 / jnp.where(empty, 1.0, l)
@@ -548,15 +540,13 @@ def _backward_dq(q, k, v, do, lse, delta, segs, spec: _Spec):
     bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
     n_q_tiles = Sp // (_CONSUMERS * bq)
     dtype = q.dtype
-    pingpong = spec.blocks.bwd_pingpong
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
-        segs, (dq_ref, q_smem, do_smem, lse_smem, delta_smem, row_ready, *turn), ring = \
-            _query_kernel_refs(spec, refs, 6 + pingpong)
+        segs, (dq_ref, q_smem, do_smem, lse_smem, delta_smem, row_ready), ring = \
+            _query_kernel_refs(spec, refs, 6)
         tile = _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, _BWD_REGS, segs)
         k_smem, v_smem, k_ready, v_ready, k_free, v_free = ring
         b, h, wg = tile.b, tile.h, tile.wg
-        take_turn, start_turns, finish_turns = _turns(turn[0] if turn else None, wg)
         lo = tile.blocks[0]
 
         @pl.when(wg < _CONSUMERS)
@@ -588,7 +578,6 @@ def _backward_dq(q, k, v, do, lse, delta, segs, spec: _Spec):
                 def s_and_dp(s_ref, dp_ref):  # both in flight, one wait
                     plgpu.wgmma(s_ref, my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
                     plgpu.wgmma(dp_ref, my_do, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
-                    take_turn()  # the other consumer's dS math overlaps these products
                     return s_ref[...], dp_ref[...]
                 acc = plgpu.ACC((bq, bkv), jnp.float32)
                 s, dp = pl.run_scoped(s_and_dp, acc, acc)
@@ -603,15 +592,11 @@ def _backward_dq(q, k, v, do, lse, delta, segs, spec: _Spec):
                 ds = p * (dp - mc.rows(delta_v, dp.shape))
                 if dcap is not None:
                     ds = ds * dcap
-                ds = ds.astype(dtype)
-                take_turn()  # hand the tensor cores over; take them back for dQ
-                dq = _mma_acc(dq, ds, k_smem.at[slot])
+                dq = _mma_acc(dq, ds.astype(dtype), k_smem.at[slot])
                 plgpu.barrier_arrive(k_free.at[slot])
                 return dq
 
-            start_turns()
             dq = _sweep(step, *spec.sweep_blocks(*tile.blocks), _zeros((bq, D)))
-            finish_turns()
             my_q[...] = (dq * spec.scale).astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(my_q, dq_ref.at[rows])
@@ -623,7 +608,6 @@ def _backward_dq(q, k, v, do, lse, delta, segs, spec: _Spec):
         plgpu.SMEM((_CONSUMERS, bq), jnp.float32),
         plgpu.SMEM((_CONSUMERS, bq), jnp.float32),
         plgpu.Barrier(num_barriers=_CONSUMERS * 4),
-        *([plgpu.Barrier(num_arrivals=_CONSUMERS)] if pingpong else []),
         *_kv_ring_scratch(cfg, D, dtype),
     ] + (_segment_scratch(bq, stages, bkv) if spec.segments else [])
     return _call(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch,
@@ -657,10 +641,6 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
     fused = dq_acc is not None
     half = D // _CONSUMERS  # dQ columns per consumer when fused
     assert not fused or (want_dk and want_dv and D == 128), "checked by mosaic_flash_attention"
-    # Not with fused dQ (its consumers already meet every step) nor in the
-    # head_dim-256 passes; mosaic_flash_attention refuses those.
-    pingpong = spec.blocks.bwd_pingpong
-    assert not pingpong or (want_dk and want_dv and not fused), "checked by mosaic_flash_attention"
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
         segs = None
@@ -685,7 +665,6 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
             lo, hi = _narrow(lo, hi, segs.spans, b, tile, bq)
         per_head = hi - lo
         wg = lax.axis_index("wg")
-        take_turn, start_turns, finish_turns = _turns(refs[13] if pingpong else None, wg)
 
         @pl.when(wg == _CONSUMERS)
         def _producer():
@@ -755,12 +734,8 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
                 q_slot, do_slot = q_smem.at[slot], do_smem.at[slot]
                 plgpu.barrier_wait(q_ready.at[slot])
                 plgpu.barrier_wait(lse_ready.at[slot])
-                def st_product(acc):
-                    plgpu.wgmma(acc, my_k, plgpu.transpose_ref(q_slot, (1, 0)))
-                    take_turn()  # the other consumer's dS^T math overlaps this product
-                    return acc[...]
                 st, dcap = spec.base2_logits(
-                    pl.run_scoped(st_product, plgpu.ACC((bkv, bq), jnp.float32)))
+                    _mma(my_k, plgpu.transpose_ref(q_slot, (1, 0)), (bkv, bq)))
                 if masked:
                     seg = ()
                     if segs:
@@ -771,7 +746,6 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
                     st = jnp.where(ok, st, -jnp.inf)
                 lse_v = plgpu.load(lse_smem.at[slot], (), layout=col_layout)
                 pt = jnp.exp2(st - mc.cols(lse_v, st.shape))
-                take_turn()  # tensor cores back for dP^T and dV
                 plgpu.barrier_wait(do_ready.at[slot])
                 if not want_dk:
                     dv = _mma_acc(dv, pt.astype(dtype), do_slot)
@@ -783,7 +757,6 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
                     plgpu.wgmma(refs[0], my_v, plgpu.transpose_ref(do_slot, (1, 0)))
                     if want_dv:
                         plgpu.wgmma(refs[1], pt.astype(dtype), do_slot)
-                    take_turn()  # the other consumer's P^T math overlaps these
                 accs = (_zeros((bkv, bq)),) + ((dv,) if want_dv else ())
                 dpt, *dv_new = pl.run_state(dpt_and_dv)(tuple(map(plgpu.ACC.init, accs)))
                 dv = dv_new[0] if want_dv else None
@@ -795,7 +768,6 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
                 if fused:
                     dk = dk_and_dq(dk, dst, q_slot, t, i, kvh * G + g)
                 else:
-                    take_turn()  # tensor cores back for dK (and the next S^T)
                     dk = _mma_acc(dk, dst, q_slot)
                 plgpu.barrier_arrive(q_free.at[slot])
                 return dk, dv
@@ -805,10 +777,8 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
                               carry)
 
             zero = _zeros((bkv, D))
-            start_turns()
             dk, dv = lax.fori_loop(0, G, head, (zero if want_dk else None,
                                                  zero if want_dv else None))
-            finish_turns()
             if fused:  # the other consumer may still read my K for its dQ
                 plgpu.barrier_arrive(dq_done)
                 plgpu.barrier_wait(dq_done)
@@ -838,8 +808,6 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
         plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
     ]
-    if pingpong:
-        scratch.append(plgpu.Barrier(num_arrivals=_CONSUMERS))
     if fused:
         scratch += [
             mc.swizzled_smem((_DS_BUFFERS, _CONSUMERS, bkv, bq), dtype),
@@ -955,10 +923,6 @@ def mosaic_flash_attention(q, k, v, *, causal=False, segment_ids=None, sliding_w
     if block_sizes.fused_dq and D != 128:
         raise ValueError(f"fused_dq needs head_dim 128 (dK, dV and dQ accumulators in "
                          f"registers, dQ split in 64-column halves); got head_dim={D}")
-    if block_sizes.bwd_pingpong and (block_sizes.fused_dq or D > 128):
-        raise ValueError(f"bwd_pingpong needs the two-kernel backward with dK and dV in one pass "
-                         f"(fused_dq off, head_dim <= 128); got fused_dq={block_sizes.fused_dq}, "
-                         f"head_dim={D}")
     spec = _Spec(q_len=S, kv_len=T, causal=bool(causal), window=sliding_window,
                  scale=float(D ** -0.5 if scale is None else scale), blocks=block_sizes,
                  softcap=None if logit_softcap is None else float(logit_softcap),

@@ -41,7 +41,6 @@ class BlockSizes:
     dkv: KernelBlocks
     pingpong: bool = True  # forward: the two consumers take turns on the tensor cores
     fused_dq: bool = False  # backward: dQ inside the dK/dV kernel (head_dim 128 only)
-    bwd_pingpong: bool = False  # backward kernels: consumers take turns (not with fused_dq)
 
     def to_json(self):
         return dataclasses.asdict(self)
@@ -50,8 +49,7 @@ class BlockSizes:
     def from_json(cls, d):
         return cls(fwd=KernelBlocks(**d["fwd"]), dq=KernelBlocks(**d["dq"]),
                    dkv=KernelBlocks(**d["dkv"]), pingpong=bool(d.get("pingpong", True)),
-                   fused_dq=bool(d.get("fused_dq", False)),
-                   bwd_pingpong=bool(d.get("bwd_pingpong", False)))
+                   fused_dq=bool(d.get("fused_dq", False)))
 
 
 def _kb(q, kv, s):

@@ -10,12 +10,11 @@ An implementation that cannot honour an argument raises; none is ignored.
 """
 from __future__ import annotations
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import compat
+from pallas_kernels.attention import mosaic_gpu
 from pallas_kernels.attention.blockspec import BlockSizes, blockspec_flash_attention
 from pallas_kernels.attention.reference import attention_reference
 
@@ -72,20 +71,6 @@ def _cudnn(q, k, v, *, causal, segment_ids, sliding_window, logit_softcap, scale
                                         local_window_size=window, implementation="cudnn")
 
 
-def _mosaic_module():
-    """The Hopper kernel module, or None while it does not exist yet."""
-    name = "pallas_kernels.attention.mosaic_gpu"
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as err:
-        if err.name != name:
-            raise
-        return None
-    if not (hasattr(module, "supports") and hasattr(module, "mosaic_flash_attention")):
-        return None
-    return module
-
-
 def _pallas(q, k, v, *, block_sizes, interpret, **kwargs):
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"block_sizes must be a BlockSizes, got {block_sizes!r}")
@@ -95,10 +80,9 @@ def _pallas(q, k, v, *, block_sizes, interpret, **kwargs):
         raise ValueError(f"compiled Pallas attention needs a GPU (backend is "
                          f"{compat.platform()!r}); pass interpret=True")
     # BlockSizes tile the portable kernel; the Mosaic kernel chooses its own.
-    if not interpret and block_sizes is None and compat.is_hopper():
-        mosaic = _mosaic_module()
-        if mosaic is not None and mosaic.supports(q=q, k=k, v=v, **kwargs) is None:
-            return mosaic.mosaic_flash_attention(q, k, v, **kwargs)
+    if (not interpret and block_sizes is None and compat.is_hopper()
+            and mosaic_gpu.supports(q=q, k=k, v=v, **kwargs) is None):
+        return mosaic_gpu.mosaic_flash_attention(q, k, v, **kwargs)
     segment_ids = kwargs.pop("segment_ids")
     return blockspec_flash_attention(q, k, v, segment_ids, block_sizes=block_sizes,
                                      interpret=interpret, **kwargs)

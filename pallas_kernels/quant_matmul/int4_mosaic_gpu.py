@@ -87,12 +87,11 @@ def default_stages(m8: int, tn: int, kt: int, group_size: int, compute_wgs: int)
 
 
 def _pieces(kt: int, group_size: int):
-    """The step's runs of chunks that share one scale row: (chunk indices,
-    scale row), a group each when the step holds whole groups, else the
-    whole step inside one group."""
-    per = max(1, min(kt, group_size) // CHUNK)
-    return [(range(p * per, (p + 1) * per), p if kt > group_size else 0)
-            for p in range(kt // CHUNK // per)]
+    """The step's runs of chunks that share one scale row; run p uses row p.
+    A group each when the step holds whole groups, else the whole step (it
+    lies inside one group)."""
+    per = min(kt, group_size) // CHUNK
+    return [range(p * per, (p + 1) * per) for p in range(kt // CHUNK // per)]
 
 
 def _multiply_step(total, w_smem, x_smem, s_smem, *, group_size: int):
@@ -113,19 +112,19 @@ def _multiply_step(total, w_smem, x_smem, s_smem, *, group_size: int):
         return [codes[:, i * CHUNK:(i + 1) * CHUNK].astype(jnp.bfloat16) for i in chunks]
 
     pieces = _pieces(kt, group_size)
-    w_next = convert(pieces[0][0])
-    for p, (chunks, scale_row) in enumerate(pieces):
+    w_next = convert(pieces[0])
+    for p, chunks in enumerate(pieces):
         w_now = w_next
 
-        def product(acc_ref, w_now=w_now, chunks=chunks, p=p):
+        def product(acc_ref):  # run at once by run_scoped, inside this iteration
             for w, i in zip(w_now, chunks):
                 plgpu.wgmma(acc_ref, w, plgpu.transpose_ref(
                     x_smem.at[:, pl.ds(i * CHUNK, CHUNK)], (1, 0)))
-            following = convert(pieces[p + 1][0]) if p + 1 < len(pieces) else []
+            following = convert(pieces[p + 1]) if p + 1 < len(pieces) else []
             return acc_ref[...], following
 
         part, w_next = pl.run_scoped(product, plgpu.ACC(total.shape, jnp.float32))
-        scale = plgpu.load(s_smem.at[scale_row], (), layout=plgpu.Layout.WGMMA.reduce(1))
+        scale = plgpu.load(s_smem.at[p], (), layout=plgpu.Layout.WGMMA.reduce(1))
         total = total + part * lax.broadcast_in_dim(scale, total.shape, [0])
     return total
 
@@ -153,7 +152,8 @@ def int4_weight_only_mosaic(x, packed, scales, *, group_size: int, block_n: int 
     block_n weight rows of W^T and block_k codes of K per step (None: the
     largest of 512..64 that fits K and the groups); stages pipeline slots
     (None: default_stages). Each block sums all of K itself. compute_wgs
-    warpgroups (2 or 3) take the steps in turn; cluster (1 or 2) blocks share each x step through TMA multicast."""
+    warpgroups (2 or 3) take the steps in turn; cluster (1 or 2) blocks
+    share each x step through TMA multicast."""
     why = unsupported(x, packed, None, group_size)
     if why:
         raise ValueError(f"the Mosaic GPU int4 kernel cannot run this call: {why}")

@@ -84,6 +84,32 @@ def test_q_block_range_covers_exactly_the_visible_blocks(S, T, causal, window):
             assert real.shape[1] == cols and blocks[i, :max(0, min(block, S - i * block))].all()
 
 
+@pytest.mark.parametrize("pairs,tiles", [(64, 32), (16, 128), (48, 5), (7, 3), (1, 300), (128, 1)])
+def test_block_order_visits_every_tile_once_in_groups_that_fill_the_gpu(pairs, tiles):
+    grid, names = mosaic_gpu._block_order(pairs, tiles)
+    assert names == ("group", "tile", "pair") and grid[1] == tiles
+    group = grid[2]
+    assert grid[0] * group == pairs
+    assert group * tiles >= mosaic_gpu._WAVE_BLOCKS or group == pairs
+    # Smaller groups would not fill the GPU once.
+    assert all(g * tiles < mosaic_gpu._WAVE_BLOCKS for g in range(1, group) if pairs % g == 0)
+    heads = 4 if pairs % 4 == 0 else 1
+
+    # _block_position under named axes of the grid's sizes: one (batch, head,
+    # tile step) per block, all of them.
+    def position(_):
+        return jnp.stack(mosaic_gpu._block_position(heads, grid))
+    for name, size in zip(reversed(names), reversed(grid)):
+        position = jax.vmap(position, in_axes=None, axis_name=name, axis_size=size)
+    seen = np.asarray(position(jnp.zeros(()))).reshape(-1, 3)
+    want = {(p // heads, p % heads, t) for p in range(pairs) for t in range(tiles)}
+    assert len(seen) == len(want) and set(map(tuple, seen.tolist())) == want
+    # Blocks start in grid order (the last axis fastest): a group's pairs all
+    # take tile step 0 before any takes step 1.
+    steps = seen[:, 2].reshape(grid[0], tiles * group)
+    assert (np.diff(steps, axis=1) >= 0).all()
+
+
 @pytest.mark.parametrize("sorted_ids", [True, False])
 @pytest.mark.parametrize("S,T,tile", [(200, 200, 40), (130, 330, 10), (64, 256, 64)])
 def test_segment_spans_cover_every_same_segment_pair(S, T, tile, sorted_ids):
@@ -177,6 +203,8 @@ GPU_CASES = [
     (1, 300, 300, 4, 2, 64, False, None, jnp.bfloat16),
     (1, 300, 300, 2, 1, 128, True, 100, jnp.bfloat16),
     (1, 260, 260, 2, 2, 64, False, 90, jnp.float16),
+    # Enough blocks for several groups in _block_order (forward, dQ and dK/dV).
+    (4, 2000, 2000, 8, 4, 64, True, None, jnp.bfloat16),
 ]
 def _rel(x, ref):
     x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)

@@ -61,6 +61,7 @@ HEAD_DIMS = (64, 128, 256)
 # still reading (it reads step t's before it can arrive for step t + 1).
 _DS_BUFFERS = 2
 SPAN_SEARCH = "sort"  # jnp.searchsorted method for the segment spans
+_WAVE_BLOCKS = 128  # about one block per multiprocessor of an H100 / H200 (132)
 
 
 # ----------------------------------------------------------------------------
@@ -260,6 +261,27 @@ def _zeros(shape):
     return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
 
 
+def _block_order(pairs, tiles):
+    """Grid (and axis names) for ``pairs`` (batch, head) pairs of ``tiles`` tiles.
+
+    CUDA starts blocks in grid order, each where an earlier one ended, and
+    causal tiles differ in length up to ``tiles``-fold: so tile steps go
+    outside the pairs (the kernels map step 0 to their longest tile), and the
+    last blocks to start are short ones. Pairs go in groups that fill the GPU
+    about once, so the blocks running together read few heads' K/V (which
+    stay in L2)."""
+    group = next(g for g in range(1, pairs + 1)
+                 if pairs % g == 0 and (g * tiles >= _WAVE_BLOCKS or g == pairs))
+    return (pairs // group, tiles, group), ("group", "tile", "pair")
+
+
+def _block_position(heads, grid):
+    """(batch, head, tile step) of this block under ``_block_order``'s grid;
+    pairs run head-fastest, so the heads of a kv group run together."""
+    pair = lax.axis_index("group") * grid[2] + lax.axis_index("pair")
+    return lax.div(pair, heads), lax.rem(pair, heads), lax.axis_index("tile")
+
+
 def _call(body, out_type, scratch, grid, names):
     """A kernel of two consumer warpgroups and one producer over ``grid``.
 
@@ -323,7 +345,7 @@ class _QueryTile:
     blocks: tuple      # (lo, full_lo, full_hi, hi) key blocks, see kv_block_range
 
 
-def _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, regs, segs=None):
+def _query_tile(spec, cfg, grid, H, G, k_ref, v_ref, ring, regs, segs=None):
     """This block's query rows and key-block range; runs the producer, which
     streams those K and V blocks into ``ring`` (``_kv_ring_scratch`` refs).
     With ``segs`` (_Segments) the range is cut to the keys of the tile's
@@ -331,9 +353,9 @@ def _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, regs, segs=None):
     pl, plgpu = _pl(), _plgpu()
     k_smem, v_smem, k_ready, v_ready, k_free, v_free = ring
     bkv = cfg.block_kv
-    h, b, wg = lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
-    # Longest (causal) tiles first: they launch before the short ones.
-    tile = n_q_tiles - 1 - lax.axis_index("q")
+    b, h, step = _block_position(H, grid)
+    wg = lax.axis_index("wg")
+    tile = grid[1] - 1 - step  # causal: the last query rows see the most keys
     r0 = tile * (_CONSUMERS * cfg.block_q)
     lo, flo, fhi, hi = kv_block_range(r0, _CONSUMERS * cfg.block_q, block_kv=bkv, **spec.ranges())
     if segs is not None:
@@ -433,14 +455,14 @@ def _forward(q, k, v, segs, spec: _Spec):
     cfg = spec.blocks.fwd
     bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
     pingpong = spec.blocks.pingpong
-    n_q_tiles = Sp // (_CONSUMERS * bq)
+    grid, names = _block_order(B * H, Sp // (_CONSUMERS * bq))
     dtype = q.dtype
     c = spec.exp_scale
 
     def body(q_ref, k_ref, v_ref, *refs):
         segs, (o_ref, lse_ref, q_smem, lse_smem, q_ready, turn), ring = \
             _query_kernel_refs(spec, refs, 6)
-        tile = _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, _FWD_REGS, segs)
+        tile = _query_tile(spec, cfg, grid, H, G, k_ref, v_ref, ring, _FWD_REGS, segs)
         k_smem, v_smem, k_ready, v_ready, k_free, v_free = ring
         b, h, wg = tile.b, tile.h, tile.wg
         lo = tile.blocks[0]
@@ -525,7 +547,7 @@ def _forward(q, k, v, segs, spec: _Spec):
     ] + (_segment_scratch(bq, stages, bkv) if spec.segments else [])
     out_type = (jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((B, H, Sp), jnp.float32))
-    return _call(body, out_type, scratch, (H, B, n_q_tiles), ("h", "b", "q"))(
+    return _call(body, out_type, scratch, grid, names)(
         q, k, v, *_segment_operands(segs, _CONSUMERS * bq))
 
 
@@ -538,13 +560,13 @@ def _backward_dq(q, k, v, do, lse, delta, segs, spec: _Spec):
     G = H // k.shape[2]
     cfg = spec.blocks.dq
     bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
-    n_q_tiles = Sp // (_CONSUMERS * bq)
+    grid, names = _block_order(B * H, Sp // (_CONSUMERS * bq))
     dtype = q.dtype
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
         segs, (dq_ref, q_smem, do_smem, lse_smem, delta_smem, row_ready), ring = \
             _query_kernel_refs(spec, refs, 6)
-        tile = _query_tile(spec, cfg, n_q_tiles, G, k_ref, v_ref, ring, _BWD_REGS, segs)
+        tile = _query_tile(spec, cfg, grid, H, G, k_ref, v_ref, ring, _BWD_REGS, segs)
         k_smem, v_smem, k_ready, v_ready, k_free, v_free = ring
         b, h, wg = tile.b, tile.h, tile.wg
         lo = tile.blocks[0]
@@ -610,8 +632,7 @@ def _backward_dq(q, k, v, do, lse, delta, segs, spec: _Spec):
         plgpu.Barrier(num_barriers=_CONSUMERS * 4),
         *_kv_ring_scratch(cfg, D, dtype),
     ] + (_segment_scratch(bq, stages, bkv) if spec.segments else [])
-    return _call(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch,
-                 (H, B, n_q_tiles), ("h", "b", "q"))(
+    return _call(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, grid, names)(
         q, k, v, do, lse, delta, *_segment_operands(segs, _CONSUMERS * bq))
 
 
@@ -635,7 +656,7 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
     G = H // KH
     cfg = spec.blocks.dkv
     bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
-    n_kv_tiles = Tp // (_CONSUMERS * bkv)
+    grid, names = _block_order(B * KH, Tp // (_CONSUMERS * bkv))
     dtype = q.dtype
     need_v = want_dk  # dP = dO V^T feeds only dK (and dQ)
     fused = dq_acc is not None
@@ -657,8 +678,7 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
             ds_smem, dq_smem, ds_ready, dq_done = refs[13:17]
         dk_ref = outs[0] if want_dk else None
         dv_ref = outs[-1] if want_dv else None
-        kvh, b = lax.axis_index("kvh"), lax.axis_index("b")
-        tile = n_kv_tiles - 1 - lax.axis_index("k")
+        b, kvh, tile = _block_position(KH, grid)  # causal: the first keys have the most rows
         c0 = tile * (_CONSUMERS * bkv)
         lo, flo, fhi, hi = q_block_range(c0, _CONSUMERS * bkv, block_q=bq, **spec.ranges())
         if segs:  # only the query blocks of the tile's segments
@@ -820,7 +840,7 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
     out_type = [jax.ShapeDtypeStruct(k.shape, dtype)] * (want_dk + want_dv)
     seg_args = _segment_operands(segs, _CONSUMERS * bkv, key_parallel=True)
     args = (q, k, v, do, lse, delta, *seg_args) + ((dq_acc,) if fused else ())
-    outs = _call(body, out_type, scratch, (KH, B, n_kv_tiles), ("kvh", "b", "k"))(*args)
+    outs = _call(body, out_type, scratch, grid, names)(*args)
     return (outs[0] if want_dk else None), (outs[-1] if want_dv else None)
 
 

@@ -110,6 +110,26 @@ def test_block_order_visits_every_tile_once_in_groups_that_fill_the_gpu(pairs, t
     assert (np.diff(steps, axis=1) >= 0).all()
 
 
+@pytest.mark.parametrize("pairs,tiles,causal", [(64, 32, True), (16, 128, True), (7, 3, False),
+                                                 (1, 300, True), (300, 2, False)])
+def test_persistent_schedule_runs_every_tile_once_balanced(pairs, tiles, causal):
+    steps = tuple(t + 1 if causal else 5 for t in range(tiles))
+    n_sms = 132
+    table = mosaic_gpu._persistent_schedule(pairs, tiles, steps, n_sms)
+    assert table.shape[0] == min(n_sms, pairs * tiles)
+    counts = table[:, 0]
+    codes = np.concatenate([row[1:1 + n] for row, n in zip(table, counts)])
+    assert sorted(codes.tolist()) == list(range(pairs * tiles))
+    # Estimated work per block: within one of the longest tiles of each other.
+    work = [sum(steps[c % tiles] + mosaic_gpu._TILE_COST for c in row[1:1 + n])
+            for row, n in zip(table, counts)]
+    assert max(work) - min(work) <= max(steps) + mosaic_gpu._TILE_COST
+    # A block runs its tiles in _block_order's group order.
+    group = mosaic_gpu._block_order(pairs, tiles)[0][2]
+    for row, n in zip(table, counts):
+        assert (np.diff(row[1:1 + n] // tiles // group) >= 0).all()
+
+
 @pytest.mark.parametrize("sorted_ids", [True, False])
 @pytest.mark.parametrize("S,T,tile", [(200, 200, 40), (130, 330, 10), (64, 256, 64)])
 def test_segment_spans_cover_every_same_segment_pair(S, T, tile, sorted_ids):

@@ -8,9 +8,10 @@ wgmma, one producer streaming tiles from HBM into a ring of shared-memory
 slots with TMA copies. Barriers: ``*_ready`` (TMA done, producer -> consumer)
 and ``*_free`` (both consumers done with a slot, consumer -> producer).
 
-* forward: a block owns 2*block_q query rows; it walks the key blocks that any
-  of its rows can see (others are skipped by the loop bounds), masking only
-  the blocks that cut the mask. Softmax is online, in base 2: the row max is
+* forward: persistent, one block per multiprocessor running a list of tiles
+  of 2*block_q query rows, planned on the host (``_persistent_schedule``);
+  for each it walks the key blocks that any of its rows can see (others are
+  skipped by the loop bounds), masking only the blocks that cut the mask. Softmax is online, in base 2: the row max is
   kept in raw logits, so scale*log2(e) and the max subtraction are one FMA.
   With ``pingpong`` the consumers take turns so one's softmax overlaps the
   other's matrix products.
@@ -38,10 +39,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from pallas_kernels import compat
@@ -62,6 +65,9 @@ HEAD_DIMS = (64, 128, 256)
 _DS_BUFFERS = 2
 SPAN_SEARCH = "sort"  # jnp.searchsorted method for the segment spans
 _WAVE_BLOCKS = 128  # about one block per multiprocessor of an H100 / H200 (132)
+_SMEM = 227 * 1024  # shared memory a block may take (sm_90)
+_SMEM_SPARE = 4096  # what the forward leaves for row statistics, barriers, segment ids
+_TILE_COST = 1  # a tile's fixed cost (Q load, output store) in pipeline steps, for scheduling
 
 
 # ----------------------------------------------------------------------------
@@ -282,6 +288,32 @@ def _block_position(heads, grid):
     return lax.div(pair, heads), lax.rem(pair, heads), lax.axis_index("tile")
 
 
+@functools.lru_cache(maxsize=64)
+def _persistent_schedule(pairs, tiles, steps, n_sms):
+    """Which tiles each block of a persistent kernel runs: int32 [blocks, 1 +
+    most], a row per block (at most n_sms), its count of tiles and then their
+    codes pair * tiles + tile, in order. Tiles go in ``_block_order``'s order
+    (groups of pairs, longest tiles first in a group; ``steps`` [tiles] are
+    their lengths) each to the block whose estimated work ends first: what
+    CUDA's block scheduler does with a grid of one block per tile."""
+    grid, _ = _block_order(pairs, tiles)
+    by_length = sorted(range(tiles), key=lambda t: -steps[t])
+    n = min(n_sms, pairs * tiles)
+    ends = [(0, i) for i in range(n)]
+    lists = [[] for _ in range(n)]
+    for first in range(0, pairs, grid[2]):
+        for t in by_length:
+            for pair in range(first, first + grid[2]):
+                end, i = heapq.heappop(ends)
+                lists[i].append(pair * tiles + t)
+                heapq.heappush(ends, (end + steps[t] + _TILE_COST, i))
+    table = np.zeros((n, 1 + max(map(len, lists))), np.int32)
+    for i, codes in enumerate(lists):
+        table[i, 0] = len(codes)
+        table[i, 1:1 + len(codes)] = codes
+    return table
+
+
 def _call(body, out_type, scratch, grid, names):
     """A kernel of two consumer warpgroups and one producer over ``grid``.
 
@@ -448,107 +480,181 @@ def _forward(q, k, v, segs, spec: _Spec):
     ids [B,Tp]) -> (out [B,Sp,H,D], lse2 [B,H,Sp]).
 
     lse2 is the base-2 logsumexp of the scaled logits, +inf for rows that see
-    no key (so the backward's exp2(s - lse2) is 0 there)."""
+    no key (so the backward's exp2(s - lse2) is 0 there).
+
+    Persistent: one block per multiprocessor runs a list of query tiles
+    (``_persistent_schedule``). The producer streams K and V through one ring
+    across tiles, so the next tile's first blocks arrive during this tile's
+    last steps; each consumer loads its next tile's Q during this one (two Q
+    buffers, the output leaves through the finished one)."""
     pl, plgpu = _pl(), _plgpu()
     B, Sp, H, D = q.shape
     G = H // k.shape[2]
     cfg = spec.blocks.fwd
     bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
     pingpong = spec.blocks.pingpong
-    grid, names = _block_order(B * H, Sp // (_CONSUMERS * bq))
+    rows = _CONSUMERS * bq
+    tiles = Sp // rows
+    with jax.ensure_compile_time_eval():  # the tiles' lengths, for the schedule
+        lo_all, _, _, hi_all = kv_block_range(jnp.arange(tiles, dtype=jnp.int32) * rows, rows,
+                                              block_kv=bkv, **spec.ranges())
+        steps = tuple(int(x) for x in jnp.broadcast_to(hi_all - lo_all, (tiles,)))
+    table = _persistent_schedule(B * H, tiles, steps, compat.sm_count())
     dtype = q.dtype
     c = spec.exp_scale
+    # Two Q buffers a consumer where they fit beside the ring (not at head_dim
+    # 256): with one, a tile's Q load waits for the previous output's store.
+    size = jnp.dtype(dtype).itemsize * D
+    q_bufs = 2 if (2 * _CONSUMERS * bq + 2 * stages * bkv) * size + _SMEM_SPARE <= _SMEM else 1
 
-    def body(q_ref, k_ref, v_ref, *refs):
+    def body(q_ref, k_ref, v_ref, sched_ref, *refs):
         segs, (o_ref, lse_ref, q_smem, lse_smem, q_ready, turn), ring = \
             _query_kernel_refs(spec, refs, 6)
-        tile = _query_tile(spec, cfg, grid, H, G, k_ref, v_ref, ring, _FWD_REGS, segs)
         k_smem, v_smem, k_ready, v_ready, k_free, v_free = ring
-        b, h, wg = tile.b, tile.h, tile.wg
-        lo = tile.blocks[0]
+        sm, wg = lax.axis_index("sm"), lax.axis_index("wg")
+        n_items = sched_ref[sm, 0]
+
+        def item(n):
+            """(b, h, first row, key-block range) of this block's n-th tile."""
+            code = sched_ref[sm, 1 + n]
+            pair, tile = lax.div(code, tiles), lax.rem(code, tiles)
+            b, h = lax.div(pair, H), lax.rem(pair, H)
+            lo, flo, fhi, hi = kv_block_range(tile * rows, rows, block_kv=bkv, **spec.ranges())
+            if segs is not None:
+                lo, hi = _narrow(lo, hi, segs.spans, b, tile, bkv)
+            return b, h, tile * rows, (lo, flo, fhi, hi)
+
+        @pl.when(wg == _CONSUMERS)
+        def _producer():
+            plgpu.set_max_registers(_FWD_REGS[0], action="decrease")
+
+            def tile_blocks(n, t0):  # t0: ring steps of the earlier tiles
+                b, h, _, (lo, _, _, hi) = item(n)
+                kvh = lax.div(h, G)
+
+                @pl.loop(0, hi - lo)
+                def _(s):
+                    t = t0 + s
+                    slot = lax.rem(t, stages)
+
+                    @pl.when(t >= stages)
+                    def _():
+                        plgpu.barrier_wait(k_free.at[slot])
+                        plgpu.barrier_wait(v_free.at[slot])
+                    keys = (b, pl.ds((lo + s) * bkv, bkv), kvh)
+                    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
+                    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+                    if segs is not None:
+                        segs.fetch(b, (lo + s) * bkv, bkv, slot)
+                return t0 + (hi - lo)
+            lax.fori_loop(0, n_items, tile_blocks, jnp.int32(0))
 
         @pl.when(wg < _CONSUMERS)
         def _consumer():
             plgpu.set_max_registers(_FWD_REGS[1], action="increase")
-            row0 = tile.r0 + wg * bq
-            my_q = q_smem.at[wg]
-            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], my_q, q_ready.at[wg])
-            if segs:
-                qs_v = segs.own(b, row0, bq, wg)
-            plgpu.barrier_wait(q_ready.at[wg])
+
+            def load_q(n, buf):
+                b, h, r0, _ = item(n)
+                plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(r0 + wg * bq, bq), h],
+                                        q_smem.at[wg, buf], q_ready.at[2 * wg + buf])
 
             def take_turn():
                 if pingpong:
                     plgpu.barrier_arrive(turn)
                     plgpu.barrier_wait(turn)
 
-            def step(j, carry, masked):
-                acc, m, l = carry
-                slot = lax.rem(j - lo, stages)
-                if segs:  # read before the slot is freed with K
-                    ks_v = segs.at(slot)
-                plgpu.barrier_wait(k_ready.at[slot])
+            def run_tile(n, t0):
+                buf = lax.rem(n, q_bufs)
+                my_q = q_smem.at[wg, buf]
+                b, h, r0, blocks = item(n)
+                lo = blocks[0]
+                row0 = r0 + wg * bq
+                if segs:
+                    qs_v = segs.own(b, row0, bq, wg)
+                # The previous tile's output stores have read their buffers:
+                # the other Q buffer may take the next tile's rows.
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                if q_bufs == 2:
+                    @pl.when(n + 1 < n_items)
+                    def _():
+                        load_q(n + 1, 1 - buf)
+                else:
+                    load_q(n, buf)
+                plgpu.barrier_wait(q_ready.at[2 * wg + buf])
 
-                def qk(s_ref):
-                    plgpu.wgmma(s_ref, my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                    take_turn()  # the other consumer's softmax overlaps this product
-                    return s_ref[...]
-                s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[slot])
-                s = spec.forward_logits(s)
-                if masked:
-                    seg = (mc.rows(qs_v, s.shape), mc.cols(ks_v, s.shape)) if spec.segments else ()
-                    ok = spec.mask(_iota((bq, bkv), 0) + (row0 + spec.offset),
-                                   _iota((bq, bkv), 1) + j * bkv, *seg)
-                    s = jnp.where(ok, s, -jnp.inf)
-                # m is the running row max of the logits before the factor c:
-                # scaling and the max subtraction are then one FMA per logit.
-                m_new = jnp.maximum(m, s.max(axis=1))
-                # A row that has seen no key yet keeps m = -inf; subtract 0 then.
-                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-                m_scaled = m_use * c
-                alpha = jnp.exp2(m * c - m_scaled)
-                p = jnp.exp2(s * c - mc.rows(m_scaled, s.shape))
-                l = l * alpha + p.sum(axis=1)
-                acc = acc * mc.rows(alpha, acc.shape)
-                p16 = p.astype(dtype)
-                if pingpong:  # hand the tensor cores over; take them back for P V
-                    plgpu.barrier_arrive(turn)
-                plgpu.barrier_wait(v_ready.at[slot])
-                if pingpong:
-                    plgpu.barrier_wait(turn)
-                acc = _mma_acc(acc, p16, v_smem.at[slot])
-                plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, l
+                def step(j, carry, masked):
+                    acc, m, l = carry
+                    slot = lax.rem(t0 + j - lo, stages)
+                    if segs:  # read before the slot is freed with K
+                        ks_v = segs.at(slot)
+                    plgpu.barrier_wait(k_ready.at[slot])
 
-            carry = (_zeros((bq, D)), _vector(bq, -jnp.inf, 1), _vector(bq, 0.0, 1))
-            if pingpong:  # consumer 1 starts half a step behind consumer 0
+                    def qk(s_ref):
+                        plgpu.wgmma(s_ref, my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                        take_turn()  # the other consumer's softmax overlaps this product
+                        return s_ref[...]
+                    s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    s = spec.forward_logits(s)
+                    if masked:
+                        seg = (mc.rows(qs_v, s.shape), mc.cols(ks_v, s.shape)) if spec.segments else ()
+                        ok = spec.mask(_iota((bq, bkv), 0) + (row0 + spec.offset),
+                                       _iota((bq, bkv), 1) + j * bkv, *seg)
+                        s = jnp.where(ok, s, -jnp.inf)
+                    # m is the running row max of the logits before the factor c:
+                    # scaling and the max subtraction are then one FMA per logit.
+                    m_new = jnp.maximum(m, s.max(axis=1))
+                    # A row that has seen no key yet keeps m = -inf; subtract 0 then.
+                    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+                    m_scaled = m_use * c
+                    alpha = jnp.exp2(m * c - m_scaled)
+                    p = jnp.exp2(s * c - mc.rows(m_scaled, s.shape))
+                    l = l * alpha + p.sum(axis=1)
+                    acc = acc * mc.rows(alpha, acc.shape)
+                    p16 = p.astype(dtype)
+                    if pingpong:  # hand the tensor cores over; take them back for P V
+                        plgpu.barrier_arrive(turn)
+                    plgpu.barrier_wait(v_ready.at[slot])
+                    if pingpong:
+                        plgpu.barrier_wait(turn)
+                    acc = _mma_acc(acc, p16, v_smem.at[slot])
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    return acc, m_new, l
+
+                carry = (_zeros((bq, D)), _vector(bq, -jnp.inf, 1), _vector(bq, 0.0, 1))
+                acc, m, l = _sweep(step, *spec.sweep_blocks(*blocks), carry)
+                empty = l == 0.0
+                inv_l = 1.0 / jnp.where(empty, 1.0, l)
+                my_q[...] = (acc * mc.rows(inv_l, acc.shape)).astype(dtype)
+                lse_smem.at[wg][...] = jnp.where(empty, jnp.inf,
+                                                 m * c + jnp.log(jnp.where(empty, 1.0, l)) * LOG2E)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(my_q, o_ref.at[b, pl.ds(row0, bq), h])
+                plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, bq)])
+                return t0 + (blocks[3] - lo)
+
+            if q_bufs == 2:
+                @pl.when(n_items > 0)
+                def _():
+                    load_q(0, 0)
+            if pingpong:  # consumer 1 runs half a step behind consumer 0 throughout
                 pl.when(wg == 1)(take_turn)
-            acc, m, l = _sweep(step, *spec.sweep_blocks(*tile.blocks), carry)
+            lax.fori_loop(0, n_items, run_tile, jnp.int32(0))
             if pingpong:
                 pl.when(wg == 0)(take_turn)
-
-            empty = l == 0.0
-            inv_l = 1.0 / jnp.where(empty, 1.0, l)
-            my_q[...] = (acc * mc.rows(inv_l, acc.shape)).astype(dtype)
-            lse_smem.at[wg][...] = jnp.where(empty, jnp.inf,
-                                             m * c + jnp.log(jnp.where(empty, 1.0, l)) * LOG2E)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(my_q, o_ref.at[b, pl.ds(row0, bq), h])
-            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, bq)])
             plgpu.wait_smem_to_gmem(0)
 
     scratch = [
-        mc.swizzled_smem((_CONSUMERS, bq, D), dtype),
+        mc.swizzled_smem((_CONSUMERS, q_bufs, bq, D), dtype),
         plgpu.SMEM((_CONSUMERS, bq), jnp.float32),
-        plgpu.Barrier(num_barriers=_CONSUMERS),
+        plgpu.Barrier(num_barriers=2 * _CONSUMERS),
         plgpu.Barrier(num_arrivals=_CONSUMERS),
         *_kv_ring_scratch(cfg, D, dtype),
     ] + (_segment_scratch(bq, stages, bkv) if spec.segments else [])
     out_type = (jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((B, H, Sp), jnp.float32))
-    return _call(body, out_type, scratch, grid, names)(
-        q, k, v, *_segment_operands(segs, _CONSUMERS * bq))
+    return _call(body, out_type, scratch, (table.shape[0],), ("sm",))(
+        q, k, v, jnp.asarray(table), *_segment_operands(segs, rows))
 
 
 # ----------------------------------------------------------------------------

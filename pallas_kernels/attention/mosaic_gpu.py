@@ -11,8 +11,9 @@ and ``*_free`` (both consumers done with a slot, consumer -> producer).
 * forward: persistent, one block per multiprocessor running a list of tiles
   of 2*block_q query rows, planned on the host (``_persistent_schedule``);
   for each it walks the key blocks that any of its rows can see (others are
-  skipped by the loop bounds), masking only the blocks that cut the mask. Softmax is online, in base 2: the row max is
-  kept in raw logits, so scale*log2(e) and the max subtraction are one FMA.
+  skipped by the loop bounds), masking only the blocks that cut the mask.
+  Softmax is online, in base 2: the row max is kept in raw logits, so
+  scale*log2(e) and the max subtraction are one FMA.
   With ``pingpong`` the consumers take turns so one's softmax overlaps the
   other's matrix products.
 * backward: delta = rowsum(dO*O) in XLA; a key-parallel kernel accumulates
@@ -329,21 +330,29 @@ def _call(body, out_type, scratch, grid, names):
                      compiler_params=plgpu.CompilerParams(approx_math=True))
 
 
-def _ring_producer(n_steps, stages, issue, free_barriers, regs):
-    """Producer loop: for step t, wait until slot t % stages is free, then issue
-    its copies. ``issue(t, slot)``; free_barriers are waited in order."""
+def _ring_steps(t0, n_steps, stages, issue, free_barriers):
+    """Producer steps t0 .. t0 + n_steps - 1 of a ring (t0 None: the ring's
+    first steps): for step t, wait until slot t % stages is free, then issue
+    its copies. ``issue(s, slot)`` with s = t - t0; free_barriers are waited
+    in order."""
     pl, plgpu = _pl(), _plgpu()
-    plgpu.set_max_registers(regs[0], action="decrease")
 
     @pl.loop(0, n_steps)
-    def _(t):
+    def _(s):
+        t = s if t0 is None else t0 + s
         slot = lax.rem(t, stages)
 
         @pl.when(t >= stages)
         def _():
             for bar in free_barriers:
                 plgpu.barrier_wait(bar.at[slot])
-        issue(t, slot)
+        issue(s, slot)
+
+
+def _ring_producer(n_steps, stages, issue, free_barriers, regs):
+    """A producer warpgroup that runs one ring of n_steps (``_ring_steps``)."""
+    _plgpu().set_max_registers(regs[0], action="decrease")
+    _ring_steps(None, n_steps, stages, issue, free_barriers)
 
 
 def _sweep(step, lo, flo, fhi, hi, carry):
@@ -366,6 +375,21 @@ def _kv_ring_scratch(cfg, D, dtype):
     free = plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=cfg.stages)
     return [ring, ring, plgpu.Barrier(num_barriers=cfg.stages),
             plgpu.Barrier(num_barriers=cfg.stages), free, free]
+
+
+def _kv_issue(k_ref, v_ref, ring, b, kvh, lo, bkv, segs):
+    """issue(s, slot) for ``_ring_steps``: K and V block lo + s (and its
+    segment ids) into a ring slot."""
+    pl, plgpu = _pl(), _plgpu()
+    k_smem, v_smem, k_ready, v_ready, _, _ = ring
+
+    def issue(s, slot):
+        keys = (b, pl.ds((lo + s) * bkv, bkv), kvh)
+        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+        if segs is not None:
+            segs.fetch(b, (lo + s) * bkv, bkv, slot)
+    return issue
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,13 +420,8 @@ def _query_tile(spec, cfg, grid, H, G, k_ref, v_ref, ring, regs, segs=None):
 
     @pl.when(wg == _CONSUMERS)
     def _producer():
-        def issue(t, slot):
-            keys = (b, pl.ds((lo + t) * bkv, bkv), kvh)
-            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
-            if segs is not None:
-                segs.fetch(b, (lo + t) * bkv, bkv, slot)
-        _ring_producer(hi - lo, cfg.stages, issue, (k_free, v_free), regs)
+        _ring_producer(hi - lo, cfg.stages, _kv_issue(k_ref, v_ref, ring, b, kvh, lo, bkv, segs),
+                       (k_free, v_free), regs)
 
     return _QueryTile(b=b, h=h, wg=wg, r0=r0, blocks=(lo, flo, fhi, hi))
 
@@ -530,22 +549,8 @@ def _forward(q, k, v, segs, spec: _Spec):
 
             def tile_blocks(n, t0):  # t0: ring steps of the earlier tiles
                 b, h, _, (lo, _, _, hi) = item(n)
-                kvh = lax.div(h, G)
-
-                @pl.loop(0, hi - lo)
-                def _(s):
-                    t = t0 + s
-                    slot = lax.rem(t, stages)
-
-                    @pl.when(t >= stages)
-                    def _():
-                        plgpu.barrier_wait(k_free.at[slot])
-                        plgpu.barrier_wait(v_free.at[slot])
-                    keys = (b, pl.ds((lo + s) * bkv, bkv), kvh)
-                    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
-                    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
-                    if segs is not None:
-                        segs.fetch(b, (lo + s) * bkv, bkv, slot)
+                issue = _kv_issue(k_ref, v_ref, ring, b, lax.div(h, G), lo, bkv, segs)
+                _ring_steps(t0, hi - lo, stages, issue, (k_free, v_free))
                 return t0 + (hi - lo)
             lax.fori_loop(0, n_items, tile_blocks, jnp.int32(0))
 

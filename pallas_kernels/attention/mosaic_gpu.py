@@ -406,8 +406,8 @@ def _query_tile(spec, cfg, grid, H, G, k_ref, v_ref, ring, regs, segs=None):
     streams those K and V blocks into ``ring`` (``_kv_ring_scratch`` refs).
     With ``segs`` (_Segments) the range is cut to the keys of the tile's
     segments and their ids stream too (the slot is freed with K's)."""
-    pl, plgpu = _pl(), _plgpu()
-    k_smem, v_smem, k_ready, v_ready, k_free, v_free = ring
+    pl = _pl()
+    k_free, v_free = ring[4:]
     bkv = cfg.block_kv
     b, h, step = _block_position(H, grid)
     wg = lax.axis_index("wg")

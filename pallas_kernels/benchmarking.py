@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import datetime
+import glob
 import json
+import os
 import statistics
+import tempfile
 import time
 
 import jax
@@ -24,6 +27,43 @@ def time_fn(f, *args, warmup: int = 3, iters: int = 15, calls: int = 5) -> float
         jax.block_until_ready(out)
         samples.append((time.perf_counter() - t0) / calls)
     return statistics.median(samples)
+
+
+def device_kernel_seconds(f, *args, calls: int = 3) -> dict:
+    """{GPU kernel name: [seconds of each launch]} over ``calls`` calls of a
+    jitted ``f`` (after a warm-up), from a jax.profiler trace: the kernels'
+    device time alone, without the host dispatch and the gaps between launches
+    that a wall-clock time per call includes."""
+    jax.block_until_ready(f(*args))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        try:
+            for _ in range(calls):
+                out = f(*args)
+            jax.block_until_ready(out)
+        finally:
+            jax.profiler.stop_trace()
+        paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+        if not paths:
+            raise RuntimeError(f"the profiler wrote no trace under {trace_dir}")
+        return kernel_seconds(jax.profiler.ProfileData.from_file(paths[0]))
+
+
+def kernel_seconds(profile) -> dict:
+    """{kernel name: [seconds]} of the launches on the GPU streams of a
+    ``jax.profiler.ProfileData`` (planes "/device:GPU:n", lines "Stream ...")."""
+    times, lines = {}, []
+    for plane in profile.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            lines.append(line.name)
+            if line.name.startswith("Stream"):
+                for event in line.events:
+                    times.setdefault(event.name, []).append(event.duration_ns * 1e-9)
+    if not times:
+        raise RuntimeError(f"no GPU kernel launches in the trace (GPU lines: {lines})")
+    return times
 
 
 @jax.jit

@@ -83,6 +83,9 @@ def _cases():
         "attention causal d128 fused softcap segments": _attention_case(
             300, 300, 4, 2, 128, causal=True, logit_softcap=2.5, segment_ids=(ids, ids),
             block_sizes=fused),
+        "attention causal d128 fused dv_pass": _attention_case(
+            300, 300, 4, 2, 128, causal=True,
+            block_sizes=dataclasses.replace(fused, dv_pass=True)),
         "int4 weight-only": (
             lambda x, p, s: int4_mosaic_gpu.int4_weight_only_mosaic(x, p, s, group_size=128),
             (x, packed, jnp.ones((8, 512), jnp.float32))),

@@ -184,6 +184,16 @@ def test_unsupported_arguments_raise(kwargs, needle):
         mosaic_gpu.mosaic_flash_attention(q, k, v, **kwargs)
 
 
+def test_dv_pass_needs_fused_dq_and_round_trips_through_the_table():
+    with pytest.raises(ValueError, match="dv_pass=True .* fused_dq=True"):
+        dataclasses.replace(tuning.DEFAULTS[128], dv_pass=True)
+    bs = dataclasses.replace(tuning.DEFAULTS[128], fused_dq=True, dv_pass=True)
+    assert tuning.BlockSizes.from_json(bs.to_json()) == bs
+    # Entries written before the option existed read as without it.
+    old = {k: v for k, v in bs.to_json().items() if k != "dv_pass"}
+    assert tuning.BlockSizes.from_json(old).dv_pass is False
+
+
 @pytest.mark.parametrize("shape_kv,dtype,needle", [
     (((1, 64, 2, 96), (1, 64, 1, 96)), jnp.bfloat16, "head_dim"),
     (((1, 64, 2, 64), (1, 64, 1, 64)), jnp.float32, "bfloat16 or float16"),
@@ -252,6 +262,12 @@ GPU_CASES += [
     (1, 200, 330, 4, 1, 128, False, None, jnp.float16, dict(blocks=FUSED)),
     (1, 330, 200, 2, 2, 128, True, 70, jnp.bfloat16, dict(blocks=FUSED)),
 ]
+# dQ fused into the dK kernel with dV in its own pass (dv_pass).
+FUSED_DV = dataclasses.replace(FUSED, dv_pass=True)
+GPU_CASES += [
+    (2, 300, 300, 4, 2, 128, True, None, jnp.bfloat16, dict(blocks=FUSED_DV)),
+    (1, 200, 330, 4, 1, 128, False, 90, jnp.float16, dict(blocks=FUSED_DV, softcap=2.5, segments=3)),
+]
 # Segment ids (packed sequences) and logit soft-capping, alone and together, in
 # every kernel variant (two dQ kernels, fused dQ, head_dim 256's two dK/dV passes).
 # A small cap (2-3) bends most logits; unequal lengths draw q and kv ids
@@ -271,7 +287,7 @@ def _case_id(case):
     B, S, T, H, KH, D, causal, window, dtype, *opts = case
     opts = opts[0] if opts else {}
     bs = opts.get("blocks")
-    tag = ("" if bs is None else "-fused" if bs.fused_dq else
+    tag = ("" if bs is None else "-fused-dvpass" if bs.dv_pass else "-fused" if bs.fused_dq else
            f"-blocks{bs.fwd.block_kv}x{bs.dkv.stages}{'pp' if bs.pingpong else ''}")
     tag += f"-cap{opts['softcap']}" if "softcap" in opts else ""
     tag += f"-seg{opts['segments']}" if "segments" in opts else ""

@@ -24,6 +24,9 @@ and ``*_free`` (both consumers done with a slot, consumer -> producer).
   consumers share their dS^T tiles through shared memory and the TMA unit
   reduce-adds float32 partial dQ tiles (5 matrix products per step instead of
   the 7 of the two kernels; faster without a causal mask, see BENCHMARKS.md).
+  With ``dv_pass`` too, that kernel forms dK and dQ only and dV comes from a
+  second key-parallel pass, which keeps the fused consumers' registers within
+  budget (6 products).
 
 Logit soft-capping (c*tanh(logits/c)) costs one tanh per logit; the backward
 recomputes it and scales dS by 1 - tanh^2. Segment ids (packed sequences)
@@ -772,7 +775,7 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
     need_v = want_dk  # dP = dO V^T feeds only dK (and dQ)
     fused = dq_acc is not None
     half = D // _CONSUMERS  # dQ columns per consumer when fused
-    assert not fused or (want_dk and want_dv and D == 128), "checked by mosaic_flash_attention"
+    assert not fused or (want_dk and D == 128), "checked by mosaic_flash_attention"
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
         segs = None
@@ -974,7 +977,11 @@ def _attention_bwd(spec, res, do):
     args = (q, k, v, do, lse, delta, segs, spec)
     if spec.blocks.fused_dq:
         dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
-        dk, dv = _backward_dkv(*args, dq_acc=dq_acc)
+        if spec.blocks.dv_pass:
+            dk, _ = _backward_dkv(*args, want_dv=False, dq_acc=dq_acc)
+            _, dv = _backward_dkv(*args, want_dk=False)
+        else:
+            dk, dv = _backward_dkv(*args, dq_acc=dq_acc)
         dq = (dq_acc[...] * spec.scale).astype(q.dtype)
     else:
         dq = _backward_dq(*args)

@@ -41,6 +41,14 @@ class BlockSizes:
     dkv: KernelBlocks
     pingpong: bool = True  # forward: the two consumers take turns on the tensor cores
     fused_dq: bool = False  # backward: dQ inside the dK/dV kernel (head_dim 128 only)
+    # With fused_dq: dV in a second, lighter key-parallel pass (S^T and dV
+    # only), so the fused pass keeps no dV accumulator in registers: 6 matrix
+    # products a step in all instead of 5, against the two kernels' 7.
+    dv_pass: bool = False
+
+    def __post_init__(self):
+        if self.dv_pass and not self.fused_dq:
+            raise ValueError("dv_pass=True splits the fused dQ kernel; it needs fused_dq=True")
 
     def to_json(self):
         return dataclasses.asdict(self)
@@ -49,7 +57,7 @@ class BlockSizes:
     def from_json(cls, d):
         return cls(fwd=KernelBlocks(**d["fwd"]), dq=KernelBlocks(**d["dq"]),
                    dkv=KernelBlocks(**d["dkv"]), pingpong=bool(d.get("pingpong", True)),
-                   fused_dq=bool(d.get("fused_dq", False)))
+                   fused_dq=bool(d.get("fused_dq", False)), dv_pass=bool(d.get("dv_pass", False)))
 
 
 def _kb(q, kv, s):
@@ -96,7 +104,7 @@ def candidates(head_dim: int):
     else:
         bwd = [dict(dq=_kb(64, kv, 2), dkv=_kb(64, 64, s)) for kv, s in ((64, 2), (128, 2), (128, 3))]
         if head_dim == 128:
-            bwd.append(dict(fused_dq=True))
+            bwd += [dict(fused_dq=True), dict(fused_dq=True, dv_pass=True)]
     return fwd, bwd
 
 

@@ -12,6 +12,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 # matmul kernels; the attention forward gives its consumers more).
 PRODUCER_REGS = 40
 CONSUMER_REGS = 232
+SMEM_PER_BLOCK = 227 * 1024  # the most shared memory a block may take on sm_90
 
 
 def swizzled_smem(shape, dtype):

@@ -69,7 +69,6 @@ HEAD_DIMS = (64, 128, 256)
 _DS_BUFFERS = 2
 SPAN_SEARCH = "sort"  # jnp.searchsorted method for the segment spans
 _WAVE_BLOCKS = 128  # about one block per multiprocessor of an H100 / H200 (132)
-_SMEM = 227 * 1024  # shared memory a block may take (sm_90)
 _SMEM_SPARE = 4096  # what the forward leaves for row statistics, barriers, segment ids
 _TILE_COST = 1  # a tile's fixed cost (Q load, output store) in pipeline steps, for scheduling
 
@@ -527,7 +526,8 @@ def _forward(q, k, v, segs, spec: _Spec):
     # Two Q buffers a consumer where they fit beside the ring (not at head_dim
     # 256): with one, a tile's Q load waits for the previous output's store.
     size = jnp.dtype(dtype).itemsize * D
-    q_bufs = 2 if (2 * _CONSUMERS * bq + 2 * stages * bkv) * size + _SMEM_SPARE <= _SMEM else 1
+    two_q = (2 * _CONSUMERS * bq + 2 * stages * bkv) * size + _SMEM_SPARE
+    q_bufs = 2 if two_q <= mc.SMEM_PER_BLOCK else 1
 
     def body(q_ref, k_ref, v_ref, sched_ref, *refs):
         segs, (o_ref, lse_ref, q_smem, lse_smem, q_ready, turn), ring = \

@@ -27,12 +27,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import compat
+from pallas_kernels import mosaic_common as mc
 from pallas_kernels.grouped_matmul.schedule import make_schedule, num_steps, pad_to
 
 DTYPES = (jnp.bfloat16, jnp.float16)
 DEFAULT_TILING = (128, 64, 128)        # gmm: (rows, K, N) per work item
 DEFAULT_TGMM_TILING = (64, 128, 128)   # tgmm: (rows, K, N); best of a sweep on H100
-SMEM_BYTES = 220 * 1024           # Hopper allows 227 KiB per block; keep slack
+SMEM_BYTES = mc.SMEM_PER_BLOCK - 7 * 1024  # slack below the block limit
 
 
 def _launch(body, out_type, out_smem, interpret):

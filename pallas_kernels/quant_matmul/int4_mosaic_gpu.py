@@ -36,11 +36,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import mosaic_common as mc
 from pallas_kernels.quant_matmul.tiling import pad_to, round_up
 
 MAX_ROWS = 64
 CHUNK = 64  # K per wgmma: one 128-byte swizzled row of bf16 x
-SMEM_LIMIT = 226 * 1024  # of the 227 KB a block may take, 1 KB left for barriers
+SMEM_LIMIT = mc.SMEM_PER_BLOCK - 1024  # 1 KB left for barriers
 MAX_STAGES = 6  # the depth of the fastest measured configuration (H100, batch 16)
 
 

@@ -47,7 +47,7 @@ from pallas_kernels.quant_matmul.tiling import pad_to, round_up
 
 STEP_K = 128                 # K elements per pipeline step (128 bytes of 8-bit codes)
 CONSUMERS = 2
-SMEM_BYTES = 227 * 1024      # Hopper's per-block shared-memory limit
+SMEM_BYTES = mc.SMEM_PER_BLOCK
 OUT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 

@@ -16,9 +16,11 @@ and ``*_free`` (both consumers done with a slot, consumer -> producer).
   scale*log2(e) and the max subtraction are one FMA.
   With ``pingpong`` the consumers take turns so one's softmax overlaps the
   other's matrix products.
-* backward: delta = rowsum(dO*O) in XLA; a key-parallel kernel accumulates
+* backward: a query-parallel kernel accumulates dQ and, where shared memory
+  holds an O tile too, forms delta = rowsum(dO*O) for the next kernel (else
+  XLA does, one more pass over O and dO); a key-parallel kernel accumulates
   dK and dV over the query blocks of every head of its kv group (no atomics,
-  no per-head copies); a query-parallel kernel accumulates dQ. For head_dim
+  no per-head copies). For head_dim
   256 dK and dV do not both fit in registers and run as two passes. With
   ``fused_dq`` (head_dim 128) the key-parallel kernel forms dQ too: the
   consumers share their dS^T tiles through shared memory and the TMA unit
@@ -69,7 +71,7 @@ HEAD_DIMS = (64, 128, 256)
 _DS_BUFFERS = 2
 SPAN_SEARCH = "sort"  # jnp.searchsorted method for the segment spans
 _WAVE_BLOCKS = 128  # about one block per multiprocessor of an H100 / H200 (132)
-_SMEM_SPARE = 4096  # what the forward leaves for row statistics, barriers, segment ids
+_SMEM_SPARE = 4096  # what a query-parallel kernel leaves for row statistics, barriers, segment ids
 _TILE_COST = 1  # a tile's fixed cost (Q load, output store) in pipeline steps, for scheduling
 
 
@@ -668,7 +670,20 @@ def _forward(q, k, v, segs, spec: _Spec):
 # ----------------------------------------------------------------------------
 # Backward: dQ, query-parallel.
 
-def _backward_dq(q, k, v, do, lse, delta, segs, spec: _Spec):
+def _dq_folds_delta(spec: _Spec, D, dtype) -> bool:
+    """Whether the dQ kernel has shared memory for an O tile beside Q, dO and
+    the K/V ring, to form delta itself (not at head_dim 256)."""
+    cfg = spec.blocks.dq
+    tiles = 3 * _CONSUMERS * cfg.block_q + 2 * cfg.stages * cfg.block_kv
+    return tiles * D * jnp.dtype(dtype).itemsize + _SMEM_SPARE <= mc.SMEM_PER_BLOCK
+
+
+def _backward_dq(q, k, v, do, lse, out_or_delta, segs, spec: _Spec):
+    """dQ [B,Sp,H,D], and delta = rowsum(dO*O) [B,H,Sp] where
+    ``_dq_folds_delta`` (then ``out_or_delta`` is O: the rows' dO and O tiles
+    are in shared memory at the start anyway, and the key-parallel kernel
+    reads the delta written here); else ``out_or_delta`` is delta and the
+    second result None."""
     pl, plgpu = _pl(), _plgpu()
     B, Sp, H, D = q.shape
     G = H // k.shape[2]
@@ -676,10 +691,15 @@ def _backward_dq(q, k, v, do, lse, delta, segs, spec: _Spec):
     bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
     grid, names = _block_order(B * H, Sp // (_CONSUMERS * bq))
     dtype = q.dtype
+    fold = _dq_folds_delta(spec, D, dtype)
 
-    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
-        segs, (dq_ref, q_smem, do_smem, lse_smem, delta_smem, row_ready), ring = \
-            _query_kernel_refs(spec, refs, 6)
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, od_ref, *refs):
+        segs, own, ring = _query_kernel_refs(spec, refs, 6 + 2 * fold)
+        if fold:  # delta's output and the O tiles
+            (dq_ref, delta_out, *own), o_smem = own[:-1], own[-1]
+        else:
+            dq_ref, *own = own
+        q_smem, do_smem, lse_smem, delta_smem, row_ready = own
         tile = _query_tile(spec, cfg, grid, H, G, k_ref, v_ref, ring, _BWD_REGS, segs)
         k_smem, v_smem, k_ready, v_ready, k_free, v_free = ring
         b, h, wg = tile.b, tile.h, tile.wg
@@ -695,14 +715,25 @@ def _backward_dq(q, k, v, do, lse, delta, segs, spec: _Spec):
             plgpu.copy_gmem_to_smem(q_ref.at[rows], my_q, ready[0])
             plgpu.copy_gmem_to_smem(do_ref.at[rows], my_do, ready[1])
             plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(row0, bq)], lse_smem.at[wg], ready[2])
-            plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(row0, bq)], delta_smem.at[wg], ready[3])
+            vec = (b, h, pl.ds(row0, bq))
+            if fold:
+                plgpu.copy_gmem_to_smem(od_ref.at[rows], o_smem.at[wg], ready[3])
+            else:
+                plgpu.copy_gmem_to_smem(od_ref.at[vec], delta_smem.at[wg], ready[3])
             if segs:
                 qs_v = segs.own(b, row0, bq, wg)
             for bar in ready:
                 plgpu.barrier_wait(bar)
             row_layout = plgpu.Layout.WGMMA.reduce(1)
             lse_v = plgpu.load(lse_smem.at[wg], (), layout=row_layout)
-            delta_v = plgpu.load(delta_smem.at[wg], (), layout=row_layout)
+            if fold:
+                f32 = lambda ref: ref[...].astype(jnp.float32)  # noqa: E731
+                delta_v = jnp.sum(f32(my_do) * f32(o_smem.at[wg]), axis=1)
+                delta_smem.at[wg][...] = delta_v
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(delta_smem.at[wg], delta_out.at[vec])
+            else:
+                delta_v = plgpu.load(delta_smem.at[wg], (), layout=row_layout)
 
             def step(j, dq, masked):
                 slot = lax.rem(j - lo, stages)
@@ -744,10 +775,15 @@ def _backward_dq(q, k, v, do, lse, delta, segs, spec: _Spec):
         plgpu.SMEM((_CONSUMERS, bq), jnp.float32),
         plgpu.SMEM((_CONSUMERS, bq), jnp.float32),
         plgpu.Barrier(num_barriers=_CONSUMERS * 4),
+        *([mc.swizzled_smem((_CONSUMERS, bq, D), dtype)] if fold else []),
         *_kv_ring_scratch(cfg, D, dtype),
     ] + (_segment_scratch(bq, stages, bkv) if spec.segments else [])
-    return _call(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, grid, names)(
-        q, k, v, do, lse, delta, *_segment_operands(segs, _CONSUMERS * bq))
+    out_type = jax.ShapeDtypeStruct(q.shape, dtype)
+    if fold:
+        out_type = (out_type, jax.ShapeDtypeStruct(lse.shape, jnp.float32))
+    res = _call(body, out_type, scratch, grid, names)(
+        q, k, v, do, lse, out_or_delta, *_segment_operands(segs, _CONSUMERS * bq))
+    return tuple(res) if fold else (res, None)
 
 
 # ----------------------------------------------------------------------------
@@ -973,7 +1009,11 @@ def _attention_fwd(q, k, v, segs, spec):
 
 def _attention_bwd(spec, res, do):
     q, k, v, segs, out, lse = res
-    delta = jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), out.astype(jnp.float32))
+    dq = None
+    if not spec.blocks.fused_dq and _dq_folds_delta(spec, q.shape[-1], q.dtype):
+        dq, delta = _backward_dq(q, k, v, do, lse, out, segs, spec)
+    else:
+        delta = jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), out.astype(jnp.float32))
     args = (q, k, v, do, lse, delta, segs, spec)
     if spec.blocks.fused_dq:
         dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
@@ -984,7 +1024,8 @@ def _attention_bwd(spec, res, do):
             dk, dv = _backward_dkv(*args, dq_acc=dq_acc)
         dq = (dq_acc[...] * spec.scale).astype(q.dtype)
     else:
-        dq = _backward_dq(*args)
+        if dq is None:
+            dq, _ = _backward_dq(*args)
         if q.shape[-1] > 128:  # dK and dV accumulators do not fit in registers together
             dk, _ = _backward_dkv(*args, want_dv=False)
             _, dv = _backward_dkv(*args, want_dk=False)

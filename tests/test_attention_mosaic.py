@@ -184,6 +184,19 @@ def test_unsupported_arguments_raise(kwargs, needle):
         mosaic_gpu.mosaic_flash_attention(q, k, v, **kwargs)
 
 
+@pytest.mark.parametrize("D,dq,dtype,folds", [
+    (64, (64, 64, 2), jnp.bfloat16, True),
+    (128, (64, 64, 2), jnp.bfloat16, True),
+    (128, (64, 64, 3), jnp.float16, True),
+    (128, (64, 128, 2), jnp.bfloat16, False),  # the lowering measures 233600 B of 232448
+    (256, (64, 64, 1), jnp.bfloat16, False),
+])
+def test_dq_kernel_folds_delta_only_where_the_o_tile_fits(D, dq, dtype, folds):
+    bs = dataclasses.replace(tuning.DEFAULTS[D], dq=tuning.KernelBlocks(*dq))
+    spec = mosaic_gpu._Spec(q_len=256, kv_len=256, causal=True, window=None, scale=1.0, blocks=bs)
+    assert mosaic_gpu._dq_folds_delta(spec, D, dtype) is folds
+
+
 def test_dv_pass_needs_fused_dq_and_round_trips_through_the_table():
     with pytest.raises(ValueError, match="dv_pass=True .* fused_dq=True"):
         dataclasses.replace(tuning.DEFAULTS[128], dv_pass=True)

@@ -207,15 +207,6 @@ def test_dv_pass_needs_fused_dq_and_round_trips_through_the_table():
     assert tuning.BlockSizes.from_json(old).dv_pass is False
 
 
-def test_backward_pingpong_excludes_fused_dq_and_round_trips_through_the_table():
-    with pytest.raises(ValueError, match="backward_pingpong=True .* fused_dq=True"):
-        dataclasses.replace(tuning.DEFAULTS[128], fused_dq=True, backward_pingpong=True)
-    bs = dataclasses.replace(tuning.DEFAULTS[128], backward_pingpong=True)
-    assert tuning.BlockSizes.from_json(bs.to_json()) == bs
-    old = {k: v for k, v in bs.to_json().items() if k != "backward_pingpong"}
-    assert tuning.BlockSizes.from_json(old).backward_pingpong is False
-
-
 @pytest.mark.parametrize("shape_kv,dtype,needle", [
     (((1, 64, 2, 96), (1, 64, 1, 96)), jnp.bfloat16, "head_dim"),
     (((1, 64, 2, 64), (1, 64, 1, 64)), jnp.float32, "bfloat16 or float16"),
@@ -290,16 +281,6 @@ GPU_CASES += [
     (2, 300, 300, 4, 2, 128, True, None, jnp.bfloat16, dict(blocks=FUSED_DV)),
     (1, 200, 330, 4, 1, 128, False, 90, jnp.float16, dict(blocks=FUSED_DV, softcap=2.5, segments=3)),
 ]
-# Ping-pong in the backward kernels: dQ with and without the folded delta,
-# dK/dV together and (head_dim 256) as two passes, with segments and soft-cap.
-BPP = {D: dataclasses.replace(tuning.DEFAULTS[D], backward_pingpong=True) for D in (64, 128, 256)}
-GPU_CASES += [
-    (2, 300, 300, 4, 2, 128, True, None, jnp.bfloat16, dict(blocks=BPP[128])),
-    (1, 200, 330, 4, 1, 128, False, 90, jnp.float16,
-     dict(blocks=dataclasses.replace(BPP[128], dq=KB(64, 128, 2)), segments=3)),
-    (1, 260, 260, 2, 2, 64, True, None, jnp.bfloat16, dict(blocks=BPP[64], softcap=2.0)),
-    (1, 190, 190, 2, 1, 256, True, 50, jnp.bfloat16, dict(blocks=BPP[256], softcap=3.0)),
-]
 # Segment ids (packed sequences) and logit soft-capping, alone and together, in
 # every kernel variant (two dQ kernels, fused dQ, head_dim 256's two dK/dV passes).
 # A small cap (2-3) bends most logits; unequal lengths draw q and kv ids
@@ -320,8 +301,7 @@ def _case_id(case):
     opts = opts[0] if opts else {}
     bs = opts.get("blocks")
     tag = ("" if bs is None else "-fused-dvpass" if bs.dv_pass else "-fused" if bs.fused_dq else
-           f"-blocks{bs.fwd.block_kv}x{bs.dq.block_kv}x{bs.dkv.stages}"
-           f"{'pp' if bs.pingpong else ''}{'bpp' if bs.backward_pingpong else ''}")
+           f"-blocks{bs.fwd.block_kv}x{bs.dkv.stages}{'pp' if bs.pingpong else ''}")
     tag += f"-cap{opts['softcap']}" if "softcap" in opts else ""
     tag += f"-seg{opts['segments']}" if "segments" in opts else ""
     return (f"B{B}-S{S}-T{T}-H{H}-KH{KH}-D{D}-{'causal' if causal else 'full'}-w{window}"

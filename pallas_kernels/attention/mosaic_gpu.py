@@ -237,15 +237,12 @@ def _pl():
     return pl
 
 
-def _mma(a, b, shape, turns=None):
-    """a @ b with a fresh float32 accumulator; waits for the result (with
-    ``turns`` (_Turns), after swapping turns: the product runs meanwhile)."""
+def _mma(a, b, shape):
+    """a @ b with a fresh float32 accumulator; waits for the result."""
     pl, plgpu = _pl(), _plgpu()
 
     def body(acc):
         plgpu.wgmma(acc, a, b)
-        if turns is not None:
-            turns.swap()
         return acc[...]
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
@@ -273,37 +270,6 @@ def _vector(n, value, reduced_dim):
 def _zeros(shape):
     plgpu = _plgpu()
     return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Turns:
-    """Ping-pong: the two consumers take turns on the tensor cores through a
-    two-arrival barrier, so one's softmax overlaps the other's products. A
-    consumer calls ``swap`` right after issuing products whose results it
-    reads next, and ``hand_over`` ... ``take_back`` around waits before its
-    next products; consumer 1 starts half a turn behind. ``barrier`` None:
-    no turns (every call is a no-op)."""
-    barrier: object = None
-
-    def hand_over(self):
-        if self.barrier is not None:
-            _plgpu().barrier_arrive(self.barrier)
-
-    def take_back(self):
-        if self.barrier is not None:
-            _plgpu().barrier_wait(self.barrier)
-
-    def swap(self):
-        self.hand_over()
-        self.take_back()
-
-    def start(self, wg):
-        if self.barrier is not None:
-            _pl().when(wg == 1)(self.swap)
-
-    def finish(self, wg):
-        if self.barrier is not None:
-            _pl().when(wg == 0)(self.swap)
 
 
 def _block_order(pairs, tiles):
@@ -602,7 +568,10 @@ def _forward(q, k, v, segs, spec: _Spec):
                 plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(r0 + wg * bq, bq), h],
                                         q_smem.at[wg, buf], q_ready.at[2 * wg + buf])
 
-            turns = _Turns(turn if pingpong else None)
+            def take_turn():
+                if pingpong:
+                    plgpu.barrier_arrive(turn)
+                    plgpu.barrier_wait(turn)
 
             def run_tile(n, t0):
                 buf = lax.rem(n, q_bufs)
@@ -632,7 +601,7 @@ def _forward(q, k, v, segs, spec: _Spec):
 
                     def qk(s_ref):
                         plgpu.wgmma(s_ref, my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                        turns.swap()  # the other consumer's softmax overlaps this product
+                        take_turn()  # the other consumer's softmax overlaps this product
                         return s_ref[...]
                     s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
                     plgpu.barrier_arrive(k_free.at[slot])
@@ -653,9 +622,11 @@ def _forward(q, k, v, segs, spec: _Spec):
                     l = l * alpha + p.sum(axis=1)
                     acc = acc * mc.rows(alpha, acc.shape)
                     p16 = p.astype(dtype)
-                    turns.hand_over()  # take the tensor cores back for P V
+                    if pingpong:  # hand the tensor cores over; take them back for P V
+                        plgpu.barrier_arrive(turn)
                     plgpu.barrier_wait(v_ready.at[slot])
-                    turns.take_back()
+                    if pingpong:
+                        plgpu.barrier_wait(turn)
                     acc = _mma_acc(acc, p16, v_smem.at[slot])
                     plgpu.barrier_arrive(v_free.at[slot])
                     return acc, m_new, l
@@ -676,9 +647,11 @@ def _forward(q, k, v, segs, spec: _Spec):
                 @pl.when(n_items > 0)
                 def _():
                     load_q(0, 0)
-            turns.start(wg)
+            if pingpong:  # consumer 1 runs half a step behind consumer 0 throughout
+                pl.when(wg == 1)(take_turn)
             lax.fori_loop(0, n_items, run_tile, jnp.int32(0))
-            turns.finish(wg)
+            if pingpong:
+                pl.when(wg == 0)(take_turn)
             plgpu.wait_smem_to_gmem(0)
 
     scratch = [
@@ -719,12 +692,9 @@ def _backward_dq(q, k, v, do, lse, out_or_delta, segs, spec: _Spec):
     grid, names = _block_order(B * H, Sp // (_CONSUMERS * bq))
     dtype = q.dtype
     fold = _dq_folds_delta(spec, D, dtype)
-    pingpong = spec.blocks.backward_pingpong
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, od_ref, *refs):
-        segs, own, ring = _query_kernel_refs(spec, refs, 6 + 2 * fold + pingpong)
-        turns = _Turns(own[-1] if pingpong else None)
-        own = own[:len(own) - pingpong]
+        segs, own, ring = _query_kernel_refs(spec, refs, 6 + 2 * fold)
         if fold:  # delta's output and the O tiles
             (dq_ref, delta_out, *own), o_smem = own[:-1], own[-1]
         else:
@@ -775,7 +745,6 @@ def _backward_dq(q, k, v, do, lse, out_or_delta, segs, spec: _Spec):
                 def s_and_dp(s_ref, dp_ref):  # both in flight, one wait
                     plgpu.wgmma(s_ref, my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
                     plgpu.wgmma(dp_ref, my_do, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
-                    turns.swap()
                     return s_ref[...], dp_ref[...]
                 acc = plgpu.ACC((bq, bkv), jnp.float32)
                 s, dp = pl.run_scoped(s_and_dp, acc, acc)
@@ -790,15 +759,11 @@ def _backward_dq(q, k, v, do, lse, out_or_delta, segs, spec: _Spec):
                 ds = p * (dp - mc.rows(delta_v, dp.shape))
                 if dcap is not None:
                     ds = ds * dcap
-                ds = ds.astype(dtype)
-                turns.swap()
-                dq = _mma_acc(dq, ds, k_smem.at[slot])
+                dq = _mma_acc(dq, ds.astype(dtype), k_smem.at[slot])
                 plgpu.barrier_arrive(k_free.at[slot])
                 return dq
 
-            turns.start(wg)
             dq = _sweep(step, *spec.sweep_blocks(*tile.blocks), _zeros((bq, D)))
-            turns.finish(wg)
             my_q[...] = (dq * spec.scale).astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(my_q, dq_ref.at[rows])
@@ -811,7 +776,6 @@ def _backward_dq(q, k, v, do, lse, out_or_delta, segs, spec: _Spec):
         plgpu.SMEM((_CONSUMERS, bq), jnp.float32),
         plgpu.Barrier(num_barriers=_CONSUMERS * 4),
         *([mc.swizzled_smem((_CONSUMERS, bq, D), dtype)] if fold else []),
-        *([plgpu.Barrier(num_arrivals=_CONSUMERS)] if pingpong else []),
         *_kv_ring_scratch(cfg, D, dtype),
     ] + (_segment_scratch(bq, stages, bkv) if spec.segments else [])
     out_type = jax.ShapeDtypeStruct(q.shape, dtype)
@@ -847,7 +811,6 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
     need_v = want_dk  # dP = dO V^T feeds only dK (and dQ)
     fused = dq_acc is not None
     half = D // _CONSUMERS  # dQ columns per consumer when fused
-    pingpong = spec.blocks.backward_pingpong  # never with fused (BlockSizes checks)
     assert not fused or (want_dk and D == 128), "checked by mosaic_flash_attention"
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
@@ -863,7 +826,6 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
          own_ready, q_ready, do_ready, lse_ready, delta_ready, q_free, do_free) = refs[:13]
         if fused:
             ds_smem, dq_smem, ds_ready, dq_done = refs[13:17]
-        turns = _Turns(refs[13] if pingpong else None)
         dk_ref = outs[0] if want_dk else None
         dv_ref = outs[-1] if want_dv else None
         b, kvh, tile = _block_position(KH, grid)  # causal: the first keys have the most rows
@@ -943,7 +905,7 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
                 plgpu.barrier_wait(q_ready.at[slot])
                 plgpu.barrier_wait(lse_ready.at[slot])
                 st, dcap = spec.base2_logits(
-                    _mma(my_k, plgpu.transpose_ref(q_slot, (1, 0)), (bkv, bq), turns))
+                    _mma(my_k, plgpu.transpose_ref(q_slot, (1, 0)), (bkv, bq)))
                 if masked:
                     seg = ()
                     if segs:
@@ -954,9 +916,7 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
                     st = jnp.where(ok, st, -jnp.inf)
                 lse_v = plgpu.load(lse_smem.at[slot], (), layout=col_layout)
                 pt = jnp.exp2(st - mc.cols(lse_v, st.shape))
-                turns.hand_over()
                 plgpu.barrier_wait(do_ready.at[slot])
-                turns.take_back()
                 if not want_dk:
                     dv = _mma_acc(dv, pt.astype(dtype), do_slot)
                     plgpu.barrier_arrive(do_free.at[slot])
@@ -967,7 +927,6 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
                     plgpu.wgmma(refs[0], my_v, plgpu.transpose_ref(do_slot, (1, 0)))
                     if want_dv:
                         plgpu.wgmma(refs[1], pt.astype(dtype), do_slot)
-                    turns.swap()
                 accs = (_zeros((bkv, bq)),) + ((dv,) if want_dv else ())
                 dpt, *dv_new = pl.run_state(dpt_and_dv)(tuple(map(plgpu.ACC.init, accs)))
                 dv = dv_new[0] if want_dv else None
@@ -979,7 +938,6 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
                 if fused:
                     dk = dk_and_dq(dk, dst, q_slot, t, i, kvh * G + g)
                 else:
-                    turns.swap()
                     dk = _mma_acc(dk, dst, q_slot)
                 plgpu.barrier_arrive(q_free.at[slot])
                 return dk, dv
@@ -989,10 +947,8 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
                               carry)
 
             zero = _zeros((bkv, D))
-            turns.start(wg)
             dk, dv = lax.fori_loop(0, G, head, (zero if want_dk else None,
                                                  zero if want_dv else None))
-            turns.finish(wg)
             if fused:  # the other consumer may still read my K for its dQ
                 plgpu.barrier_arrive(dq_done)
                 plgpu.barrier_wait(dq_done)
@@ -1029,8 +985,6 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
             plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=_DS_BUFFERS),
             plgpu.Barrier(num_arrivals=_CONSUMERS),
         ]
-    if pingpong:
-        scratch.append(plgpu.Barrier(num_arrivals=_CONSUMERS))
     if spec.segments:
         scratch += _segment_scratch(bkv, stages, bq)
     out_type = [jax.ShapeDtypeStruct(k.shape, dtype)] * (want_dk + want_dv)

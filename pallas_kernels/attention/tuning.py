@@ -45,17 +45,10 @@ class BlockSizes:
     # only), so the fused pass keeps no dV accumulator in registers: 6 matrix
     # products a step in all instead of 5, against the two kernels' 7.
     dv_pass: bool = False
-    # Backward (dQ and dK/dV kernels): the consumers take turns on the tensor
-    # cores as in the forward. Not with fused_dq, whose consumers already
-    # meet every step to share dS^T.
-    backward_pingpong: bool = False
 
     def __post_init__(self):
         if self.dv_pass and not self.fused_dq:
             raise ValueError("dv_pass=True splits the fused dQ kernel; it needs fused_dq=True")
-        if self.backward_pingpong and self.fused_dq:
-            raise ValueError("backward_pingpong=True is for the separate dQ and dK/dV kernels; "
-                             "it cannot be combined with fused_dq=True")
 
     def to_json(self):
         return dataclasses.asdict(self)
@@ -64,8 +57,7 @@ class BlockSizes:
     def from_json(cls, d):
         return cls(fwd=KernelBlocks(**d["fwd"]), dq=KernelBlocks(**d["dq"]),
                    dkv=KernelBlocks(**d["dkv"]), pingpong=bool(d.get("pingpong", True)),
-                   fused_dq=bool(d.get("fused_dq", False)), dv_pass=bool(d.get("dv_pass", False)),
-                   backward_pingpong=bool(d.get("backward_pingpong", False)))
+                   fused_dq=bool(d.get("fused_dq", False)), dv_pass=bool(d.get("dv_pass", False)))
 
 
 def _kb(q, kv, s):

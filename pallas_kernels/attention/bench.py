@@ -9,12 +9,18 @@ Each is checked against cuDNN (or the reference where cuDNN fails or does
 not apply) before it is timed; failures are printed in the table instead of stopping the run.
 FLOPs follow ``reference.attention_flops`` (backward = 2.5x forward); rows with
 segment ids count the causal mask's FLOPs (the blocks the kernel visits).
+
+Timing: ``--iters`` samples per implementation, split into ``--rounds`` rounds
+that each visit every implementation in turn. TF/s come from the median
+round; "x cudnn" is the median over rounds of cuDNN's time over this one's in
+the same round, so drift within the process does not favour either side.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import statistics
 import time
 import traceback
 
@@ -87,7 +93,7 @@ def _short(e):
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:90]}" if str(e) else type(e).__name__
 
 
-def bench_shape(name, B, S, H, KH, D, causal, opts=None, impls_filter=None, iters=20):
+def bench_shape(name, B, S, H, KH, D, causal, opts=None, impls_filter=None, iters=20, rounds=4):
     opts = opts or {}
     q, k, v = random_inputs(jax.random.key(hash(name) % 2**31), B, S, S, H, KH, D, jnp.bfloat16)
     do = jax.random.normal(jax.random.key(7), q.shape, jnp.float32).astype(jnp.bfloat16)
@@ -130,13 +136,18 @@ def bench_shape(name, B, S, H, KH, D, causal, opts=None, impls_filter=None, iter
             results[impl]["rel_err_vs_" + trusted] = dict(zip(("out", "dq", "dk", "dv"), errs))
     del outputs
 
+    # Compile everything first, then time in rounds that visit every
+    # implementation in turn: timings drift by 5-10% within a process on the
+    # GPU, so the ratios compare times of the same round.
+    timed = {}
     for impl, f in impls.items():
         r = results[impl]
         if "error" in r:
             continue
         try:
-            t = time_fn(jax.jit(f), q, k, v, iters=iters)
-            r["fwd_ms"], r["fwd_tflops"] = t * 1e3, fwd_flops / t / 1e12
+            fwd = jax.jit(f)
+            jax.block_until_ready(fwd(q, k, v))
+            timed[impl, "fwd"] = fwd
         except Exception as e:  # noqa: BLE001
             r["error"] = _short(e)
             continue
@@ -144,12 +155,31 @@ def bench_shape(name, B, S, H, KH, D, causal, opts=None, impls_filter=None, iter
             continue
         try:
             loss = lambda q, k, v, f=f: f(q, k, v).astype(jnp.float32).sum()
-            g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-            t = time_fn(g, q, k, v, iters=iters)
-            r["fwdbwd_ms"], r["fwdbwd_tflops"] = t * 1e3, all_flops / t / 1e12
+            fb = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+            jax.block_until_ready(fb(q, k, v))
+            timed[impl, "fwdbwd"] = fb
         except Exception as e:  # noqa: BLE001
             r["bwd_error"] = _short(e)
+    flops = {"fwd": fwd_flops, "fwdbwd": all_flops}
+    per_round = max(1, iters // rounds)
+    for _ in range(rounds):
+        for (impl, kind), fn in timed.items():
+            results[impl].setdefault(kind + "_round_ms", []).append(
+                time_fn(fn, q, k, v, iters=per_round) * 1e3)
+    for (impl, kind), fn in timed.items():
+        r = results[impl]
+        r[kind + "_ms"] = statistics.median(r[kind + "_round_ms"])
+        r[kind + "_tflops"] = flops[kind] / r[kind + "_ms"] / 1e9
     return results
+
+
+def speedup(r, base, kind):
+    """Median over the rounds of base's time / r's time in the same round
+    (kind "fwd" or "fwdbwd"); None where either was not timed."""
+    mine, theirs = r.get(kind + "_round_ms"), base.get(kind + "_round_ms")
+    if not mine or not theirs:
+        return None
+    return statistics.median(b / m for m, b in zip(mine, theirs))
 
 
 def format_table(all_results):
@@ -162,17 +192,16 @@ def format_table(all_results):
                 v = r.get(key)
                 return f"{v:9.1f}" if v is not None else f"{'-':>9s}"
 
-            def ratio(key):
-                v, b = r.get(key), base.get(key)
-                return f"{v / b:7.2f}" if v is not None and b else f"{'-':>7s}"
+            def ratio(kind):
+                return f"{x:7.2f}" if (x := speedup(r, base, kind)) is not None else f"{'-':>7s}"
             errs = [v for k, v in r.items() if k.startswith("rel_err")]
             note = r.get("error") or ""
             if errs:
                 note = " ".join(f"{x:.1e}" for x in errs[0].values()) + " " + note
             if "bwd_error" in r:
                 note += f" [bwd: {r['bwd_error']}]"
-            lines.append(f"{shape:32s} {impl:9s} {cell('fwd_tflops')} {ratio('fwd_tflops')} "
-                         f"{cell('fwdbwd_tflops')} {ratio('fwdbwd_tflops')}  {note}")
+            lines.append(f"{shape:32s} {impl:9s} {cell('fwd_tflops')} {ratio('fwd')} "
+                         f"{cell('fwdbwd_tflops')} {ratio('fwdbwd')}  {note}")
     return "\n".join(lines)
 
 
@@ -182,7 +211,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="first shape only")
     parser.add_argument("--match", help="only the shapes whose name contains this text")
     parser.add_argument("--impls", help="comma-separated subset of implementations")
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--iters", type=int, default=20, help="timed samples per implementation")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="the samples are split into this many rounds over all implementations")
     args = parser.parse_args(argv)
     shapes = SHAPES[:1] if args.quick else SHAPES
     if args.match:
@@ -194,7 +225,8 @@ def main(argv=None):
     all_results = {}
     for name, *shape in shapes:
         t0 = time.perf_counter()
-        all_results[name] = bench_shape(name, *shape, impls_filter=impls, iters=args.iters)
+        all_results[name] = bench_shape(name, *shape, impls_filter=impls, iters=args.iters,
+                                        rounds=args.rounds)
         print(f"{name}: done in {time.perf_counter() - t0:.0f}s", flush=True)
         if args.json:  # written after every shape, so a cut-off run keeps what it measured
             with open(args.json, "w") as f:

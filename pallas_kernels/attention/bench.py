@@ -163,10 +163,16 @@ def bench_shape(name, B, S, H, KH, D, causal, opts=None, impls_filter=None, iter
     flops = {"fwd": fwd_flops, "fwdbwd": all_flops}
     per_round = max(1, iters // rounds)
     for _ in range(rounds):
-        for (impl, kind), fn in timed.items():
-            results[impl].setdefault(kind + "_round_ms", []).append(
-                time_fn(fn, q, k, v, iters=per_round) * 1e3)
-    for (impl, kind), fn in timed.items():
+        for (impl, kind), fn in list(timed.items()):
+            try:
+                t = time_fn(fn, q, k, v, iters=per_round)
+            except Exception as e:  # noqa: BLE001 - reported in the table
+                results[impl]["error" if kind == "fwd" else "bwd_error"] = _short(e)
+                results[impl].pop(kind + "_round_ms", None)
+                del timed[impl, kind]
+                continue
+            results[impl].setdefault(kind + "_round_ms", []).append(t * 1e3)
+    for impl, kind in timed:
         r = results[impl]
         r[kind + "_ms"] = statistics.median(r[kind + "_round_ms"])
         r[kind + "_tflops"] = flops[kind] / r[kind + "_ms"] / 1e9

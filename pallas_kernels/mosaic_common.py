@@ -1,6 +1,7 @@
 """Pieces every Hopper (Pallas Mosaic GPU) kernel here shares: shared memory
-in the layout wgmma and TMA read, vector broadcasts over a tile, and the
-register split between a copy-issuing producer and the math warpgroups."""
+in the layout wgmma and TMA read, vector broadcasts over a tile, the
+register split between a copy-issuing producer and the math warpgroups, and
+a block's last wait for its stores."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -31,3 +32,10 @@ def rows(v, shape):
 def cols(v, shape):
     """Broadcast a per-column vector down the rows of a tile."""
     return lax.broadcast_in_dim(v, shape, [1])
+
+
+def wait_stores_before_exit():
+    """A block's last wait: its TMA stores have read shared memory. Their
+    writes complete before the kernel does, so waiting for them as well would
+    only idle the multiprocessor that the next block starts on."""
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)

@@ -363,13 +363,6 @@ def _ring_producer(n_steps, stages, issue, free_barriers, regs):
     _ring_steps(None, n_steps, stages, issue, free_barriers)
 
 
-def _before_exit():
-    """A block's last wait: its TMA stores have read shared memory. Their
-    writes complete before the kernel does, so waiting for them as well would
-    only idle the multiprocessor that the next block starts on."""
-    _plgpu().wait_smem_to_gmem(0, wait_read_only=True)
-
-
 def _sweep(step, lo, flo, fhi, hi, carry):
     """step(j, carry, masked) over blocks lo..hi-1, unmasked in [flo, fhi)."""
     masked = functools.partial(step, masked=True)
@@ -663,7 +656,7 @@ def _forward(q, k, v, segs, spec: _Spec):
             lax.fori_loop(0, n_items, run_tile, jnp.int32(0))
             if pingpong:
                 pl.when(wg == 0)(take_turn)
-            _before_exit()
+            mc.wait_stores_before_exit()
 
     scratch = [
         mc.swizzled_smem((_CONSUMERS, q_bufs, bq, D), dtype),
@@ -778,7 +771,7 @@ def _backward_dq(q, k, v, do, lse, out_or_delta, segs, spec: _Spec):
             my_q[...] = (dq * spec.scale).astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(my_q, dq_ref.at[rows])
-            _before_exit()
+            mc.wait_stores_before_exit()
 
     scratch = [
         mc.swizzled_smem((_CONSUMERS, bq, D), dtype),
@@ -973,7 +966,7 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
                 plgpu.copy_smem_to_gmem(my_k, dk_ref.at[keys])
             if want_dv:
                 plgpu.copy_smem_to_gmem(my_v, dv_ref.at[keys])
-            _before_exit()
+            mc.wait_stores_before_exit()
 
     scratch = [
         mc.swizzled_smem((_CONSUMERS, bkv, D), dtype),

@@ -139,9 +139,7 @@ def _store_transposed(acc, out_smem, out_gmem, rows: int):
     plgpu.transpose_ref(out_smem.at[:], (1, 0))[...] = out_t
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, rows)], out_gmem)
-    # Only until the store has read shared memory: the write completes before
-    # the kernel does, and the next block need not wait for it.
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    mc.wait_stores_before_exit()
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "block_n", "block_k", "stages",

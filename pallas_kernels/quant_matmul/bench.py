@@ -13,9 +13,12 @@
   (packed weights + scales + activations + output) against a measured
   device-to-device copy bandwidth (bytes read + written), with the XLA
   dequantise-then-dot and a bf16 weight matmul as peers, and a copy moving the
-  kernel's byte count timed the same way (what a transfer this short reaches);
-  on GPU also each one's device time from a profiler trace (the kernels alone,
-  without the launch gaps of the wall-clock time per call).
+  kernel's byte count timed as 16 calls in one jit (what a transfer this short
+  reaches). Wall clock per call two ways: in a decode-like chain (each call's
+  output is the next call's x, 16 weight sets streamed in turn, 128 calls a
+  jit) and as 16 independent calls a jit, whose host dispatch (several us per
+  argument buffer) outlasts 16 short kernels; on GPU also each one's device
+  time from a profiler trace (the kernels alone).
 Each kernel's output is checked against its reference first. Times are medians
 of timed repeats after warm-up, with device synchronisation.
 """
@@ -176,6 +179,37 @@ def rotated_time(fn, arg_sets):
     return time_fn(many, arg_sets) / len(arg_sets)
 
 
+CHAIN_REPEATS = 8  # passes over the ROTATE weight sets in one chained jit
+
+
+def chained_time(fn, arg_sets, repeats=CHAIN_REPEATS):
+    """Seconds per call of fn(x, *weights) -> y (y shaped like x) run as a
+    decode step runs its layers: one jit chains repeats * len(arg_sets)
+    calls, each call's output feeding the next call's x, the weight sets
+    taken in turn (a set comes back after all the others have streamed
+    through L2). Session 11's trace: kernels inside one jit run back to
+    back, but dispatching a jit costs the host several us per argument
+    buffer, more than a 16 us kernel; the chain spreads that over 8 uses."""
+    x0 = arg_sets[0][0]
+    y = jax.eval_shape(fn, *arg_sets[0])
+    if (y.shape, y.dtype) != (x0.shape, x0.dtype):
+        raise ValueError(f"chained_time needs an output shaped like x {x0.shape} {x0.dtype}; "
+                         f"got {y.shape} {y.dtype} (a square K == N problem)")
+
+    return time_fn(jax.jit(chain(fn, repeats)), x0, arg_sets) / (repeats * len(arg_sets))
+
+
+def chain(fn, repeats):
+    """(x, arg_sets) -> x after repeats passes of x = fn(x, *weights) over
+    the sets (each set's own x is not used)."""
+    def run(x, sets):
+        for _ in range(repeats):
+            for _, *weights in sets:
+                x = fn(x, *weights)
+        return x
+    return run
+
+
 DEVICE_CALLS = 3  # traced calls for the device times
 
 
@@ -229,7 +263,7 @@ def int4_suite(size, results):
         nbytes = packed.nbytes + scales.nbytes + x.nbytes + M * N * 2
         want = ref.int4_weight_only_reference(x, packed, scales, group_size=g)
         row = {}
-        timer = functools.partial(rotated_time, arg_sets=sets)
+        timer = functools.partial(chained_time, arg_sets=sets)
         variants = [(f"bn{bn}_split{sk}_w{nw}_s{ns}",
                      jax.jit(lambda x, p, s, bn=bn, sk=sk, nw=nw, ns=ns: int4_weight_only_pallas(
                          x, p, s, group_size=g, block_n=bn, split_k=sk, num_warps=nw,
@@ -247,9 +281,11 @@ def int4_suite(size, results):
                   lambda o, want=want: rel_err(o, want), row, timer)
             key = f"int4_mosaic_M{M}"  # best_of's entry for the fastest variant
             if key in row:
-                _add_device_time(row[key], dict(variants)[row[key]["config"]], sets)
+                best = dict(variants)[row[key]["config"]]
+                row[key]["independent_seconds"] = rotated_time(best, sets)
+                _add_device_time(row[key], best, sets)
         xla = jax.jit(lambda x, p, s: ref.int4_weight_only_reference(x, p, s, group_size=g))
-        row["xla_dequant_dot"] = dict(seconds=rotated_time(xla, sets[:4]))
+        row["xla_dequant_dot"] = dict(seconds=chained_time(xla, sets[:4]))
         # What a plain copy of the kernel's bytes reaches, timed the same way
         # (16 short kernels in one jit): the ceiling for a transfer this size.
         # bf16 like copy_bandwidth's: XLA's uint8 elementwise op is slower than
@@ -257,11 +293,12 @@ def int4_suite(size, results):
         half = jnp.zeros((nbytes // 4,), jnp.bfloat16)
         copy = jax.jit(lambda a: a + jnp.bfloat16(1))
         copy_sets = [(half + r,) for r in range(ROTATE)]
-        row["copy_same_bytes"] = dict(seconds=rotated_time(copy, copy_sets))
+        row["copy_same_bytes"] = dict(seconds=rotated_time(copy, copy_sets),
+                                      timing="16 independent calls a jit")
         if compat.platform() == "gpu":
             _add_device_time(row["copy_same_bytes"], copy, copy_sets)
         dense = jax.jit(lambda x, w: jnp.dot(x, w))
-        row["bf16_weights_xla"] = dict(seconds=rotated_time(dense, [(x, w_bf16 * (1 + 0.01 * r))
+        row["bf16_weights_xla"] = dict(seconds=chained_time(dense, [(x, w_bf16 * (1 + 0.01 * r))
                                                                     for r in range(4)]),
                                        bytes=w_bf16.nbytes + x.nbytes + M * N * 2)
         for name, r in row.items():
@@ -307,15 +344,19 @@ def main():
     i4 = results["int4"]
     print(f"\nint4 weight-only, K=N={args.size}, group 128; copy bandwidth "
           f"{i4['copy_GBps']:.0f} GB/s")
-    print("(us, GB/s: wall clock per call; device: the kernels' own time in a profiler trace)")
-    print(f"{'batch':>5s} {'impl':28s} {'us':>8s} {'GB/s':>8s} {'of copy':>8s} "
+    print(f"(us, GB/s: wall clock per call in a chain of {CHAIN_REPEATS * ROTATE} calls a jit "
+          f"(copy: {ROTATE} independent calls); indep: {ROTATE} independent calls a jit; "
+          "device: the kernels' own time in a profiler trace)")
+    print(f"{'batch':>5s} {'impl':28s} {'us':>8s} {'GB/s':>8s} {'of copy':>8s} {'indep us':>8s} "
           f"{'dev us':>8s} {'of copy':>8s}  config")
     for M, row in i4["batches"].items():
         for name, r in row.items():
             dev = (f"{r['device_seconds'] * 1e6:8.1f} {r['device_fraction_of_copy_bw']:8.0%}"
                    if "device_seconds" in r else f"{'-':>8s} {'-':>8s}")
+            indep = (f"{r['independent_seconds'] * 1e6:8.1f}" if "independent_seconds" in r
+                     else f"{'-':>8s}")
             print(f"{M:5d} {name:28s} {r['seconds'] * 1e6:8.1f} {r['GBps']:8.0f} "
-                  f"{r['fraction_of_copy_bw']:8.0%} {dev}  {r.get('config', '')}")
+                  f"{r['fraction_of_copy_bw']:8.0%} {indep} {dev}  {r.get('config', '')}")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,10 @@ def _cases():
     return {
         "attention causal d128": _attention_case(300, 300, 4, 2, 128, causal=True),
         "attention full d128 fused": _attention_case(300, 300, 4, 2, 128, block_sizes=fused),
-        "attention window d64": _attention_case(300, 300, 2, 2, 64, sliding_window=50),
+        "attention window d64 fused": _attention_case(300, 300, 2, 2, 64, sliding_window=50),
+        "attention causal d64 two kernels": _attention_case(
+            300, 300, 2, 2, 64, causal=True,
+            block_sizes=dataclasses.replace(tuning.DEFAULTS[64], fused_dq=False)),
         "attention causal d256 softcap segments": _attention_case(
             300, 300, 2, 1, 256, causal=True, logit_softcap=3.0, segment_ids=(ids, ids)),
         "attention causal d128 fused softcap segments": _attention_case(

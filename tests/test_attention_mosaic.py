@@ -176,7 +176,6 @@ def _qkv(seed, B, S, T, H, KH, D, dtype):
     (dict(segment_ids=(jnp.zeros((1, 64)),) * 2), "integers"),
     (dict(logit_softcap=-3.0), "logit_softcap"),
     (dict(sliding_window=0), "sliding_window"),
-    (dict(block_sizes=dataclasses.replace(tuning.DEFAULTS[64], fused_dq=True)), "fused_dq"),
 ])
 def test_unsupported_arguments_raise(kwargs, needle):
     q, k, v, _ = _qkv(0, 1, 64, 64, 2, 1, 64, jnp.bfloat16)
@@ -195,6 +194,13 @@ def test_dq_kernel_folds_delta_only_where_the_o_tile_fits(D, dq, dtype, folds):
     bs = dataclasses.replace(tuning.DEFAULTS[D], dq=tuning.KernelBlocks(*dq))
     spec = mosaic_gpu._Spec(q_len=256, kv_len=256, causal=True, window=None, scale=1.0, blocks=bs)
     assert mosaic_gpu._dq_folds_delta(spec, D, dtype) is folds
+
+
+def test_fused_dq_needs_head_dim_64_or_128():
+    q, k, v, _ = _qkv(0, 1, 64, 64, 2, 1, 256, jnp.bfloat16)
+    with pytest.raises(ValueError, match="fused_dq needs head_dim 64 or 128.*head_dim=256"):
+        mosaic_gpu.mosaic_flash_attention(
+            q, k, v, block_sizes=dataclasses.replace(tuning.DEFAULTS[256], fused_dq=True))
 
 
 def test_dv_pass_needs_fused_dq_and_round_trips_through_the_table():
@@ -265,15 +271,21 @@ GPU_CASES += [
                                      dq=KB(64, 128, 2), dkv=KB(64, 64, 3)))),
     (1, 200, 330, 2, 2, 64, True, None, jnp.bfloat16,
      dict(blocks=dataclasses.replace(tuning.DEFAULTS[64], pingpong=False, fwd=KB(64, 256, 2),
-                                     dq=KB(64, 128, 2)))),
+                                     dq=KB(64, 128, 2), fused_dq=False))),
     (1, 190, 190, 2, 1, 256, True, 50, jnp.bfloat16, dict(blocks=tuning.DEFAULTS[256])),
 ]
-# dQ fused into the dK/dV kernel (head_dim 128): GQA, odd and unequal lengths, windows.
+# dQ fused into the dK/dV kernel: GQA, odd and unequal lengths, windows. At
+# head_dim 64 the consumers take alternate steps' dQ tiles (128: column halves).
 FUSED = dataclasses.replace(tuning.DEFAULTS[128], fused_dq=True)
+FUSED64 = tuning.DEFAULTS[64]
+assert FUSED64.fused_dq
 GPU_CASES += [
     (2, 300, 300, 4, 2, 128, True, None, jnp.bfloat16, dict(blocks=FUSED)),
     (1, 200, 330, 4, 1, 128, False, None, jnp.float16, dict(blocks=FUSED)),
     (1, 330, 200, 2, 2, 128, True, 70, jnp.bfloat16, dict(blocks=FUSED)),
+    (2, 300, 300, 4, 2, 64, True, None, jnp.bfloat16, dict(blocks=FUSED64)),
+    (1, 200, 330, 4, 1, 64, False, None, jnp.float16, dict(blocks=FUSED64)),
+    (1, 330, 200, 2, 2, 64, True, 70, jnp.bfloat16, dict(blocks=FUSED64, softcap=2.5, segments=3)),
 ]
 # dQ fused into the dK kernel with dV in its own pass (dv_pass).
 FUSED_DV = dataclasses.replace(FUSED, dv_pass=True)

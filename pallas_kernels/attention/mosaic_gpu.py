@@ -22,11 +22,11 @@ and ``*_free`` (both consumers done with a slot, consumer -> producer).
   dK and dV over the query blocks of every head of its kv group (no atomics,
   no per-head copies). For head_dim
   256 dK and dV do not both fit in registers and run as two passes. With
-  ``fused_dq`` (head_dim 128) the key-parallel kernel forms dQ too: the
-  consumers share their dS^T tiles through shared memory and the TMA unit
-  reduce-adds float32 partial dQ tiles (5 matrix products per step instead of
-  the 7 of the two kernels; the tuned choice at head_dim 128 on the H200, see
-  BENCHMARKS.md).
+  ``fused_dq`` (head_dim 64 or 128) the key-parallel kernel forms dQ too:
+  the consumers share their dS^T tiles through shared memory and the TMA
+  unit reduce-adds float32 partial dQ tiles (5 matrix products per step
+  instead of the 7 of the two kernels; the tuned choice at head_dim 128 on
+  the H200, see BENCHMARKS.md).
   With ``dv_pass`` too, that kernel forms dK and dQ only and dV comes from a
   second key-parallel pass, which keeps the fused consumers' registers within
   budget (6 products).
@@ -815,8 +815,12 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
     need_v = want_dk  # dP = dO V^T feeds only dK (and dQ)
     fused = dq_acc is not None
     regs = _FUSED_REGS if fused else _BWD_REGS
-    half = D // _CONSUMERS  # dQ columns per consumer when fused
-    assert not fused or (want_dk and D == 128), "checked by mosaic_flash_attention"
+    # Fused dQ work split: at head_dim 128 each consumer forms half of dQ's
+    # columns every step; a 32-column half of a 64-wide tile is no wgmma
+    # operand, so at 64 the consumers take whole dQ tiles on alternate steps.
+    split_cols = D == 128
+    dq_cols = D // _CONSUMERS if split_cols else D
+    assert not fused or (want_dk and D in (64, 128)), "checked by mosaic_flash_attention"
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
         segs = None
@@ -876,31 +880,42 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
                 ks_v = segs.own(b, key0, bkv, wg)
             col_layout = plgpu.Layout.WGMMA.reduce(0)
 
-            cols = pl.ds(wg * half, half)
+            cols = pl.ds(wg * dq_cols if split_cols else 0, dq_cols)
 
             def dk_and_dq(dk, dst, q_slot, t, i, h):
                 """dK += dS^T Q; once both consumers' dS^T tiles of step t are
-                in shared memory, this consumer's dQ columns, reduce-added."""
+                in shared memory, this consumer's dQ columns (or, at head_dim
+                64, every other step's whole dQ tile), reduce-added."""
                 buf = lax.rem(t, _DS_BUFFERS)
                 ds_smem.at[buf, wg][...] = dst
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(ds_ready.at[buf])
 
-                def products(refs):  # dK in flight while waiting for the other dS^T
-                    plgpu.wgmma(refs[0], dst, q_slot)
-                    plgpu.barrier_wait(ds_ready.at[buf])
-                    for u in range(_CONSUMERS):
-                        plgpu.wgmma(refs[1], plgpu.transpose_ref(ds_smem.at[buf, u], (1, 0)),
-                                    k_smem.at[u, :, cols])
-                dk, dq = pl.run_state(products)((plgpu.ACC.init(dk),
-                                                 plgpu.ACC.init(_zeros((bq, half)))))
-                my_dq = dq_smem.at[wg]
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last add has read it
-                my_dq[...] = dq
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(my_dq, dq_ref.at[b, pl.ds(i * bq, bq), h, cols],
-                                        reduction_op="add")
-                return dk
+                def with_dq(dk):
+                    def products(refs):  # dK in flight while waiting for the other dS^T
+                        plgpu.wgmma(refs[0], dst, q_slot)
+                        plgpu.barrier_wait(ds_ready.at[buf])
+                        for u in range(_CONSUMERS):
+                            plgpu.wgmma(refs[1], plgpu.transpose_ref(ds_smem.at[buf, u], (1, 0)),
+                                        k_smem.at[u, :, cols])
+                    dk, dq = pl.run_state(products)((plgpu.ACC.init(dk),
+                                                     plgpu.ACC.init(_zeros((bq, dq_cols)))))
+                    my_dq = dq_smem.at[wg]
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last add has read it
+                    my_dq[...] = dq
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(my_dq, dq_ref.at[b, pl.ds(i * bq, bq), h, cols],
+                                            reduction_op="add")
+                    return dk
+
+                if split_cols:
+                    return with_dq(dk)
+
+                def dk_only(dk):
+                    dk = _mma_acc(dk, dst, q_slot)
+                    plgpu.barrier_wait(ds_ready.at[buf])  # every phase, as the other consumer
+                    return dk
+                return lax.cond(lax.rem(t, _CONSUMERS) == wg, with_dq, dk_only, dk)
 
             def step(i, carry, g, masked):
                 dk, dv = carry
@@ -986,7 +1001,7 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
     if fused:
         scratch += [
             mc.swizzled_smem((_DS_BUFFERS, _CONSUMERS, bkv, bq), dtype),
-            mc.swizzled_smem((_CONSUMERS, bq, half), jnp.float32),
+            mc.swizzled_smem((_CONSUMERS, bq, dq_cols), jnp.float32),
             plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=_DS_BUFFERS),
             plgpu.Barrier(num_arrivals=_CONSUMERS),
         ]
@@ -1104,9 +1119,9 @@ def mosaic_flash_attention(q, k, v, *, causal=False, segment_ids=None, sliding_w
     S, T, D = q.shape[1], k.shape[1], q.shape[-1]
     if block_sizes is None:
         block_sizes = tuning.block_sizes_for(compat.device_kind(), D, causal)
-    if block_sizes.fused_dq and D != 128:
-        raise ValueError(f"fused_dq needs head_dim 128 (dK, dV and dQ accumulators in "
-                         f"registers, dQ split in 64-column halves); got head_dim={D}")
+    if block_sizes.fused_dq and D not in (64, 128):
+        raise ValueError(f"fused_dq needs head_dim 64 or 128 (dK, dV and dQ accumulators "
+                         f"in registers); got head_dim={D}")
     spec = _Spec(q_len=S, kv_len=T, causal=bool(causal), window=sliding_window,
                  scale=float(D ** -0.5 if scale is None else scale), blocks=block_sizes,
                  softcap=None if logit_softcap is None else float(logit_softcap),

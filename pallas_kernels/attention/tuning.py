@@ -40,7 +40,7 @@ class BlockSizes:
     dq: KernelBlocks
     dkv: KernelBlocks
     pingpong: bool = True  # forward: the two consumers take turns on the tensor cores
-    fused_dq: bool = False  # backward: dQ inside the dK/dV kernel (head_dim 128 only)
+    fused_dq: bool = False  # backward: dQ inside the dK/dV kernel (head_dim 64, 128)
     # With fused_dq: dV in a second, lighter key-parallel pass (S^T and dV
     # only), so the fused pass keeps no dV accumulator in registers: 6 matrix
     # products a step in all instead of 5, against the two kernels' 7.
@@ -66,8 +66,10 @@ def _kb(q, kv, s):
 
 # Sized for 227 KiB of shared memory and 240 (forward) or 232 (backward)
 # registers per consumer thread.
+# head_dim 64 fuses dQ into the dK/dV kernel: 12% faster causal and full on
+# the H200 (BENCHMARKS.md, session 11).
 DEFAULTS = {
-    64: BlockSizes(fwd=_kb(64, 128, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2)),
+    64: BlockSizes(fwd=_kb(64, 128, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2), fused_dq=True),
     128: BlockSizes(fwd=_kb(64, 128, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2)),
     256: BlockSizes(fwd=_kb(64, 64, 2), dq=_kb(64, 64, 1), dkv=_kb(64, 64, 1)),
 }
@@ -103,8 +105,9 @@ def candidates(head_dim: int):
         bwd = []  # only the default fits in shared memory
     else:
         bwd = [dict(dq=_kb(64, kv, 2), dkv=_kb(64, 64, s)) for kv, s in ((64, 2), (128, 2), (128, 3))]
+        bwd += [dict(fused_dq=True)]
         if head_dim == 128:
-            bwd += [dict(fused_dq=True), dict(fused_dq=True, dv_pass=True)]
+            bwd += [dict(fused_dq=True, dv_pass=True)]
     return fwd, bwd
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,15 @@ class MetricsLogger:
         self.enabled = enabled
         self._jsonl = self._tb = None
         if enabled:
-            from tensorboardX import SummaryWriter
             self._jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                # Offline cluster images may lack it; the JSONL still has every record.
+                warnings.warn("tensorboardX is not installed: metrics go to metrics.jsonl only "
+                              "(pip install tensorboardX for TensorBoard event files)")
+            else:
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def log(self, step: int, split: str, metrics: dict) -> dict:
         flat = _scalars("", metrics, {})
@@ -41,11 +48,13 @@ class MetricsLogger:
                       **{k: (v if math.isfinite(v) else str(v)) for k, v in flat.items()}}
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
-            for k, v in flat.items():
-                self._tb.add_scalar(f"{split}/{k}", v, step)
+            if self._tb is not None:
+                for k, v in flat.items():
+                    self._tb.add_scalar(f"{split}/{k}", v, step)
         return flat
 
     def close(self):
         if self.enabled:
             self._jsonl.close()
-            self._tb.close()
+            if self._tb is not None:
+                self._tb.close()

@@ -195,7 +195,6 @@ def chained_time(fn, arg_sets, repeats=CHAIN_REPEATS):
     if (y.shape, y.dtype) != (x0.shape, x0.dtype):
         raise ValueError(f"chained_time needs an output shaped like x {x0.shape} {x0.dtype}; "
                          f"got {y.shape} {y.dtype} (a square K == N problem)")
-
     return time_fn(jax.jit(chain(fn, repeats)), x0, arg_sets) / (repeats * len(arg_sets))
 
 
@@ -286,8 +285,8 @@ def int4_suite(size, results):
                 _add_device_time(row[key], best, sets)
         xla = jax.jit(lambda x, p, s: ref.int4_weight_only_reference(x, p, s, group_size=g))
         row["xla_dequant_dot"] = dict(seconds=chained_time(xla, sets[:4]))
-        # What a plain copy of the kernel's bytes reaches, timed the same way
-        # (16 short kernels in one jit): the ceiling for a transfer this size.
+        # What a plain copy of the kernel's bytes reaches as 16 independent
+        # calls in one jit (a copy has no x to chain): a transfer this size.
         # bf16 like copy_bandwidth's: XLA's uint8 elementwise op is slower than
         # the memory (session 6: 1306 GB/s for these bytes).
         half = jnp.zeros((nbytes // 4,), jnp.bfloat16)

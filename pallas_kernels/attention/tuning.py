@@ -64,8 +64,8 @@ def _kb(q, kv, s):
     return KernelBlocks(block_q=q, block_kv=kv, stages=s)
 
 
-# Sized for 227 KiB of shared memory and 240 (forward) or 232 (backward)
-# registers per consumer thread.
+# Sized for 227 KiB of shared memory and 240 (forward, fused backward) or 232
+# (separate dQ and dK/dV kernels) registers per consumer thread.
 # head_dim 64 fuses dQ into the dK/dV kernel: 12% faster causal and full on
 # the H200 (BENCHMARKS.md, session 11).
 DEFAULTS = {

@@ -189,7 +189,7 @@ def chained_time(fn, arg_sets, repeats=CHAIN_REPEATS):
     taken in turn (a set comes back after all the others have streamed
     through L2). Session 11's trace: kernels inside one jit run back to
     back, but dispatching a jit costs the host several us per argument
-    buffer, more than a 16 us kernel; the chain spreads that over 8 uses."""
+    buffer, more than a 16 us kernel; the chain spreads that over `repeats` uses."""
     x0 = arg_sets[0][0]
     y = jax.eval_shape(fn, *arg_sets[0])
     if (y.shape, y.dtype) != (x0.shape, x0.dtype):

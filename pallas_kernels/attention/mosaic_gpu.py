@@ -20,8 +20,10 @@ and ``*_free`` (both consumers done with a slot, consumer -> producer).
   holds an O tile too, forms delta = rowsum(dO*O) for the next kernel (else
   XLA does, one more pass over O and dO); a key-parallel kernel accumulates
   dK and dV over the query blocks of every head of its kv group (no atomics,
-  no per-head copies). For head_dim
-  256 dK and dV do not both fit in registers and run as two passes. With
+  no per-head copies). At head_dim
+  256 one consumer cannot hold both the dK and dV accumulators, so the two
+  consumers of a dK/dV block share its keys and split each step by role
+  (``_backward_dkv_roles``). With
   ``fused_dq`` (head_dim 64 or 128) the key-parallel kernel forms dQ too:
   the consumers share their dS^T tiles through shared memory and the TMA
   unit reduce-adds float32 partial dQ tiles (5 matrix products per step
@@ -1014,6 +1016,165 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
     return (outs[0] if want_dk else None), (outs[-1] if want_dv else None)
 
 
+def _backward_dkv_roles(q, k, v, do, lse, delta, segs, spec: _Spec):
+    """dK, dV for head_dim 256, where one consumer cannot hold both
+    accumulators (64x256 float32: 128 registers a thread each).
+
+    The consumers share a block's block_kv keys and split each step by role:
+    consumer 1 forms P^T = exp(S^T - lse) and dV += P^T dO; consumer 0 forms
+    dP^T = V dO^T, takes P^T (times the soft-cap's derivative) from consumer 1
+    through shared memory, and dK += dS^T Q. Two matrix products a step each,
+    four in all, where separate dK and dV passes take five and stream Q and
+    dO twice."""
+    pl, plgpu = _pl(), _plgpu()
+    B, Sp, H, D = q.shape
+    Tp, KH = k.shape[1], k.shape[2]
+    G = H // KH
+    cfg = spec.blocks.dkv
+    bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
+    assert (bq, bkv) == (64, 64), "checked by mosaic_flash_attention"
+    grid, names = _block_order(B * KH, Tp // bkv)
+    dtype = q.dtype
+    ds_side, p_side = 0, 1  # consumer warpgroups by role
+
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+        segs = None
+        if spec.segments:  # own: the block's keys; streamed: the query blocks
+            (q_ids, kv_ids, spans), refs = refs[:3], refs[3:]
+            segs = _Segments(kv_ids, q_ids, spans, *refs[-4:])
+        (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, p_smem,
+         own_ready, q_ready, do_ready, lse_ready, delta_ready, q_free, do_free,
+         p_ready, p_free) = refs[:18]
+        b, kvh, tile = _block_position(KH, grid)  # causal: the first keys have the most rows
+        key0 = tile * bkv
+        lo, flo, fhi, hi = q_block_range(key0, bkv, block_q=bq, **spec.ranges())
+        if segs:
+            lo, hi = _narrow(lo, hi, segs.spans, b, tile, bq)
+        per_head = hi - lo
+        keys = (b, pl.ds(key0, bkv), kvh)
+        wg = lax.axis_index("wg")
+
+        @pl.when(wg == _CONSUMERS)
+        def _producer():
+            def issue(t, slot):
+                h = kvh * G + lax.div(t, per_head)
+                i = lo + lax.rem(t, per_head)
+                rows = (b, pl.ds(i * bq, bq), h)
+                vec = (b, h, pl.ds(i * bq, bq))
+                plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_ready.at[slot])
+                plgpu.copy_gmem_to_smem(lse_ref.at[vec], lse_smem.at[slot], lse_ready.at[slot])
+                plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_ready.at[slot])
+                plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_smem.at[slot],
+                                        delta_ready.at[slot])
+                if segs:
+                    segs.fetch(b, i * bq, bq, slot)
+            _ring_producer(G * per_head, stages, issue, (q_free, do_free), _BWD_REGS)
+
+        col_layout = plgpu.Layout.WGMMA.reduce(0)
+
+        def over_heads(step, acc):
+            def head(g, acc):
+                return _sweep(functools.partial(step, g=g), *spec.sweep_blocks(lo, flo, fhi, hi),
+                              acc)
+            return lax.fori_loop(0, G, head, acc)
+
+        def store(acc, own_smem, out_ref):
+            """Write a [bkv, D] result through this consumer's own (no longer
+            read) K or V tile."""
+            own_smem[...] = acc.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(own_smem, out_ref.at[keys])
+            mc.wait_stores_before_exit()
+
+        @pl.when(wg == p_side)
+        def _p_side():
+            plgpu.set_max_registers(_BWD_REGS[1], action="increase")
+            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, own_ready.at[p_side])
+            plgpu.barrier_wait(own_ready.at[p_side])
+            if segs:
+                ks_v = segs.own(b, key0, bkv, p_side)
+
+            def step(i, dv, g, masked):
+                slot = lax.rem(g * per_head + (i - lo), stages)
+                q_slot = q_smem.at[slot]
+                plgpu.barrier_wait(q_ready.at[slot])
+                plgpu.barrier_wait(lse_ready.at[slot])
+                st, dcap = spec.base2_logits(
+                    _mma(k_smem, plgpu.transpose_ref(q_slot, (1, 0)), (bkv, bq)))
+                plgpu.barrier_arrive(q_free.at[slot])
+                if masked:
+                    seg = ()
+                    if segs:
+                        qs_v = segs.at(slot)
+                        seg = (mc.cols(qs_v, st.shape), mc.rows(ks_v, st.shape))
+                    ok = spec.mask(_iota((bkv, bq), 1) + (i * bq + spec.offset),
+                                   _iota((bkv, bq), 0) + key0, *seg)
+                    st = jnp.where(ok, st, -jnp.inf)
+                lse_v = plgpu.load(lse_smem.at[slot], (), layout=col_layout)
+                pt = jnp.exp2(st - mc.cols(lse_v, st.shape))
+                plgpu.barrier_wait(p_free)
+                p_smem[...] = pt if dcap is None else pt * dcap
+                plgpu.barrier_arrive(p_ready)
+                plgpu.barrier_wait(do_ready.at[slot])
+                dv = _mma_acc(dv, pt.astype(dtype), do_smem.at[slot])
+                plgpu.barrier_arrive(do_free.at[slot])
+                return dv
+
+            store(over_heads(step, _zeros((bkv, D))), k_smem, dv_ref)
+
+        @pl.when(wg == ds_side)
+        def _ds_side():
+            plgpu.set_max_registers(_BWD_REGS[1], action="increase")
+            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, own_ready.at[ds_side])
+            plgpu.barrier_wait(own_ready.at[ds_side])
+            plgpu.barrier_arrive(p_free)  # the P^T tile starts free
+
+            def step(i, dk, g, masked):
+                del masked  # P^T comes masked
+                slot = lax.rem(g * per_head + (i - lo), stages)
+                do_slot = do_smem.at[slot]
+                plgpu.barrier_wait(do_ready.at[slot])
+                dpt = _mma(v_smem, plgpu.transpose_ref(do_slot, (1, 0)), (bkv, bq))
+                plgpu.barrier_arrive(do_free.at[slot])
+                plgpu.barrier_wait(delta_ready.at[slot])
+                delta_v = plgpu.load(delta_smem.at[slot], (), layout=col_layout)
+                plgpu.barrier_wait(p_ready)
+                pt = p_smem[...]
+                plgpu.barrier_arrive(p_free)
+                dst = (pt * (dpt - mc.cols(delta_v, dpt.shape))).astype(dtype)
+                plgpu.barrier_wait(q_ready.at[slot])
+                dk = _mma_acc(dk, dst, q_smem.at[slot])
+                plgpu.barrier_arrive(q_free.at[slot])
+                return dk
+
+            store(over_heads(step, _zeros((bkv, D))) * spec.scale, v_smem, dk_ref)
+
+    scratch = [
+        mc.swizzled_smem((bkv, D), dtype),
+        mc.swizzled_smem((bkv, D), dtype),
+        mc.swizzled_smem((stages, bq, D), dtype),
+        mc.swizzled_smem((stages, bq, D), dtype),
+        plgpu.SMEM((stages, bq), jnp.float32),
+        plgpu.SMEM((stages, bq), jnp.float32),
+        mc.swizzled_smem((bkv, bq), jnp.float32),
+        plgpu.Barrier(num_barriers=_CONSUMERS),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
+        plgpu.Barrier(),
+        plgpu.Barrier(),
+    ]
+    if spec.segments:
+        scratch += _segment_scratch(bkv, stages, bq)
+    out_type = [jax.ShapeDtypeStruct(k.shape, dtype)] * 2
+    seg_args = _segment_operands(segs, bkv, key_parallel=True)
+    dk, dv = _call(body, out_type, scratch, grid, names)(q, k, v, do, lse, delta, *seg_args)
+    return dk, dv
+
+
 # ----------------------------------------------------------------------------
 # Differentiable entry point.
 
@@ -1046,9 +1207,8 @@ def _attention_bwd(spec, res, do):
     else:
         if dq is None:
             dq, _ = _backward_dq(*args)
-        if q.shape[-1] > 128:  # dK and dV accumulators do not fit in registers together
-            dk, _ = _backward_dkv(*args, want_dv=False)
-            _, dv = _backward_dkv(*args, want_dk=False)
+        if q.shape[-1] > 128:  # dK and dV accumulators do not fit in one consumer's registers
+            dk, dv = _backward_dkv_roles(*args)
         else:
             dk, dv = _backward_dkv(*args)
     return dq, dk, dv, None  # segment ids are integers: no cotangent
@@ -1122,6 +1282,9 @@ def mosaic_flash_attention(q, k, v, *, causal=False, segment_ids=None, sliding_w
     if block_sizes.fused_dq and D not in (64, 128):
         raise ValueError(f"fused_dq needs head_dim 64 or 128 (dK, dV and dQ accumulators "
                          f"in registers); got head_dim={D}")
+    if D == 256 and (block_sizes.dkv.block_q, block_sizes.dkv.block_kv) != (64, 64):
+        raise ValueError(f"head_dim 256's dK/dV kernel takes 64x64 blocks (its P^T tile and "
+                         f"two 64x256 accumulators fill the registers); got dkv={block_sizes.dkv}")
     spec = _Spec(q_len=S, kv_len=T, causal=bool(causal), window=sliding_window,
                  scale=float(D ** -0.5 if scale is None else scale), blocks=block_sizes,
                  softcap=None if logit_softcap is None else float(logit_softcap),

@@ -67,9 +67,8 @@ def _kb(q, kv, s):
 # Sized for 227 KiB of shared memory and 240 (forward, fused backward) or 232
 # (separate dQ and dK/dV kernels) registers per consumer thread.
 # head_dim 64 fuses dQ into the dK/dV kernel: 12% faster causal and full on
-# the H200 (BENCHMARKS.md, session 11). head_dim 256's role-split backward
-# kernels take two stages (one-stage dK/dV is 9-15% slower f+b on the H200,
-# session 12).
+# the H200 (BENCHMARKS.md, session 11). head_dim 256's role-split dK/dV
+# kernel takes two stages (one is 9-15% slower f+b on the H200, session 12).
 DEFAULTS = {
     64: BlockSizes(fwd=_kb(64, 128, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2), fused_dq=True),
     128: BlockSizes(fwd=_kb(64, 128, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2)),
@@ -104,8 +103,7 @@ def candidates(head_dim: int):
     fwd_kv = {64: (128, 192, 256), 128: (128,), 256: (64,)}[head_dim]
     fwd = [dict(fwd=_kb(64, kv, 2), pingpong=pp) for kv, pp in itertools.product(fwd_kv, (True, False))]
     if head_dim == 256:
-        bwd = [dict(dq=_kb(64, 64, a), dkv=_kb(64, 64, b))  # deeper rings do not fit
-               for a, b in itertools.product((2, 1), (2, 1))]
+        bwd = [dict(dkv=_kb(64, 64, s)) for s in (2, 1)]  # deeper rings do not fit
     else:
         bwd = [dict(dq=_kb(64, kv, 2), dkv=_kb(64, 64, s)) for kv, s in ((64, 2), (128, 2), (128, 3))]
         bwd += [dict(fused_dq=True)]

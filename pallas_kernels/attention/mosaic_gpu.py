@@ -20,11 +20,10 @@ and ``*_free`` (both consumers done with a slot, consumer -> producer).
   holds an O tile too, forms delta = rowsum(dO*O) for the next kernel (else
   XLA does, one more pass over O and dO); a key-parallel kernel accumulates
   dK and dV over the query blocks of every head of its kv group (no atomics,
-  no per-head copies). At head_dim 256 one consumer cannot hold both the dK
-  and dV accumulators, and two consumers' Q and dO tiles leave room for one
-  K/V stage, so both kernels give their two consumers the same rows (keys,
-  or queries) and split each step by role (``_backward_dkv_roles``,
-  ``_backward_dq_roles``). With
+  no per-head copies). At head_dim
+  256 one consumer cannot hold both the dK and dV accumulators, so the two
+  consumers of a dK/dV block share its keys and split each step by role
+  (``_backward_dkv_roles``). With
   ``fused_dq`` (head_dim 64 or 128) the key-parallel kernel forms dQ too:
   the consumers share their dS^T tiles through shared memory and the TMA
   unit reduce-adds float32 partial dQ tiles (5 matrix products per step

@@ -72,7 +72,7 @@ def _kb(q, kv, s):
 DEFAULTS = {
     64: BlockSizes(fwd=_kb(64, 128, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2), fused_dq=True),
     128: BlockSizes(fwd=_kb(64, 128, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2)),
-    256: BlockSizes(fwd=_kb(64, 64, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2)),
+    256: BlockSizes(fwd=_kb(64, 64, 2), dq=_kb(64, 64, 1), dkv=_kb(64, 64, 2)),
 }
 
 

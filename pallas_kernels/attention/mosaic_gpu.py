@@ -20,10 +20,9 @@ and ``*_free`` (both consumers done with a slot, consumer -> producer).
   holds an O tile too, forms delta = rowsum(dO*O) for the next kernel (else
   XLA does, one more pass over O and dO); a key-parallel kernel accumulates
   dK and dV over the query blocks of every head of its kv group (no atomics,
-  no per-head copies). At head_dim
-  256 one consumer cannot hold both the dK and dV accumulators, so the two
-  consumers of a dK/dV block share its keys and split each step by role
-  (``_backward_dkv_roles``). With
+  no per-head copies). At head_dim 256 one consumer cannot hold both the dK
+  and dV accumulators, so the two consumers of a dK/dV block share its keys
+  and split each step by role (``_backward_dkv_roles``). With
   ``fused_dq`` (head_dim 64 or 128) the key-parallel kernel forms dQ too:
   the consumers share their dS^T tiles through shared memory and the TMA
   unit reduce-adds float32 partial dQ tiles (5 matrix products per step
@@ -796,6 +795,91 @@ def _backward_dq(q, k, v, do, lse, out_or_delta, segs, spec: _Spec):
 # Backward: dK and dV (and, fused, dQ), key-parallel, summed over the heads of
 # each kv group.
 
+def _key_tile(spec, grid, KH, G, cols, cfg, inputs, ring, segs, regs, with_delta=True):
+    """This block's ``cols`` keys and its query-block range (key-parallel
+    kernels); runs the producer, which streams the query blocks of every head
+    of the kv group into the ring: Q, lse, dO (and delta) and their segment
+    ids. inputs = (q, do, lse, delta) refs; ring = (q, do, lse, delta) slots,
+    their ready barriers in the same order, then q_free, do_free.
+    Returns (b, kvh, tile, first key, (lo, full_lo, full_hi, hi), per_head, wg)."""
+    pl, plgpu = _pl(), _plgpu()
+    q_ref, do_ref, lse_ref, delta_ref = inputs
+    (q_smem, do_smem, lse_smem, delta_smem,
+     q_ready, do_ready, lse_ready, delta_ready, q_free, do_free) = ring
+    bq = cfg.block_q
+    b, kvh, tile = _block_position(KH, grid)  # causal: the first keys have the most rows
+    c0 = tile * cols
+    lo, flo, fhi, hi = q_block_range(c0, cols, block_q=bq, **spec.ranges())
+    if segs:  # only the query blocks of the tile's segments
+        lo, hi = _narrow(lo, hi, segs.spans, b, tile, bq)
+    per_head = hi - lo
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg == _CONSUMERS)
+    def _producer():
+        def issue(t, slot):
+            h = kvh * G + lax.div(t, per_head)
+            i = lo + lax.rem(t, per_head)
+            rows = (b, pl.ds(i * bq, bq), h)
+            vec = (b, h, pl.ds(i * bq, bq))
+            plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_ready.at[slot])
+            plgpu.copy_gmem_to_smem(lse_ref.at[vec], lse_smem.at[slot], lse_ready.at[slot])
+            plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_ready.at[slot])
+            if with_delta:
+                plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_smem.at[slot],
+                                        delta_ready.at[slot])
+            if segs:
+                segs.fetch(b, i * bq, bq, slot)
+        _ring_producer(G * per_head, cfg.stages, issue, (q_free, do_free), regs)
+
+    return b, kvh, tile, c0, (lo, flo, fhi, hi), per_head, wg
+
+
+def _probs_t(spec, st, masked, lse_slot, i, key0, segs, slot, ks_v):
+    """P^T = exp2(S^T - lse) of a key-parallel tile of base-2 logits st [keys,
+    queries] (query block i, keys from key0), masked where ``masked``; with
+    segs, ring slot ``slot`` holds the query block's ids and ks_v the keys'."""
+    plgpu = _plgpu()
+    if masked:
+        seg = ()
+        if segs:
+            qs_v = segs.at(slot)
+            seg = (mc.cols(qs_v, st.shape), mc.rows(ks_v, st.shape))
+        ok = spec.mask(_iota(st.shape, 1) + (i * st.shape[1] + spec.offset),
+                       _iota(st.shape, 0) + key0, *seg)
+        st = jnp.where(ok, st, -jnp.inf)
+    lse_v = plgpu.load(lse_slot, (), layout=plgpu.Layout.WGMMA.reduce(0))
+    return jnp.exp2(st - mc.cols(lse_v, st.shape))
+
+
+def _key_parallel_shape(q, k):
+    """(batch, head_dim, kv heads, query heads per kv head) of a backward call."""
+    return q.shape[0], q.shape[3], k.shape[2], q.shape[2] // k.shape[2]
+
+
+def _query_ring_slots(stages, bq, D, dtype):
+    """A key-parallel kernel's ring of streamed query blocks: Q, dO, lse, delta."""
+    plgpu = _plgpu()
+    return [mc.swizzled_smem((stages, bq, D), dtype), mc.swizzled_smem((stages, bq, D), dtype),
+            plgpu.SMEM((stages, bq), jnp.float32), plgpu.SMEM((stages, bq), jnp.float32)]
+
+
+def _query_ring_barriers(stages):
+    """Its ready barriers (Q, dO, lse, delta) and free barriers (Q, dO; both consumers)."""
+    plgpu = _plgpu()
+    free = plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages)
+    return [plgpu.Barrier(num_barriers=stages)] * 4 + [free, free]
+
+
+def _key_segments(spec, refs):
+    """A key-parallel body's refs after its fixed inputs -> (_Segments or
+    None, the rest): own ids are the block's keys, streamed the query blocks."""
+    if not spec.segments:
+        return None, refs
+    (q_ids, kv_ids, spans), refs = refs[:3], refs[3:]
+    return _Segments(kv_ids, q_ids, spans, *refs[-4:]), refs
+
+
 def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want_dv=True,
                   dq_acc=None):
     """dK, dV for k/v [B,Tp,KH,D] (None where not wanted).
@@ -807,12 +891,9 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
     head-dim columns [w*D/2, (w+1)*D/2) over the block's keys, and the TMA
     unit reduce-adds it (float32) into dq_acc."""
     pl, plgpu = _pl(), _plgpu()
-    B, Sp, H, D = q.shape
-    Tp, KH = k.shape[1], k.shape[2]
-    G = H // KH
-    cfg = spec.blocks.dkv
+    B, D, KH, G, cfg = *_key_parallel_shape(q, k), spec.blocks.dkv
     bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
-    grid, names = _block_order(B * KH, Tp // (_CONSUMERS * bkv))
+    grid, names = _block_order(B * KH, k.shape[1] // (_CONSUMERS * bkv))
     dtype = q.dtype
     need_v = want_dk  # dP = dO V^T feeds only dK (and dQ)
     fused = dq_acc is not None
@@ -825,10 +906,7 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
     assert not fused or (want_dk and D in (64, 128)), "checked by mosaic_flash_attention"
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
-        segs = None
-        if spec.segments:  # own: the consumers' keys; streamed: the query blocks
-            (q_ids, kv_ids, spans), refs = refs[:3], refs[3:]
-            segs = _Segments(kv_ids, q_ids, spans, *refs[-4:])
+        segs, refs = _key_segments(spec, refs)
         if fused:
             dq_ref, refs = refs[0], refs[1:]
         n_out = want_dk + want_dv
@@ -839,30 +917,11 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
             ds_smem, dq_smem, ds_ready, dq_done = refs[13:17]
         dk_ref = outs[0] if want_dk else None
         dv_ref = outs[-1] if want_dv else None
-        b, kvh, tile = _block_position(KH, grid)  # causal: the first keys have the most rows
-        c0 = tile * (_CONSUMERS * bkv)
-        lo, flo, fhi, hi = q_block_range(c0, _CONSUMERS * bkv, block_q=bq, **spec.ranges())
-        if segs:  # only the query blocks of the tile's segments
-            lo, hi = _narrow(lo, hi, segs.spans, b, tile, bq)
-        per_head = hi - lo
-        wg = lax.axis_index("wg")
-
-        @pl.when(wg == _CONSUMERS)
-        def _producer():
-            def issue(t, slot):
-                h = kvh * G + lax.div(t, per_head)
-                i = lo + lax.rem(t, per_head)
-                rows = (b, pl.ds(i * bq, bq), h)
-                vec = (b, h, pl.ds(i * bq, bq))
-                plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_ready.at[slot])
-                plgpu.copy_gmem_to_smem(lse_ref.at[vec], lse_smem.at[slot], lse_ready.at[slot])
-                plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_ready.at[slot])
-                if want_dk:
-                    plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_smem.at[slot],
-                                            delta_ready.at[slot])
-                if segs:
-                    segs.fetch(b, i * bq, bq, slot)
-            _ring_producer(G * per_head, stages, issue, (q_free, do_free), regs)
+        b, kvh, tile, c0, blocks, per_head, wg = _key_tile(
+            spec, grid, KH, G, _CONSUMERS * bkv, cfg, (q_ref, do_ref, lse_ref, delta_ref),
+            (q_smem, do_smem, lse_smem, delta_smem, q_ready, do_ready, lse_ready, delta_ready,
+             q_free, do_free), segs, regs, with_delta=want_dk)
+        lo = blocks[0]
 
         @pl.when(wg < _CONSUMERS)
         def _consumer():
@@ -928,16 +987,8 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
                 plgpu.barrier_wait(lse_ready.at[slot])
                 st, dcap = spec.base2_logits(
                     _mma(my_k, plgpu.transpose_ref(q_slot, (1, 0)), (bkv, bq)))
-                if masked:
-                    seg = ()
-                    if segs:
-                        qs_v = segs.at(slot)
-                        seg = (mc.cols(qs_v, st.shape), mc.rows(ks_v, st.shape))
-                    ok = spec.mask(_iota((bkv, bq), 1) + (i * bq + spec.offset),
-                                   _iota((bkv, bq), 0) + key0, *seg)
-                    st = jnp.where(ok, st, -jnp.inf)
-                lse_v = plgpu.load(lse_smem.at[slot], (), layout=col_layout)
-                pt = jnp.exp2(st - mc.cols(lse_v, st.shape))
+                pt = _probs_t(spec, st, masked, lse_smem.at[slot], i, key0, segs, slot,
+                              ks_v if segs else None)
                 plgpu.barrier_wait(do_ready.at[slot])
                 if not want_dk:
                     dv = _mma_acc(dv, pt.astype(dtype), do_slot)
@@ -965,7 +1016,7 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
                 return dk, dv
 
             def head(g, carry):
-                return _sweep(functools.partial(step, g=g), *spec.sweep_blocks(lo, flo, fhi, hi),
+                return _sweep(functools.partial(step, g=g), *spec.sweep_blocks(*blocks),
                               carry)
 
             zero = _zeros((bkv, D))
@@ -988,17 +1039,9 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
     scratch = [
         mc.swizzled_smem((_CONSUMERS, bkv, D), dtype),
         mc.swizzled_smem((_CONSUMERS, bkv, D), dtype),
-        mc.swizzled_smem((stages, bq, D), dtype),
-        mc.swizzled_smem((stages, bq, D), dtype),
-        plgpu.SMEM((stages, bq), jnp.float32),
-        plgpu.SMEM((stages, bq), jnp.float32),
+        *_query_ring_slots(stages, bq, D, dtype),
         plgpu.Barrier(num_barriers=_CONSUMERS * 2),
-        plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
+        *_query_ring_barriers(stages),
     ]
     if fused:
         scratch += [
@@ -1027,54 +1070,30 @@ def _backward_dkv_roles(q, k, v, do, lse, delta, segs, spec: _Spec):
     four in all, where separate dK and dV passes take five and stream Q and
     dO twice."""
     pl, plgpu = _pl(), _plgpu()
-    B, Sp, H, D = q.shape
-    Tp, KH = k.shape[1], k.shape[2]
-    G = H // KH
-    cfg = spec.blocks.dkv
+    B, D, KH, G, cfg = *_key_parallel_shape(q, k), spec.blocks.dkv
     bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
     assert (bq, bkv) == (64, 64), "checked by mosaic_flash_attention"
-    grid, names = _block_order(B * KH, Tp // bkv)
+    grid, names = _block_order(B * KH, k.shape[1] // bkv)
     dtype = q.dtype
     ds_side, p_side = 0, 1  # consumer warpgroups by role
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
-        segs = None
-        if spec.segments:  # own: the block's keys; streamed: the query blocks
-            (q_ids, kv_ids, spans), refs = refs[:3], refs[3:]
-            segs = _Segments(kv_ids, q_ids, spans, *refs[-4:])
+        segs, refs = _key_segments(spec, refs)
         (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, p_smem,
          own_ready, q_ready, do_ready, lse_ready, delta_ready, q_free, do_free,
          p_ready, p_free) = refs[:18]
-        b, kvh, tile = _block_position(KH, grid)  # causal: the first keys have the most rows
-        key0 = tile * bkv
-        lo, flo, fhi, hi = q_block_range(key0, bkv, block_q=bq, **spec.ranges())
-        if segs:
-            lo, hi = _narrow(lo, hi, segs.spans, b, tile, bq)
-        per_head = hi - lo
+        b, kvh, _, key0, blocks, per_head, wg = _key_tile(
+            spec, grid, KH, G, bkv, cfg, (q_ref, do_ref, lse_ref, delta_ref),
+            (q_smem, do_smem, lse_smem, delta_smem, q_ready, do_ready, lse_ready, delta_ready,
+             q_free, do_free), segs, _BWD_REGS)
+        lo = blocks[0]
         keys = (b, pl.ds(key0, bkv), kvh)
-        wg = lax.axis_index("wg")
-
-        @pl.when(wg == _CONSUMERS)
-        def _producer():
-            def issue(t, slot):
-                h = kvh * G + lax.div(t, per_head)
-                i = lo + lax.rem(t, per_head)
-                rows = (b, pl.ds(i * bq, bq), h)
-                vec = (b, h, pl.ds(i * bq, bq))
-                plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_ready.at[slot])
-                plgpu.copy_gmem_to_smem(lse_ref.at[vec], lse_smem.at[slot], lse_ready.at[slot])
-                plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_ready.at[slot])
-                plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_smem.at[slot],
-                                        delta_ready.at[slot])
-                if segs:
-                    segs.fetch(b, i * bq, bq, slot)
-            _ring_producer(G * per_head, stages, issue, (q_free, do_free), _BWD_REGS)
 
         col_layout = plgpu.Layout.WGMMA.reduce(0)
 
         def over_heads(step, acc):
             def head(g, acc):
-                return _sweep(functools.partial(step, g=g), *spec.sweep_blocks(lo, flo, fhi, hi),
+                return _sweep(functools.partial(step, g=g), *spec.sweep_blocks(*blocks),
                               acc)
             return lax.fori_loop(0, G, head, acc)
 
@@ -1102,16 +1121,8 @@ def _backward_dkv_roles(q, k, v, do, lse, delta, segs, spec: _Spec):
                 st, dcap = spec.base2_logits(
                     _mma(k_smem, plgpu.transpose_ref(q_slot, (1, 0)), (bkv, bq)))
                 plgpu.barrier_arrive(q_free.at[slot])
-                if masked:
-                    seg = ()
-                    if segs:
-                        qs_v = segs.at(slot)
-                        seg = (mc.cols(qs_v, st.shape), mc.rows(ks_v, st.shape))
-                    ok = spec.mask(_iota((bkv, bq), 1) + (i * bq + spec.offset),
-                                   _iota((bkv, bq), 0) + key0, *seg)
-                    st = jnp.where(ok, st, -jnp.inf)
-                lse_v = plgpu.load(lse_smem.at[slot], (), layout=col_layout)
-                pt = jnp.exp2(st - mc.cols(lse_v, st.shape))
+                pt = _probs_t(spec, st, masked, lse_smem.at[slot], i, key0, segs, slot,
+                              ks_v if segs else None)
                 plgpu.barrier_wait(p_free)
                 p_smem[...] = pt if dcap is None else pt * dcap
                 plgpu.barrier_arrive(p_ready)
@@ -1152,18 +1163,10 @@ def _backward_dkv_roles(q, k, v, do, lse, delta, segs, spec: _Spec):
     scratch = [
         mc.swizzled_smem((bkv, D), dtype),
         mc.swizzled_smem((bkv, D), dtype),
-        mc.swizzled_smem((stages, bq, D), dtype),
-        mc.swizzled_smem((stages, bq, D), dtype),
-        plgpu.SMEM((stages, bq), jnp.float32),
-        plgpu.SMEM((stages, bq), jnp.float32),
+        *_query_ring_slots(stages, bq, D, dtype),
         mc.swizzled_smem((bkv, bq), jnp.float32),
         plgpu.Barrier(num_barriers=_CONSUMERS),
-        plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
+        *_query_ring_barriers(stages),
         plgpu.Barrier(),
         plgpu.Barrier(),
     ]

@@ -795,13 +795,22 @@ def _backward_dq(q, k, v, do, lse, out_or_delta, segs, spec: _Spec):
 # Backward: dK and dV (and, fused, dQ), key-parallel, summed over the heads of
 # each kv group.
 
+@dataclasses.dataclass(frozen=True)
+class _KeyTile:
+    b: jax.Array
+    kvh: jax.Array
+    wg: jax.Array
+    c0: jax.Array        # first key of the block
+    blocks: tuple        # (lo, full_lo, full_hi, hi) query blocks, see q_block_range
+    per_head: jax.Array  # query blocks visited per head of the kv group
+
+
 def _key_tile(spec, grid, KH, G, cols, cfg, inputs, ring, segs, regs, with_delta=True):
     """This block's ``cols`` keys and its query-block range (key-parallel
     kernels); runs the producer, which streams the query blocks of every head
     of the kv group into the ring: Q, lse, dO (and delta) and their segment
     ids. inputs = (q, do, lse, delta) refs; ring = (q, do, lse, delta) slots,
-    their ready barriers in the same order, then q_free, do_free.
-    Returns (b, kvh, tile, first key, (lo, full_lo, full_hi, hi), per_head, wg)."""
+    their ready barriers in the same order, then q_free, do_free."""
     pl, plgpu = _pl(), _plgpu()
     q_ref, do_ref, lse_ref, delta_ref = inputs
     (q_smem, do_smem, lse_smem, delta_smem,
@@ -832,7 +841,7 @@ def _key_tile(spec, grid, KH, G, cols, cfg, inputs, ring, segs, regs, with_delta
                 segs.fetch(b, i * bq, bq, slot)
         _ring_producer(G * per_head, cfg.stages, issue, (q_free, do_free), regs)
 
-    return b, kvh, tile, c0, (lo, flo, fhi, hi), per_head, wg
+    return _KeyTile(b=b, kvh=kvh, wg=wg, c0=c0, blocks=(lo, flo, fhi, hi), per_head=per_head)
 
 
 def _probs_t(spec, st, masked, lse_slot, i, key0, segs, slot, ks_v):
@@ -891,7 +900,8 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
     head-dim columns [w*D/2, (w+1)*D/2) over the block's keys, and the TMA
     unit reduce-adds it (float32) into dq_acc."""
     pl, plgpu = _pl(), _plgpu()
-    B, D, KH, G, cfg = *_key_parallel_shape(q, k), spec.blocks.dkv
+    B, D, KH, G = _key_parallel_shape(q, k)
+    cfg = spec.blocks.dkv
     bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
     grid, names = _block_order(B * KH, k.shape[1] // (_CONSUMERS * bkv))
     dtype = q.dtype
@@ -917,16 +927,16 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
             ds_smem, dq_smem, ds_ready, dq_done = refs[13:17]
         dk_ref = outs[0] if want_dk else None
         dv_ref = outs[-1] if want_dv else None
-        b, kvh, tile, c0, blocks, per_head, wg = _key_tile(
+        tile = _key_tile(
             spec, grid, KH, G, _CONSUMERS * bkv, cfg, (q_ref, do_ref, lse_ref, delta_ref),
             (q_smem, do_smem, lse_smem, delta_smem, q_ready, do_ready, lse_ready, delta_ready,
              q_free, do_free), segs, regs, with_delta=want_dk)
-        lo = blocks[0]
+        b, kvh, wg, per_head, lo = tile.b, tile.kvh, tile.wg, tile.per_head, tile.blocks[0]
 
         @pl.when(wg < _CONSUMERS)
         def _consumer():
             plgpu.set_max_registers(regs[1], action="increase")
-            key0 = c0 + wg * bkv
+            key0 = tile.c0 + wg * bkv
             keys = (b, pl.ds(key0, bkv), kvh)
             my_k, my_v = k_smem.at[wg], v_smem.at[wg]
             plgpu.copy_gmem_to_smem(k_ref.at[keys], my_k, own_ready.at[2 * wg])
@@ -937,8 +947,7 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
                 plgpu.barrier_wait(own_ready.at[2 * wg + 1])
             if fused:  # dQ reads the other consumer's keys too
                 plgpu.barrier_wait(own_ready.at[2 * (1 - wg)])
-            if segs:
-                ks_v = segs.own(b, key0, bkv, wg)
+            ks_v = segs.own(b, key0, bkv, wg) if segs else None
             col_layout = plgpu.Layout.WGMMA.reduce(0)
 
             cols = pl.ds(wg * dq_cols if split_cols else 0, dq_cols)
@@ -987,8 +996,7 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
                 plgpu.barrier_wait(lse_ready.at[slot])
                 st, dcap = spec.base2_logits(
                     _mma(my_k, plgpu.transpose_ref(q_slot, (1, 0)), (bkv, bq)))
-                pt = _probs_t(spec, st, masked, lse_smem.at[slot], i, key0, segs, slot,
-                              ks_v if segs else None)
+                pt = _probs_t(spec, st, masked, lse_smem.at[slot], i, key0, segs, slot, ks_v)
                 plgpu.barrier_wait(do_ready.at[slot])
                 if not want_dk:
                     dv = _mma_acc(dv, pt.astype(dtype), do_slot)
@@ -1016,7 +1024,7 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, spec: _Spec, want_dk=True, want
                 return dk, dv
 
             def head(g, carry):
-                return _sweep(functools.partial(step, g=g), *spec.sweep_blocks(*blocks),
+                return _sweep(functools.partial(step, g=g), *spec.sweep_blocks(*tile.blocks),
                               carry)
 
             zero = _zeros((bkv, D))
@@ -1070,7 +1078,8 @@ def _backward_dkv_roles(q, k, v, do, lse, delta, segs, spec: _Spec):
     four in all, where separate dK and dV passes take five and stream Q and
     dO twice."""
     pl, plgpu = _pl(), _plgpu()
-    B, D, KH, G, cfg = *_key_parallel_shape(q, k), spec.blocks.dkv
+    B, D, KH, G = _key_parallel_shape(q, k)
+    cfg = spec.blocks.dkv
     bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
     assert (bq, bkv) == (64, 64), "checked by mosaic_flash_attention"
     grid, names = _block_order(B * KH, k.shape[1] // bkv)
@@ -1082,18 +1091,18 @@ def _backward_dkv_roles(q, k, v, do, lse, delta, segs, spec: _Spec):
         (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, p_smem,
          own_ready, q_ready, do_ready, lse_ready, delta_ready, q_free, do_free,
          p_ready, p_free) = refs[:18]
-        b, kvh, _, key0, blocks, per_head, wg = _key_tile(
+        tile = _key_tile(
             spec, grid, KH, G, bkv, cfg, (q_ref, do_ref, lse_ref, delta_ref),
             (q_smem, do_smem, lse_smem, delta_smem, q_ready, do_ready, lse_ready, delta_ready,
              q_free, do_free), segs, _BWD_REGS)
-        lo = blocks[0]
-        keys = (b, pl.ds(key0, bkv), kvh)
+        b, wg, per_head, lo, key0 = tile.b, tile.wg, tile.per_head, tile.blocks[0], tile.c0
+        keys = (b, pl.ds(key0, bkv), tile.kvh)
 
         col_layout = plgpu.Layout.WGMMA.reduce(0)
 
         def over_heads(step, acc):
             def head(g, acc):
-                return _sweep(functools.partial(step, g=g), *spec.sweep_blocks(*blocks),
+                return _sweep(functools.partial(step, g=g), *spec.sweep_blocks(*tile.blocks),
                               acc)
             return lax.fori_loop(0, G, head, acc)
 
@@ -1110,8 +1119,7 @@ def _backward_dkv_roles(q, k, v, do, lse, delta, segs, spec: _Spec):
             plgpu.set_max_registers(_BWD_REGS[1], action="increase")
             plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, own_ready.at[p_side])
             plgpu.barrier_wait(own_ready.at[p_side])
-            if segs:
-                ks_v = segs.own(b, key0, bkv, p_side)
+            ks_v = segs.own(b, key0, bkv, p_side) if segs else None
 
             def step(i, dv, g, masked):
                 slot = lax.rem(g * per_head + (i - lo), stages)
@@ -1121,8 +1129,7 @@ def _backward_dkv_roles(q, k, v, do, lse, delta, segs, spec: _Spec):
                 st, dcap = spec.base2_logits(
                     _mma(k_smem, plgpu.transpose_ref(q_slot, (1, 0)), (bkv, bq)))
                 plgpu.barrier_arrive(q_free.at[slot])
-                pt = _probs_t(spec, st, masked, lse_smem.at[slot], i, key0, segs, slot,
-                              ks_v if segs else None)
+                pt = _probs_t(spec, st, masked, lse_smem.at[slot], i, key0, segs, slot, ks_v)
                 plgpu.barrier_wait(p_free)
                 p_smem[...] = pt if dcap is None else pt * dcap
                 plgpu.barrier_arrive(p_ready)

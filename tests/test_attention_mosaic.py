@@ -203,10 +203,11 @@ def test_fused_dq_needs_head_dim_64_or_128():
             q, k, v, block_sizes=dataclasses.replace(tuning.DEFAULTS[256], fused_dq=True))
 
 
-def test_head_dim_256_backward_needs_64x64_blocks():
+@pytest.mark.parametrize("kernel", ["dq", "dkv"])
+def test_head_dim_256_backward_needs_64x64_blocks(kernel):
     q, k, v, _ = _qkv(0, 1, 64, 64, 2, 1, 256, jnp.bfloat16)
-    blocks = dataclasses.replace(tuning.DEFAULTS[256], dkv=tuning.KernelBlocks(64, 128, 1))
-    with pytest.raises(ValueError, match="64x64 blocks.*block_kv=128"):
+    blocks = dataclasses.replace(tuning.DEFAULTS[256], **{kernel: tuning.KernelBlocks(64, 128, 1)})
+    with pytest.raises(ValueError, match=f"64x64 blocks.*{kernel}=.*block_kv=128"):
         mosaic_gpu.mosaic_flash_attention(q, k, v, block_sizes=blocks)
 
 
@@ -280,10 +281,11 @@ GPU_CASES += [
      dict(blocks=dataclasses.replace(tuning.DEFAULTS[64], pingpong=False, fwd=KB(64, 256, 2),
                                      dq=KB(64, 128, 2), fused_dq=False))),
     (1, 190, 190, 2, 1, 256, True, 50, jnp.bfloat16, dict(blocks=tuning.DEFAULTS[256])),
-    # head_dim 256's role-split dK/dV kernel: GQA at unequal lengths, one stage.
+    # head_dim 256's role-split dQ and dK/dV kernels: GQA at unequal lengths, one stage.
     (1, 200, 330, 4, 2, 256, False, None, jnp.float16),
     (1, 330, 200, 4, 1, 256, True, 70, jnp.bfloat16,
-     dict(blocks=dataclasses.replace(tuning.DEFAULTS[256], dkv=KB(64, 64, 1)), softcap=2.0)),
+     dict(blocks=dataclasses.replace(tuning.DEFAULTS[256], dq=KB(64, 64, 1), dkv=KB(64, 64, 1)),
+          softcap=2.0)),
 ]
 # dQ fused into the dK/dV kernel: GQA, odd and unequal lengths, windows. At
 # head_dim 64 the consumers take alternate steps' dQ tiles (128: column halves).
@@ -305,7 +307,7 @@ GPU_CASES += [
     (1, 200, 330, 4, 1, 128, False, 90, jnp.float16, dict(blocks=FUSED_DV, softcap=2.5, segments=3)),
 ]
 # Segment ids (packed sequences) and logit soft-capping, alone and together, in
-# every kernel variant (two dQ kernels, fused dQ, head_dim 256's role-split dK/dV kernel).
+# every kernel variant (two dQ kernels, fused dQ, head_dim 256's role-split kernels).
 # A small cap (2-3) bends most logits; unequal lengths draw q and kv ids
 # separately, so some query rows see no key at all.
 GPU_CASES += [

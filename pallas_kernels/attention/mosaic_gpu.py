@@ -21,8 +21,10 @@ and ``*_free`` (both consumers done with a slot, consumer -> producer).
   XLA does, one more pass over O and dO); a key-parallel kernel accumulates
   dK and dV over the query blocks of every head of its kv group (no atomics,
   no per-head copies). At head_dim 256 one consumer cannot hold both the dK
-  and dV accumulators, so the two consumers of a dK/dV block share its keys
-  and split each step by role (``_backward_dkv_roles``). With
+  and dV accumulators, and two consumers' Q and dO tiles leave room for one
+  K/V stage, so both kernels give their two consumers the same rows (keys,
+  or queries) and split each step by role (``_backward_dkv_roles``,
+  ``_backward_dq_roles``). With
   ``fused_dq`` (head_dim 64 or 128) the key-parallel kernel forms dQ too:
   the consumers share their dS^T tiles through shared memory and the TMA
   unit reduce-adds float32 partial dQ tiles (5 matrix products per step
@@ -410,8 +412,8 @@ class _QueryTile:
     blocks: tuple      # (lo, full_lo, full_hi, hi) key blocks, see kv_block_range
 
 
-def _query_tile(spec, cfg, grid, H, G, k_ref, v_ref, ring, regs, segs=None):
-    """This block's query rows and key-block range; runs the producer, which
+def _query_tile(spec, cfg, grid, H, G, rows, k_ref, v_ref, ring, regs, segs=None):
+    """This block's ``rows`` query rows and key-block range; runs the producer, which
     streams those K and V blocks into ``ring`` (``_kv_ring_scratch`` refs).
     With ``segs`` (_Segments) the range is cut to the keys of the tile's
     segments and their ids stream too (the slot is freed with K's)."""
@@ -421,8 +423,8 @@ def _query_tile(spec, cfg, grid, H, G, k_ref, v_ref, ring, regs, segs=None):
     b, h, step = _block_position(H, grid)
     wg = lax.axis_index("wg")
     tile = grid[1] - 1 - step  # causal: the last query rows see the most keys
-    r0 = tile * (_CONSUMERS * cfg.block_q)
-    lo, flo, fhi, hi = kv_block_range(r0, _CONSUMERS * cfg.block_q, block_kv=bkv, **spec.ranges())
+    r0 = tile * rows
+    lo, flo, fhi, hi = kv_block_range(r0, rows, block_kv=bkv, **spec.ranges())
     if segs is not None:
         lo, hi = _narrow(lo, hi, segs.spans, b, tile, bkv)
     kvh = lax.div(h, G)
@@ -705,7 +707,8 @@ def _backward_dq(q, k, v, do, lse, out_or_delta, segs, spec: _Spec):
         else:
             dq_ref, *own = own
         q_smem, do_smem, lse_smem, delta_smem, row_ready = own
-        tile = _query_tile(spec, cfg, grid, H, G, k_ref, v_ref, ring, _BWD_REGS, segs)
+        tile = _query_tile(spec, cfg, grid, H, G, _CONSUMERS * bq, k_ref, v_ref, ring, _BWD_REGS,
+                           segs)
         k_smem, v_smem, k_ready, v_ready, k_free, v_free = ring
         b, h, wg = tile.b, tile.h, tile.wg
         lo = tile.blocks[0]
@@ -789,6 +792,145 @@ def _backward_dq(q, k, v, do, lse, out_or_delta, segs, spec: _Spec):
     res = _call(body, out_type, scratch, grid, names)(
         q, k, v, do, lse, out_or_delta, *_segment_operands(segs, _CONSUMERS * bq))
     return tuple(res) if fold else (res, None)
+
+
+def _backward_dq_roles(q, k, v, do, lse, delta, segs, spec: _Spec):
+    """dQ for head_dim 256, where the query-parallel kernel's Q and dO tiles
+    for two consumers' rows leave shared memory for one K/V stage only.
+
+    The consumers share a block's block_q query rows and split each step by
+    role: consumer 1 forms P = exp(S - lse) from Q K^T and hands it over in
+    shared memory; consumer 0 forms dP = dO V^T and dS = P (dP - delta) and
+    hands dS back; each adds dS K into its half of dQ's columns. One Q and
+    one dO tile stay resident, so the K/V ring gets two stages. They are kept
+    as column halves, so each consumer's dQ half leaves through a contiguous
+    half of its own tile (TMA takes no strided shared memory)."""
+    pl, plgpu = _pl(), _plgpu()
+    B, Sp, H, D = q.shape
+    G = H // k.shape[2]
+    cfg = spec.blocks.dq
+    bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
+    assert (bq, bkv) == (64, 64), "checked by mosaic_flash_attention"
+    grid, names = _block_order(B * H, Sp // bq)
+    dtype = q.dtype
+    ds_side, p_side = 0, 1  # consumer warpgroups by role
+    half = D // 2
+
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+        segs, own, ring = _query_kernel_refs(spec, refs, 11)
+        (dq_ref, q_smem, do_smem, vec_smem, p_smem, ds_smem, row_ready,
+         p_ready, p_free, ds_ready, ds_free) = own
+        tile = _query_tile(spec, cfg, grid, H, G, bq, k_ref, v_ref, ring, _BWD_REGS, segs)
+        k_smem, v_smem, k_ready, v_ready, k_free, v_free = ring
+        b, h, wg, lo = tile.b, tile.h, tile.wg, tile.blocks[0]
+        vec = (b, h, pl.ds(tile.r0, bq))
+        row_layout = plgpu.Layout.WGMMA.reduce(1)
+
+        def own_tiles(tile_ref, tile_smem, vec_ref):
+            """This consumer's resident tile (Q or dO, in column halves) and
+            row vector (lse or delta)."""
+            ready = [row_ready.at[3 * wg + i] for i in range(3)]
+            for u in range(2):
+                plgpu.copy_gmem_to_smem(tile_ref.at[b, pl.ds(tile.r0, bq), h, pl.ds(u * half, half)],
+                                        tile_smem.at[u], ready[u])
+            plgpu.copy_gmem_to_smem(vec_ref.at[vec], vec_smem.at[wg], ready[2])
+            for bar in ready:
+                plgpu.barrier_wait(bar)
+            return plgpu.load(vec_smem.at[wg], (), layout=row_layout)
+
+        def by_halves(tile_smem, other):
+            """tile @ other^T for a resident tile in column halves."""
+            def body(acc):
+                for u in range(2):
+                    plgpu.wgmma(acc, tile_smem.at[u], plgpu.transpose_ref(
+                        other.at[:, pl.ds(u * half, half)], (1, 0)))
+                return acc[...]
+            return pl.run_scoped(body, plgpu.ACC((bq, bkv), jnp.float32))
+
+        def sweep_and_store(step, tile_smem, u):
+            """Run the steps into this consumer's dQ column half u and write it
+            out through that half of its (no longer read) resident tile."""
+            dq = _sweep(step, *spec.sweep_blocks(*tile.blocks), _zeros((bq, half)))
+            out = tile_smem.at[u]
+            out[...] = (dq * spec.scale).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out, dq_ref.at[b, pl.ds(tile.r0, bq), h, pl.ds(u * half, half)])
+            mc.wait_stores_before_exit()
+
+        @pl.when(wg == p_side)
+        def _p_side():
+            plgpu.set_max_registers(_BWD_REGS[1], action="increase")
+            lse_v = own_tiles(q_ref, q_smem, lse_ref)
+            if segs:
+                qs_v = segs.own(b, tile.r0, bq, p_side)
+            plgpu.barrier_arrive(ds_free)  # the dS tile starts free
+
+            def step(j, dq, masked):
+                slot = lax.rem(j - lo, stages)
+                plgpu.barrier_arrive(v_free.at[slot])  # V is the other side's
+                if segs:
+                    ks_v = segs.at(slot)
+                plgpu.barrier_wait(k_ready.at[slot])
+                s, dcap = spec.base2_logits(by_halves(q_smem, k_smem.at[slot]))
+                if masked:
+                    seg = (mc.rows(qs_v, s.shape), mc.cols(ks_v, s.shape)) if spec.segments else ()
+                    ok = spec.mask(_iota((bq, bkv), 0) + (tile.r0 + spec.offset),
+                                   _iota((bq, bkv), 1) + j * bkv, *seg)
+                    s = jnp.where(ok, s, -jnp.inf)
+                p = jnp.exp2(s - mc.rows(lse_v, s.shape))
+                plgpu.barrier_wait(p_free)
+                p_smem[...] = p if dcap is None else p * dcap
+                plgpu.barrier_arrive(p_ready)
+                plgpu.barrier_wait(ds_ready)
+                dq = _mma_acc(dq, ds_smem, k_smem.at[slot, :, pl.ds(half, half)])
+                plgpu.barrier_arrive(ds_free)
+                plgpu.barrier_arrive(k_free.at[slot])
+                return dq
+
+            sweep_and_store(step, q_smem, 1)
+
+        @pl.when(wg == ds_side)
+        def _ds_side():
+            plgpu.set_max_registers(_BWD_REGS[1], action="increase")
+            delta_v = own_tiles(do_ref, do_smem, delta_ref)
+            plgpu.barrier_arrive(p_free)  # the P tile starts free
+
+            def step(j, dq, masked):
+                del masked  # P comes masked
+                slot = lax.rem(j - lo, stages)
+                plgpu.barrier_wait(v_ready.at[slot])
+                dp = by_halves(do_smem, v_smem.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+                plgpu.barrier_wait(p_ready)
+                p = p_smem[...]
+                plgpu.barrier_arrive(p_free)
+                ds = (p * (dp - mc.rows(delta_v, dp.shape))).astype(dtype)
+                plgpu.barrier_wait(ds_free)
+                ds_smem[...] = ds
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(ds_ready)
+                plgpu.barrier_wait(k_ready.at[slot])
+                dq = _mma_acc(dq, ds, k_smem.at[slot, :, pl.ds(0, half)])
+                plgpu.barrier_arrive(k_free.at[slot])
+                return dq
+
+            sweep_and_store(step, do_smem, 0)
+
+    scratch = [
+        mc.swizzled_smem((2, bq, half), dtype),
+        mc.swizzled_smem((2, bq, half), dtype),
+        plgpu.SMEM((_CONSUMERS, bq), jnp.float32),
+        mc.swizzled_smem((bq, bkv), jnp.float32),
+        mc.swizzled_smem((bq, bkv), dtype),
+        plgpu.Barrier(num_barriers=_CONSUMERS * 3),
+        plgpu.Barrier(),
+        plgpu.Barrier(),
+        plgpu.Barrier(),
+        plgpu.Barrier(),
+        *_kv_ring_scratch(cfg, D, dtype),
+    ] + (_segment_scratch(bq, stages, bkv) if spec.segments else [])
+    return _call(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, grid, names)(
+        q, k, v, do, lse, delta, *_segment_operands(segs, bq))
 
 
 # ----------------------------------------------------------------------------
@@ -1214,13 +1356,13 @@ def _attention_bwd(spec, res, do):
         else:
             dk, dv = _backward_dkv(*args, dq_acc=dq_acc)
         dq = (dq_acc[...] * spec.scale).astype(q.dtype)
+    elif q.shape[-1] > 128:  # one consumer's registers and shared memory take too little
+        dq = _backward_dq_roles(*args)
+        dk, dv = _backward_dkv_roles(*args)
     else:
         if dq is None:
             dq, _ = _backward_dq(*args)
-        if q.shape[-1] > 128:  # dK and dV accumulators do not fit in one consumer's registers
-            dk, dv = _backward_dkv_roles(*args)
-        else:
-            dk, dv = _backward_dkv(*args)
+        dk, dv = _backward_dkv(*args)
     return dq, dk, dv, None  # segment ids are integers: no cotangent
 
 
@@ -1292,9 +1434,11 @@ def mosaic_flash_attention(q, k, v, *, causal=False, segment_ids=None, sliding_w
     if block_sizes.fused_dq and D not in (64, 128):
         raise ValueError(f"fused_dq needs head_dim 64 or 128 (dK, dV and dQ accumulators "
                          f"in registers); got head_dim={D}")
-    if D == 256 and (block_sizes.dkv.block_q, block_sizes.dkv.block_kv) != (64, 64):
-        raise ValueError(f"head_dim 256's dK/dV kernel takes 64x64 blocks (its P^T tile and "
-                         f"two 64x256 accumulators fill the registers); got dkv={block_sizes.dkv}")
+    for name in ("dq", "dkv"):  # head_dim 256's role-split kernels are sized for 64x64
+        blocks = getattr(block_sizes, name)
+        if D == 256 and (blocks.block_q, blocks.block_kv) != (64, 64):
+            raise ValueError(f"head_dim 256's backward kernels take 64x64 blocks (shared memory "
+                             f"and registers are full); got {name}={blocks}")
     spec = _Spec(q_len=S, kv_len=T, causal=bool(causal), window=sliding_window,
                  scale=float(D ** -0.5 if scale is None else scale), blocks=block_sizes,
                  softcap=None if logit_softcap is None else float(logit_softcap),

@@ -67,12 +67,13 @@ def _kb(q, kv, s):
 # Sized for 227 KiB of shared memory and 240 (forward, fused backward) or 232
 # (separate dQ and dK/dV kernels) registers per consumer thread.
 # head_dim 64 fuses dQ into the dK/dV kernel: 12% faster causal and full on
-# the H200 (BENCHMARKS.md, session 11). head_dim 256's role-split dK/dV
-# kernel takes two stages (one is 9-15% slower f+b on the H200, session 12).
+# the H200 (BENCHMARKS.md, session 11). head_dim 256's role-split dQ and
+# dK/dV kernels take two stages each (f+b on the H200: one-stage dK/dV 9-15%
+# slower, session 12; one-stage dQ 12-19% slower, session 13).
 DEFAULTS = {
     64: BlockSizes(fwd=_kb(64, 128, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2), fused_dq=True),
     128: BlockSizes(fwd=_kb(64, 128, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2)),
-    256: BlockSizes(fwd=_kb(64, 64, 2), dq=_kb(64, 64, 1), dkv=_kb(64, 64, 2)),
+    256: BlockSizes(fwd=_kb(64, 64, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2)),
 }
 
 
@@ -103,7 +104,8 @@ def candidates(head_dim: int):
     fwd_kv = {64: (128, 192, 256), 128: (128,), 256: (64,)}[head_dim]
     fwd = [dict(fwd=_kb(64, kv, 2), pingpong=pp) for kv, pp in itertools.product(fwd_kv, (True, False))]
     if head_dim == 256:
-        bwd = [dict(dkv=_kb(64, 64, s)) for s in (2, 1)]  # deeper rings do not fit
+        bwd = [dict(dq=_kb(64, 64, a), dkv=_kb(64, 64, b))  # deeper rings do not fit
+               for a, b in itertools.product((2, 1), (2, 1))]
     else:
         bwd = [dict(dq=_kb(64, kv, 2), dkv=_kb(64, 64, s)) for kv, s in ((64, 2), (128, 2), (128, 3))]
         bwd += [dict(fused_dq=True)]

@@ -268,6 +268,16 @@ def _iota(shape, dim):
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
 
+def _masked_logits(spec, s, row0, j, qs_v, ks_v):
+    """Logits s [queries, keys] of a query-parallel tile (rows from row0, key
+    block j) with the masked ones at -inf; qs_v and ks_v are the rows' and
+    keys' segment ids (None without segments)."""
+    seg = (mc.rows(qs_v, s.shape), mc.cols(ks_v, s.shape)) if spec.segments else ()
+    ok = spec.mask(_iota(s.shape, 0) + (row0 + spec.offset),
+                   _iota(s.shape, 1) + j * s.shape[1], *seg)
+    return jnp.where(ok, s, -jnp.inf)
+
+
 def _vector(n, value, reduced_dim):
     plgpu = _plgpu()
     return plgpu.layout_cast(jnp.full((n,), value, jnp.float32),
@@ -586,8 +596,7 @@ def _forward(q, k, v, segs, spec: _Spec):
                 b, h, r0, blocks = item(n)
                 lo = blocks[0]
                 row0 = r0 + wg * bq
-                if segs:
-                    qs_v = segs.own(b, row0, bq, wg)
+                qs_v = segs.own(b, row0, bq, wg) if segs else None
                 # The previous tile's output stores have read their buffers:
                 # the other Q buffer may take the next tile's rows.
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -602,8 +611,7 @@ def _forward(q, k, v, segs, spec: _Spec):
                 def step(j, carry, masked):
                     acc, m, l = carry
                     slot = lax.rem(t0 + j - lo, stages)
-                    if segs:  # read before the slot is freed with K
-                        ks_v = segs.at(slot)
+                    ks_v = segs.at(slot) if segs else None  # read before the slot is freed with K
                     plgpu.barrier_wait(k_ready.at[slot])
 
                     def qk(s_ref):
@@ -614,10 +622,7 @@ def _forward(q, k, v, segs, spec: _Spec):
                     plgpu.barrier_arrive(k_free.at[slot])
                     s = spec.forward_logits(s)
                     if masked:
-                        seg = (mc.rows(qs_v, s.shape), mc.cols(ks_v, s.shape)) if spec.segments else ()
-                        ok = spec.mask(_iota((bq, bkv), 0) + (row0 + spec.offset),
-                                       _iota((bq, bkv), 1) + j * bkv, *seg)
-                        s = jnp.where(ok, s, -jnp.inf)
+                        s = _masked_logits(spec, s, row0, j, qs_v, ks_v)
                     # m is the running row max of the logits before the factor c:
                     # scaling and the max subtraction are then one FMA per logit.
                     m_new = jnp.maximum(m, s.max(axis=1))
@@ -728,8 +733,7 @@ def _backward_dq(q, k, v, do, lse, out_or_delta, segs, spec: _Spec):
                 plgpu.copy_gmem_to_smem(od_ref.at[rows], o_smem.at[wg], ready[3])
             else:
                 plgpu.copy_gmem_to_smem(od_ref.at[vec], delta_smem.at[wg], ready[3])
-            if segs:
-                qs_v = segs.own(b, row0, bq, wg)
+            qs_v = segs.own(b, row0, bq, wg) if segs else None
             for bar in ready:
                 plgpu.barrier_wait(bar)
             row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -745,8 +749,7 @@ def _backward_dq(q, k, v, do, lse, out_or_delta, segs, spec: _Spec):
 
             def step(j, dq, masked):
                 slot = lax.rem(j - lo, stages)
-                if segs:
-                    ks_v = segs.at(slot)
+                ks_v = segs.at(slot) if segs else None
                 plgpu.barrier_wait(k_ready.at[slot])
                 plgpu.barrier_wait(v_ready.at[slot])
 
@@ -759,10 +762,7 @@ def _backward_dq(q, k, v, do, lse, out_or_delta, segs, spec: _Spec):
                 plgpu.barrier_arrive(v_free.at[slot])
                 s, dcap = spec.base2_logits(s)
                 if masked:
-                    seg = (mc.rows(qs_v, s.shape), mc.cols(ks_v, s.shape)) if spec.segments else ()
-                    ok = spec.mask(_iota((bq, bkv), 0) + (row0 + spec.offset),
-                                   _iota((bq, bkv), 1) + j * bkv, *seg)
-                    s = jnp.where(ok, s, -jnp.inf)
+                    s = _masked_logits(spec, s, row0, j, qs_v, ks_v)
                 p = jnp.exp2(s - mc.rows(lse_v, s.shape))
                 ds = p * (dp - mc.rows(delta_v, dp.shape))
                 if dcap is not None:
@@ -861,22 +861,17 @@ def _backward_dq_roles(q, k, v, do, lse, delta, segs, spec: _Spec):
         def _p_side():
             plgpu.set_max_registers(_BWD_REGS[1], action="increase")
             lse_v = own_tiles(q_ref, q_smem, lse_ref)
-            if segs:
-                qs_v = segs.own(b, tile.r0, bq, p_side)
+            qs_v = segs.own(b, tile.r0, bq, p_side) if segs else None
             plgpu.barrier_arrive(ds_free)  # the dS tile starts free
 
             def step(j, dq, masked):
                 slot = lax.rem(j - lo, stages)
                 plgpu.barrier_arrive(v_free.at[slot])  # V is the other side's
-                if segs:
-                    ks_v = segs.at(slot)
+                ks_v = segs.at(slot) if segs else None
                 plgpu.barrier_wait(k_ready.at[slot])
                 s, dcap = spec.base2_logits(by_halves(q_smem, k_smem.at[slot]))
                 if masked:
-                    seg = (mc.rows(qs_v, s.shape), mc.cols(ks_v, s.shape)) if spec.segments else ()
-                    ok = spec.mask(_iota((bq, bkv), 0) + (tile.r0 + spec.offset),
-                                   _iota((bq, bkv), 1) + j * bkv, *seg)
-                    s = jnp.where(ok, s, -jnp.inf)
+                    s = _masked_logits(spec, s, tile.r0, j, qs_v, ks_v)
                 p = jnp.exp2(s - mc.rows(lse_v, s.shape))
                 plgpu.barrier_wait(p_free)
                 p_smem[...] = p if dcap is None else p * dcap

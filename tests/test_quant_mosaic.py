@@ -93,10 +93,12 @@ def test_w8a8_mosaic_matches_reference(mode, case):
     assert rel_err(got, want) < (1e-6 if out_dtype == jnp.float32 else 5e-3)
 
 
-FP8_CASES = [
+FP8_CASES = [  # default tilings: 128x256 for 16-bit outputs, 128x128 for float32
     (333, 300, 200, jnp.float32, None),
     (2100, 520, 1300, jnp.bfloat16, Tiling(128, 128, 4, 3)),
-    (64, 128, 128, jnp.bfloat16, None),
+    (64, 128, 128, jnp.bfloat16, None),  # the second weight-scale block wholly out of N
+    (333, 300, 200, jnp.bfloat16, None),  # the second block partly out of N
+    (2100, 520, 1300, jnp.bfloat16, Tiling(128, 256, 2, 4)),  # last tile's second block out
 ]
 
 
@@ -199,7 +201,8 @@ def test_raster_order_visits_every_tile_once(m_tiles, n_tiles, group_m):
     (Tiling(192, 128, 3), "int8", "tm=192 must be 128 or 256"),
     (Tiling(128, 96, 3), "int8", "tn=96 must be a multiple of 64"),
     (Tiling(256, 256, 2), "int8", "256 accumulator registers"),
-    (Tiling(128, 256, 3), "fp8", "tn=256 must be 128"),
+    (Tiling(128, 192, 3), "fp8", "tn=192 must be a multiple of 128"),
+    (Tiling(256, 256, 2), "fp8", "384 accumulator registers per thread; at most 192"),
     (Tiling(256, 128, 3), "fp8", "256 accumulator registers"),
     (Tiling(128, 256, 5), "int8", "bytes of shared memory"),
     (Tiling(128, 128, 1), "int8", "stages >= 2"),

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import HAS_GPU
 
+from pallas_kernels import compat
 from pallas_kernels.quant_matmul import (
     dequantize_int4,
     fp8_blockwise_matmul,
@@ -70,9 +71,9 @@ def fp8_operands(seed, M, K, N):
     return xq, xs, wq, ws
 
 
-W8A8_CASES = [  # M, K, N, out dtype, tiling (None: default)
+W8A8_CASES = [  # M, K, N, out dtype, tiling (None: default, 128x128 at these sizes)
     (333, 200, 136, jnp.float32, None),
-    (77, 1100, 520, jnp.bfloat16, None),
+    (77, 1100, 520, jnp.bfloat16, Tiling(128, 256, 3)),
     (2100, 384, 1300, jnp.bfloat16, Tiling(128, 128, 3, 4)),  # 187 tiles > 132 SMs
     (520, 256, 264, jnp.float32, Tiling(256, 128, 2)),
 ]
@@ -93,11 +94,11 @@ def test_w8a8_mosaic_matches_reference(mode, case):
     assert rel_err(got, want) < (1e-6 if out_dtype == jnp.float32 else 5e-3)
 
 
-FP8_CASES = [  # default tilings: 128x256 for 16-bit outputs, 128x128 for float32
+FP8_CASES = [  # None: the default tiling, 128x128 at these sizes
     (333, 300, 200, jnp.float32, None),
     (2100, 520, 1300, jnp.bfloat16, Tiling(128, 128, 4, 3)),
-    (64, 128, 128, jnp.bfloat16, None),  # the second weight-scale block wholly out of N
-    (333, 300, 200, jnp.bfloat16, None),  # the second block partly out of N
+    (64, 128, 128, jnp.bfloat16, Tiling(128, 256, 3)),  # the second weight-scale block out of N
+    (333, 300, 200, jnp.bfloat16, Tiling(128, 256, 3)),  # the second block partly out of N
     (2100, 520, 1300, jnp.bfloat16, Tiling(128, 256, 2, 4)),  # last tile's second block out
 ]
 
@@ -212,10 +213,24 @@ def test_check_tiling_rejects(tiling, kind, match):
         mosaic_gpu.check_tiling(tiling, kind, jnp.bfloat16)
 
 
-def test_default_tilings_fit():
+@pytest.mark.parametrize("m, n", [(8192, 8192), (333, 200), (1, 64)])
+def test_default_tilings_fit(m, n):
     for kind in ("int8", "fp8"):
         for out_dtype in mosaic_gpu.OUT_DTYPES:
-            mosaic_gpu.check_tiling(mosaic_gpu.default_tiling(kind, out_dtype), kind, out_dtype)
+            mosaic_gpu.check_tiling(mosaic_gpu.default_tiling(kind, out_dtype, m, n), kind,
+                                    out_dtype)
+
+
+def test_default_tiling_is_wide_only_with_work_for_every_sm():
+    sms = compat.sm_count()
+    # 2 tiles of 128x256 per SM: wide; one fewer M tile: 128x128
+    enough = (-(-2 * sms // 16) * 128, 16 * 256)
+    fewer = (enough[0] - 128, enough[1])
+    for kind in ("int8", "fp8"):
+        assert mosaic_gpu.default_tiling(kind, jnp.bfloat16, *enough) == mosaic_gpu.WIDE_TILING
+        assert mosaic_gpu.default_tiling(kind, jnp.bfloat16, *fewer) == mosaic_gpu.SMALL_TILING
+        # a float32 output's staging tile leaves the wide tile too little shared memory
+        assert mosaic_gpu.default_tiling(kind, jnp.float32, *enough).tn == 128
 
 
 def test_dispatch_errors():

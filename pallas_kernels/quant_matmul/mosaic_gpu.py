@@ -17,7 +17,7 @@ wgmma in flight while the previous slot is handed back; the per-token and
 per-channel scales are applied once, in the epilogue.
 
 fp8 blockwise: every K step is one 128-wide scale block. A tile's columns are
-whole 128-wide weight-scale blocks (the default tile has two); each block's
+whole 128-wide weight-scale blocks (the wide tile has two); each block's
 wgmma goes into a fresh float32 partial accumulator, which is then promoted
 into that block's float32 accumulator times the activation scales (one per
 row, TMA'd with the operands) and the block's weight scale (a scalar). This
@@ -62,11 +62,15 @@ class Tiling(NamedTuple):
     group_m: int = 8
 
 
-W8A8_TILING = Tiling(128, 256, 3)
-FP8_TILING = Tiling(128, 256, 3)
-# The fallback when the default's staging tile leaves too little shared memory
-# (a float32 output); fp8's 128x128 tile measured best at 4 stages on the H200.
+# The default tile for both kinds where there is work enough (see default_tiling).
+WIDE_TILING = Tiling(128, 256, 3)
+# The tile for small outputs, and where a float32 output's staging tile leaves
+# the wide one too little shared memory; 4 stages measured best on the H200.
 SMALL_TILING = Tiling(128, 128, 4)
+# The wide tile only where it gives every SM this many tiles: with fewer, its
+# half-empty last wave (or idle SMs) costs more than its per-tile efficiency
+# gains (12 model-like shapes on the H200, BENCHMARKS.md "Session 14").
+WIDE_MIN_WAVES = 2
 
 
 def _cdiv(a, b):
@@ -106,11 +110,14 @@ def _smem_bytes(tiling, kind, out_dtype):
     return stages * per_stage + epilogue + 1024  # barriers and alignment
 
 
-def default_tiling(kind: str, out_dtype) -> Tiling:
-    """The default tile with as many ring stages as fit next to the
-    epilogue's staging tile (a float32 output leaves room for fewer)."""
-    best = FP8_TILING if kind == "fp8" else W8A8_TILING
-    for tile in (best, SMALL_TILING):
+def default_tiling(kind: str, out_dtype, m: int, n: int) -> Tiling:
+    """The default tile for an [m, n] output: the wide tile where it makes at
+    least WIDE_MIN_WAVES tiles per SM, else 128x128; each with as many ring
+    stages as fit next to the epilogue's staging tile (a float32 output leaves
+    room for fewer)."""
+    wide_tiles = _cdiv(m, WIDE_TILING.tm) * _cdiv(n, WIDE_TILING.tn)
+    wide_enough = wide_tiles >= WIDE_MIN_WAVES * compat.sm_count()
+    for tile in ((WIDE_TILING,) if wide_enough else ()) + (SMALL_TILING,):
         for stages in range(tile.stages, 1, -1):
             tiling = tile._replace(stages=stages)
             if _smem_bytes(tiling, kind, out_dtype) <= SMEM_BYTES:
@@ -304,9 +311,9 @@ def w8a8_mosaic(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, tiling: Tiling | None
     """int8 xq [M, K] with per-token scales xs [M], int8 wq [N, K] with
     per-channel scales ws [N] -> [M, N] (see reference.w8a8_reference)."""
     _check_out_dtype(out_dtype)
-    tiling = default_tiling("int8", out_dtype) if tiling is None else Tiling(*tiling)
-    check_tiling(tiling, "int8", out_dtype)
     M, N = xq.shape[0], wq.shape[0]
+    tiling = default_tiling("int8", out_dtype, M, N) if tiling is None else Tiling(*tiling)
+    check_tiling(tiling, "int8", out_dtype)
     x, w = _pad_operands(xq, wq)
     xs = pad_to(xs.astype(jnp.float32), (round_up(x.shape[0], tiling.tm),))
     ws = pad_to(ws.astype(jnp.float32), (round_up(w.shape[0], tiling.tn),))
@@ -321,9 +328,9 @@ def fp8_blockwise_mosaic(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16,
     with 128x128 scales ws [ceil(N/128), ceil(K/128)] -> [M, N] (see
     reference.fp8_blockwise_reference)."""
     _check_out_dtype(out_dtype)
-    tiling = default_tiling("fp8", out_dtype) if tiling is None else Tiling(*tiling)
-    check_tiling(tiling, "fp8", out_dtype)
     M, N = xq.shape[0], wq.shape[0]
+    tiling = default_tiling("fp8", out_dtype, M, N) if tiling is None else Tiling(*tiling)
+    check_tiling(tiling, "fp8", out_dtype)
     x, w = _pad_operands(xq, wq)
     nk = x.shape[1] // STEP_K
     # Scales of row tiles are TMA'd per K step: store them K-block-major.

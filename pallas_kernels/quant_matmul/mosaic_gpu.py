@@ -24,7 +24,8 @@ row, TMA'd with the operands) and the block's weight scale (a scalar). This
 keeps the tensor core's limited-precision fp8 accumulation to 128 products,
 as in DeepSeek-V3; the two consumers' promotions overlap each other's matrix
 products. A 256-column tile halves the activation traffic per product and
-measured 1.3-1.46x bf16 on the H200 against 1.17-1.31x for 128 columns.
+measured 1.37-1.60x bf16 on the H200 at 8192^3 against 1.17-1.31x for
+128 columns (BENCHMARKS.md, session 14).
 
 The epilogue writes the tile through shared memory with a TMA store that
 overlaps the next tile's K walk. TMA zero-fills out-of-bounds loads and clips

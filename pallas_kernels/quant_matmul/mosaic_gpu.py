@@ -22,10 +22,11 @@ wgmma goes into a fresh float32 partial accumulator, which is then promoted
 into that block's float32 accumulator times the activation scales (one per
 row, TMA'd with the operands) and the block's weight scale (a scalar). This
 keeps the tensor core's limited-precision fp8 accumulation to 128 products,
-as in DeepSeek-V3; the two consumers' promotions overlap each other's matrix
-products. A 256-column tile halves the activation traffic per product and
-measured 1.37-1.60x bf16 on the H200 at 8192^3 against 1.17-1.31x for
-128 columns (BENCHMARKS.md, session 14).
+as in DeepSeek-V3; one consumer's promotion can overlap the other's matrix
+product (nothing forces them to alternate: both wait on the same ring slot).
+A 256-column tile halves the activation traffic per product and measured
+1.37-1.60x bf16 on the H200 at 8192^3 against 1.17-1.31x for 128 columns
+(BENCHMARKS.md, session 14).
 
 The epilogue writes the tile through shared memory with a TMA store that
 overlaps the next tile's K walk. TMA zero-fills out-of-bounds loads and clips
@@ -208,8 +209,11 @@ def _matmul(x, w, row_scales, col_scales, *, kind, tiling, out_dtype):
                     plgpu.copy_gmem_to_smem(cs_ref.at[pl.ds(n * tn, tn)], ws_smem.at[wg],
                                             scales_ready.at[wg])
 
-                def operands(slot):
-                    return a_smem.at[slot, wg], plgpu.transpose_ref(b_smem.at[slot], (1, 0))
+                def operands(slot, w_cols=None):
+                    """This consumer's rows of the step's x tile, and the weight
+                    tile (or its columns w_cols) transposed to K-major."""
+                    w_tile = b_smem.at[slot] if w_cols is None else b_smem.at[slot, w_cols]
+                    return a_smem.at[slot, wg], plgpu.transpose_ref(w_tile, (1, 0))
 
                 if fp8:
                     def w_scales(k):
@@ -224,11 +228,8 @@ def _matmul(x, w, row_scales, col_scales, *, kind, tiling, out_dtype):
                         x_scale = plgpu.load(sx_smem.at[slot, wg], (), layout=row_layout)
                         new = []
                         for c in range(parts):
-                            w_block = b_smem.at[slot, pl.ds(c * pn, pn)]
-
                             def block(part_ref):
-                                plgpu.wgmma(part_ref, a_smem.at[slot, wg],
-                                            plgpu.transpose_ref(w_block, (1, 0)))
+                                plgpu.wgmma(part_ref, *operands(slot, pl.ds(c * pn, pn)))
                                 return part_ref[...]
                             part = pl.run_scoped(block, plgpu.ACC((tmc, pn), jnp.float32))
                             new.append(accs[c] + part * mc.rows(x_scale * w_scale[c], part.shape))

@@ -69,13 +69,15 @@ def _cases():
     from pallas_kernels.quant_matmul import int4_mosaic_gpu, mosaic_gpu
     from pallas_kernels.quant_matmul.packing import pack_int4
     ids = jnp.zeros((1, 300), jnp.int32)
-    fused = dataclasses.replace(tuning.DEFAULTS[128], fused_dq=True)
+    fused = tuning.DEFAULTS[128]
     x = jnp.ones((16, 1024), jnp.bfloat16)
     packed = pack_int4(jnp.ones((1024, 512), jnp.int32))
     xq, wq = jnp.ones((256, 512), jnp.int8), jnp.ones((384, 512), jnp.int8)
     xf, wf = xq.astype(jnp.float8_e4m3fn), wq.astype(jnp.float8_e4m3fn)
     return {
-        "attention causal d128": _attention_case(300, 300, 4, 2, 128, causal=True),
+        "attention causal d128 two kernels": _attention_case(
+            300, 300, 4, 2, 128, causal=True,
+            block_sizes=dataclasses.replace(fused, fused_dq=False)),
         "attention full d128 fused": _attention_case(300, 300, 4, 2, 128, block_sizes=fused),
         "attention window d64 fused": _attention_case(300, 300, 2, 2, 64, sliding_window=50),
         "attention causal d64 two kernels": _attention_case(

@@ -28,8 +28,8 @@ and ``*_free`` (both consumers done with a slot, consumer -> producer).
   ``fused_dq`` (head_dim 64 or 128) the key-parallel kernel forms dQ too:
   the consumers share their dS^T tiles through shared memory and the TMA
   unit reduce-adds float32 partial dQ tiles (5 matrix products per step
-  instead of the 7 of the two kernels; the default at head_dim 64 and the
-  tuned choice at 128 on the H200, see BENCHMARKS.md).
+  instead of the 7 of the two kernels; the default at head_dim 64 and 128,
+  as the H200's tuned entries chose, see BENCHMARKS.md).
   With ``dv_pass`` too, that kernel forms dK and dQ only and dV comes from a
   second key-parallel pass, which keeps the fused consumers' registers within
   budget (6 products).

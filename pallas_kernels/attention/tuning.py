@@ -66,13 +66,14 @@ def _kb(q, kv, s):
 
 # Sized for 227 KiB of shared memory and 240 (forward, fused backward) or 232
 # (separate dQ and dK/dV kernels) registers per consumer thread.
-# head_dim 64 fuses dQ into the dK/dV kernel: 12% faster causal and full on
-# the H200 (BENCHMARKS.md, session 11). head_dim 256's role-split dQ and
+# head_dim 64 and 128 fuse dQ into the dK/dV kernel: at 64, 12% faster causal
+# and full on the H200 (BENCHMARKS.md, session 11); at 128 the H200's tuned
+# entries pick it for causal and full (session 10). head_dim 256's role-split dQ and
 # dK/dV kernels take two stages each (f+b on the H200: one-stage dK/dV 9-15%
 # slower, session 12; one-stage dQ 12-19% slower, session 13).
 DEFAULTS = {
     64: BlockSizes(fwd=_kb(64, 128, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2), fused_dq=True),
-    128: BlockSizes(fwd=_kb(64, 128, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2)),
+    128: BlockSizes(fwd=_kb(64, 128, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2), fused_dq=True),
     256: BlockSizes(fwd=_kb(64, 64, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2)),
 }
 

@@ -22,11 +22,15 @@ wgmma goes into a fresh float32 partial accumulator, which is then promoted
 into that block's float32 accumulator times the activation scales (one per
 row, TMA'd with the operands) and the block's weight scale (a scalar). This
 keeps the tensor core's limited-precision fp8 accumulation to 128 products,
-as in DeepSeek-V3; one consumer's promotion can overlap the other's matrix
-product (nothing forces them to alternate: both wait on the same ring slot).
-A 256-column tile halves the activation traffic per product and measured
-1.37-1.60x bf16 on the H200 at 8192^3 against 1.17-1.31x for 128 columns
-(BENCHMARKS.md, session 14).
+as in DeepSeek-V3. A 256-column tile halves the activation traffic per
+product and measured 1.37-1.60x bf16 on the H200 at 8192^3 against
+1.17-1.31x for 128 columns (BENCHMARKS.md, session 14). The step's x rows
+are the wgmma's A operand from registers, loaded once for both blocks:
+with both read from shared memory, ptxas spilled 188 bytes in the wide
+kernel against 16, and it ran 4.5% slower (session 15). The fp8 kernel sits
+at the register limit: removing either scale load alone (a wrong-numerics
+diagnostic) removed all spills and gained 12-17%, and making the consumers
+take turns on the tensor cores did not help.
 
 The epilogue writes the tile through shared memory with a TMA store that
 overlaps the next tile's K walk. TMA zero-fills out-of-bounds loads and clips
@@ -209,11 +213,11 @@ def _matmul(x, w, row_scales, col_scales, *, kind, tiling, out_dtype):
                     plgpu.copy_gmem_to_smem(cs_ref.at[pl.ds(n * tn, tn)], ws_smem.at[wg],
                                             scales_ready.at[wg])
 
-                def operands(slot, w_cols=None):
-                    """This consumer's rows of the step's x tile, and the weight
-                    tile (or its columns w_cols) transposed to K-major."""
+                def w_operand(slot, w_cols=None):
+                    """The step's weight tile (or its columns w_cols), transposed
+                    to K-major."""
                     w_tile = b_smem.at[slot] if w_cols is None else b_smem.at[slot, w_cols]
-                    return a_smem.at[slot, wg], plgpu.transpose_ref(w_tile, (1, 0))
+                    return plgpu.transpose_ref(w_tile, (1, 0))
 
                 if fp8:
                     def w_scales(k):
@@ -226,10 +230,13 @@ def _matmul(x, w, row_scales, col_scales, *, kind, tiling, out_dtype):
                         next_w_scale = w_scales(jnp.minimum(k + 1, k_steps - 1))
                         plgpu.barrier_wait(ready.at[slot])
                         x_scale = plgpu.load(sx_smem.at[slot, wg], (), layout=row_layout)
+                        # This consumer's x rows, in registers once for all the
+                        # tile's scale blocks (see the module docstring).
+                        x_regs = plgpu.load(a_smem.at[slot, wg], (), layout=plgpu.Layout.WGMMA_8BIT)
                         new = []
                         for c in range(parts):
                             def block(part_ref):
-                                plgpu.wgmma(part_ref, *operands(slot, pl.ds(c * pn, pn)))
+                                plgpu.wgmma(part_ref, x_regs, w_operand(slot, pl.ds(c * pn, pn)))
                                 return part_ref[...]
                             part = pl.run_scoped(block, plgpu.ACC((tmc, pn), jnp.float32))
                             new.append(accs[c] + part * mc.rows(x_scale * w_scale[c], part.shape))
@@ -245,7 +252,7 @@ def _matmul(x, w, row_scales, col_scales, *, kind, tiling, out_dtype):
                         def _(k):
                             slot = (first + k) % stages
                             plgpu.barrier_wait(ready.at[slot])
-                            plgpu.wgmma(acc_ref, *operands(slot))
+                            plgpu.wgmma(acc_ref, a_smem.at[slot, wg], w_operand(slot))
                             plgpu.wgmma_wait(1)  # the previous step's product is done
 
                             @pl.when(k > 0)

@@ -211,6 +211,15 @@ def test_head_dim_256_backward_needs_64x64_blocks(kernel):
         mosaic_gpu.mosaic_flash_attention(q, k, v, block_sizes=blocks)
 
 
+@pytest.mark.parametrize("D", [64, 128])
+def test_autotune_times_both_backward_forms(D):
+    # Candidates are applied on top of the defaults, which fuse dQ here: the
+    # two-kernel ones must say fused_dq=False or the autotune never times them.
+    _, bwd = tuning.candidates(D)
+    forms = {dataclasses.replace(tuning.DEFAULTS[D], **c).fused_dq for c in bwd}
+    assert forms == {False, True}
+
+
 def test_dv_pass_needs_fused_dq_and_round_trips_through_the_table():
     with pytest.raises(ValueError, match="dv_pass=True .* fused_dq=True"):
         dataclasses.replace(tuning.DEFAULTS[128], fused_dq=False, dv_pass=True)

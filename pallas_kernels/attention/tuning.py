@@ -108,8 +108,10 @@ def candidates(head_dim: int):
         bwd = [dict(dq=_kb(64, 64, a), dkv=_kb(64, 64, b))  # deeper rings do not fit
                for a, b in itertools.product((2, 1), (2, 1))]
     else:
-        bwd = [dict(dq=_kb(64, kv, 2), dkv=_kb(64, 64, s)) for kv, s in ((64, 2), (128, 2), (128, 3))]
-        bwd += [dict(fused_dq=True)]
+        # Both backward forms, whichever the defaults use: the two kernels ...
+        bwd = [dict(dq=_kb(64, kv, 2), dkv=_kb(64, 64, s), fused_dq=False)
+               for kv, s in ((64, 2), (128, 2), (128, 3))]
+        bwd += [dict(fused_dq=True)]  # ... and dQ fused into the dK/dV kernel
         if head_dim == 128:
             bwd += [dict(fused_dq=True, dv_pass=True)]
     return fwd, bwd

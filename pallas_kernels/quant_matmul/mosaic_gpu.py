@@ -23,14 +23,10 @@ into that block's float32 accumulator times the activation scales (one per
 row, TMA'd with the operands) and the block's weight scale (a scalar). This
 keeps the tensor core's limited-precision fp8 accumulation to 128 products,
 as in DeepSeek-V3. A 256-column tile halves the activation traffic per
-product and measured 1.37-1.60x bf16 on the H200 at 8192^3 against
-1.17-1.31x for 128 columns (BENCHMARKS.md, session 14). The step's x rows
-are the wgmma's A operand from registers, loaded once for both blocks:
-with both read from shared memory, ptxas spilled 188 bytes in the wide
-kernel against 16, and it ran 4.5% slower (session 15). The fp8 kernel sits
-at the register limit: removing either scale load alone (a wrong-numerics
-diagnostic) removed all spills and gained 12-17%, and making the consumers
-take turns on the tensor cores did not help.
+product (faster than 128 columns at large outputs; BENCHMARKS.md, session
+14). The kernel is register-bound, so the step's x rows are the wgmma's A
+operand from registers, loaded once for both blocks: it spills less than
+reading them from shared memory for each block (session 15).
 
 The epilogue writes the tile through shared memory with a TMA store that
 overlaps the next tile's K walk. TMA zero-fills out-of-bounds loads and clips

@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import compat
 from pallas_kernels.attention import mosaic_gpu, tuning
+from pallas_kernels.attention.mosaic_gpu import backward_queries, common, schedule, vjp
 from pallas_kernels.attention.mask import visible
 from pallas_kernels.attention.reference import attention_reference
 
@@ -46,7 +48,7 @@ def test_kv_block_range_covers_exactly_the_visible_blocks(S, T, causal, window):
     vis = _pairs(S, T, causal, window)
     n_blocks = -(-T // block)
     for r0 in range(0, S + rows - 1, rows):
-        lo, flo, fhi, hi = (int(x) for x in mosaic_gpu.kv_block_range(
+        lo, flo, fhi, hi = (int(x) for x in schedule.kv_block_range(
             jnp.int32(r0), rows, offset=T - S, q_len=S, kv_len=T, block_kv=block,
             causal=causal, window=window))
         real = vis[r0:r0 + rows]  # padded rows (r >= S) are sliced off: not checked
@@ -68,7 +70,7 @@ def test_q_block_range_covers_exactly_the_visible_blocks(S, T, causal, window):
     vis = _pairs(S, T, causal, window)
     n_blocks = -(-S // block)
     for c0 in range(0, T + cols - 1, cols):
-        lo, flo, fhi, hi = (int(x) for x in mosaic_gpu.q_block_range(
+        lo, flo, fhi, hi = (int(x) for x in schedule.q_block_range(
             jnp.int32(c0), cols, offset=T - S, q_len=S, kv_len=T, block_q=block,
             causal=causal, window=window))
         tile = np.zeros((n_blocks * block, cols), bool)
@@ -85,20 +87,20 @@ def test_q_block_range_covers_exactly_the_visible_blocks(S, T, causal, window):
 
 
 @pytest.mark.parametrize("pairs,tiles", [(64, 32), (16, 128), (48, 5), (7, 3), (1, 300), (128, 1)])
-def test_block_order_visits_every_tile_once_in_groups_that_fill_the_gpu(pairs, tiles):
-    grid, names = mosaic_gpu._block_order(pairs, tiles)
+def testblock_order_visits_every_tile_once_in_groups_that_fill_the_gpu(pairs, tiles):
+    grid, names = schedule.block_order(pairs, tiles)
     assert names == ("group", "tile", "pair") and grid[1] == tiles
     group = grid[2]
     assert grid[0] * group == pairs
-    assert group * tiles >= mosaic_gpu._WAVE_BLOCKS or group == pairs
+    assert group * tiles >= schedule.WAVE_BLOCKS or group == pairs
     # Smaller groups would not fill the GPU once.
-    assert all(g * tiles < mosaic_gpu._WAVE_BLOCKS for g in range(1, group) if pairs % g == 0)
+    assert all(g * tiles < schedule.WAVE_BLOCKS for g in range(1, group) if pairs % g == 0)
     heads = 4 if pairs % 4 == 0 else 1
 
-    # _block_position under named axes of the grid's sizes: one (batch, head,
+    # block_position under named axes of the grid's sizes: one (batch, head,
     # tile step) per block, all of them.
     def position(_):
-        return jnp.stack(mosaic_gpu._block_position(heads, grid))
+        return jnp.stack(schedule.block_position(heads, grid))
     for name, size in zip(reversed(names), reversed(grid)):
         position = jax.vmap(position, in_axes=None, axis_name=name, axis_size=size)
     seen = np.asarray(position(jnp.zeros(()))).reshape(-1, 3)
@@ -112,20 +114,20 @@ def test_block_order_visits_every_tile_once_in_groups_that_fill_the_gpu(pairs, t
 
 @pytest.mark.parametrize("pairs,tiles,causal", [(64, 32, True), (16, 128, True), (7, 3, False),
                                                  (1, 300, True), (300, 2, False)])
-def test_persistent_schedule_runs_every_tile_once_balanced(pairs, tiles, causal):
+def testpersistent_schedule_runs_every_tile_once_balanced(pairs, tiles, causal):
     steps = tuple(t + 1 if causal else 5 for t in range(tiles))
     n_sms = 132
-    table = mosaic_gpu._persistent_schedule(pairs, tiles, steps, n_sms)
+    table = schedule.persistent_schedule(pairs, tiles, steps, n_sms)
     assert table.shape[0] == min(n_sms, pairs * tiles)
     counts = table[:, 0]
     codes = np.concatenate([row[1:1 + n] for row, n in zip(table, counts)])
     assert sorted(codes.tolist()) == list(range(pairs * tiles))
     # Estimated work per block: within one of the longest tiles of each other.
-    work = [sum(steps[c % tiles] + mosaic_gpu._TILE_COST for c in row[1:1 + n])
+    work = [sum(steps[c % tiles] + schedule.TILE_COST for c in row[1:1 + n])
             for row, n in zip(table, counts)]
-    assert max(work) - min(work) <= max(steps) + mosaic_gpu._TILE_COST
-    # A block runs its tiles in _block_order's group order.
-    group = mosaic_gpu._block_order(pairs, tiles)[0][2]
+    assert max(work) - min(work) <= max(steps) + schedule.TILE_COST
+    # A block runs its tiles in block_order's group order.
+    group = schedule.block_order(pairs, tiles)[0][2]
     for row, n in zip(table, counts):
         assert (np.diff(row[1:1 + n] // tiles // group) >= 0).all()
 
@@ -142,8 +144,8 @@ def test_segment_spans_cover_every_same_segment_pair(S, T, tile, sorted_ids):
     if sorted_ids:
         q_ids, kv_ids = np.sort(q_ids, 1), np.sort(kv_ids, 1)
         kv_ids[1] += 1  # batch row 1: some query segments have no keys
-    spans = np.asarray(mosaic_gpu.tile_spans(
-        mosaic_gpu.segment_span(jnp.asarray(q_ids), jnp.asarray(kv_ids)), tile))
+    spans = np.asarray(schedule.tile_spans(
+        schedule.segment_span(jnp.asarray(q_ids), jnp.asarray(kv_ids)), tile))
     assert spans.shape == (2, 2, S // tile)
     for b in range(2):
         for t in range(S // tile):
@@ -192,8 +194,8 @@ def test_unsupported_arguments_raise(kwargs, needle):
 ])
 def test_dq_kernel_folds_delta_only_where_the_o_tile_fits(D, dq, dtype, folds):
     bs = dataclasses.replace(tuning.DEFAULTS[D], dq=tuning.KernelBlocks(*dq))
-    spec = mosaic_gpu._Spec(q_len=256, kv_len=256, causal=True, window=None, scale=1.0, blocks=bs)
-    assert mosaic_gpu._dq_folds_delta(spec, D, dtype) is folds
+    spec = common.Spec(q_len=256, kv_len=256, causal=True, window=None, scale=1.0, blocks=bs)
+    assert backward_queries.dq_folds_delta(spec, D, dtype) is folds
 
 
 def test_fused_dq_needs_head_dim_64_or_128():
@@ -239,7 +241,7 @@ def test_unsupported_shapes_are_reported(shape_kv, dtype, needle):
     (qs, ks) = shape_kv
     q = jnp.ones(qs, dtype)
     k = jnp.ones(ks, dtype)
-    assert needle in mosaic_gpu._shape_problem(q, k, k)
+    assert needle in vjp.shape_problem(q, k, k)
     with pytest.raises(ValueError, match=needle):
         mosaic_gpu.mosaic_flash_attention(q, k, k)
 
@@ -247,7 +249,7 @@ def test_unsupported_shapes_are_reported(shape_kv, dtype, needle):
 def test_supports_names_the_reason_off_hopper():
     q, k, v, _ = _qkv(1, 1, 64, 64, 2, 1, 64, jnp.bfloat16)
     reason = mosaic_gpu.supports(q, k, v, causal=True)
-    if jax.default_backend() == "gpu" and mosaic_gpu.compat.is_hopper():
+    if jax.default_backend() == "gpu" and compat.is_hopper():
         assert reason is None
         assert mosaic_gpu.supports(q, k, v, logit_softcap=5.0) is None
         assert "logit_softcap" in mosaic_gpu.supports(q, k, v, logit_softcap=0.0)
@@ -269,7 +271,7 @@ GPU_CASES = [
     (1, 300, 300, 4, 2, 64, False, None, jnp.bfloat16),
     (1, 300, 300, 2, 1, 128, True, 100, jnp.bfloat16),
     (1, 260, 260, 2, 2, 64, False, 90, jnp.float16),
-    # Enough blocks for several groups in _block_order (forward, dQ and dK/dV).
+    # Enough blocks for several groups in block_order (forward, dQ and dK/dV).
     (4, 2000, 2000, 8, 4, 64, True, None, jnp.bfloat16),
 ]
 def _rel(x, ref):

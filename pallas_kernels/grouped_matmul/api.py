@@ -7,17 +7,20 @@ sum(group_sizes) give zeros. transpose_rhs=True takes rhs as [G,N,K].
 tgmm(lhs [M,K], dout [M,N], group_sizes) -> [G,K,N]: per group
 lhs[rows_g]^T @ dout[rows_g] (zeros for empty groups); this is gmm's d-rhs.
 
-implementation:
+implementation (the shared rule of pallas_kernels.dispatch):
   'xla'        the pure-jnp reference (differentiated by XLA);
   'ragged_dot' jax.lax.ragged_dot / ragged_dot_general;
-  'pallas'     the Pallas kernels: Mosaic GPU (compiled, Hopper, bf16/f16), or
-               the portable BlockSpec kernel when interpreted (interpret=True,
-               the default off GPU). gmm's gradient is a custom VJP built from
-               the same kernels: d-lhs = gmm(dout, rhs, transpose_rhs=not
-               transpose_rhs), d-rhs = tgmm(lhs, dout) (or tgmm(dout, lhs)
-               when transpose_rhs). tgmm itself has no gradient here.
-  'auto'       'pallas' on Hopper for bf16/f16, 'ragged_dot' on other GPUs or
-               for float32 on GPU, 'xla' elsewhere.
+  'mosaic_gpu' the Hopper kernels of mosaic_gpu.py (bf16/f16, compiled);
+  'blockspec'  the portable kernels of blockspec.py, interpreted only (their
+               scalar-prefetch grid has no GPU lowering);
+  'pallas'     'mosaic_gpu' where it takes the call, else 'blockspec'. gmm's
+               gradient is a custom VJP built from the same kernels: d-lhs =
+               gmm(dout, rhs, transpose_rhs=not transpose_rhs), d-rhs =
+               tgmm(lhs, dout) (or tgmm(dout, lhs) when transpose_rhs). tgmm
+               itself has no gradient here.
+  'auto'       the first of 'pallas', 'ragged_dot', 'xla' that runs natively:
+               the Mosaic kernel on Hopper for bf16/f16, ragged_dot on other
+               GPUs and for float32, the reference on CPU.
 group_sizes must be non-negative with sum <= M; concrete values are checked,
 traced ones cannot be (groups reaching past M are then cut at M).
 tiling=(tm, tk, tn): row, contraction and column tile of the Pallas kernels
@@ -32,20 +35,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import compat
+from pallas_kernels import dispatch
 from pallas_kernels.grouped_matmul import blockspec, mosaic_gpu
 from pallas_kernels.grouped_matmul.reference import gmm_reference, tgmm_reference
 
-IMPLEMENTATIONS = ("auto", "xla", "ragged_dot", "pallas")
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 BLOCKSPEC_TILING = (128, 128, 128)
+
+
+def _takes_no_tiling(args):
+    if args.tiling is not None:
+        return f"takes no tiling (tiling={args.tiling} tiles the Pallas kernels)"
+    return None
+
+
+def _interpreted_only(args):
+    if not args.interpret:
+        return "runs interpreted only (its scalar-prefetch grid has no GPU lowering)"
+    return None
+
+
+TABLE = dispatch.Table("grouped matmul", {
+    "xla": _takes_no_tiling,
+    "ragged_dot": _takes_no_tiling,
+    "mosaic_gpu": lambda args: mosaic_gpu.unsupported(args.dtype, args.tiling),
+    "blockspec": _interpreted_only,
+}, preference=("pallas", "ragged_dot", "xla"))
+IMPLEMENTATIONS = TABLE.names
 
 
 class _Config(NamedTuple):
     """Static settings of one Pallas call (hashable, for custom_vjp)."""
     out_dtype: jnp.dtype
     tiling: tuple | None
-    interpret: bool
+    kernel: dispatch.Choice   # 'mosaic_gpu' or 'blockspec'
     transpose_rhs: bool = False
 
 
@@ -61,10 +84,7 @@ def check_group_sizes(group_sizes, rows: int):
             raise ValueError(f"sum(group_sizes)={int(sizes.sum())} exceeds the {rows} rows of lhs")
 
 
-def _check_common(lhs, group_sizes, implementation, tiling):
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown grouped matmul implementation {implementation!r}; "
-                         f"choose one of {IMPLEMENTATIONS}")
+def _check_common(lhs, group_sizes, tiling):
     if lhs.ndim != 2:
         raise ValueError(f"lhs must be [M, K]; got shape {lhs.shape}")
     if lhs.shape[0] < 1:
@@ -78,39 +98,29 @@ def _check_common(lhs, group_sizes, implementation, tiling):
         raise ValueError(f"tiling must be three positive ints (tm, tk, tn); got {tiling}")
 
 
-def _pallas_config(implementation, dtype, preferred_element_type, tiling, interpret):
-    """Resolves 'auto' and checks the arguments each implementation honours."""
-    on_hopper = compat.is_hopper()
-    if implementation == "auto":
-        if compat.platform() == "gpu":
-            implementation = "pallas" if on_hopper and dtype != jnp.float32 else "ragged_dot"
-        else:
-            implementation = "xla"
-    if implementation != "pallas":
-        if tiling is not None or interpret is not None:
-            raise ValueError(f"implementation={implementation!r} takes no tiling or interpret")
-        return implementation, None
-    if interpret is None:
-        interpret = compat.platform() != "gpu"
-    if not interpret and not on_hopper:
-        raise ValueError("compiled implementation='pallas' needs a Hopper GPU (Mosaic GPU); "
-                         "pass interpret=True to run the portable kernel interpreted")
+def _resolve(implementation, dtype, preferred_element_type, tiling, interpret):
+    """-> (the implementation's name, the Pallas call's settings or None)."""
+    choice = TABLE.resolve(implementation, interpret, dtype=dtype, tiling=tiling)
+    if choice.name not in dispatch.PALLAS_KERNELS:
+        return choice.name, None
     out_dtype = jnp.dtype(preferred_element_type or dtype)
-    return "pallas", _Config(out_dtype, None if tiling is None else tuple(tiling), bool(interpret))
+    return "pallas", _Config(out_dtype, None if tiling is None else tuple(tiling), choice)
 
 
 def _gmm_kernel(lhs, rhs, group_sizes, cfg: _Config):
-    if cfg.interpret:
+    if cfg.kernel.name == "blockspec":
         return blockspec.gmm(lhs, rhs, group_sizes, transpose_rhs=cfg.transpose_rhs,
-                             out_dtype=cfg.out_dtype, tiling=cfg.tiling or BLOCKSPEC_TILING)
+                             out_dtype=cfg.out_dtype, tiling=cfg.tiling or BLOCKSPEC_TILING,
+                             interpret=cfg.kernel.interpret)
     return mosaic_gpu.gmm(lhs, rhs, group_sizes, transpose_rhs=cfg.transpose_rhs,
                           out_dtype=cfg.out_dtype, tiling=cfg.tiling or mosaic_gpu.DEFAULT_TILING)
 
 
 def _tgmm_kernel(lhs, dout, group_sizes, cfg: _Config):
-    if cfg.interpret:
+    if cfg.kernel.name == "blockspec":
         return blockspec.tgmm(lhs, dout, group_sizes, out_dtype=cfg.out_dtype,
-                              tiling=cfg.tiling or BLOCKSPEC_TILING)
+                              tiling=cfg.tiling or BLOCKSPEC_TILING,
+                              interpret=cfg.kernel.interpret)
     return mosaic_gpu.tgmm(lhs, dout, group_sizes, out_dtype=cfg.out_dtype,
                            tiling=cfg.tiling or mosaic_gpu.DEFAULT_TGMM_TILING)
 
@@ -143,7 +153,7 @@ _pallas_gmm.defvjp(_pallas_gmm_fwd, _pallas_gmm_bwd)
 def gmm(lhs, rhs, group_sizes, *, implementation: str = "auto", preferred_element_type=None,
         tiling=None, interpret: bool | None = None, transpose_rhs: bool = False):
     """Grouped matmul lhs [M,K] x rhs [G,K,N] -> [M,N] (see module docstring)."""
-    _check_common(lhs, group_sizes, implementation, tiling)
+    _check_common(lhs, group_sizes, tiling)
     if rhs.ndim != 3:
         raise ValueError(f"rhs must be [G, K, N]; got shape {rhs.shape}")
     g, rk = rhs.shape[0], rhs.shape[2 if transpose_rhs else 1]
@@ -155,8 +165,7 @@ def gmm(lhs, rhs, group_sizes, *, implementation: str = "auto", preferred_elemen
     if rhs.dtype != lhs.dtype:
         raise ValueError(f"lhs and rhs dtypes differ: {lhs.dtype} vs {rhs.dtype}")
     group_sizes = group_sizes.astype(jnp.int32)
-    impl, cfg = _pallas_config(implementation, lhs.dtype, preferred_element_type, tiling,
-                               interpret)
+    impl, cfg = _resolve(implementation, lhs.dtype, preferred_element_type, tiling, interpret)
     if impl == "xla":
         return gmm_reference(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
                              preferred_element_type=preferred_element_type)
@@ -177,15 +186,14 @@ def _zero_tail(out, group_sizes):
 def tgmm(lhs, dout, group_sizes, *, implementation: str = "auto", preferred_element_type=None,
          tiling=None, interpret: bool | None = None):
     """Per-group lhs[rows_g]^T @ dout[rows_g]: [M,K] x [M,N] -> [G,K,N]."""
-    _check_common(lhs, group_sizes, implementation, tiling)
+    _check_common(lhs, group_sizes, tiling)
     if dout.ndim != 2 or dout.shape[0] != lhs.shape[0]:
         raise ValueError(f"dout must be [M, N] with the M={lhs.shape[0]} rows of lhs; "
                          f"got shape {dout.shape}")
     if dout.dtype != lhs.dtype:
         raise ValueError(f"lhs and dout dtypes differ: {lhs.dtype} vs {dout.dtype}")
     group_sizes = group_sizes.astype(jnp.int32)
-    impl, cfg = _pallas_config(implementation, lhs.dtype, preferred_element_type, tiling,
-                               interpret)
+    impl, cfg = _resolve(implementation, lhs.dtype, preferred_element_type, tiling, interpret)
     if impl == "xla":
         return tgmm_reference(lhs, dout, group_sizes,
                               preferred_element_type=preferred_element_type)

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.grouped_matmul.schedule import make_schedule, num_steps, pad_to
+from pallas_kernels.grouped_matmul.schedule import make_schedule, num_steps
+from pallas_kernels.shapes import pad_axis_to_multiple
 
 
 def _rows_in(lo, hi, tile, tm, shape):
@@ -40,8 +41,8 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=(128, 1
     tm, tk, tn = _fit(m, tiling[0]), _fit(k, tiling[1]), _fit(n, tiling[2])
     # Padded k columns are zero in both operands, so they add nothing; partial
     # m and n blocks only produce rows/columns that are never written back.
-    lhs = pad_to(lhs, 1, tk)
-    rhs = pad_to(rhs, 2 if transpose_rhs else 1, tk)
+    lhs = pad_axis_to_multiple(lhs, 1, tk)
+    rhs = pad_axis_to_multiple(rhs, 2 if transpose_rhs else 1, tk)
     k_tiles = lhs.shape[1] // tk
     sched = make_schedule(group_sizes, m, tm, zero_tail=True)
 

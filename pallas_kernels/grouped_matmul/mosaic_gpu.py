@@ -28,7 +28,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import compat
 from pallas_kernels import mosaic_common as mc
-from pallas_kernels.grouped_matmul.schedule import make_schedule, num_steps, pad_to
+from pallas_kernels.grouped_matmul.schedule import make_schedule, num_steps
+from pallas_kernels.shapes import pad_axis_to_multiple
 
 DTYPES = (jnp.bfloat16, jnp.float16)
 DEFAULT_TILING = (128, 64, 128)        # gmm: (rows, K, N) per work item
@@ -49,15 +50,24 @@ def _launch(body, out_type, out_smem, interpret):
                         grid_names=("sm",), compiler_params=_params(), **extra)
 
 
+def unsupported(dtype, tiling=None) -> str | None:
+    """Why the kernels cannot take inputs of this dtype with this tiling
+    (None: the default), or None when they can."""
+    if dtype not in DTYPES:
+        return (f"needs bfloat16 or float16 inputs; got {dtype} (use implementation='xla' or "
+                f"'ragged_dot' for float32)")
+    if tiling is not None and any(t % 64 for t in tiling):
+        return f"tiling (rows, contraction, columns) must be multiples of 64; got {tiling}"
+    return None
+
+
 def check(lhs, other, tiling):
-    if lhs.dtype not in DTYPES or other.dtype != lhs.dtype:
-        raise ValueError(f"the Mosaic GPU kernel needs bfloat16 or float16 inputs of one dtype; "
-                         f"got {lhs.dtype} and {other.dtype} (use implementation='xla' or "
-                         f"'ragged_dot' for float32)")
-    tm, tk, tn = tiling
-    if tm % 64 or tn % 64 or tk % 64:
-        raise ValueError(f"Mosaic GPU tiling (rows, contraction, columns) must be multiples "
-                         f"of 64; got {tiling}")
+    if other.dtype != lhs.dtype:
+        raise ValueError(f"the Mosaic GPU kernel needs inputs of one dtype; got {lhs.dtype} and "
+                         f"{other.dtype}")
+    problem = unsupported(lhs.dtype, tiling)
+    if problem:
+        raise ValueError(f"the Mosaic GPU kernel {problem}")
 
 
 def _stages(tiling, out_bytes):
@@ -77,8 +87,8 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT
          interpret=False):
     check(lhs, rhs, tiling)
     m, n = lhs.shape[0], rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    lhs = pad_to(pad_to(lhs, 0, 8), 1, 64)
-    rhs = pad_to(pad_to(rhs, 1, 64), 2, 64)
+    lhs = pad_axis_to_multiple(pad_axis_to_multiple(lhs, 0, 8), 1, 64)
+    rhs = pad_axis_to_multiple(pad_axis_to_multiple(rhs, 1, 64), 2, 64)
     (m_pad, k), g = lhs.shape, rhs.shape[0]
     n_pad = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tm, tk, tn = tiling
@@ -151,8 +161,8 @@ def tgmm(lhs, dout, group_sizes, *, out_dtype, tiling=DEFAULT_TGMM_TILING,
     """out[g] = lhs[rows_g]^T @ dout[rows_g]. tiling = (row tile, K tile, N tile)."""
     check(lhs, dout, tiling)
     (m, k), n, g = lhs.shape, dout.shape[1], group_sizes.shape[0]
-    lhs = pad_to(pad_to(lhs, 0, 8), 1, 64)
-    dout = pad_to(pad_to(dout, 0, 8), 1, 64)
+    lhs = pad_axis_to_multiple(pad_axis_to_multiple(lhs, 0, 8), 1, 64)
+    dout = pad_axis_to_multiple(pad_axis_to_multiple(dout, 0, 8), 1, 64)
     k_pad, n_pad = lhs.shape[1], dout.shape[1]
     tr, tk, tn = tiling
     stages = _stages((tk, tr, tn), jnp.dtype(out_dtype).itemsize)

@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
+from pallas_kernels.shapes import cdiv
+
 
 class Schedule(NamedTuple):
     """int32 arrays, one entry per step."""
@@ -25,7 +27,7 @@ class Schedule(NamedTuple):
 
 
 def num_steps(m: int, tm: int, groups: int) -> int:
-    return -(-m // tm) + groups - 1
+    return cdiv(m, tm) + groups - 1
 
 
 def make_schedule(group_sizes, m: int, tm: int, *, zero_tail: bool) -> Schedule:
@@ -44,7 +46,7 @@ def make_schedule(group_sizes, m: int, tm: int, *, zero_tail: bool) -> Schedule:
         starts = jnp.concatenate([starts, ends[-1:]])
         ends = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])
     nonempty = ends > starts
-    n_tiles = -(-m // tm)
+    n_tiles = cdiv(m, tm)
     first_tile = jnp.minimum(starts // tm, n_tiles - 1)
     last_tile = jnp.maximum(ends - 1, 0) // tm
     steps_per_group = jnp.where(nonempty, last_tile - first_tile + 1, 0 if zero_tail else 1)
@@ -64,13 +66,3 @@ def make_schedule(group_sizes, m: int, tm: int, *, zero_tail: bool) -> Schedule:
         first = within == 0
     first = first & real
     return Schedule(group, tile, lo, hi, first.astype(jnp.int32))
-
-
-def pad_to(x, axis: int, multiple: int):
-    """Zero-pads one axis of x up to a multiple (no copy when already one)."""
-    extra = -x.shape[axis] % multiple
-    if not extra:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths)

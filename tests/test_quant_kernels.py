@@ -153,7 +153,7 @@ def test_error_paths():
     with pytest.raises(ValueError, match="unknown quantized matmul implementation 'triton'"):
         w8a8_matmul(xq, xs, wq, ws, implementation="triton")
     if jax.default_backend() != "gpu":
-        with pytest.raises(ValueError, match="need a GPU"):
+        with pytest.raises(ValueError, match="needs a GPU"):
             w8a8_matmul(xq, xs, wq, ws, implementation="pallas", interpret=False)
     fx, fxs, fw, fws = fp8_operands(7, 8, 128, 16)
     with pytest.raises(ValueError, match="wq has dtype float8_e5m2"):

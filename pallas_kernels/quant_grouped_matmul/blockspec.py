@@ -40,7 +40,8 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels import compat
 from pallas_kernels.grouped_matmul.schedule import make_schedule, num_steps
 from pallas_kernels.quant_matmul.packing import unpack_nibbles_float
-from pallas_kernels.quant_matmul.tiling import MIN_DOT, pad_to, pow2_block, round_up
+from pallas_kernels.quant_matmul.tiling import MIN_DOT, pow2_block
+from pallas_kernels.shapes import pad_to, round_up
 
 SWIZZLE = 8
 NT = (((1,), (1,)), ((), ()))  # x [m, c] . w [n, c]^T

@@ -1,15 +1,15 @@
 """Public quantised matmuls with ``implementation=`` dispatch.
 
-implementation:
+implementation (the shared rule of pallas_kernels.dispatch):
   'xla'        the jnp reference (XLA's native int8 dot for w8a8);
   'mosaic_gpu' the Hopper kernels of mosaic_gpu.py (w8a8 and fp8 blockwise;
-               ``tiling`` tunes them) and int4_mosaic_gpu.py (sm_90 GPUs
-               only, compiled only);
-  'pallas'     on a Hopper GPU, compiled, with no ``block_sizes``: the Mosaic
-               GPU kernel where one takes the call (w8a8, fp8 blockwise, int4
-               decode of bf16 x); otherwise
-               the portable BlockSpec kernel (Triton lowering on GPU,
-               interpreted on CPU);
+               ``tiling`` tunes them) and int4_mosaic_gpu.py (compiled only);
+  'blockspec'  the portable kernels of w8a8.py, fp8_blockwise.py and
+               int4_weight_only.py (``block_sizes`` tune them; Triton
+               lowering on GPU, interpreted on CPU);
+  'pallas'     'mosaic_gpu' where it takes the call (Hopper, compiled, no
+               ``block_sizes``; for int4 the decode of bf16 x), else
+               'blockspec';
   'auto'       'pallas' on GPU, 'xla' elsewhere.
 Leading batch dimensions of x are flattened into rows. The w8a8 and fp8
 kernels are inference kernels on quantised codes; the int4 weight-only matmul
@@ -23,51 +23,54 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import compat
+from pallas_kernels import dispatch
 from pallas_kernels.quant_matmul import int4_mosaic_gpu, mosaic_gpu
 from pallas_kernels.quant_matmul import reference as ref
 from pallas_kernels.quant_matmul.fp8_blockwise import fp8_blockwise_pallas
 from pallas_kernels.quant_matmul.int4_weight_only import int4_weight_only_pallas
 from pallas_kernels.quant_matmul.w8a8 import w8a8_pallas
+from pallas_kernels.shapes import cdiv
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas", "mosaic_gpu")
+
+def _mosaic_tiling_only(args):
+    if args.tiling is not None:
+        return f"tiling={args.tiling} applies only to the Mosaic GPU kernel"
+    return None
 
 
-def _resolve(implementation: str, interpret: bool | None, *, block_sizes=None, tiling=None,
-             has_mosaic: bool = True) -> tuple[str, bool]:
-    """-> ('xla' | 'pallas' | 'mosaic_gpu', interpret) after checking that the
-    chosen implementation can honour every argument."""
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown quantized matmul implementation {implementation!r}; "
-                         f"choose one of {IMPLEMENTATIONS}")
-    on_gpu = compat.platform() == "gpu"
-    if implementation == "auto":
-        implementation = "pallas" if on_gpu else "xla"
-    if implementation == "pallas" and has_mosaic and compat.is_hopper() and not interpret \
-            and block_sizes is None:
-        implementation = "mosaic_gpu"
-    if implementation == "mosaic_gpu":
-        if not has_mosaic:
-            raise ValueError("implementation='mosaic_gpu' has no kernel for this matmul; "
-                             "use 'pallas' or 'xla'")
-        if interpret:
-            raise ValueError("implementation='mosaic_gpu' runs compiled only (interpret=True "
-                             "given); use 'pallas' for the interpretable portable kernel")
-        if block_sizes is not None:
-            raise ValueError(f"block_sizes={block_sizes} apply to the portable kernel; the "
-                             f"Mosaic GPU kernel takes tiling=")
-        if not compat.is_hopper():
-            raise ValueError(f"implementation='mosaic_gpu' needs a Hopper (sm_90) GPU; this "
-                             f"device is {compat.device_kind()!r}")
-        return implementation, False
-    if tiling is not None:
-        raise ValueError(f"tiling={tiling} applies only to the Mosaic GPU kernel, not to "
-                         f"implementation={implementation!r}")
-    if interpret is None:
-        interpret = not on_gpu
-    if implementation == "pallas" and not interpret and not on_gpu:
-        raise ValueError("compiled Pallas quantized matmuls need a GPU; pass interpret=True")
-    return implementation, interpret
+def _portable_block_sizes_only(args):
+    if args.block_sizes is not None:
+        return (f"block_sizes={args.block_sizes} apply to the portable kernel; the Mosaic GPU "
+                f"kernel takes tiling=")
+    return None
+
+
+def _int4_takes_no_tiles(args):
+    if args.block_n is not None or args.split_k is not None:
+        return (f"takes no block_n or split_k (block_n={args.block_n}, split_k={args.split_k} "
+                f"tile the Pallas kernels)")
+    return None
+
+
+def _int4_mosaic(args):
+    problem = int4_mosaic_gpu.unsupported(args.x, args.packed, args.zeros, args.group_size)
+    if problem is None and args.split_k not in (None, 1):
+        problem = f"split_k={args.split_k} (the Mosaic kernel does not split K)"
+    return problem
+
+
+# w8a8 and fp8 blockwise
+TABLE = dispatch.Table("quantized matmul", {
+    "xla": lambda args: _mosaic_tiling_only(args) or _portable_block_sizes_only(args),
+    "mosaic_gpu": _portable_block_sizes_only,
+    "blockspec": _mosaic_tiling_only,
+}, preference=("pallas", "xla"))
+INT4_TABLE = dispatch.Table("int4 matmul", {
+    "xla": _int4_takes_no_tiles,
+    "mosaic_gpu": _int4_mosaic,
+    "blockspec": dispatch.takes_any,
+}, preference=("pallas", "xla"))
+IMPLEMENTATIONS = TABLE.names
 
 
 def _check_dtype(name, a, allowed):
@@ -95,8 +98,8 @@ def w8a8_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, implementation: str =
     if x2.shape[1] != K or xs.shape != lead or ws.shape != (N,):
         raise ValueError(f"w8a8 shapes do not match: xq {xq.shape}, xs {xs.shape} (want {lead}), "
                          f"wq {wq.shape}, ws {ws.shape} (want ({N},))")
-    impl, interpret = _resolve(implementation, interpret, block_sizes=block_sizes,
-                               tiling=tiling)
+    impl, interpret = TABLE.resolve(implementation, interpret, block_sizes=block_sizes,
+                                    tiling=tiling)
     xs2 = xs.reshape(-1).astype(jnp.float32)
     ws = ws.astype(jnp.float32)
     if impl == "xla":
@@ -118,12 +121,12 @@ def fp8_blockwise_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, implementati
     _check_dtype("wq", wq, (jnp.float8_e4m3fn,))
     x2, lead = _rows(xq)
     N, K = wq.shape
-    nk, nn = -(-K // ref.FP8_BLOCK), -(-N // ref.FP8_BLOCK)
+    nk, nn = cdiv(K, ref.FP8_BLOCK), cdiv(N, ref.FP8_BLOCK)
     if x2.shape[1] != K or xs.shape != (*lead, nk) or ws.shape != (nn, nk):
         raise ValueError(f"fp8 blockwise shapes do not match: xq {xq.shape}, xs {xs.shape} "
                          f"(want {(*lead, nk)}), wq {wq.shape}, ws {ws.shape} (want {(nn, nk)})")
-    impl, interpret = _resolve(implementation, interpret, block_sizes=block_sizes,
-                               tiling=tiling)
+    impl, interpret = TABLE.resolve(implementation, interpret, block_sizes=block_sizes,
+                                    tiling=tiling)
     xs2 = xs.reshape(-1, nk).astype(jnp.float32)
     ws = ws.astype(jnp.float32)
     if impl == "xla":
@@ -183,18 +186,15 @@ def int4_weight_only_matmul(x, packed, scales, zeros=None, *, group_size: int,
     if scales.shape != (groups, N) or (zeros is not None and zeros.shape != (groups, N)):
         raise ValueError(f"scales {scales.shape} / zeros {None if zeros is None else zeros.shape} "
                          f"must be [K/group_size, N] = {(groups, N)}")
-    why_not = int4_mosaic_gpu.unsupported(x2, packed, zeros, group_size)
-    if why_not is None and split_k not in (None, 1):
-        why_not = f"split_k={split_k} (the Mosaic kernel does not split K)"
-    if implementation == "mosaic_gpu" and why_not:
-        raise ValueError(f"implementation='mosaic_gpu' cannot run this int4 matmul: {why_not}")
-    impl, interpret = _resolve(implementation, interpret, has_mosaic=why_not is None)
+    impl, interpret = INT4_TABLE.resolve(implementation, interpret, x=x2, packed=packed,
+                                         zeros=zeros, group_size=group_size, block_n=block_n,
+                                         split_k=split_k)
     if impl == "xla":
         def forward(x_, p_, s_, z_):
             return ref.int4_weight_only_reference(x_, p_, s_, z_, group_size=group_size)
     elif impl == "mosaic_gpu":
         def forward(x_, p_, s_, z_):
-            del z_  # symmetric codes only (checked above)
+            del z_  # symmetric codes only (INT4_TABLE's 'mosaic_gpu' entry)
             return int4_mosaic_gpu.int4_weight_only_mosaic(
                 x_, p_, s_, group_size=group_size,
                 **({} if block_n is None else {"block_n": block_n}))
@@ -203,7 +203,7 @@ def int4_weight_only_matmul(x, packed, scales, zeros=None, *, group_size: int,
         # few percent of the fastest tiling in the H100 sweeps (BENCHMARKS.md).
         bn = 128 if block_n is None else block_n
         if split_k is None:
-            programs = -(-N // bn)
+            programs = cdiv(N, bn)
             split_k = math.gcd(groups, max(1, 256 // programs))
 
         def forward(x_, p_, s_, z_):

@@ -17,7 +17,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import compat
 from pallas_kernels.quant_matmul.reference import FP8_BLOCK
-from pallas_kernels.quant_matmul.tiling import check_block, pad_to, pow2_block, round_up
+from pallas_kernels.quant_matmul.tiling import check_block, pow2_block
+from pallas_kernels.shapes import cdiv, pad_to, round_up
 
 
 def _kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, nk: int):
@@ -43,12 +44,12 @@ def fp8_blockwise_pallas(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, block_sizes=
     check_block("bn", bn)
     if FP8_BLOCK % bn:
         raise ValueError(f"bn={bn} must divide the weight-scale block {FP8_BLOCK}")
-    nk = -(-K // FP8_BLOCK)
+    nk = cdiv(K, FP8_BLOCK)
     Mp, Np, Kp = round_up(M, bm), round_up(N, bn), nk * FP8_BLOCK
     x = pad_to(xq, (Mp, Kp))
     w = pad_to(wq, (Np, Kp))
     xs2 = pad_to(xs.astype(jnp.float32), (Mp, nk))
-    ws2 = pad_to(ws.astype(jnp.float32), (-(-Np // FP8_BLOCK), nk))
+    ws2 = pad_to(ws.astype(jnp.float32), (cdiv(Np, FP8_BLOCK), nk))
     params = {} if interpret else dict(
         compiler_params=compat.triton_compiler_params(num_warps=num_warps, num_stages=num_stages))
     out = pl.pallas_call(

@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import mosaic_common as mc
-from pallas_kernels.quant_matmul.tiling import pad_to, round_up
+from pallas_kernels.shapes import pad_to, round_up
 
 MAX_ROWS = 64
 CHUNK = 64  # K per wgmma: one 128-byte swizzled row of bf16 x

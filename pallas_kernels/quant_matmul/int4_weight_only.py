@@ -24,13 +24,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import compat
 from pallas_kernels.quant_matmul.packing import unpack_nibbles_float
-from pallas_kernels.quant_matmul.tiling import (
-    MIN_DOT,
-    check_block,
-    pad_to,
-    pow2_block,
-    round_up,
-)
+from pallas_kernels.quant_matmul.tiling import MIN_DOT, check_block, pow2_block
+from pallas_kernels.shapes import pad_to, round_up
 
 
 def _kernel(x_even_ref, x_odd_ref, p_ref, s_ref, *rest, g2: int, steps: int,

@@ -47,7 +47,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import compat
 from pallas_kernels import mosaic_common as mc
 from pallas_kernels.quant_matmul.reference import FP8_BLOCK
-from pallas_kernels.quant_matmul.tiling import pad_to, round_up
+from pallas_kernels.shapes import cdiv, pad_to, round_up
 
 STEP_K = 128                 # K elements per pipeline step (128 bytes of 8-bit codes)
 CONSUMERS = 2
@@ -73,10 +73,6 @@ SMALL_TILING = Tiling(128, 128, 4)
 # half-empty last wave (or idle SMs) costs more than its per-tile efficiency
 # gains (12 model-like shapes on the H200, BENCHMARKS.md "Session 14").
 WIDE_MIN_WAVES = 2
-
-
-def _cdiv(a, b):
-    return (a + b - 1) // b
 
 
 def check_tiling(tiling: Tiling, kind: str, out_dtype) -> None:
@@ -117,7 +113,7 @@ def default_tiling(kind: str, out_dtype, m: int, n: int) -> Tiling:
     least WIDE_MIN_WAVES tiles per SM, else 128x128; each with as many ring
     stages as fit next to the epilogue's staging tile (a float32 output leaves
     room for fewer)."""
-    wide_tiles = _cdiv(m, WIDE_TILING.tm) * _cdiv(n, WIDE_TILING.tn)
+    wide_tiles = cdiv(m, WIDE_TILING.tm) * cdiv(n, WIDE_TILING.tn)
     wide_enough = wide_tiles >= WIDE_MIN_WAVES * compat.sm_count()
     for tile in ((WIDE_TILING,) if wide_enough else ()) + (SMALL_TILING,):
         for stages in range(tile.stages, 1, -1):
@@ -149,7 +145,7 @@ def _matmul(x, w, row_scales, col_scales, *, kind, tiling, out_dtype):
     tmc = tm // CONSUMERS
     M, K = x.shape
     N = w.shape[0]
-    m_tiles, n_tiles, k_steps = _cdiv(M, tm), _cdiv(N, tn), K // STEP_K
+    m_tiles, n_tiles, k_steps = cdiv(M, tm), cdiv(N, tn), K // STEP_K
     tiles = m_tiles * n_tiles
     programs = _num_programs(tiles)
     fp8 = kind == "fp8"

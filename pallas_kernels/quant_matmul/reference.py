@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.quant_matmul.packing import unpack_int4
+from pallas_kernels.shapes import cdiv
 
 FP8_BLOCK = 128
 
@@ -34,7 +35,7 @@ def w8a8_reference(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16):
 def fp8_blockwise_reference(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16):
     M, K = xq.shape
     N = wq.shape[0]
-    nk = -(-K // FP8_BLOCK)
+    nk = cdiv(K, FP8_BLOCK)
     pad = nk * FP8_BLOCK - K
     x = jnp.pad(xq.astype(jnp.float32), ((0, 0), (0, pad))).reshape(M, nk, FP8_BLOCK)
     w = jnp.pad(wq.astype(jnp.float32), ((0, 0), (0, pad))).reshape(N, nk, FP8_BLOCK)

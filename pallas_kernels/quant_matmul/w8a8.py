@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import compat
-from pallas_kernels.quant_matmul.tiling import check_block, pad_to, pow2_block, round_up
+from pallas_kernels.quant_matmul.tiling import check_block, pow2_block
+from pallas_kernels.shapes import pad_to, round_up
 
 
 def _kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, bk: int, nk: int):

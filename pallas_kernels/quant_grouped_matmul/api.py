@@ -6,24 +6,26 @@ with weights stored as low-bit codes plus per-(K group, column) scales;
 layouts in reference.py (int8 / e4m3 [G,K,N], int4 packed [G,N,K/2] with
 optional zero points).
 
-implementation:
-  'xla'     the jnp reference (dequantise, then a masked einsum), differentiated
-            by XLA;
-  'pallas'  the portable kernel of blockspec.py, dequantising tile by tile:
-            compiled by Pallas's Triton lowering on GPU, interpreted elsewhere
-            (interpret=None picks). Its gradient is a custom VJP: d-lhs =
-            dout @ W^T by grouped_matmul.gmm (transpose_rhs) on the weights
-            dequantised into lhs's dtype, d-scales = per scale group sums of
-            codes (less zero points) * (lhs^T dout per group), the latter by
-            grouped_matmul.tgmm in float32 ([G,K,N], the size of a float
-            weight gradient). Both run the grouped-matmul kernels (the
-            portable ones interpreted, 'auto' compiled). Codes and zero points
-            are integer storage: no gradient.
-  'auto'    'pallas' on GPU, 'xla' elsewhere.
+implementation (the shared rule of pallas_kernels.dispatch):
+  'xla'       the jnp reference (dequantise, then a masked einsum),
+              differentiated by XLA;
+  'blockspec' the portable kernel of blockspec.py, dequantising tile by tile:
+              compiled by Pallas's Triton lowering on GPU, interpreted
+              elsewhere (interpret=None picks);
+  'pallas'    'blockspec' (there is no Mosaic GPU kernel).
+              The kernel's gradient is a custom VJP: d-lhs = dout @ W^T by
+              grouped_matmul.gmm (transpose_rhs) on the weights dequantised
+              into lhs's dtype, d-scales = per scale group sums of codes (less
+              zero points) * (lhs^T dout per group), the latter by
+              grouped_matmul.tgmm in float32 ([G,K,N], the size of a float
+              weight gradient). Both run the grouped-matmul kernels (the
+              portable ones interpreted, 'auto' compiled). Codes and zero
+              points are integer storage: no gradient.
+  'auto'      'pallas' on GPU, 'xla' elsewhere.
 The kernel needs K steps that divide the scale group (see blockspec.py):
 ``unsupported`` says why a (kind, group_size, tiling) cannot run it, and
-'pallas' raises for those. group_sizes must be non-negative with sum <= M
-(checked when concrete).
+'pallas' and 'blockspec' raise for those. group_sizes must be non-negative
+with sum <= M (checked when concrete).
 """
 from __future__ import annotations
 
@@ -33,13 +35,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import compat
+from pallas_kernels import dispatch
 from pallas_kernels.grouped_matmul.api import check_group_sizes, gmm, tgmm
 from pallas_kernels.quant_grouped_matmul import blockspec
 from pallas_kernels.quant_grouped_matmul.reference import (CODE_DTYPES, KINDS, dequantize_groups,
                                                            qgmm_reference)
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas")
 LHS_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # The fastest (tm, tk, tn) per weight kind on an H100 at Mixtral-sized experts
 # (BENCHMARKS.md, "Quantised grouped matmul"): one for few rows per expert
@@ -75,10 +76,20 @@ def unsupported(kind: str, group_size: int, tiling=None) -> str | None:
             f"two >= {blockspec.min_k_step(kind)} dividing group_size (kind {kind!r})")
 
 
-def _check(lhs, codes, scales, group_sizes, zeros, kind, group_size, implementation, tiling):
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown quantised grouped matmul implementation {implementation!r}; "
-                         f"choose one of {IMPLEMENTATIONS}")
+def _takes_no_tiling(args):
+    if args.tiling is not None:
+        return f"takes no tiling (tiling={args.tiling} tiles the Pallas kernel)"
+    return None
+
+
+TABLE = dispatch.Table("quantised grouped matmul", {
+    "xla": _takes_no_tiling,
+    "blockspec": lambda args: unsupported(args.kind, args.group_size, args.tiling),
+}, preference=("pallas", "xla"))
+IMPLEMENTATIONS = TABLE.names
+
+
+def _check(lhs, codes, scales, group_sizes, zeros, kind, group_size, tiling):
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
     if lhs.ndim != 2 or lhs.shape[0] < 1:
@@ -166,25 +177,14 @@ def qgmm(lhs, codes, scales, group_sizes, *, kind: str, group_size: int, zeros=N
     preferred_element_type (see the module docstring). tiling=(tm, tk, tn):
     the kernel's row, K-step and column tiles (powers of two); None: the
     tuned one for the kind and rows per group (``default_tiling``)."""
-    _check(lhs, codes, scales, group_sizes, zeros, kind, group_size, implementation, tiling)
+    _check(lhs, codes, scales, group_sizes, zeros, kind, group_size, tiling)
     group_sizes = group_sizes.astype(jnp.int32)
     out_dtype = jnp.dtype(preferred_element_type or jnp.float32)
-    on_gpu = compat.platform() == "gpu"
-    if implementation == "auto":
-        implementation = "pallas" if on_gpu else "xla"
-    if implementation == "xla":
-        if tiling is not None or interpret is not None:
-            raise ValueError("implementation='xla' takes no tiling or interpret")
+    impl, interpret = TABLE.resolve(implementation, interpret, kind=kind,
+                                    group_size=group_size, tiling=tiling)
+    if impl == "xla":
         return qgmm_reference(lhs, codes, scales, group_sizes, kind=kind, group_size=group_size,
                               zeros=zeros, preferred_element_type=out_dtype)
-    if interpret is None:
-        interpret = not on_gpu
-    if not interpret and not on_gpu:
-        raise ValueError("compiled implementation='pallas' needs a GPU (Triton lowering); pass "
-                         "interpret=True to run the kernel interpreted")
-    why_not = unsupported(kind, group_size, tiling)
-    if why_not:
-        raise ValueError(f"implementation='pallas' cannot run this layout: {why_not}")
     tiling = tiling or default_tiling(kind, lhs.shape[0], codes.shape[0])
-    cfg = _Config(kind, int(group_size), out_dtype, tuple(tiling), bool(interpret))
+    cfg = _Config(kind, int(group_size), out_dtype, tuple(tiling), interpret)
     return _pallas_qgmm(lhs, codes, scales.astype(jnp.float32), group_sizes, zeros, cfg)

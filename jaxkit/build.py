@@ -1,4 +1,8 @@
-"""The one place that maps a Config to objects: model, optimizer, data."""
+"""The one place that maps a Config to objects: mesh, model, optimizer, data.
+
+Every command starts with build_mesh, which first runs the config checks
+that need the packages the config configures (check_config), so a bad value
+is reported before anything is placed on a device or compiled."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,10 +11,31 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxkit import sharding
 from jaxkit.config import Config, ConfigError
 from jaxkit.models import Transformer
-from jaxkit.sharding import train_state_shardings
+from jaxkit.quant.config_check import check_head_target, check_quant_config
 from jaxkit.train.optim import make_optimizer, make_schedule
+
+
+def check_config(cfg: Config) -> None:
+    """The checks jaxkit.config leaves to the packages that know the values:
+    mesh.rules entries name mesh axes, model.quant has formats, groupings and
+    (mode 'int') a kernel. Raises ConfigError naming the bad value."""
+    sharding.resolve_rules(cfg.mesh.rules)
+    q = cfg.model.quant
+    try:
+        check_quant_config(q)
+        check_head_target(q, cfg.model.tie_embeddings)
+    except ValueError as err:
+        raise ConfigError(f"model.quant: {err}") from None
+
+
+def build_mesh(cfg: Config, devices=None):
+    """(mesh over `devices` (default: all), logical-axis rules) of a run,
+    after check_config."""
+    check_config(cfg)
+    return sharding.make_mesh(cfg.mesh, devices), sharding.resolve_rules(cfg.mesh.rules)
 
 
 def build_model(cfg: Config, seed=None) -> Transformer:
@@ -46,7 +71,7 @@ def build_train_state(cfg: Config, optimizer, mesh, rules):
     step = jnp.zeros((), jnp.int32)
     abstract = jax.eval_shape(lambda p, m: dict(params=p, opt_state=optimizer.init(p),
                                                 model_state=m, step=step), params, model_state)
-    shardings = train_state_shardings(abstract, mesh, rules)
+    shardings = sharding.train_state_shardings(abstract, mesh, rules)
     params = jax.device_put(params, shardings["params"])
     state = dict(params=params,
                  opt_state=jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params),

@@ -10,7 +10,21 @@ from pathlib import Path
 import yaml
 
 from jaxkit.config import ConfigError, load_config, to_dict
-from jaxkit.distributed import add_distributed_args, initialize
+
+# Everything that imports jax is imported inside the command that needs it:
+# parsing, --print-config and config errors run without starting jax.
+
+
+def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("multi-process runs")
+    g.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                   help="auto: join a multi-process run when the flags below are given or "
+                        "srun/mpirun started several processes; on: always call "
+                        "jax.distributed.initialize() (e.g. on a TPU pod slice); off: never")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="address of process 0's coordination service")
+    g.add_argument("--num-processes", type=int, metavar="N", help="total number of processes")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's index in [0, N)")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -37,6 +51,7 @@ def _run_dir(cfg, args) -> Path:
 
 def _join(args) -> None:
     """Joins the multi-process run, if any, before anything touches a device."""
+    from jaxkit.distributed import initialize
     try:
         initialize(args.distributed, args.coordinator, args.num_processes, args.process_id)
     except ValueError as e:
@@ -99,7 +114,9 @@ def cmd_quantize(args) -> None:
     print(json.dumps(result))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(data_tools: bool = True) -> argparse.ArgumentParser:
+    """data_tools=False leaves out the flags of `jaxkit data` (defining them
+    imports jaxkit.data, and with it jax)."""
     parser = argparse.ArgumentParser(prog="jaxkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -107,13 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--run-dir", help="run directory (default: train.out_dir/<config name>)")
-    add_distributed_args(p)
+    _add_distributed_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate the latest checkpoint of a run")
     _add_config_args(p)
     p.add_argument("--run-dir", help="run directory (default: train.out_dir/<config name>)")
-    add_distributed_args(p)
+    _add_distributed_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write a run's parameters alone, for inference")
@@ -121,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory to write the parameters to")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--run-dir", help="run directory (default: train.out_dir/<config name>)")
-    add_distributed_args(p)
+    _add_distributed_args(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("quantize", help="post-training quantisation of a run's latest checkpoint "
@@ -134,15 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
-    from jaxkit.data.prepare import add_prepare_args, run_prepare
     prep = data_sub.add_parser("prepare", help="tokenize text files into train/val token files")
-    add_prepare_args(prep)
-    prep.set_defaults(func=run_prepare)
+    if data_tools:
+        from jaxkit.data.prepare import add_prepare_args, run_prepare  # imports jax
+        add_prepare_args(prep)
+        prep.set_defaults(func=run_prepare)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(data_tools=argv[:1] == ["data"]).parse_args(argv)
     try:
         args.func(args)
     except ConfigError as e:

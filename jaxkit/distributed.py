@@ -9,22 +9,9 @@ detect the cluster. A single process needs no initialisation.
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import jax
-
-
-def add_distributed_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("multi-process runs")
-    g.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
-                   help="auto: join a multi-process run when the flags below are given or "
-                        "srun/mpirun started several processes; on: always call "
-                        "jax.distributed.initialize() (e.g. on a TPU pod slice); off: never")
-    g.add_argument("--coordinator", metavar="HOST:PORT",
-                   help="address of process 0's coordination service")
-    g.add_argument("--num-processes", type=int, metavar="N", help="total number of processes")
-    g.add_argument("--process-id", type=int, metavar="I", help="this process's index in [0, N)")
 
 
 def launcher_process_count() -> int:

@@ -1,4 +1,5 @@
 """Config loading: YAML, overrides with type conversion, and every error path."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,64 @@ def test_cli_print_config_and_error():
     bad = subprocess.run(cmd[:-1] + ["--set", "model.d_modle=1"], capture_output=True,
                          text=True, cwd=root)
     assert bad.returncode != 0 and "did you mean model.d_model" in bad.stderr
+
+
+HEAVY = ("jax", "flax", "pallas_kernels")
+
+
+def test_config_handling_never_imports_jax():
+    """Loading every shipped config, --print-config and a config error leave
+    jax, flax and the kernels unimported (checked after each, in a fresh
+    interpreter)."""
+    script = f"""
+import sys
+from pathlib import Path
+from jaxkit.cli import main
+from jaxkit.config import ConfigError, load_config
+def heavy(what):
+    loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))
+    assert not loaded, f"{{what}} imported {{loaded}}"
+for path in sorted(Path("configs").glob("*.yaml")):
+    load_config(path)
+    heavy(f"load_config({{path}})")
+    for command in ("train", "eval", "quantize"):
+        try:
+            main([command, str(path), "--print-config"])
+        except SystemExit as e:
+            assert e.code == 0, e.code
+        heavy(f"jaxkit {{command}} {{path}} --print-config")
+try:
+    main(["train", "configs/quickstart.yaml", "--set", "data.seq_len=4096"])
+except SystemExit as e:
+    assert str(e.code).startswith("config error: data.seq_len (4096)"), e.code
+heavy("a config error")
+print("ok")
+"""
+    root = Path(__file__).parent.parent
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0 and out.stdout.splitlines()[-1] == "ok", out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "export", "quantize"])
+@pytest.mark.parametrize("overrides, message", [
+    (["mesh.rules={embed: fdsp}"], "mesh.rules.embed: unknown mesh axis 'fdsp'"),
+    (["model.quant.mode=int", "model.quant.weight_format=mxfp4"],
+     "model.quant: mode 'int' has no kernel for weight_format='mxfp4'"),
+], ids=["rules", "quant"])
+def test_cross_package_config_errors_come_first(command, overrides, message, tmp_path):
+    """Errors of the checks that need the sharding and quant packages: one
+    line, before anything is written or compiled (jax logs every compilation)."""
+    root = Path(__file__).parent.parent
+    cmd = [sys.executable, "-m", "jaxkit.cli", command, "configs/quickstart.yaml",
+           "--run-dir", str(tmp_path / "run"), "--set", f"data.path={tmp_path / 'none'}"]
+    cmd += [a for o in overrides for a in ("--set", o)]
+    cmd += ["--out", str(tmp_path / "out")] if command in ("export", "quantize") else []
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root,
+                         env=dict(os.environ, JAX_LOG_COMPILES="1", JAX_PLATFORMS="cpu"))
+    lines = out.stderr.splitlines()
+    assert out.returncode != 0 and len(lines) == 1, out.stderr[-3000:]
+    assert lines[0].startswith("config error: ") and message in lines[0], lines[0]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
 
 
 def test_readme_config_reference_is_current():

@@ -9,6 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
+from jaxkit.build import check_config
 from jaxkit.config import ConfigError, ModelConfig, QuantConfig, load_config
 from jaxkit.layers import Linear
 from jaxkit.models import Transformer, unscan_layers
@@ -166,7 +167,7 @@ def test_quant_config_errors():
     ]
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):
-            load_config(None, overrides)
+            check_config(load_config(None, overrides))
     head = QuantConfig(mode="ptq", weight_format="int8", targets=("head",))
     with pytest.raises(ValueError, match="untied output head"):
         Transformer(dataclasses.replace(TINY, quant=head), rngs=nnx.Rngs(0))

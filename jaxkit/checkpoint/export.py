@@ -8,7 +8,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxkit import sharding
-from jaxkit.build import build_model, split_model
+from jaxkit.build import build_mesh, build_model, split_model
 from jaxkit.checkpoint.manager import Checkpointer
 from jaxkit.config import CheckpointConfig, Config
 
@@ -39,8 +39,7 @@ def export_run(cfg: Config, run_dir: str | Path, out: str | Path, *, step: int |
     """Exports the parameters of checkpoint `step` (default: the latest) of
     the run in `run_dir` to `out`; returns the step. The optimizer state is
     never read, so this needs memory for the parameters only."""
-    mesh = sharding.make_mesh(cfg.mesh, devices)
-    rules = sharding.resolve_rules(cfg.mesh.rules)
+    mesh, rules = build_mesh(cfg, devices)
     directory = Path(run_dir) / "checkpoints"
     checkpointer = Checkpointer(directory, CheckpointConfig(async_save=False))
     try:

@@ -19,9 +19,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jaxkit.build import check_config
 from jaxkit.config import Config, ConfigError, QuantConfig, load_config
 from jaxkit.models import unscan_layers
-from jaxkit.quant.config_check import check_quant_config
 from jaxkit.quant.experts import ExpertQuantizer
 from jaxkit.quant.layer import Quantizer, QuantWeight
 from jaxkit.quant.model import attach_quantizers, calibrate, quantize_model
@@ -59,8 +59,8 @@ def _bytes(state) -> int:
 
 def quantize_run(cfg: Config, run_dir: str | Path, *, out: str | Path | None = None) -> dict:
     """PTQ of the run in run_dir with cfg.model.quant (mode 'ptq' or 'int')."""
+    check_config(cfg)
     q = cfg.model.quant
-    check_quant_config(q)
     if q.mode not in ("ptq", "int"):
         raise ConfigError("jaxkit quantize needs model.quant.mode 'ptq' (simulated) or 'int' "
                           f"(low-bit storage), got {q.mode!r}")

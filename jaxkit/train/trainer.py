@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from jaxkit import sharding
-from jaxkit.build import build_data, build_optimizer, build_train_state
+from jaxkit.build import build_data, build_mesh, build_optimizer, build_train_state
 from jaxkit.checkpoint import Checkpointer
 from jaxkit.config import Config, save_config
 from jaxkit.train import flops
@@ -66,12 +66,11 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, *, devices=None, sources=None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.mesh, self.rules = build_mesh(cfg, devices)
         self.is_logger = jax.process_index() == 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.is_logger:
             save_config(cfg, self.run_dir / "config.yaml")
-        self.mesh = sharding.make_mesh(cfg.mesh, devices)
-        self.rules = sharding.resolve_rules(cfg.mesh.rules)
         sharding.check_batch(cfg.data.batch_size, cfg.train.grad_accum, self.mesh, self.rules)
         self.train_data, self.eval_data = build_data(cfg) if sources is None else sources
         self.batcher = sharding.GlobalBatcher(self.mesh, self.rules, cfg.data.batch_size)

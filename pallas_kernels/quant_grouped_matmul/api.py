@@ -43,7 +43,7 @@ from pallas_kernels.quant_grouped_matmul.reference import (CODE_DTYPES, KINDS, d
 
 LHS_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # The fastest (tm, tk, tn) per weight kind on an H100 at Mixtral-sized experts
-# (BENCHMARKS.md, "Quantised grouped matmul"): one for few rows per expert
+# (docs/design/grouped-matmul.md): one for few rows per expert
 # (decode: small row tiles, the weights stream once) and one for many (prefill).
 TUNED_TILINGS = {
     "decode": {"int8": (16, 64, 128), "int4": (16, 128, 128), "fp8": (16, 128, 128)},

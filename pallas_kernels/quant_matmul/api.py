@@ -200,7 +200,7 @@ def int4_weight_only_matmul(x, packed, scales, zeros=None, *, group_size: int,
                 **({} if block_n is None else {"block_n": block_n}))
     else:
         # About 256 programs (block_n 128, split_k 4 at N=K=8192): within a
-        # few percent of the fastest tiling in the H100 sweeps (BENCHMARKS.md).
+        # few percent of the fastest tiling in the H100 sweeps.
         bn = 128 if block_n is None else block_n
         if split_k is None:
             programs = cdiv(N, bn)

@@ -46,11 +46,11 @@ SKIP_MOSAIC = False  # --skip-mosaic: leave out the Hopper kernels
 # Earlier H100 sweeps also tried (256, 128, 3), (128, 128, 4), (128, 256, 3, 4) for
 # w8a8 (0.80-0.87 ms vs 0.72) and 3-stage fp8 (1.14 ms vs 1.08-1.13).
 W8A8_TILINGS = [mosaic_gpu.WIDE_TILING, mosaic_gpu.Tiling(128, 256, 3, 16)]
-# (128, 128, 5) was the H100's fastest before the wide tile (1.50x bf16, session 3).
+# (128, 128, 5) was the H100's fastest before the wide tile (1.50x bf16 at 8192^3).
 FP8_TILINGS = [mosaic_gpu.WIDE_TILING, mosaic_gpu.Tiling(128, 256, 3, 32),
                mosaic_gpu.SMALL_TILING, mosaic_gpu.Tiling(128, 128, 5)]
 # int4 tilings are swept at the first batch only: the others take its fastest
-# one. H100 sweeps at batch 16 (us, whole call), recorded in BENCHMARKS.md:
+# one. H100 sweeps at batch 16 (us, whole call):
 # portable 34-39 for (128, 4, 4, 3), (64, 8, 4, 3), (128, 8, 8, 3), (64, 4, 4, 4)
 # (the first two kept); Mosaic 3 compute warpgroups 22-26, 2 warpgroups 23-28,
 # x multicast to 2-block clusters no gain, block_n 128 34 (half the SMs).
@@ -188,7 +188,7 @@ def chained_time(fn, arg_sets, repeats=CHAIN_REPEATS):
     decode step runs its layers: one jit chains repeats * len(arg_sets)
     calls, each call's output feeding the next call's x, the weight sets
     taken in turn (a set comes back after all the others have streamed
-    through L2). Session 11's trace: kernels inside one jit run back to
+    through L2). A profiler trace shows kernels inside one jit run back to
     back, but dispatching a jit costs the host several us per argument
     buffer, more than a 16 us kernel; the chain spreads that over `repeats` uses."""
     x0 = arg_sets[0][0]
@@ -289,7 +289,7 @@ def int4_suite(size, results):
         # What a plain copy of the kernel's bytes reaches as 16 independent
         # calls in one jit (a copy has no x to chain): a transfer this size.
         # bf16 like copy_bandwidth's: XLA's uint8 elementwise op is slower than
-        # the memory (session 6: 1306 GB/s for these bytes).
+        # the memory (1306 GB/s for these bytes on an H100).
         half = jnp.zeros((nbytes // 4,), jnp.bfloat16)
         copy = jax.jit(lambda a: a + jnp.bfloat16(1))
         copy_sets = [(half + r,) for r in range(ROTATE)]
@@ -316,7 +316,7 @@ def main():
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--size", type=int, default=8192)
     parser.add_argument("--quick", action="store_true",
-                        help="one configuration per kernel (short device sessions)")
+                        help="one configuration per kernel (a short run)")
     parser.add_argument("--skip-mosaic", action="store_true",
                         help="leave out the Mosaic GPU kernels (e.g. while one is broken)")
     parser.add_argument("--only", choices=("matmul", "int4"),

@@ -23,10 +23,11 @@ into that block's float32 accumulator times the activation scales (one per
 row, TMA'd with the operands) and the block's weight scale (a scalar). This
 keeps the tensor core's limited-precision fp8 accumulation to 128 products,
 as in DeepSeek-V3. A 256-column tile halves the activation traffic per
-product (faster than 128 columns at large outputs; BENCHMARKS.md, session
-14). The kernel is register-bound, so the step's x rows are the wgmma's A
-operand from registers, loaded once for both blocks: it spills less than
-reading them from shared memory for each block (session 15).
+product (faster than 128 columns at large outputs). The kernel is
+register-bound, so the step's x rows are the wgmma's A operand from
+registers, loaded once for both blocks. ptxas spills 16 bytes that way,
+against 188 when each block's wgmma reads them from shared memory, and the
+kernel runs about 4% faster (docs/design/quant-matmul-hopper.md).
 
 The epilogue writes the tile through shared memory with a TMA store that
 overlaps the next tile's K walk. TMA zero-fills out-of-bounds loads and clips
@@ -71,7 +72,7 @@ WIDE_TILING = Tiling(128, 256, 3)
 SMALL_TILING = Tiling(128, 128, 4)
 # The wide tile only where it gives every SM this many tiles: with fewer, its
 # half-empty last wave (or idle SMs) costs more than its per-tile efficiency
-# gains (12 model-like shapes on the H200, BENCHMARKS.md "Session 14").
+# gains (12 model-like shapes on the H200, docs/design/quant-matmul-hopper.md).
 WIDE_MIN_WAVES = 2
 
 

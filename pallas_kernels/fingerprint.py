@@ -77,12 +77,12 @@ def _cases():
     return {
         "attention causal d128 two kernels": _attention_case(
             300, 300, 4, 2, 128, causal=True,
-            block_sizes=dataclasses.replace(fused, fused_dq=False)),
+            block_sizes=dataclasses.replace(fused, backward="two_kernels")),
         "attention full d128 fused": _attention_case(300, 300, 4, 2, 128, block_sizes=fused),
         "attention window d64 fused": _attention_case(300, 300, 2, 2, 64, sliding_window=50),
         "attention causal d64 two kernels": _attention_case(
             300, 300, 2, 2, 64, causal=True,
-            block_sizes=dataclasses.replace(tuning.DEFAULTS[64], fused_dq=False)),
+            block_sizes=dataclasses.replace(tuning.DEFAULTS[64], backward="two_kernels")),
         "attention causal d256 softcap segments": _attention_case(
             300, 300, 2, 1, 256, causal=True, logit_softcap=3.0, segment_ids=(ids, ids)),
         "attention causal d128 fused softcap segments": _attention_case(
@@ -90,7 +90,7 @@ def _cases():
             block_sizes=fused),
         "attention causal d128 fused dv_pass": _attention_case(
             300, 300, 4, 2, 128, causal=True,
-            block_sizes=dataclasses.replace(fused, dv_pass=True)),
+            block_sizes=dataclasses.replace(fused, backward="fused_dv_pass")),
         "int4 weight-only": (
             lambda x, p, s: int4_mosaic_gpu.int4_weight_only_mosaic(x, p, s, group_size=128),
             (x, packed, jnp.ones((8, 512), jnp.float32))),

@@ -198,11 +198,25 @@ def test_dq_kernel_folds_delta_only_where_the_o_tile_fits(D, dq, dtype, folds):
     assert backward_queries.dq_folds_delta(spec, D, dtype) is folds
 
 
-def test_fused_dq_needs_head_dim_64_or_128():
-    q, k, v, _ = _qkv(0, 1, 64, 64, 2, 1, 256, jnp.bfloat16)
-    with pytest.raises(ValueError, match="fused_dq needs head_dim 64 or 128.*head_dim=256"):
-        mosaic_gpu.mosaic_flash_attention(
-            q, k, v, block_sizes=dataclasses.replace(tuning.DEFAULTS[256], fused_dq=True))
+@pytest.mark.parametrize("plan,D", [("fused", 256), ("fused_dv_pass", 256), ("two_kernels", 256),
+                                     ("two_kernels_xla_delta", 256), ("role_split", 128)])
+def test_backward_plan_needs_its_head_dims(plan, D):
+    q, k, v, _ = _qkv(0, 1, 64, 64, 2, 1, D, jnp.bfloat16)
+    blocks = dataclasses.replace(tuning.DEFAULTS[D], backward=plan)
+    with pytest.raises(ValueError, match=f"backward plan '{plan}' takes head_dim .*head_dim={D}"):
+        mosaic_gpu.mosaic_flash_attention(q, k, v, block_sizes=blocks)
+
+
+def test_two_kernels_plan_needs_room_for_the_o_tile():
+    q, k, v, _ = _qkv(0, 1, 64, 64, 2, 1, 128, jnp.bfloat16)
+    blocks = dataclasses.replace(tuning.DEFAULTS[128], dq=tuning.KernelBlocks(64, 128, 2),
+                                 backward="two_kernels")
+    with pytest.raises(ValueError, match="'two_kernels' needs shared memory .*block_kv=128"):
+        mosaic_gpu.mosaic_flash_attention(q, k, v, block_sizes=blocks)
+
+
+def test_every_backward_plan_has_a_kernel_composition():
+    assert set(vjp.BACKWARD_PLANS) == set(tuning.BACKWARD_HEAD_DIMS)
 
 
 @pytest.mark.parametrize("kernel", ["dq", "dkv"])
@@ -213,23 +227,26 @@ def test_head_dim_256_backward_needs_64x64_blocks(kernel):
         mosaic_gpu.mosaic_flash_attention(q, k, v, block_sizes=blocks)
 
 
-@pytest.mark.parametrize("D", [64, 128])
-def test_autotune_times_both_backward_forms(D):
-    # Candidates are applied on top of the defaults, which fuse dQ here: the
-    # two-kernel ones must say fused_dq=False or the autotune never times them.
+@pytest.mark.parametrize("D,plans", [
+    (64, {"two_kernels", "two_kernels_xla_delta", "fused"}),
+    (128, {"two_kernels", "two_kernels_xla_delta", "fused", "fused_dv_pass"}),
+    (256, {"role_split"}),
+])
+def test_autotune_times_every_backward_plan(D, plans):
+    # Candidates are applied on top of the defaults: each must name its plan,
+    # or it silently takes the defaults' plan and the others are never timed.
     _, bwd = tuning.candidates(D)
-    forms = {dataclasses.replace(tuning.DEFAULTS[D], **c).fused_dq for c in bwd}
-    assert forms == {False, True}
+    assert {dataclasses.replace(tuning.DEFAULTS[D], **c).backward for c in bwd} == plans
 
 
-def test_dv_pass_needs_fused_dq_and_round_trips_through_the_table():
-    with pytest.raises(ValueError, match="dv_pass=True .* fused_dq=True"):
-        dataclasses.replace(tuning.DEFAULTS[128], fused_dq=False, dv_pass=True)
-    bs = dataclasses.replace(tuning.DEFAULTS[128], dv_pass=True)
+def test_backward_plan_is_checked_and_round_trips_through_the_table():
+    with pytest.raises(ValueError, match="unknown backward plan 'fused_dq'"):
+        dataclasses.replace(tuning.DEFAULTS[128], backward="fused_dq")
+    bs = dataclasses.replace(tuning.DEFAULTS[128], backward="fused_dv_pass")
     assert tuning.BlockSizes.from_json(bs.to_json()) == bs
-    # Entries written before the option existed read as without it.
-    old = {k: v for k, v in bs.to_json().items() if k != "dv_pass"}
-    assert tuning.BlockSizes.from_json(old).dv_pass is False
+    entry = {k: v for k, v in bs.to_json().items() if k != "backward"}
+    with pytest.raises(ValueError, match="names no backward plan"):
+        tuning.BlockSizes.from_json(entry)
 
 
 @pytest.mark.parametrize("shape_kv,dtype,needle", [
@@ -285,13 +302,14 @@ KB = tuning.KernelBlocks
 GPU_CASES += [
     (2, 300, 300, 4, 2, 128, True, None, jnp.bfloat16,
      dict(blocks=dataclasses.replace(tuning.DEFAULTS[128], fwd=KB(64, 64, 3), dkv=KB(64, 64, 3),
-                                     fused_dq=False))),
+                                     backward="two_kernels"))),
     (1, 250, 250, 2, 1, 128, False, 70, jnp.float16,
      dict(blocks=dataclasses.replace(tuning.DEFAULTS[128], pingpong=False, fwd=KB(64, 64, 3),
-                                     dq=KB(64, 128, 2), dkv=KB(64, 64, 3), fused_dq=False))),
+                                     dq=KB(64, 128, 2), dkv=KB(64, 64, 3),
+                                     backward="two_kernels_xla_delta"))),
     (1, 200, 330, 2, 2, 64, True, None, jnp.bfloat16,
      dict(blocks=dataclasses.replace(tuning.DEFAULTS[64], pingpong=False, fwd=KB(64, 256, 2),
-                                     dq=KB(64, 128, 2), fused_dq=False))),
+                                     dq=KB(64, 128, 2), backward="two_kernels"))),
     (1, 190, 190, 2, 1, 256, True, 50, jnp.bfloat16, dict(blocks=tuning.DEFAULTS[256])),
     # head_dim 256's role-split dQ and dK/dV kernels: GQA at unequal lengths, one stage.
     (1, 200, 330, 4, 2, 256, False, None, jnp.float16),
@@ -303,7 +321,7 @@ GPU_CASES += [
 # head_dim 64 the consumers take alternate steps' dQ tiles (128: column halves).
 FUSED = tuning.DEFAULTS[128]
 FUSED64 = tuning.DEFAULTS[64]
-assert FUSED.fused_dq and FUSED64.fused_dq
+assert FUSED.backward == FUSED64.backward == "fused"
 GPU_CASES += [
     (2, 300, 300, 4, 2, 128, True, None, jnp.bfloat16, dict(blocks=FUSED)),
     (1, 200, 330, 4, 1, 128, False, None, jnp.float16, dict(blocks=FUSED)),
@@ -312,8 +330,8 @@ GPU_CASES += [
     (1, 200, 330, 4, 1, 64, False, None, jnp.float16, dict(blocks=FUSED64)),
     (1, 330, 200, 2, 2, 64, True, 70, jnp.bfloat16, dict(blocks=FUSED64, softcap=2.5, segments=3)),
 ]
-# dQ fused into the dK kernel with dV in its own pass (dv_pass).
-FUSED_DV = dataclasses.replace(FUSED, dv_pass=True)
+# dQ fused into the dK kernel with dV in its own pass.
+FUSED_DV = dataclasses.replace(FUSED, backward="fused_dv_pass")
 GPU_CASES += [
     (2, 300, 300, 4, 2, 128, True, None, jnp.bfloat16, dict(blocks=FUSED_DV)),
     (1, 200, 330, 4, 1, 128, False, 90, jnp.float16, dict(blocks=FUSED_DV, softcap=2.5, segments=3)),
@@ -337,7 +355,7 @@ def _case_id(case):
     B, S, T, H, KH, D, causal, window, dtype, *opts = case
     opts = opts[0] if opts else {}
     bs = opts.get("blocks")
-    tag = ("" if bs is None else "-fused-dvpass" if bs.dv_pass else "-fused" if bs.fused_dq else
+    tag = ("" if bs is None else f"-{bs.backward}" if bs.backward.startswith("fused") else
            f"-blocks{bs.fwd.block_kv}x{bs.dkv.stages}{'pp' if bs.pingpong else ''}")
     tag += f"-cap{opts['softcap']}" if "softcap" in opts else ""
     tag += f"-seg{opts['segments']}" if "segments" in opts else ""

@@ -7,7 +7,7 @@ from pallas_kernels.fingerprint import _attention_case, fingerprints
 
 
 def test_fingerprints_follow_the_kernels_only():
-    two_kernels = dataclasses.replace(tuning.DEFAULTS[64], fused_dq=False)
+    two_kernels = dataclasses.replace(tuning.DEFAULTS[64], backward="two_kernels")
     fn, args = _attention_case(130, 130, 2, 1, 64, causal=True, block_sizes=two_kernels)
     base = fingerprints(fn, *args)
     assert len(base) == 3 and len(set(base)) == 3  # forward, dQ, dK/dV

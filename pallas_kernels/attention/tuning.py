@@ -1,4 +1,4 @@
-"""Block sizes of the Hopper flash-attention kernels, per device kind.
+"""Block sizes and backward plan of the Hopper flash-attention kernels, per device kind.
 
 The table lives in ``tuning_table.json`` beside this module: for each device
 kind, entries keyed ``d{head_dim}-{causal|full}``. Devices or head dims missing
@@ -34,30 +34,52 @@ class KernelBlocks:
             raise ValueError(f"stages must be >= 1, got {self.stages}")
 
 
+# How the backward kernels compose, by name, and the head dims each takes.
+# delta = rowsum(dO*O) comes from XLA (one more pass over O and dO) unless the
+# plan's dQ kernel forms it.
+BACKWARD_HEAD_DIMS = {
+    # A dQ kernel (query-parallel) that forms delta from an O tile in shared
+    # memory, then a dK/dV kernel (key-parallel): 7 matrix products a step.
+    "two_kernels": (64, 128),
+    # The same two kernels with delta from XLA, for dQ tilings that leave no
+    # shared memory for the O tile.
+    "two_kernels_xla_delta": (64, 128),
+    # head_dim 256: one consumer can hold neither the dK and dV accumulators
+    # nor two stages of K/V beside its Q and dO tiles, so both kernels give
+    # their two consumers the same rows and split each step by role.
+    "role_split": (256,),
+    # dQ formed inside the dK/dV kernel: 5 matrix products a step.
+    "fused": (64, 128),
+    # dK and dQ in one kernel, dV in a second, lighter key-parallel pass (S^T
+    # and dV only), so the fused pass keeps no dV accumulator in registers:
+    # 6 matrix products a step.
+    "fused_dv_pass": (64, 128),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     fwd: KernelBlocks
     dq: KernelBlocks
     dkv: KernelBlocks
+    backward: str  # the backward plan, a key of BACKWARD_HEAD_DIMS
     pingpong: bool = True  # forward: the two consumers take turns on the tensor cores
-    fused_dq: bool = False  # backward: dQ inside the dK/dV kernel (head_dim 64, 128)
-    # With fused_dq: dV in a second, lighter key-parallel pass (S^T and dV
-    # only), so the fused pass keeps no dV accumulator in registers: 6 matrix
-    # products a step in all instead of 5, against the two kernels' 7.
-    dv_pass: bool = False
 
     def __post_init__(self):
-        if self.dv_pass and not self.fused_dq:
-            raise ValueError("dv_pass=True splits the fused dQ kernel; it needs fused_dq=True")
+        if self.backward not in BACKWARD_HEAD_DIMS:
+            raise ValueError(f"unknown backward plan {self.backward!r}; choose one of "
+                             f"{tuple(BACKWARD_HEAD_DIMS)}")
 
     def to_json(self):
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, d):
+        if "backward" not in d:
+            raise ValueError(f"tuning table entry names no backward plan: {d}")
         return cls(fwd=KernelBlocks(**d["fwd"]), dq=KernelBlocks(**d["dq"]),
-                   dkv=KernelBlocks(**d["dkv"]), pingpong=bool(d.get("pingpong", True)),
-                   fused_dq=bool(d.get("fused_dq", False)), dv_pass=bool(d.get("dv_pass", False)))
+                   dkv=KernelBlocks(**d["dkv"]), backward=d["backward"],
+                   pingpong=bool(d.get("pingpong", True)))
 
 
 def _kb(q, kv, s):
@@ -66,15 +88,16 @@ def _kb(q, kv, s):
 
 # Sized for 227 KiB of shared memory and 240 (forward, fused backward) or 232
 # (separate dQ and dK/dV kernels) registers per consumer thread.
-# head_dim 64 and 128 fuse dQ into the dK/dV kernel: at 64, 12% faster causal
-# and full on the H200 (BENCHMARKS.md, session 11); at 128 the H200's tuned
-# entries pick it for causal and full (session 10). head_dim 256's role-split dQ and
-# dK/dV kernels take two stages each (f+b on the H200: one-stage dK/dV 9-15%
-# slower, session 12; one-stage dQ 12-19% slower, session 13).
+# head_dim 64 and 128 take the fused backward: at 64 it is 12% faster than the
+# two kernels (causal and full, H200); at 128 it is what the H200's tuned
+# entries pick, causal and full. head_dim 256's role-split dQ and dK/dV kernels
+# take two stages each: with one, forward+backward on the H200 was 9-15%
+# slower (dK/dV) and 12-19% slower (dQ).
 DEFAULTS = {
-    64: BlockSizes(fwd=_kb(64, 128, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2), fused_dq=True),
-    128: BlockSizes(fwd=_kb(64, 128, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2), fused_dq=True),
-    256: BlockSizes(fwd=_kb(64, 64, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2)),
+    64: BlockSizes(fwd=_kb(64, 128, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2), backward="fused"),
+    128: BlockSizes(fwd=_kb(64, 128, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2), backward="fused"),
+    256: BlockSizes(fwd=_kb(64, 64, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2),
+                    backward="role_split"),
 }
 
 
@@ -108,12 +131,15 @@ def candidates(head_dim: int):
         bwd = [dict(dq=_kb(64, 64, a), dkv=_kb(64, 64, b))  # deeper rings do not fit
                for a, b in itertools.product((2, 1), (2, 1))]
     else:
-        # Both backward forms, whichever the defaults use: the two kernels ...
-        bwd = [dict(dq=_kb(64, kv, 2), dkv=_kb(64, 64, s), fused_dq=False)
-               for kv, s in ((64, 2), (128, 2), (128, 3))]
-        bwd += [dict(fused_dq=True)]  # ... and dQ fused into the dK/dV kernel
+        # Every plan of this head dim but fused_dv_pass at 64, whichever the
+        # defaults use; two-kernel tilings that leave no room for the dQ
+        # kernel's O tile fail fast.
+        bwd = [dict(dq=_kb(64, kv, 2), dkv=_kb(64, 64, s), backward=plan)
+               for kv, s in ((64, 2), (128, 2), (128, 3))
+               for plan in ("two_kernels", "two_kernels_xla_delta")]
+        bwd += [dict(backward="fused")]
         if head_dim == 128:
-            bwd += [dict(fused_dq=True, dv_pass=True)]
+            bwd += [dict(backward="fused_dv_pass")]
     return fwd, bwd
 
 

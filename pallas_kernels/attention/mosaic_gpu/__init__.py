@@ -14,7 +14,10 @@ Modules:
   forward           the forward kernel (persistent, online softmax in base 2);
   backward_queries  dQ kernels (query-parallel), delta folded in where it fits;
   backward_keys     dK/dV kernels (key-parallel), optionally forming dQ too;
-  vjp               argument checks, padding and the custom VJP.
+  vjp               argument checks, padding, the custom VJP and the backward
+                    plans it runs by name (``BACKWARD_PLANS``; the tuning table's
+                    entries name theirs, ``tuning.BACKWARD_HEAD_DIMS`` says what
+                    each is).
 
 Logit soft-capping (c*tanh(logits/c)) costs one tanh per logit; the backward
 recomputes it and scales dS by 1 - tanh^2. Segment ids (packed sequences)

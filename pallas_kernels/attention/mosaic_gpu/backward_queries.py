@@ -2,8 +2,8 @@
 and streams the K and V blocks they see through a ring.
 
 Where shared memory holds an O tile too (``dq_folds_delta``), the dQ kernel
-forms delta = rowsum(dO*O) for the key-parallel kernel that follows; else
-XLA does, one more pass over O and dO. At head_dim 256 two consumers' Q and
+can form delta = rowsum(dO*O) for the key-parallel kernel that follows
+(backward plan ``two_kernels``); else XLA does, one more pass over O and dO. At head_dim 256 two consumers' Q and
 dO tiles leave room for one K/V stage, so ``backward_dq_roles`` gives both
 consumers the same rows and splits each step by role.
 """
@@ -33,19 +33,18 @@ def dq_folds_delta(spec: Spec, D, dtype) -> bool:
     return tiles * D * jnp.dtype(dtype).itemsize + SMEM_SPARE <= mc.SMEM_PER_BLOCK
 
 
-def backward_dq(q, k, v, do, lse, out_or_delta, segs, spec: Spec):
-    """dQ [B,Sp,H,D], and delta = rowsum(dO*O) [B,H,Sp] where
-    ``dq_folds_delta`` (then ``out_or_delta`` is O: the rows' dO and O tiles
-    are in shared memory at the start anyway, and the key-parallel kernel
-    reads the delta written here); else ``out_or_delta`` is delta and the
-    second result None."""
+def backward_dq(q, k, v, do, lse, out_or_delta, segs, spec: Spec, *, fold: bool):
+    """dQ [B,Sp,H,D], and delta = rowsum(dO*O) [B,H,Sp] with ``fold`` (then
+    ``out_or_delta`` is O: the rows' dO and O tiles are in shared memory at
+    the start anyway, and the key-parallel kernel reads the delta written
+    here; it needs ``dq_folds_delta``); else ``out_or_delta`` is delta and
+    the second result None."""
     B, Sp, H, D = q.shape
     G = H // k.shape[2]
     cfg = spec.blocks.dq
     bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
     grid, names = block_order(B * H, Sp // (CONSUMERS * bq))
     dtype = q.dtype
-    fold = dq_folds_delta(spec, D, dtype)
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, od_ref, *refs):
         segs, own, ring = query_kernel_refs(spec, refs, 6 + 2 * fold)

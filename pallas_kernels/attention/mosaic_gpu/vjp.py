@@ -27,29 +27,56 @@ def _attention_fwd(q, k, v, segs, spec):
     return out, (q, k, v, segs, out, lse)
 
 
+def _xla_delta(do, out):
+    """delta = rowsum(dO*O) [B,H,Sp] in float32, by XLA."""
+    return jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), out.astype(jnp.float32))
+
+
+def _two_kernels(q, k, v, segs, out, lse, do, spec):
+    dq, delta = backward_dq(q, k, v, do, lse, out, segs, spec, fold=True)
+    dk, dv = backward_dkv(q, k, v, do, lse, delta, segs, spec)
+    return dq, dk, dv
+
+
+def _two_kernels_xla_delta(q, k, v, segs, out, lse, do, spec):
+    args = (q, k, v, do, lse, _xla_delta(do, out), segs, spec)
+    dq, _ = backward_dq(*args, fold=False)
+    return (dq, *backward_dkv(*args))
+
+
+def _role_split(q, k, v, segs, out, lse, do, spec):
+    args = (q, k, v, do, lse, _xla_delta(do, out), segs, spec)
+    return (backward_dq_roles(*args), *backward_dkv_roles(*args))
+
+
+def _fused(q, k, v, segs, out, lse, do, spec):
+    args = (q, k, v, do, lse, _xla_delta(do, out), segs, spec)
+    dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
+    dk, dv = backward_dkv(*args, dq_acc=dq_acc)
+    return (dq_acc[...] * spec.scale).astype(q.dtype), dk, dv
+
+
+def _fused_dv_pass(q, k, v, segs, out, lse, do, spec):
+    args = (q, k, v, do, lse, _xla_delta(do, out), segs, spec)
+    dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
+    dk, _ = backward_dkv(*args, want_dv=False, dq_acc=dq_acc)
+    _, dv = backward_dkv(*args, want_dk=False)
+    return (dq_acc[...] * spec.scale).astype(q.dtype), dk, dv
+
+
+# The backward plans by name (``tuning.BACKWARD_HEAD_DIMS`` says what each is):
+# residuals, dO and the spec -> dQ, dK, dV.
+BACKWARD_PLANS = {
+    "two_kernels": _two_kernels,
+    "two_kernels_xla_delta": _two_kernels_xla_delta,
+    "role_split": _role_split,
+    "fused": _fused,
+    "fused_dv_pass": _fused_dv_pass,
+}
+
+
 def _attention_bwd(spec, res, do):
-    q, k, v, segs, out, lse = res
-    dq = None
-    if not spec.blocks.fused_dq and dq_folds_delta(spec, q.shape[-1], q.dtype):
-        dq, delta = backward_dq(q, k, v, do, lse, out, segs, spec)
-    else:
-        delta = jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), out.astype(jnp.float32))
-    args = (q, k, v, do, lse, delta, segs, spec)
-    if spec.blocks.fused_dq:
-        dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
-        if spec.blocks.dv_pass:
-            dk, _ = backward_dkv(*args, want_dv=False, dq_acc=dq_acc)
-            _, dv = backward_dkv(*args, want_dk=False)
-        else:
-            dk, dv = backward_dkv(*args, dq_acc=dq_acc)
-        dq = (dq_acc[...] * spec.scale).astype(q.dtype)
-    elif q.shape[-1] > 128:  # one consumer's registers and shared memory take too little
-        dq = backward_dq_roles(*args)
-        dk, dv = backward_dkv_roles(*args)
-    else:
-        if dq is None:
-            dq, _ = backward_dq(*args)
-        dk, dv = backward_dkv(*args)
+    dq, dk, dv = BACKWARD_PLANS[spec.blocks.backward](*res, do, spec)
     return dq, dk, dv, None  # segment ids are integers: no cotangent
 
 
@@ -101,16 +128,18 @@ def mosaic_flash_attention(q, k, v, *, causal=False, segment_ids=None, sliding_w
     """Attention out [B,S,H,D] from the Hopper kernels, differentiable in q, k, v.
 
     segment_ids: None or a pair (q ids [B,S], kv ids [B,T]) of integers;
-    block_sizes overrides the tuning table (see ``tuning.py``)."""
+    block_sizes (tiling and backward plan) overrides the tuning table (see
+    ``tuning.py``)."""
     problem = argument_problem(q, k, v, segment_ids, sliding_window, logit_softcap)
     if problem:
         raise ValueError(problem)
     S, T, D = q.shape[1], k.shape[1], q.shape[-1]
     if block_sizes is None:
         block_sizes = tuning.block_sizes_for(compat.device_kind(), D, causal)
-    if block_sizes.fused_dq and D not in (64, 128):
-        raise ValueError(f"fused_dq needs head_dim 64 or 128 (dK, dV and dQ accumulators "
-                         f"in registers); got head_dim={D}")
+    plan = block_sizes.backward
+    if D not in tuning.BACKWARD_HEAD_DIMS[plan]:
+        raise ValueError(f"backward plan {plan!r} takes head_dim "
+                         f"{tuning.BACKWARD_HEAD_DIMS[plan]}; got head_dim={D}")
     for name in ("dq", "dkv"):  # head_dim 256's role-split kernels are sized for 64x64
         blocks = getattr(block_sizes, name)
         if D == 256 and (blocks.block_q, blocks.block_kv) != (64, 64):
@@ -120,6 +149,10 @@ def mosaic_flash_attention(q, k, v, *, causal=False, segment_ids=None, sliding_w
                 scale=float(D ** -0.5 if scale is None else scale), blocks=block_sizes,
                 softcap=None if logit_softcap is None else float(logit_softcap),
                 segments=segment_ids is not None)
+    if plan == "two_kernels" and not dq_folds_delta(spec, D, q.dtype):
+        raise ValueError(f"backward plan 'two_kernels' needs shared memory for an O tile in the "
+                         f"dQ kernel, which dq={block_sizes.dq} at head_dim {D} leaves none; "
+                         f"use 'two_kernels_xla_delta'")
     bs = block_sizes
     q_mult = math.lcm(CONSUMERS * bs.fwd.block_q, CONSUMERS * bs.dq.block_q, bs.dkv.block_q)
     kv_mult = math.lcm(bs.fwd.block_kv, bs.dq.block_kv, CONSUMERS * bs.dkv.block_kv)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import compat
-from pallas_kernels.attention import mosaic_gpu, tuning
+from pallas_kernels.attention import autotune, mosaic_gpu, tuning
 from pallas_kernels.attention.mosaic_gpu import backward_queries, common, schedule, vjp
 from pallas_kernels.attention.mask import visible
 from pallas_kernels.attention.reference import attention_reference
@@ -235,7 +235,7 @@ def test_head_dim_256_backward_needs_64x64_blocks(kernel):
 def test_autotune_times_every_backward_plan(D, plans):
     # Candidates are applied on top of the defaults: each must name its plan,
     # or it silently takes the defaults' plan and the others are never timed.
-    _, bwd = tuning.candidates(D)
+    _, bwd = autotune.candidates(D)
     assert {dataclasses.replace(tuning.DEFAULTS[D], **c).backward for c in bwd} == plans
 
 

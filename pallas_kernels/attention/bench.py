@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.benchmarking import rel_err, time_fn
+from pallas_kernels.attention import mosaic_gpu
 from pallas_kernels.attention.reference import attention_flops, attention_reference
+from pallas_kernels.benchmarking import rel_err, time_fn
 
 # name, B, S, H, KH, D, causal[, options: softcap, segments (packed documents
 # per row, random lengths)]. cuDNN (through jax.nn.dot_product_attention)
@@ -72,7 +73,6 @@ def _jax_mgpu(causal, D):
 
 
 def implementations(causal, D, softcap=None, segment_ids=None):
-    from pallas_kernels.attention import mosaic_gpu
     kw = dict(causal=causal, logit_softcap=softcap, segment_ids=segment_ids)
     impls = {
         "pallas": lambda q, k, v: mosaic_gpu.mosaic_flash_attention(q, k, v, **kw),

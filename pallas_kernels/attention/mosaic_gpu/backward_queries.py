@@ -3,9 +3,10 @@ and streams the K and V blocks they see through a ring.
 
 Where shared memory holds an O tile too (``dq_folds_delta``), the dQ kernel
 can form delta = rowsum(dO*O) for the key-parallel kernel that follows
-(backward plan ``two_kernels``); else XLA does, one more pass over O and dO. At head_dim 256 two consumers' Q and
-dO tiles leave room for one K/V stage, so ``backward_dq_roles`` gives both
-consumers the same rows and splits each step by role.
+(backward plan ``two_kernels``); else XLA does, one more pass over O and
+dO. At head_dim 256 two consumers' Q and dO tiles leave room for one K/V
+stage, so ``backward_dq_roles`` gives both consumers the same rows and splits
+each step by role.
 """
 from __future__ import annotations
 

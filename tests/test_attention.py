@@ -16,7 +16,7 @@ import pytest
 from conftest import kernel_modes
 
 from pallas_kernels.attention import attention_reference_with_lse, flash_attention
-from pallas_kernels.attention.blockspec import BlockSizes, blockspec_attention_with_lse
+from pallas_kernels.attention.blockspec import PortableBlockSizes, blockspec_attention_with_lse
 
 F32_TOL = 1e-5
 LOW_PRECISION_TOL = 2e-2
@@ -35,14 +35,15 @@ class Case:
     logit_softcap: float | None = None
     scale: float | None = None
     segments: bool = False
-    blocks: BlockSizes = BlockSizes(block_q=32, block_kv=32, block_q_bwd=32, block_kv_bwd=32)
+    blocks: PortableBlockSizes = PortableBlockSizes(block_q=32, block_kv=32, block_q_bwd=32,
+                                                    block_kv_bwd=32)
 
     def attention_kwargs(self):
         return dict(causal=self.causal, sliding_window=self.sliding_window,
                     logit_softcap=self.logit_softcap, scale=self.scale)
 
 
-SMALL = BlockSizes(block_q=16, block_kv=32, block_q_bwd=32, block_kv_bwd=16)
+SMALL = PortableBlockSizes(block_q=16, block_kv=32, block_q_bwd=32, block_kv_bwd=16)
 
 CASES = {
     "causal": Case(2, 64, 64, 2, 2, 32, causal=True, blocks=SMALL),
@@ -203,10 +204,10 @@ def test_sliding_window_below_one_raises(window):
 @pytest.mark.parametrize("field, value", [("block_q", 48), ("block_kv", 8), ("block_kv_bwd", 0)])
 def test_bad_block_sizes_raise(field, value):
     with pytest.raises(ValueError, match=f"{field} .* got {value}"):
-        BlockSizes(**{field: value})
+        PortableBlockSizes(**{field: value})
 
 
 def test_block_sizes_only_for_pallas():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="'xla'"):
-        flash_attention(q, k, v, implementation="xla", block_sizes=BlockSizes())
+        flash_attention(q, k, v, implementation="xla", block_sizes=PortableBlockSizes())

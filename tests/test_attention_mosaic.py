@@ -243,10 +243,10 @@ def test_backward_plan_is_checked_and_round_trips_through_the_table():
     with pytest.raises(ValueError, match="unknown backward plan 'fused_dq'"):
         dataclasses.replace(tuning.DEFAULTS[128], backward="fused_dq")
     bs = dataclasses.replace(tuning.DEFAULTS[128], backward="fused_dv_pass")
-    assert tuning.BlockSizes.from_json(bs.to_json()) == bs
+    assert tuning.MosaicBlockSizes.from_json(bs.to_json()) == bs
     entry = {k: v for k, v in bs.to_json().items() if k != "backward"}
     with pytest.raises(ValueError, match="names no backward plan"):
-        tuning.BlockSizes.from_json(entry)
+        tuning.MosaicBlockSizes.from_json(entry)
 
 
 @pytest.mark.parametrize("shape_kv,dtype,needle", [
@@ -278,7 +278,7 @@ def test_supports_names_the_reason_off_hopper():
 # Kernels against the reference (GPU).
 
 GPU_CASES = [
-    # B, S, T, H, KH, D, causal, window, dtype[, options: blocks (tuning.BlockSizes),
+    # B, S, T, H, KH, D, causal, window, dtype[, options: blocks (tuning.MosaicBlockSizes),
     # softcap, segments (number of packed segments: sorted random ids)]
     (2, 256, 256, 2, 1, 128, True, None, jnp.bfloat16),
     (1, 200, 200, 4, 2, 128, False, None, jnp.bfloat16),

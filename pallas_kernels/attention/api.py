@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import compat
 from pallas_kernels.attention import mosaic_gpu
-from pallas_kernels.attention.blockspec import BlockSizes, blockspec_flash_attention
+from pallas_kernels.attention.blockspec import PortableBlockSizes, blockspec_flash_attention
 from pallas_kernels.attention.reference import attention_reference
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
@@ -72,14 +72,14 @@ def _cudnn(q, k, v, *, causal, segment_ids, sliding_window, logit_softcap, scale
 
 
 def _pallas(q, k, v, *, block_sizes, interpret, **kwargs):
-    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f"block_sizes must be a BlockSizes, got {block_sizes!r}")
+    if block_sizes is not None and not isinstance(block_sizes, PortableBlockSizes):
+        raise ValueError(f"block_sizes must be a PortableBlockSizes, got {block_sizes!r}")
     if interpret is None:
         interpret = compat.platform() == "cpu"
     if not interpret and compat.platform() != "gpu":
         raise ValueError(f"compiled Pallas attention needs a GPU (backend is "
                          f"{compat.platform()!r}); pass interpret=True")
-    # BlockSizes tile the portable kernel; the Mosaic kernel chooses its own.
+    # PortableBlockSizes tile the portable kernel; the Mosaic kernel chooses its own.
     if (not interpret and block_sizes is None and compat.is_hopper()
             and mosaic_gpu.supports(q=q, k=k, v=v, **kwargs) is None):
         return mosaic_gpu.mosaic_flash_attention(q, k, v, **kwargs)
@@ -97,7 +97,7 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None,
     segment_ids: int [B,S] (when S == T) or a pair ([B,S], [B,T]); tokens attend
     only within equal ids. sliding_window w: keys fewer than w positions away.
     logit_softcap c: logits become c*tanh(logits/c). scale defaults to D**-0.5.
-    block_sizes (a blockspec.BlockSizes) and interpret (None: True on CPU) apply
+    block_sizes (a blockspec.PortableBlockSizes) and interpret (None: True on CPU) apply
     to implementation='pallas' only; giving block_sizes selects the portable
     BlockSpec kernel even on Hopper.
     """

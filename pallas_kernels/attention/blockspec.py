@@ -29,14 +29,15 @@ _MIN_BLOCK = 16  # smallest tile a GPU matrix instruction takes
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes (powers of two, at least 16) and GPU launch settings.
+class PortableBlockSizes:
+    """Tile sizes of the portable kernel (powers of two, at least 16) and GPU
+    launch settings; the Mosaic GPU kernels' are ``tuning.MosaicBlockSizes``.
 
     block_q/block_kv tile the forward pass; block_q_bwd/block_kv_bwd both
     backward kernels. Blocks larger than a sequence shrink to fit it; when none
-    are given, BlockSizes.for_head_dim picks them. num_warps None picks 4 for
-    head_dim <= 64 and 8 above; num_warps and num_stages matter only when
-    compiled for a GPU.
+    are given, PortableBlockSizes.for_head_dim picks them. num_warps None picks
+    4 for head_dim <= 64 and 8 above; num_warps and num_stages matter only
+    when compiled for a GPU.
     """
     block_q: int = 64
     block_kv: int = 64
@@ -46,7 +47,7 @@ class BlockSizes:
     num_stages: int = 2
 
     @classmethod
-    def for_head_dim(cls, head_dim: int) -> "BlockSizes":
+    def for_head_dim(cls, head_dim: int) -> "PortableBlockSizes":
         """Defaults: wide heads get narrower tiles so accumulators stay in registers."""
         if head_dim <= 128:
             return cls()
@@ -75,7 +76,7 @@ class _Config:
     has_segments: bool
     softcap: float | None
     scale: float
-    blocks: BlockSizes
+    blocks: PortableBlockSizes
     interpret: bool
 
 
@@ -382,7 +383,7 @@ def _prepare(q, k, v, segment_ids, *, causal, sliding_window, logit_softcap, sca
     """Pads q/k/v (and segment ids) to whole tiles; returns them with the config."""
     B, S, H, D = q.shape
     T, KH = k.shape[1], k.shape[2]
-    bs = block_sizes or BlockSizes.for_head_dim(D)
+    bs = block_sizes or PortableBlockSizes.for_head_dim(D)
     bs = dataclasses.replace(bs, block_q=_fit_block(bs.block_q, S), block_kv=_fit_block(bs.block_kv, T),
                              block_q_bwd=_fit_block(bs.block_q_bwd, S),
                              block_kv_bwd=_fit_block(bs.block_kv_bwd, T))

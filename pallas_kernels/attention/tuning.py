@@ -56,7 +56,9 @@ BACKWARD_HEAD_DIMS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSizes:
+class MosaicBlockSizes:
+    """Tiling of the Mosaic GPU kernels (forward, dQ, dK/dV) and the backward
+    plan that composes them; the portable kernel's are ``PortableBlockSizes``."""
     fwd: KernelBlocks
     dq: KernelBlocks
     dkv: KernelBlocks
@@ -92,10 +94,12 @@ def _kb(q, kv, s):
 # take two stages each: with one, forward+backward on the H200 was 9-15%
 # slower (dK/dV) and 12-19% slower (dQ).
 DEFAULTS = {
-    64: BlockSizes(fwd=_kb(64, 128, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2), backward="fused"),
-    128: BlockSizes(fwd=_kb(64, 128, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2), backward="fused"),
-    256: BlockSizes(fwd=_kb(64, 64, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2),
-                    backward="role_split"),
+    64: MosaicBlockSizes(fwd=_kb(64, 128, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2),
+                         backward="fused"),
+    128: MosaicBlockSizes(fwd=_kb(64, 128, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2),
+                          backward="fused"),
+    256: MosaicBlockSizes(fwd=_kb(64, 64, 2), dq=_kb(64, 64, 2), dkv=_kb(64, 64, 2),
+                          backward="role_split"),
 }
 
 
@@ -109,12 +113,12 @@ def load_table(path=TABLE_PATH) -> dict:
     return json.loads(path.read_text())
 
 
-def block_sizes_for(device_kind: str, head_dim: int, causal: bool, table=None) -> BlockSizes:
+def block_sizes_for(device_kind: str, head_dim: int, causal: bool, table=None) -> MosaicBlockSizes:
     """Tuned block sizes for this device and problem, else the defaults."""
     table = load_table() if table is None else table
     entry = table.get(device_kind, {}).get(table_key(head_dim, causal))
     if entry is not None:
-        return BlockSizes.from_json(entry)
+        return MosaicBlockSizes.from_json(entry)
     if head_dim not in DEFAULTS:
         raise ValueError(f"no block sizes for head_dim={head_dim}; supported: {sorted(DEFAULTS)}")
     return DEFAULTS[head_dim]

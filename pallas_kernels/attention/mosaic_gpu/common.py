@@ -45,7 +45,7 @@ class Spec:
     causal: bool
     window: int | None
     scale: float
-    blocks: tuning.BlockSizes
+    blocks: tuning.MosaicBlockSizes
     softcap: float | None = None
     segments: bool = False  # segment ids come as two extra kernel operands
 

@@ -124,7 +124,7 @@ def shape_problem(q, k, v) -> str | None:
 
 def mosaic_flash_attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None,
                            logit_softcap=None, scale=None,
-                           block_sizes: tuning.BlockSizes | None = None):
+                           block_sizes: tuning.MosaicBlockSizes | None = None):
     """Attention out [B,S,H,D] from the Hopper kernels, differentiable in q, k, v.
 
     segment_ids: None or a pair (q ids [B,S], kv ids [B,T]) of integers;

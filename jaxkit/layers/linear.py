@@ -47,6 +47,8 @@ class Linear(nnx.Module):
         if self.quantizer is not None:
             kernel = None if self.kernel is None else self.kernel[...]
             return self.quantizer(x, kernel, self.compute_dtype)
+        # Output in the compute dtype (the GEMM still accumulates in float32):
+        # a float32 output would make the backward's cotangent float32 and turn
+        # both gradient matmuls into float32 GEMMs.
         w = self.kernel[...].astype(self.compute_dtype)
-        return jnp.dot(x.astype(self.compute_dtype), w, preferred_element_type=jnp.float32
-                       ).astype(self.compute_dtype)
+        return jnp.dot(x.astype(self.compute_dtype), w)

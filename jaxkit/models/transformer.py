@@ -123,6 +123,16 @@ class Transformer(nnx.Module):
         aux["moe_loss"] is the summed auxiliary loss of all MoE layers and
         aux["moe"] maps layer index to that layer's routing metrics.
         """
+        x, aux = self.hidden(tokens, positions, segment_ids)
+        w = self.output_projection()
+        if w is None:
+            return self.head(x).astype(jnp.float32), aux
+        return jnp.dot(x, w, preferred_element_type=jnp.float32), aux
+
+    def hidden(self, tokens, positions=None, segment_ids=None):
+        """tokens int [B, S] -> (final normed hidden states [B, S, d_model] in
+        the compute dtype, aux dict as __call__'s): what the output projection
+        takes, for losses that fuse it."""
         cd = DTYPES[self.cfg.compute_dtype]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -136,12 +146,17 @@ class Transformer(nnx.Module):
             if aux:
                 moe_loss = moe_loss + aux.pop("loss")
                 moe_metrics[i] = aux
-        x = self.final_norm(x)
+        return self.final_norm(x), {"moe_loss": moe_loss, "moe": moe_metrics}
+
+    def output_projection(self):
+        """The output head as a [d_model, vocab] matrix in the compute dtype, or
+        None when the head is quantised (then only __call__ applies it)."""
+        cd = DTYPES[self.cfg.compute_dtype]
         if self.head is None:
-            logits = jnp.dot(x, table.astype(cd).T, preferred_element_type=jnp.float32)
-        else:
-            logits = self.head(x).astype(jnp.float32)
-        return logits, {"moe_loss": moe_loss, "moe": moe_metrics}
+            return constrain(self.embed[...], ("vocab", None)).astype(cd).T
+        if self.head.quantizer is not None:
+            return None
+        return self.head.kernel[...].astype(cd)
 
     def _layers(self, x, positions, segment_ids):
         """Runs every block; returns x and the per-layer aux dicts in layer order."""

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxkit.train.loss import cross_entropy
+from jaxkit.train.loss import cross_entropy, linear_cross_entropy
 
 
 def model_on_batch(model, batch):
@@ -21,11 +21,22 @@ def model_on_batch(model, batch):
     return model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
 
 
+def model_loss(model, batch, z_loss):
+    """(cross-entropy loss, metrics, aux) of a batch; the output projection is
+    fused into the loss (no [tokens, vocab] logits) unless the head is quantised."""
+    targets, mask = batch["targets"], batch.get("loss_mask")
+    w = model.output_projection()
+    if w is None:
+        logits, aux = model_on_batch(model, batch)
+        return (*cross_entropy(logits, targets, mask, z_loss=z_loss), aux)
+    x, aux = model.hidden(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+    return (*linear_cross_entropy(x, w, targets, mask, z_loss=z_loss), aux)
+
+
 def _forward(graphdef, params, model_state, batch, z_loss):
     # copy: fresh Variables at this trace level, so the forward pass may update model state
     model = nnx.merge(graphdef, params, model_state, copy=True)
-    logits, aux = model_on_batch(model, batch)
-    loss, metrics = cross_entropy(logits, batch["targets"], batch.get("loss_mask"), z_loss=z_loss)
+    loss, metrics, aux = model_loss(model, batch, z_loss)
     metrics["moe_loss"] = aux["moe_loss"]
     return loss + aux["moe_loss"], metrics, aux["moe"], nnx.state(model, nnx.Not(nnx.Param))
 

@@ -118,8 +118,9 @@ def test_scanned_params_carry_layers_axis_and_irregular_layers_raise():
     kernel = model.blocks.layers[0].attn.q.kernel
     assert kernel.shape == (4, 24, 24)
     assert kernel.get_metadata()["logical_axes"] == ("layers", "embed", "heads")
-    moe = dict(num_experts=4, top_k=1, expert_hidden=8, first_layer=1, every=1)
-    irregular = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **moe))  # D M M M
+    moe = dict(num_experts=4, top_k=1, expert_hidden=8, first_layer=1, every=2)
+    irregular = dataclasses.replace(cfg, num_layers=3,
+                                    moe=dataclasses.replace(cfg.moe, **moe))  # D M D
     with pytest.raises(ConfigError, match="scan_layers"):
         nnx.eval_shape(lambda: Transformer(irregular, rngs=nnx.Rngs(0)))
 

@@ -77,6 +77,19 @@ def layer_period(blocks: list[Block]) -> int:
                 if n % p == 0 and all(defs[i] == defs[i % p] for i in range(n)))
 
 
+def scan_layout(blocks: list[Block]) -> tuple[int, int] | None:
+    """(prefix, period): the fewest leading layers to keep unrolled so that the
+    rest repeat with a period at least twice (a dense first layer before MoE
+    layers, say), or None when no such layout exists. One layer is one period."""
+    if len(blocks) == 1:
+        return 0, 1
+    for prefix in range(len(blocks) - 1):
+        p = layer_period(blocks[prefix:])
+        if (len(blocks) - prefix) // p >= 2:
+            return prefix, p
+    return None
+
+
 def stack_modules(modules: list[nnx.Module], axis: str = "layers") -> nnx.Module:
     """One module whose variables hold the (structurally identical) modules'
     values stacked along a new leading dimension, named `axis` in logical_axes."""
@@ -101,15 +114,17 @@ class Transformer(nnx.Module):
                            std=cfg.d_model ** -0.5, dtype=pd)
         blocks = [Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)]
         if cfg.scan_layers:
-            p = layer_period(blocks)
-            if p == cfg.num_layers > 1:
+            layout = scan_layout(blocks)
+            if layout is None:
                 raise ConfigError(
-                    "model.scan_layers needs layers built alike, or a pattern repeating with a "
-                    f"period that divides num_layers ({cfg.num_layers}); the MoE layout "
-                    f"(moe.first_layer={cfg.moe.first_layer}, moe.every={cfg.moe.every}) has "
-                    "none: set model.scan_layers=false")
+                    "model.scan_layers needs the layers after some unrolled prefix to repeat a "
+                    f"pattern at least twice; the MoE layout (moe.first_layer={cfg.moe.first_layer},"
+                    f" moe.every={cfg.moe.every}, num_layers={cfg.num_layers}) has none: set "
+                    "model.scan_layers=false")
+            prefix, p = layout
+            self.prefix = nnx.List(blocks[:prefix])  # unrolled, before the scanned repeats
             self.blocks = stack_modules([Period(blocks[i:i + p])
-                                         for i in range(0, cfg.num_layers, p)])
+                                         for i in range(prefix, cfg.num_layers, p)])
         else:
             self.blocks = nnx.List(blocks)
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
@@ -164,12 +179,12 @@ class Transformer(nnx.Module):
         if self.cfg.remat != "none":
             apply = nnx.remat(_apply, policy=REMAT_POLICIES[self.cfg.remat],
                               prevent_cse=not self.cfg.scan_layers)
+        auxes = []
+        for block in self.blocks if not self.cfg.scan_layers else self.prefix:
+            x, aux = apply(block, x, positions, segment_ids)
+            x = constrain(x, RESIDUAL)
+            auxes.append(aux)
         if not self.cfg.scan_layers:
-            auxes = []
-            for block in self.blocks:
-                x, aux = apply(block, x, positions, segment_ids)
-                x = constrain(x, RESIDUAL)
-                auxes.append(aux)
             return x, auxes
 
         @nnx.scan(in_axes=(nnx.Carry, 0, None, None), out_axes=(nnx.Carry, 0))
@@ -177,9 +192,9 @@ class Transformer(nnx.Module):
             return apply(period, x, positions, segment_ids)
 
         x, stacked = scan(x, self.blocks, positions, segment_ids)
-        periods = self.cfg.num_layers // len(stacked)
-        return x, [jax.tree.map(lambda a: a[j], aux)
-                   for j in range(periods) for aux in stacked]
+        repeats = (self.cfg.num_layers - len(auxes)) // len(stacked)
+        return x, auxes + [jax.tree.map(lambda a: a[j], aux)
+                           for j in range(repeats) for aux in stacked]
 
 
 def unscan_layers(model: Transformer) -> Transformer:
@@ -191,13 +206,15 @@ def unscan_layers(model: Transformer) -> Transformer:
         return model
     flat_cfg = dataclasses.replace(cfg, scan_layers=False)
     out = nnx.eval_shape(lambda: Transformer(flat_cfg, rngs=nnx.Rngs(0)))
-    period = len(model.blocks.layers)
+    prefix, period = len(model.prefix), len(model.blocks.layers)
     values = {}
     for path, var in nnx.to_flat_state(nnx.state(model)):
         if path[:2] == ("blocks", "layers"):
             j, rest = path[2], path[3:]
-            for i in range(cfg.num_layers // period):
-                values[("blocks", i * period + j, *rest)] = var[...][i]
+            for i in range((cfg.num_layers - prefix) // period):
+                values[("blocks", prefix + i * period + j, *rest)] = var[...][i]
+        elif path[0] == "prefix":
+            values[("blocks", *path[1:])] = var[...]
         else:
             values[path] = var[...]
     for path, var in nnx.to_flat_state(nnx.state(out)):

@@ -1,11 +1,14 @@
 """Public attention entry point with ``implementation=`` dispatch.
 
-implementation:
-  'xla'    the pure-jnp reference (differentiated by XLA);
-  'cudnn'  jax.nn.dot_product_attention's cuDNN path (GPU only);
-  'pallas' the flash-attention Pallas kernel (Mosaic GPU on Hopper, the portable
-           BlockSpec kernel elsewhere: compiled on other GPUs, interpreted on CPU);
-  'auto'   the Pallas kernel on GPU, the reference on CPU.
+implementation (the shared rule of pallas_kernels.dispatch):
+  'xla'        the pure-jnp reference (differentiated by XLA);
+  'cudnn'      jax.nn.dot_product_attention's cuDNN path (GPU only);
+  'mosaic_gpu' the Hopper flash-attention kernels of mosaic_gpu/ (bf16/f16,
+               head_dim 64, 128 or 256; compiled only);
+  'blockspec'  the portable BlockSpec kernel of blockspec.py (compiled on a
+               GPU, interpreted on CPU);
+  'pallas'     'mosaic_gpu' where it takes the call, else 'blockspec';
+  'auto'       'pallas' on GPU, the reference on CPU.
 An implementation that cannot honour an argument raises; none is ignored.
 """
 from __future__ import annotations
@@ -13,12 +16,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import compat
+from pallas_kernels import dispatch
 from pallas_kernels.attention import mosaic_gpu
 from pallas_kernels.attention.blockspec import PortableBlockSizes, blockspec_flash_attention
 from pallas_kernels.attention.reference import attention_reference
-
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
+from pallas_kernels.attention.tuning import MosaicBlockSizes
 
 
 def _normalize_segment_ids(segment_ids, q, k):
@@ -52,40 +54,47 @@ def check_inputs(q, k, v):
         raise ValueError(f"unsupported dtype {q.dtype}; use float32, bfloat16 or float16")
 
 
-def _cudnn(q, k, v, *, causal, segment_ids, sliding_window, logit_softcap, scale):
-    if compat.platform() != "gpu":
-        raise ValueError("implementation='cudnn' needs a GPU")
-    if logit_softcap is not None:
-        raise ValueError("implementation='cudnn' does not support logit_softcap")
-    if segment_ids is not None:
-        raise ValueError("implementation='cudnn' does not support segment_ids here")
-    if sliding_window is not None and not causal:
-        raise ValueError("implementation='cudnn' supports sliding_window only with causal=True")
-    if q.dtype == jnp.float32:
-        raise ValueError("implementation='cudnn' needs bfloat16 or float16 inputs")
-    if q.shape[1] != k.shape[1] and causal:
-        raise ValueError("implementation='cudnn' causal masks are top-left aligned; "
-                         "use q_len == kv_len")
-    window = None if sliding_window is None else (sliding_window - 1, 0)
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
-                                        local_window_size=window, implementation="cudnn")
+def _takes_no_block_sizes(args):
+    if args.block_sizes is not None:
+        return f"takes no block_sizes ({args.block_sizes!r} tiles a Pallas kernel)"
+    return None
 
 
-def _pallas(q, k, v, *, block_sizes, interpret, **kwargs):
-    if block_sizes is not None and not isinstance(block_sizes, PortableBlockSizes):
-        raise ValueError(f"block_sizes must be a PortableBlockSizes, got {block_sizes!r}")
-    if interpret is None:
-        interpret = compat.platform() == "cpu"
-    if not interpret and compat.platform() != "gpu":
-        raise ValueError(f"compiled Pallas attention needs a GPU (backend is "
-                         f"{compat.platform()!r}); pass interpret=True")
-    # PortableBlockSizes tile the portable kernel; the Mosaic kernel chooses its own.
-    if (not interpret and block_sizes is None and compat.is_hopper()
-            and mosaic_gpu.supports(q=q, k=k, v=v, **kwargs) is None):
-        return mosaic_gpu.mosaic_flash_attention(q, k, v, **kwargs)
-    segment_ids = kwargs.pop("segment_ids")
-    return blockspec_flash_attention(q, k, v, segment_ids, block_sizes=block_sizes,
-                                     interpret=interpret, **kwargs)
+def _cudnn_problem(args):
+    if args.logit_softcap is not None:
+        return "does not support logit_softcap"
+    if args.segment_ids is not None:
+        return "does not support segment_ids here"
+    if args.sliding_window is not None and not args.causal:
+        return "supports sliding_window only with causal=True"
+    if args.q.dtype == jnp.float32:
+        return "needs bfloat16 or float16 inputs"
+    if args.q.shape[1] != args.k.shape[1] and args.causal:
+        return "causal masks are top-left aligned; use q_len == kv_len"
+    return _takes_no_block_sizes(args)
+
+
+def _mosaic_problem(args):
+    if isinstance(args.block_sizes, PortableBlockSizes):
+        return "block_sizes is a PortableBlockSizes, which tiles the portable kernel"
+    return mosaic_gpu.supports(args.q, args.k, args.v, segment_ids=args.segment_ids,
+                               sliding_window=args.sliding_window,
+                               logit_softcap=args.logit_softcap)
+
+
+def _blockspec_problem(args):
+    if isinstance(args.block_sizes, MosaicBlockSizes):
+        return "block_sizes is a MosaicBlockSizes, which tiles the Mosaic GPU kernel"
+    return None
+
+
+TABLE = dispatch.Table("attention", {
+    "xla": _takes_no_block_sizes,
+    "cudnn": _cudnn_problem,
+    "mosaic_gpu": _mosaic_problem,
+    "blockspec": _blockspec_problem,
+}, preference=("pallas", "xla"))
+IMPLEMENTATIONS = TABLE.names
 
 
 def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None,
@@ -97,14 +106,16 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None,
     segment_ids: int [B,S] (when S == T) or a pair ([B,S], [B,T]); tokens attend
     only within equal ids. sliding_window w: keys fewer than w positions away.
     logit_softcap c: logits become c*tanh(logits/c). scale defaults to D**-0.5.
-    block_sizes (a blockspec.PortableBlockSizes) and interpret (None: True on CPU) apply
-    to implementation='pallas' only; giving block_sizes selects the portable
-    BlockSpec kernel even on Hopper.
+    block_sizes tile a Pallas kernel: a blockspec.PortableBlockSizes the
+    portable one (so 'pallas' takes it even on Hopper), a
+    tuning.MosaicBlockSizes the Mosaic GPU one (overriding the tuning table).
+    interpret (None: True off GPU) applies to the Pallas kernels only.
     """
     check_inputs(q, k, v)
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {implementation!r}; "
-                         f"choose one of {IMPLEMENTATIONS}")
+    if block_sizes is not None and not isinstance(block_sizes,
+                                                  (PortableBlockSizes, MosaicBlockSizes)):
+        raise ValueError(f"block_sizes must be a PortableBlockSizes or a MosaicBlockSizes, got "
+                         f"{block_sizes!r}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
     if logit_softcap is not None and logit_softcap <= 0:
@@ -112,13 +123,16 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None,
     segment_ids = _normalize_segment_ids(segment_ids, q, k)
     kwargs = dict(causal=causal, segment_ids=segment_ids, sliding_window=sliding_window,
                   logit_softcap=logit_softcap, scale=scale)
-    if implementation == "auto":
-        implementation = "pallas" if compat.platform() == "gpu" else "xla"
-    if implementation != "pallas" and (block_sizes is not None or interpret is not None):
-        raise ValueError(f"block_sizes and interpret apply only to implementation='pallas', "
-                         f"not {implementation!r}")
-    if implementation == "xla":
+    impl, interpret = TABLE.resolve(implementation, interpret, q=q, k=k, v=v,
+                                    block_sizes=block_sizes, **kwargs)
+    if impl == "xla":
         return attention_reference(q, k, v, **kwargs)
-    if implementation == "cudnn":
-        return _cudnn(q, k, v, **kwargs)
-    return _pallas(q, k, v, block_sizes=block_sizes, interpret=interpret, **kwargs)
+    if impl == "cudnn":
+        window = None if sliding_window is None else (sliding_window - 1, 0)
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                            local_window_size=window, implementation="cudnn")
+    if impl == "mosaic_gpu":
+        return mosaic_gpu.mosaic_flash_attention(q, k, v, block_sizes=block_sizes, **kwargs)
+    segment_ids = kwargs.pop("segment_ids")
+    return blockspec_flash_attention(q, k, v, segment_ids, block_sizes=block_sizes,
+                                     interpret=interpret, **kwargs)

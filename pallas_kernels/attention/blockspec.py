@@ -24,6 +24,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import compat
 from pallas_kernels.attention.mask import visible
+from pallas_kernels.shapes import pad_to, round_up
 
 _MIN_BLOCK = 16  # smallest tile a GPU matrix instruction takes
 
@@ -367,12 +368,6 @@ def _attention_bwd(cfg, residuals, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _pad_axis(x, axis, size):
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad)
-
-
 def _fit_block(block, length):
     """Shrink a tile to the smallest power of two (>= 16) covering the sequence."""
     return min(block, max(_MIN_BLOCK, pl.next_power_of_2(length)))
@@ -387,18 +382,18 @@ def _prepare(q, k, v, segment_ids, *, causal, sliding_window, logit_softcap, sca
     bs = dataclasses.replace(bs, block_q=_fit_block(bs.block_q, S), block_kv=_fit_block(bs.block_kv, T),
                              block_q_bwd=_fit_block(bs.block_q_bwd, S),
                              block_kv_bwd=_fit_block(bs.block_kv_bwd, T))
-    Sp = pl.cdiv(S, max(bs.block_q, bs.block_q_bwd)) * max(bs.block_q, bs.block_q_bwd)
-    Tp = pl.cdiv(T, max(bs.block_kv, bs.block_kv_bwd)) * max(bs.block_kv, bs.block_kv_bwd)
+    Sp = round_up(S, max(bs.block_q, bs.block_q_bwd))
+    Tp = round_up(T, max(bs.block_kv, bs.block_kv_bwd))
     Dp = max(_MIN_BLOCK, pl.next_power_of_2(D))  # zero columns change no dot product
     cfg = _Config(q_len=S, kv_len=T, padded_kv_len=Tp, group=H // KH,
                   causal=causal, window=sliding_window, has_segments=segment_ids is not None,
                   softcap=logit_softcap, scale=D ** -0.5 if scale is None else float(scale),
                   blocks=bs, interpret=interpret)
-    q = _pad_axis(_pad_axis(q, 1, Sp), 3, Dp)
-    k = _pad_axis(_pad_axis(k, 1, Tp), 3, Dp)
-    v = _pad_axis(_pad_axis(v, 1, Tp), 3, Dp)
-    segs = () if segment_ids is None else (_pad_axis(segment_ids[0], 1, Sp),
-                                           _pad_axis(segment_ids[1], 1, Tp))
+    q = pad_to(q, (B, Sp, H, Dp))
+    k = pad_to(k, (B, Tp, KH, Dp))
+    v = pad_to(v, (B, Tp, KH, Dp))
+    segs = () if segment_ids is None else (pad_to(segment_ids[0], (B, Sp)),
+                                           pad_to(segment_ids[1], (B, Tp)))
     return q, k, v, segs, cfg
 
 

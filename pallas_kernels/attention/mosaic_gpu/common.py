@@ -33,11 +33,6 @@ BWD_REGS = (mc.PRODUCER_REGS, mc.CONSUMER_REGS)
 SMEM_SPARE = 4096  # what a query-parallel kernel leaves for row statistics, barriers, segment ids
 
 
-def _cdiv(x, b):
-    """ceil(x / b) for traced x >= 0."""
-    return lax.div(x + (b - 1), b)
-
-
 @dataclasses.dataclass(frozen=True)
 class Spec:
     q_len: int         # real lengths (positions and the padding mask use these)
@@ -149,13 +144,3 @@ def sweep(step, lo, flo, fhi, hi, carry):
     carry = lax.fori_loop(lo, flo, masked, carry)
     carry = lax.fori_loop(flo, fhi, functools.partial(step, masked=False), carry)
     return lax.fori_loop(fhi, hi, masked, carry)
-
-
-def _pad_to(x, axis, multiple, mode="constant"):
-    n = x.shape[axis]
-    extra = -n % multiple
-    if not extra:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, extra)
-    return jnp.pad(x, pad, mode=mode)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels.attention.mosaic_gpu.common import _cdiv
+from pallas_kernels.shapes import cdiv
 
 SPAN_SEARCH = "sort"  # jnp.searchsorted method for the segment spans
 WAVE_BLOCKS = 128  # about one block per multiprocessor of an H100 / H200 (132)
@@ -49,10 +49,10 @@ def kv_block_range(r0, rows, *, offset, q_len, kv_len, block_kv, causal, window)
         if not causal:
             key_hi = jnp.minimum(key_hi, last + window)
             full_hi = jnp.minimum(full_hi, first + window)
-    n = _cdiv(jnp.int32(kv_len), block_kv)
+    n = cdiv(jnp.int32(kv_len), block_kv)
     lo = _clip(lax.div(jnp.maximum(key_lo, 0), block_kv), 0, n)
-    hi = _clip(_cdiv(jnp.maximum(key_hi, 0), block_kv), lo, n)
-    flo = _clip(_cdiv(jnp.maximum(full_lo, 0), block_kv), lo, hi)
+    hi = _clip(cdiv(jnp.maximum(key_hi, 0), block_kv), lo, n)
+    flo = _clip(cdiv(jnp.maximum(full_lo, 0), block_kv), lo, hi)
     fhi = _clip(lax.div(jnp.maximum(full_hi, 0), block_kv), flo, hi)
     return lo, flo, fhi, hi
 
@@ -76,10 +76,10 @@ def q_block_range(c0, cols, *, offset, q_len, kv_len, block_q, causal, window):
     # A tile holding padded keys always needs the mask; one of padding only is empty.
     full_hi = jnp.where(c0 + cols > kv_len, zero, full_hi)
     row_hi = jnp.where(c0 >= kv_len, zero, row_hi)
-    n = _cdiv(jnp.int32(q_len), block_q)
+    n = cdiv(jnp.int32(q_len), block_q)
     lo = _clip(lax.div(jnp.maximum(row_lo, 0), block_q), 0, n)
-    hi = _clip(_cdiv(jnp.maximum(row_hi, 0), block_q), lo, n)
-    flo = _clip(_cdiv(jnp.maximum(full_lo, 0), block_q), lo, hi)
+    hi = _clip(cdiv(jnp.maximum(row_hi, 0), block_q), lo, n)
+    flo = _clip(cdiv(jnp.maximum(full_lo, 0), block_q), lo, hi)
     fhi = _clip(lax.div(jnp.maximum(full_hi, 0), block_q), flo, hi)
     return lo, flo, fhi, hi
 
@@ -109,7 +109,7 @@ def tile_spans(span, tile):
 def narrow(lo, hi, spans_ref, b, tile, block):
     """Block range [lo, hi) cut to the tile's segment span (positions) in spans_ref."""
     lo = jnp.maximum(lo, lax.div(spans_ref[0, b, tile], block))
-    hi = jnp.minimum(hi, _cdiv(spans_ref[1, b, tile], block))
+    hi = jnp.minimum(hi, cdiv(spans_ref[1, b, tile], block))
     return lo, jnp.maximum(hi, lo)
 
 

@@ -13,8 +13,9 @@ from pallas_kernels.attention import tuning
 from pallas_kernels.attention.mosaic_gpu.backward_keys import backward_dkv, backward_dkv_roles
 from pallas_kernels.attention.mosaic_gpu.backward_queries import (backward_dq, backward_dq_roles,
                                                                   dq_folds_delta)
-from pallas_kernels.attention.mosaic_gpu.common import CONSUMERS, HEAD_DIMS, Spec, _pad_to
+from pallas_kernels.attention.mosaic_gpu.common import CONSUMERS, HEAD_DIMS, Spec
 from pallas_kernels.attention.mosaic_gpu.forward import forward
+from pallas_kernels.shapes import pad_axis_to_multiple
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -85,11 +86,13 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def supports(q, k, v, *, causal=False, segment_ids=None, sliding_window=None,
              logit_softcap=None, scale=None) -> str | None:
-    """None when ``mosaic_flash_attention`` handles this call, else the reason."""
+    """None when ``mosaic_flash_attention`` handles this call, else the reason
+    (the arguments' first: they are the same on every machine)."""
     del causal, scale
-    if not compat.is_hopper():
-        return "the Mosaic GPU kernel needs a Hopper (sm_90) GPU"
-    return argument_problem(q, k, v, segment_ids, sliding_window, logit_softcap)
+    problem = argument_problem(q, k, v, segment_ids, sliding_window, logit_softcap)
+    if problem is None and not compat.is_hopper():
+        problem = "the Mosaic GPU kernel needs a Hopper (sm_90) GPU"
+    return problem
 
 
 def argument_problem(q, k, v, segment_ids, sliding_window, logit_softcap) -> str | None:
@@ -159,8 +162,8 @@ def mosaic_flash_attention(q, k, v, *, causal=False, segment_ids=None, sliding_w
     # Padding repeats the last id: sorted ids stay sorted, so the segment spans
     # still narrow the block ranges (padded keys are masked, padded rows dropped).
     segs = None if segment_ids is None else (
-        _pad_to(segment_ids[0].astype(jnp.int32), 1, q_mult, mode="edge"),
-        _pad_to(segment_ids[1].astype(jnp.int32), 1, kv_mult, mode="edge"))
-    out = _attention(_pad_to(q, 1, q_mult), _pad_to(k, 1, kv_mult), _pad_to(v, 1, kv_mult),
-                     segs, spec)
+        pad_axis_to_multiple(segment_ids[0].astype(jnp.int32), 1, q_mult, mode="edge"),
+        pad_axis_to_multiple(segment_ids[1].astype(jnp.int32), 1, kv_mult, mode="edge"))
+    out = _attention(pad_axis_to_multiple(q, 1, q_mult), pad_axis_to_multiple(k, 1, kv_mult),
+                     pad_axis_to_multiple(v, 1, kv_mult), segs, spec)
     return out[:, :S]

@@ -8,7 +8,7 @@ This module imports only the standard library and yaml, so loading and
 printing a config never starts jax. The checks that need the packages a
 config configures (mesh.rules against the sharding rules, model.quant against
 the quantisation formats and kernels) run where the config becomes objects:
-jaxkit.build.check_config.
+jaxkit.run.build.check_config.
 """
 from __future__ import annotations
 

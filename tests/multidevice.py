@@ -117,13 +117,13 @@ def _layout(tree) -> dict:
 
 def _train(overrides, run_dir, devices, *, sources=None, resume=False):
     from jaxkit.config import load_config
-    from jaxkit.train.trainer import Trainer
+    from jaxkit.run.trainer import Trainer
     trainer = Trainer(load_config(None, TINY + overrides), run_dir, devices=devices, sources=sources)
     return trainer, trainer.fit(resume=resume)
 
 
 def worker_eight_devices(out: Path):
-    from jaxkit.build import build_data
+    from jaxkit.run.build import build_data
     from jaxkit.config import load_config
     assert jax.device_count() == 8
     one = jax.devices()[:1]
@@ -144,7 +144,7 @@ def worker_eight_devices(out: Path):
         trainer, _ = _train(mesh + ckpt, out / name, None)
         save_params(trainer, out / name / "params.npz")
         opt = trainer.state["opt_state"][1][0]  # clip_by_global_norm, then adamw's moments
-        batch = trainer._batch(trainer.train_data, 0)
+        batch = trainer.batches.train(0)
         layouts[name] = dict(params=_layout(trainer.state["params"]), mu=_layout(opt.mu),
                              nu=_layout(opt.nu), batch=_layout({"": batch["inputs"]})[""])
     (out / "layouts.json").write_text(json.dumps(layouts))

@@ -103,11 +103,11 @@ def worker_kill_during_save(out: Path):
 def worker_four_devices(run: Path):
     from flax import nnx
 
-    from jaxkit.build import build_model
     from jaxkit.checkpoint import load_params
     from jaxkit.cli import main
     from jaxkit.config import load_config
-    from jaxkit.train.trainer import Trainer
+    from jaxkit.run.build import build_model
+    from jaxkit.run.trainer import Trainer
     from multidevice import save_params, save_tree
 
     assert jax.device_count() == 4

@@ -98,7 +98,7 @@ def test_tiny_run_loss_decreases():
                              "optimizer.warmup_steps=5", "model.compute_dtype=float32"])
     from jaxkit.train.optim import make_optimizer
     from jaxkit.train.step import make_train_step
-    from jaxkit.build import split_model
+    from jaxkit.run.build import split_model
     model = Transformer(cfg.model, rngs=nnx.Rngs(0))
     graphdef, _, params, model_state = split_model(model)
     opt = make_optimizer(cfg.optimizer, 40)
@@ -120,7 +120,7 @@ def test_tiny_run_loss_decreases():
 def test_packed_documents_do_not_see_each_other():
     """With document segments (data.document_mask) each document of a window
     gives the logits it would alone, and the train/eval step uses them."""
-    from jaxkit.build import split_model
+    from jaxkit.run.build import split_model
     from jaxkit.data.batches import document_segments
     from jaxkit.train.step import make_eval_step
     eos = 36

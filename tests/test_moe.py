@@ -13,13 +13,14 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxkit.build import split_model
 from jaxkit.config import ConfigError, ModelConfig, MoEConfig, QuantConfig, load_config
 from jaxkit.layers.moe import MoE, RouterBias, moe_tokens, routers
 from jaxkit.layers.moe import dispatch as moe_dispatch
 from jaxkit.layers.moe.experts import ExpertWeights, LocalExperts
 from jaxkit.layers.moe.metrics import summarize
 from jaxkit.models import Transformer
+from jaxkit.run.build import split_model
+from jaxkit.sharding import activate, resolve_rules
 from jaxkit.train.step import make_eval_step, make_train_step
 
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -470,7 +471,7 @@ def _ep_case(axes, explicit, moe):
         return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(p, x)
 
     (_, (y1, aux1, state1)), g1 = jax.jit(step)(p, x)
-    with jax.set_mesh(mesh):
+    with activate(mesh, resolve_rules()):
         batch = tuple(a for a in ("data", "fsdp") if a in axes) or None
         xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, P_(batch)))
         assert "all_to_all" in str(jax.make_jaxpr(step)(p, xs))  # really expert-parallel

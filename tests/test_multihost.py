@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import orbax.checkpoint as ocp
 
-from jaxkit.checkpoint import export_run
 from jaxkit.config import load_config, save_config
+from jaxkit.run.export import export_run
 from jaxkit.sharding.state import path_str
 from multidevice import STEPS, TINY, assert_trees_close, load_tree, losses, worker_env
 

@@ -27,6 +27,7 @@ from jaxkit.quant import (
     rotate_activation,
     rotate_weight,
 )
+from jaxkit.sharding import activate, resolve_rules
 
 
 def moe_cfg(quant=QuantConfig(), **moe):
@@ -220,7 +221,7 @@ def _expert_parallel_int(explicit: bool):
     y1 = f(state, x)
     kind = jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto
     mesh = jax.make_mesh((2, 2), ("data", "expert"), axis_types=(kind, kind))
-    with jax.set_mesh(mesh):
+    with activate(mesh, resolve_rules()):
         xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("data")))
         calls = _pallas_operand_dtypes(jax.make_jaxpr(f)(state, xs).jaxpr)
         assert "all_to_all" in str(jax.make_jaxpr(f)(state, xs))

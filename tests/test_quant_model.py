@@ -9,7 +9,6 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxkit.build import check_config
 from jaxkit.config import ConfigError, ModelConfig, QuantConfig, load_config
 from jaxkit.layers import Linear
 from jaxkit.models import Transformer, unscan_layers
@@ -20,6 +19,7 @@ from jaxkit.quant import (
     quantize_model,
     quantizers,
 )
+from jaxkit.run.build import check_config
 
 TINY = ModelConfig(vocab_size=64, d_model=128, num_layers=2, num_heads=4, mlp_hidden=128,
                    max_seq_len=32, compute_dtype="float32")

@@ -1,7 +1,7 @@
 """Aux-loss-free balancing on configs/moe_small.yaml: how the max/mean expert
 load ratio evolves over training.
 
-Trains the config with jaxkit.train once per variant:
+Trains the config with jaxkit.run.trainer once per variant:
   sigmoid_bias       router sigmoid_bias, no auxiliary loss, bias update rate --rate
   sigmoid_no_update  the same with rate 0: the control, nothing balances
   softmax_aux        router topk_softmax with the usual aux loss (weight 0.01)
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from jaxkit.config import load_config
-from jaxkit.train.trainer import train
+from jaxkit.run.trainer import train
 
 CONFIG = "configs/moe_small.yaml"
 

@@ -43,13 +43,13 @@ class Checkpointer:
         with .sharding), so a checkpoint saved on one mesh loads onto another."""
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
-    def restore_params(self, step: int, abstract_params):
-        """Restores only the parameters (the optimizer state is never read)."""
-        target = {"params": abstract_params}
-        restored = self.manager.restore(step, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+    def restore_subset(self, step: int, abstract: dict) -> dict:
+        """Restores only the top-level entries `abstract` names (e.g. params
+        and model_state: the optimizer state is never read), onto its
+        shardings."""
+        return self.manager.restore(step, args=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
             partial_restore=True))
-        return restored["params"]
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from jaxkit.config import ConfigError
-from jaxkit.sharding.rules import MeshAxes, logical_to_spec
+from jaxkit.sharding.rules import MeshAxes, logical_to_spec, mesh_axes
 
 
 def batch_sharding(mesh: Mesh, rules: Mapping[str, MeshAxes]) -> NamedSharding:
@@ -27,9 +27,7 @@ def batch_sharding(mesh: Mesh, rules: Mapping[str, MeshAxes]) -> NamedSharding:
 
 def batch_shards(mesh: Mesh, rules) -> int:
     """Number of row blocks the batch is split into."""
-    entry = logical_to_spec(("batch",), rules, what="batch")[0]
-    axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(mesh.shape[a] for a in mesh_axes("batch", rules, mesh))
 
 
 def check_batch(global_batch: int, grad_accum: int, mesh: Mesh, rules) -> None:

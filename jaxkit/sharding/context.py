@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 import jax
 from jax.sharding import Mesh, NamedSharding
 
-from jaxkit.sharding.rules import MeshAxes, logical_to_spec
+from jaxkit.sharding.rules import MeshAxes, logical_to_spec, mesh_axes
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("jaxkit_sharding", default=None)
 
@@ -34,9 +34,9 @@ def activate(mesh: Mesh, rules: Mapping[str, MeshAxes]):
         _ACTIVE.reset(token)
 
 
-def active_mesh() -> Mesh | None:
-    current = _ACTIVE.get()
-    return None if current is None else current[0]
+def active() -> tuple[Mesh, dict[str, MeshAxes]] | None:
+    """(mesh, rules) inside activate(), None outside it."""
+    return _ACTIVE.get()
 
 
 def constrain(x: jax.Array, logical_axes) -> jax.Array:
@@ -50,9 +50,7 @@ def constrain(x: jax.Array, logical_axes) -> jax.Array:
 
 
 def _parts(mesh: Mesh, rules, name: str) -> int:
-    entry = logical_to_spec((name,), rules, what=f"logical axis {name!r}")[0]
-    axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(mesh.shape[a] for a in mesh_axes(name, rules, mesh))
 
 
 def per_shard(fn: Callable, in_axes, out_axes) -> Callable:

@@ -89,6 +89,13 @@ def logical_to_spec(logical_axes, rules: Mapping[str, MeshAxes], *, what: str = 
     return PartitionSpec(*spec)
 
 
+def mesh_axes(logical: str, rules: Mapping[str, MeshAxes], mesh) -> tuple[str, ...]:
+    """The axes of `mesh` that split logical axis `logical` under `rules`:
+    those of its mesh axes the mesh has with more than one device."""
+    entry = logical_to_spec((logical,), rules, what=f"logical axis {logical!r}")[0]
+    return tuple(a for a in _as_tuple(entry) if mesh.shape.get(a, 1) > 1)
+
+
 def check_divisible(shape, spec: PartitionSpec, mesh: Mesh, *, what: str, logical_axes=None
                     ) -> None:
     """Raises ConfigError naming the array, dimension, size and mesh axes when

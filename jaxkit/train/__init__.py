@@ -1,1 +1,3 @@
-"""Training: optimizers, steps, the loop (jaxkit.train.trainer), FLOP accounting."""
+"""Training pieces: optimizers, losses, the train and eval steps, FLOP
+accounting and the metrics log. The loop that drives them is
+jaxkit.run.trainer."""

@@ -1,11 +1,13 @@
 """Running the MoE layer on a device mesh.
 
-Tokens are split over the batch axes (data, fsdp, expert) and the sequence
-axis; every device routes and dispatches its own tokens, so no global sort or
-gather over the batch is ever needed. With an expert axis of size n > 1 the
-experts are split into n shards too, and inside shard_map an all-to-all sends
-every routed token to the device that holds its expert and a second one brings
-the result back. Routing statistics are summed over the token axes, so losses,
+The mesh axes come from the active sharding rules (jaxkit.sharding.activate):
+tokens are split like the residual stream, over the mesh axes of the logical
+axes "batch" and "length" (by default data, fsdp, expert and sequence), and
+the experts over those of "exp" (by default expert), like their weights.
+Every device routes and dispatches its own tokens, so no global sort or
+gather over the batch is ever needed. With n > 1 expert shards, inside
+shard_map an all-to-all sends every routed token to the device that holds its
+expert and a second one brings the result back. Routing statistics are summed over the token axes, so losses,
 metrics and the balancing bias are those of the whole batch. Dropless results
 equal the single-device ones; capacity and expert-choice routing fill their
 slots per token shard (as GShard does per group).
@@ -23,25 +25,15 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxkit.layers.moe.experts import ExpertWeights, LocalExperts
-
-# Tokens are split like the residual stream under jaxkit.sharding's default rules.
-BATCH_AXES = ("data", "fsdp", "expert")
-SEQUENCE_AXIS = "sequence"
-EXPERT_AXIS = "expert"
-
-
-def current_mesh():
-    """The mesh set by jax.set_mesh, or None when running on one device."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return None if mesh.empty or mesh.size == 1 else mesh
+from jaxkit.sharding import mesh_axes
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardedExperts:
     """This device's shard of the experts, reached from every device's tokens
-    by all-to-all over `axis` (to be used inside shard_map)."""
+    by all-to-all over the mesh axes `axis` (to be used inside shard_map)."""
     local: LocalExperts
-    axis: str
+    axis: tuple[str, ...]
     size: int
 
     def grouped(self, rows, sorted_expert):
@@ -84,27 +76,25 @@ def _reshard(x, spec, mesh):
                      f"{dict(zip(mesh.axis_names, mesh.axis_types))}")
 
 
-def sharded_moe(body, x, router_kernel, bias, weights: ExpertWeights, *, mesh, implementation,
-                quant=None):
+def sharded_moe(body, x, router_kernel, bias, weights: ExpertWeights, *, mesh, rules,
+                implementation, quant=None):
     """Runs body(x2d, router_kernel, bias, experts) -> (y2d, RoutingStats) per
     device inside shard_map; returns (y [B, S, D] float32, summed stats).
+    rules: the logical-axis rules that place tokens and experts on `mesh`.
     quant: the experts' jaxkit.quant.ExpertQuant (replicated), or None."""
     B, S, D = x.shape
-    size = lambda a: mesh.shape.get(a, 1)
-    batch = tuple(a for a in BATCH_AXES if size(a) > 1)
-    seq = (SEQUENCE_AXIS,) if size(SEQUENCE_AXIS) > 1 else ()
-    shards, ep, E = math.prod(size(a) for a in batch), size(EXPERT_AXIS), weights.gate.shape[0]
-    if B % shards:
-        raise ValueError(f"batch size {B} is not divisible by the {shards} token shards of mesh "
-                         f"axes {batch}")
-    if seq and S % size(SEQUENCE_AXIS):
-        raise ValueError(f"sequence length {S} is not divisible by mesh axis "
-                         f"'{SEQUENCE_AXIS}' of size {size(SEQUENCE_AXIS)}")
-    if E % ep:
-        raise ValueError(f"num_experts ({E}) is not divisible by mesh axis '{EXPERT_AXIS}' of size {ep}")
+    E = weights.gate.shape[0]
+    batch, seq, exp = (mesh_axes(name, rules, mesh) for name in ("batch", "length", "exp"))
+    for what, n, axes in (("batch size", B, batch), ("sequence length", S, seq),
+                          ("num_experts", E, exp)):
+        shards = math.prod(mesh.shape[a] for a in axes)
+        if n % shards:
+            raise ValueError(f"MoE layer: {what} {n} is not divisible by the {shards} shards "
+                             f"of mesh axes {axes}")
+    ep = math.prod(mesh.shape[a] for a in exp)
     token_axes = batch + seq
     x_spec = P(batch or None, seq or None, None)
-    w_spec = P(EXPERT_AXIS if ep > 1 else None, None, None)
+    w_spec = P(exp or None, None, None)
     args = {"x": x, "router": router_kernel, "weights": weights, "bias": bias, "quant": quant}
     # every weight array (float, or low-bit codes/scales) leads with the expert axis
     specs = {"x": x_spec, "router": P(), "weights": jax.tree.map(lambda _: w_spec, weights),
@@ -115,7 +105,7 @@ def sharded_moe(body, x, router_kernel, bias, weights: ExpertWeights, *, mesh, i
     def local(args):
         experts = LocalExperts(args["weights"], implementation, args["quant"])
         if ep > 1:
-            experts = ShardedExperts(experts, EXPERT_AXIS, ep)
+            experts = ShardedExperts(experts, exp, ep)
         b, s, _ = args["x"].shape
         y, stats = body(args["x"].reshape(b * s, D), args["router"], args["bias"], experts)
         if token_axes:

@@ -8,10 +8,11 @@ from jaxkit.config import ModelConfig, MoEConfig
 from jaxkit.layers.linear import param
 from jaxkit.layers.mlp import SwiGLU
 from jaxkit.layers.moe import dispatch, routers
-from jaxkit.layers.moe.expert_parallel import current_mesh, sharded_moe
+from jaxkit.layers.moe.expert_parallel import sharded_moe
 from jaxkit.layers.moe.experts import ExpertWeights, LocalExperts
 from jaxkit.layers.moe.metrics import balance_bias_update, routing_stats, summarize
 from jaxkit.quant.experts import ExpertQuantizer
+from jaxkit.sharding import active
 
 
 class RouterBias(nnx.Variable):
@@ -56,8 +57,11 @@ class MoE(nnx.Module):
 
     With router sigmoid_bias the balancing bias is updated in training mode
     only: `model.train()` (nnx set_attributes, which sets deterministic=False)
-    turns the update on, `model.eval()` turns it off; jaxkit.train builds its
-    train step from the model in train mode. A fresh module is in eval mode.
+    turns the update on, `model.eval()` turns it off; the training loop builds
+    its train step from the model in train mode. A fresh module is in eval mode.
+
+    Inside jaxkit.sharding.activate(mesh, rules) the layer runs expert
+    parallel (expert_parallel.py), on the mesh axes the rules give.
 
     With quant target 'experts' an ExpertQuantizer quantises the routed
     experts (and the shared experts' Linear layers get the same target).
@@ -96,14 +100,15 @@ class MoE(nnx.Module):
         quant = None if self.quantizer is None else self.quantizer.quant()
         bias = None if self.bias is None else self.bias[...]
         body = lambda t, r, b, experts: moe_tokens(t, r, b, experts, m)
-        mesh = current_mesh()
-        if mesh is None:
+        placement = active()  # (mesh, rules) inside jaxkit.sharding.activate
+        if placement is None or placement[0].size == 1:
             y, stats = body(xc.reshape(B * S, D), self.router[...], bias,
                             LocalExperts(weights, m.gmm_implementation, quant))
             y = y.reshape(B, S, D)
         else:
+            mesh, rules = placement
             y, stats = sharded_moe(body, xc, self.router[...], bias, weights, mesh=mesh,
-                                   implementation=m.gmm_implementation, quant=quant)
+                                   rules=rules, implementation=m.gmm_implementation, quant=quant)
         loss, metrics = summarize(stats, aux_loss_weight=m.aux_loss_weight,
                                   z_loss_weight=m.router_z_loss_weight)
         if self.bias is not None and not self.deterministic:

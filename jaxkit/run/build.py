@@ -1,4 +1,5 @@
-"""The one place that maps a Config to objects: mesh, model, optimizer, data.
+"""The one place that maps a Config to objects: mesh, model, optimizer,
+train state, data sources and their global batches.
 
 Every command starts with build_mesh, which first runs the config checks
 that need the packages the config configures (check_config), so a bad value
@@ -108,3 +109,23 @@ def build_data(cfg: Config):
         eos_id = data.ByteTokenizer.eos_id
     return (data.TokenBatcher(train_file, d.seq_len, d.batch_size, d.seed, eos_id),
             data.TokenBatcher(val_file, d.seq_len, d.batch_size, d.seed + 1, eos_id))
+
+
+class Batches:
+    """A run's train and eval batches as global arrays on its mesh; each
+    process loads only the rows its devices hold. `sources` (train, eval)
+    replace the config's data sources (objects with .batch(step,
+    process_index=, process_count=))."""
+
+    def __init__(self, cfg: Config, mesh, rules, sources=None):
+        sharding.check_batch(cfg.data.batch_size, cfg.train.grad_accum, mesh, rules)
+        self.train_source, self.eval_source = build_data(cfg) if sources is None else sources
+        self._to_global = sharding.GlobalBatcher(mesh, rules, cfg.data.batch_size)
+        self.num_eval = cfg.train.eval_batches
+
+    def train(self, step: int) -> dict:
+        return self._to_global(self.train_source, step)
+
+    def eval(self):
+        """The train.eval_batches eval batches, one at a time."""
+        return (self._to_global(self.eval_source, i) for i in range(self.num_eval))

@@ -2,7 +2,7 @@
 ... devices at equal per-device batch, with the mesh given by overrides
 (default: FSDP over all devices).
 
-    python -m jaxkit.sharding.bench configs/gpt_125m.yaml --devices 1 2 --json out.json
+    python -m jaxkit.run.bench configs/gpt_125m.yaml --devices 1 2 --json out.json
 
 Tokens come from a synthetic source (uniform random ids, a pure function of
 (seed, step)), so no data files are needed. Each run trains `--steps`
@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxkit.config import load_config
 from jaxkit.data.batches import process_slice
+from jaxkit.run.trainer import Trainer
 
 
 class RandomTokens:
@@ -42,7 +43,6 @@ class RandomTokens:
 
 
 def measure(config: str, overrides: list[str], num_devices: int, steps: int, log_every: int) -> dict:
-    from jaxkit.train.trainer import Trainer
     base = load_config(config, overrides)
     per_device = base.data.batch_size
     cfg = load_config(config, overrides + [

@@ -20,12 +20,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from jaxkit import sharding
-from jaxkit.build import build_data, build_mesh, build_optimizer, build_train_state
 from jaxkit.checkpoint import Checkpointer
 from jaxkit.config import Config, save_config
+from jaxkit.run import evaluate as evaluation
+from jaxkit.run.build import Batches, build_mesh, build_optimizer, build_train_state
 from jaxkit.train import flops
 from jaxkit.train.metrics_log import MetricsLogger
-from jaxkit.train.step import make_eval_step, make_train_step
+from jaxkit.train.step import make_train_step
 
 
 class StopRequest:
@@ -71,9 +72,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.is_logger:
             save_config(cfg, self.run_dir / "config.yaml")
-        sharding.check_batch(cfg.data.batch_size, cfg.train.grad_accum, self.mesh, self.rules)
-        self.train_data, self.eval_data = build_data(cfg) if sources is None else sources
-        self.batcher = sharding.GlobalBatcher(self.mesh, self.rules, cfg.data.batch_size)
+        self.batches = Batches(cfg, self.mesh, self.rules, sources)
         self.optimizer, self.schedule = build_optimizer(cfg)
         with self.on_mesh():
             self.graphdef, self.eval_graphdef, self.state, state_sh = build_train_state(
@@ -86,9 +85,7 @@ class Trainer:
             z_loss=cfg.train.z_loss, constrain_batch=_constrain_rows),
             in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
             donate_argnums=0)
-        self.eval_step = jax.jit(make_eval_step(self.eval_graphdef),
-                                 in_shardings=(state_sh["params"], state_sh["model_state"], batch_sh),
-                                 out_shardings=replicated)
+        self.eval_step = evaluation.eval_step(self.eval_graphdef, self.mesh)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint) \
             if cfg.checkpoint.enabled else None
         self.peak = flops.peak_tflops(jax.devices()[0].device_kind, cfg.train.peak_tflops)
@@ -98,9 +95,6 @@ class Trainer:
         return sharding.activate(self.mesh, self.rules)
 
     # ------------------------------------------------------------- state I/O
-    def _batch(self, source, step):
-        return self.batcher(source, step)
-
     def restore_latest(self) -> int:
         """Loads the newest complete checkpoint, if any; returns its step."""
         if self.checkpointer is None or self.checkpointer.latest_step() is None:
@@ -127,15 +121,8 @@ class Trainer:
 
     # ------------------------------------------------------------- eval
     def evaluate(self) -> dict:
-        results = []
-        for i in range(self.cfg.train.eval_batches):
-            batch = self._batch(self.eval_data, i)
-            with self.on_mesh():
-                results.append(self.eval_step(self.state["params"], self.state["model_state"],
-                                              batch))
-        mean = jax.tree.map(lambda *xs: np.mean([np.asarray(x) for x in xs], axis=0), *results)
-        mean["perplexity"] = float(np.exp(mean["ce"]))
-        return mean
+        return evaluation.evaluate(self.eval_step, self.state["params"], self.state["model_state"],
+                                   self.batches.eval(), self.mesh, self.rules)
 
     # ------------------------------------------------------------- loop
     def fit(self, resume: bool = False) -> dict:
@@ -152,8 +139,7 @@ class Trainer:
             try:
                 while step < cfg.steps and not stopping:
                     with self.on_mesh():
-                        self.state, metrics = self.train_step(self.state,
-                                                              self._batch(self.train_data, step))
+                        self.state, metrics = self.train_step(self.state, self.batches.train(step))
                     step += 1
                     if step % cfg.log_every == 0 or step == cfg.steps:
                         metrics = jax.device_get(metrics)

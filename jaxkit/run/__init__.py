@@ -1,0 +1,16 @@
+"""The application layer: turns a config into a run and drives it.
+
+    build     config -> mesh, model, optimizer, train state, data (and the
+              config checks that need the other packages)
+    trainer   the training loop
+    load      a run's checkpoint restored onto a mesh (eval, export, quantize)
+    evaluate  mean eval metrics of a model or a run
+    export    a run's parameters alone, for inference
+    quantize  post-training quantisation of a run (`jaxkit quantize`)
+    bench     training-loop throughput on 1, 2, ... devices
+    cli       the `jaxkit` command
+
+Library packages (config, layers, models, quant, sharding, train,
+checkpoint, data) never import this package. Nothing is imported here, so
+`import jaxkit.run.cli` starts no jax.
+"""

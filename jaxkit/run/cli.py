@@ -1,0 +1,155 @@
+"""Command line: `jaxkit train`, `jaxkit eval`, `jaxkit export`, `jaxkit quantize`,
+`jaxkit data prepare`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from jaxkit.config import ConfigError, load_config, to_dict
+
+# Everything that imports jax is imported inside the command that needs it:
+# parsing, --print-config and config errors run without starting jax.
+
+
+def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("multi-process runs")
+    g.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                   help="auto: join a multi-process run when the flags below are given or "
+                        "srun/mpirun started several processes; on: always call "
+                        "jax.distributed.initialize() (e.g. on a TPU pod slice); off: never")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="address of process 0's coordination service")
+    g.add_argument("--num-processes", type=int, metavar="N", help="total number of processes")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's index in [0, N)")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.d_model=512 (repeatable)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config and exit")
+
+
+def _load(args):
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        sys.exit(0)
+    return cfg
+
+
+def _run_dir(cfg, args) -> Path:
+    """--run-dir, or the run directory training used for this config."""
+    from jaxkit.run.trainer import run_dir_for
+    return Path(args.run_dir) if args.run_dir else run_dir_for(cfg, args.config)
+
+
+def _join(args) -> None:
+    """Joins the multi-process run, if any, before anything touches a device."""
+    from jaxkit.distributed import initialize
+    try:
+        initialize(args.distributed, args.coordinator, args.num_processes, args.process_id)
+    except ValueError as e:
+        raise SystemExit(f"distributed: {e}") from None
+
+
+def _is_logger() -> bool:
+    import jax
+    return jax.process_index() == 0
+
+
+def cmd_train(args) -> None:
+    cfg = _load(args)
+    _join(args)
+    from jaxkit.run.trainer import train
+    result = train(cfg, config_path=args.config, resume=args.resume, run_dir=args.run_dir)
+    if _is_logger():
+        print(json.dumps({k: v for k, v in result.items() if k in ("step", "stopped_early")}
+                         | {"eval": result.get("eval", {}).get("ce")}))
+
+
+def cmd_eval(args) -> None:
+    cfg = _load(args)
+    _join(args)
+    from jaxkit.run.evaluate import evaluate_run
+    step, metrics = evaluate_run(cfg, _run_dir(cfg, args))
+    if _is_logger():
+        print(json.dumps({"step": step, "loss": float(metrics["ce"]),
+                          "perplexity": float(metrics["perplexity"]),
+                          "accuracy": float(metrics["accuracy"])}))
+
+
+def cmd_export(args) -> None:
+    cfg = _load(args)
+    _join(args)
+    from jaxkit.run.export import export_run
+    step = export_run(cfg, _run_dir(cfg, args), args.out, step=args.step)
+    if _is_logger():
+        print(json.dumps({"step": step, "out": str(Path(args.out).absolute())}))
+
+
+def cmd_quantize(args) -> None:
+    cfg = _load(args)
+    from jaxkit.run.quantize import quantize_run
+    print(json.dumps(quantize_run(cfg, _run_dir(cfg, args), out=args.out)))
+
+
+def build_parser(data_tools: bool = True) -> argparse.ArgumentParser:
+    """data_tools=False leaves out the flags of `jaxkit data` (defining them
+    imports jaxkit.data, and with it jax)."""
+    parser = argparse.ArgumentParser(prog="jaxkit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--run-dir", help="run directory (default: train.out_dir/<config name>)")
+    _add_distributed_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate the latest checkpoint of a run")
+    _add_config_args(p)
+    p.add_argument("--run-dir", help="run directory (default: train.out_dir/<config name>)")
+    _add_distributed_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a run's parameters alone, for inference")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="directory to write the parameters to")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--run-dir", help="run directory (default: train.out_dir/<config name>)")
+    _add_distributed_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("quantize", help="post-training quantisation of a run's latest checkpoint "
+                       "with the config's model.quant (mode ptq or int): calibrate, convert, "
+                       "report eval loss before and after")
+    _add_config_args(p)
+    p.add_argument("--run-dir", help="run directory (default: train.out_dir/<config name>)")
+    p.add_argument("--out", help="directory to write the quantised model state to")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser("prepare", help="tokenize text files into train/val token files")
+    if data_tools:
+        from jaxkit.data.prepare import add_prepare_args, run_prepare  # imports jax
+        add_prepare_args(prep)
+        prep.set_defaults(func=run_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(data_tools=argv[:1] == ["data"]).parse_args(argv)
+    try:
+        args.func(args)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+    except FileNotFoundError as e:  # no such run, checkpoint or input files
+        raise SystemExit(str(e)) from None

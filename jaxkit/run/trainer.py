@@ -9,6 +9,7 @@ global batch, and the jitted step runs SPMD over all devices of all processes.
 """
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from jaxkit import sharding
 from jaxkit.checkpoint import Checkpointer
 from jaxkit.config import Config, save_config
 from jaxkit.run import evaluate as evaluation
+from jaxkit.run import profile as profiling
 from jaxkit.run.build import Batches, build_mesh, build_optimizer, build_train_state
 from jaxkit.train import flops
 from jaxkit.train.metrics_log import MetricsLogger
@@ -125,7 +127,38 @@ class Trainer:
                                    self.batches.eval(), self.mesh, self.rules)
 
     # ------------------------------------------------------------- loop
-    def fit(self, resume: bool = False) -> dict:
+    def compile_step(self, batch):
+        """The train step compiled for this state and batch, timed; logs the
+        compile time and the device memory XLA plans for one step."""
+        t = time.perf_counter()
+        with self.on_mesh():
+            compiled = self.train_step.lower(self.state, batch).compile()
+        info = {"compile_seconds": time.perf_counter() - t}
+        memory = compiled.memory_analysis()
+        if memory is not None:
+            gib = lambda n: n / 2 ** 30
+            info.update(arguments_gib=gib(memory.argument_size_in_bytes),
+                        temporaries_gib=gib(memory.temp_size_in_bytes))
+        return compiled, info
+
+    def _profile(self, step_fn, step: int, steps: int = 3) -> dict:
+        """Traces `steps` steps from `step` into run_dir/profile and writes the
+        breakdown to run_dir/profile.json."""
+        trace_dir = self.run_dir / "profile"
+        jax.block_until_ready(self.state)
+        t = time.perf_counter()
+        with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True), self.on_mesh():
+            for i in range(steps):
+                self.state, metrics = step_fn(self.state, self.batches.train(step + i))
+            jax.block_until_ready(metrics)
+        result = profiling.breakdown(profiling.read_trace(trace_dir), steps,
+                                     time.perf_counter() - t)
+        (self.run_dir / "profile.json").write_text(json.dumps(result, indent=1))
+        return result
+
+    def fit(self, resume: bool = False, profile: bool = False) -> dict:
+        """Trains to train.steps. profile: after 10 warm steps, trace 3 steps
+        and write the time breakdown (profile.json) before going on."""
         cfg = self.cfg.train
         start = self.restore_latest() if resume else 0
         logger = MetricsLogger(self.run_dir, enabled=self.is_logger)
@@ -133,24 +166,36 @@ class Trainer:
         last = {"step": start}
         bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and self.is_logger),
                    dynamic_ncols=True, desc="train")
+        step_fn, compiled = self.compile_step(self.batches.train(start))
+        logger.log(start, "compile", compiled)
+        bar.write(f"train step compiled in {compiled['compile_seconds']:.1f} s")
+        profile_at = start + 10 if profile else None
         t0, t0_step = time.perf_counter(), start
         step, stopping = start, False
         with StopRequest() as stop:
             try:
                 while step < cfg.steps and not stopping:
+                    if step == profile_at and step + 3 <= cfg.steps:
+                        last["profile"] = self._profile(step_fn, step)
+                        bar.write(profiling.format_table(last["profile"]))
+                        step += 3
+                        t0, t0_step = time.perf_counter(), step
+                        continue
                     with self.on_mesh():
-                        self.state, metrics = self.train_step(self.state, self.batches.train(step))
+                        self.state, metrics = step_fn(self.state, self.batches.train(step))
                     step += 1
                     if step % cfg.log_every == 0 or step == cfg.steps:
                         metrics = jax.device_get(metrics)
                         dt = time.perf_counter() - t0
                         tok_s = tokens_per_step * (step - t0_step) / max(dt, 1e-9)
                         metrics["tokens_per_second"] = tok_s
-                        metrics["mfu"] = flops.mfu(tok_s, self.cfg.model, self.cfg.data.seq_len,
-                                                   self.mesh.size, self.peak)
+                        postfix = dict(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{tok_s:,.0f}")
+                        if self.peak is not None:  # MFU only against a known peak
+                            metrics["mfu"] = flops.mfu(tok_s, self.cfg.model, self.cfg.data.seq_len,
+                                                       self.mesh.size, self.peak)
+                            postfix["mfu"] = f"{100 * metrics['mfu']:.1f}%"
                         flat = logger.log(step, "train", metrics)
-                        bar.set_postfix(loss=f"{flat['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
-                                        mfu=f"{100 * metrics['mfu']:.1f}%", refresh=False)
+                        bar.set_postfix(**postfix, refresh=False)
                         bar.update(step - bar.n)
                         last.update(step=step, train=flat)
                         t0, t0_step = time.perf_counter(), step
@@ -175,6 +220,6 @@ class Trainer:
 
 
 def train(cfg: Config, *, config_path: str | None = None, resume: bool = False,
-          run_dir: str | Path | None = None) -> dict:
+          run_dir: str | Path | None = None, profile: bool = False) -> dict:
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg, config_path)
-    return Trainer(cfg, run_dir).fit(resume=resume)
+    return Trainer(cfg, run_dir).fit(resume=resume, profile=profile)

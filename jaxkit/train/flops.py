@@ -12,7 +12,6 @@ from jaxkit.config import ModelConfig
 # Dense bf16 tensor-core peaks (TFLOP/s) by device kind substring.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5": 197.0, "TPU v4": 275.0,
                "TPU v6": 918.0}
-CPU_PEAK_TFLOPS = 0.1  # a placeholder scale for CPU runs; set train.peak_tflops to be exact
 
 
 def matmul_params_per_token(cfg: ModelConfig) -> int:
@@ -36,13 +35,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 3 * (2 * matmul_params_per_token(cfg) + attention)
 
 
-def peak_tflops(device_kind: str, override: float | None = None) -> float:
+def peak_tflops(device_kind: str, override: float | None = None) -> float | None:
+    """The device's dense bf16 peak, or None where it is not known (CPUs):
+    then no MFU is reported."""
     if override is not None:
         return override
-    for key, value in PEAK_TFLOPS.items():
-        if key.lower() in device_kind.lower():
-            return value
-    return CPU_PEAK_TFLOPS
+    return next((value for key, value in PEAK_TFLOPS.items()
+                 if key.lower() in device_kind.lower()), None)
 
 
 def mfu(tokens_per_second: float, cfg: ModelConfig, seq_len: int, num_devices: int,

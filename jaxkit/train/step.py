@@ -68,8 +68,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
         (grads, model_state), (losses, metrics, moe) = jax.lax.scan(
             accumulate, (zeros, state["model_state"]), micro)
         grads = jax.tree.map(lambda g, p: (g / grad_accum).astype(p.dtype), grads, state["params"])
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        with jax.named_scope("optimizer"):  # so a profile can attribute the update's kernels
+            updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
         metrics = jax.tree.map(lambda m: m.mean(0), metrics)
         metrics.update(loss=losses.mean(), grad_norm=optax.tree.norm(grads),
                        learning_rate=schedule(state["step"]),

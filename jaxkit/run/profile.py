@@ -1,0 +1,79 @@
+"""Where a training step's time goes: a profiler trace of a few steady-state
+steps, summarised by category from the device kernels it ran.
+
+A kernel is classified by its name and, where the trace carries them, the
+HLO op and the JAX name scope it came from (the train step wraps the
+optimizer update and the MoE routing in named scopes). Categories follow the
+first matching rule; host and idle time is the steps' wall time that no
+device kernel covered.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from pathlib import Path
+
+# (category, pattern over "kernel name | hlo op | scope"), first match wins.
+CATEGORIES = (
+    ("communication", r"nccl|all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute"),
+    ("optimizer update", r"optimizer"),
+    ("moe routing/dispatch", r"moe_rout|moe_dispatch|routers|dispatch\.py"),
+    ("moe grouped matmul", r"gmm|grouped_matmul|ragged"),
+    ("attention", r"flash|fmha|sdpa|cudnn|attention|mosaic_gpu_kernel"),
+    ("matmul", r"gemm|xmma|nvjet|cutlass|cublas|\bdot\b|dot_general|matmul"),
+    ("norms", r"norm"),
+    ("copies", r"memcpy|memset|copy"),
+    ("elementwise/other", r"."),
+)
+
+
+def _device_events(trace: dict) -> list[dict]:
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device = {pid for pid, name in names.items() if "/device:" in name}
+    return [e for e in events if e.get("ph") == "X" and e.get("pid") in device]
+
+
+def classify(event: dict) -> str:
+    args = event.get("args", {})
+    text = " | ".join(str(v) for v in (event.get("name", ""), args.get("hlo_op", ""),
+                                       args.get("long_name", ""), args.get("tf_op", "")))
+    return next(cat for cat, rx in CATEGORIES if re.search(rx, text, re.I))
+
+
+def breakdown(trace: dict, steps: int, wall_s: float) -> dict:
+    """{"per_step_ms": {category: ms}, "top_kernels": [(name, ms)], ...} from a
+    trace of `steps` steps that took wall_s seconds."""
+    per_cat, per_kernel, busy = {}, {}, 0.0
+    for e in _device_events(trace):
+        ms = e.get("dur", 0) / 1e3 / steps
+        cat = classify(e)
+        per_cat[cat] = per_cat.get(cat, 0.0) + ms
+        per_kernel[e["name"]] = per_kernel.get(e["name"], 0.0) + ms
+        busy += ms
+    step_ms = 1e3 * wall_s / steps
+    per_cat["host/idle"] = max(step_ms - busy, 0.0)
+    order = sorted(per_cat.items(), key=lambda kv: -kv[1])
+    return {"step_ms": step_ms, "device_busy_ms": busy,
+            "per_step_ms": {k: round(v, 3) for k, v in order},
+            "top_kernels": [(k[:100], round(v, 3)) for k, v in
+                            sorted(per_kernel.items(), key=lambda kv: -kv[1])[:20]]}
+
+
+def read_trace(trace_dir: Path) -> dict:
+    files = sorted(Path(trace_dir).rglob("*.trace.json.gz"))
+    if not files:
+        raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
+    with gzip.open(files[-1]) as f:
+        return json.load(f)
+
+
+def format_table(result: dict) -> str:
+    step = result["step_ms"]
+    lines = [f"step {step:.1f} ms, device busy {result['device_busy_ms']:.1f} ms",
+             f"{'category':<24}{'ms/step':>10}{'share':>8}"]
+    for cat, ms in result["per_step_ms"].items():
+        lines.append(f"{cat:<24}{ms:>10.2f}{100 * ms / max(step, 1e-9):>7.1f}%")
+    return "\n".join(lines)

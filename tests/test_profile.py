@@ -1,0 +1,41 @@
+"""The profile breakdown: device kernels by category, host/idle time as the
+rest of the steps' wall time."""
+from jaxkit.run.profile import breakdown, classify, format_table
+
+
+def _event(name, dur_us, pid=1, **args):
+    return {"ph": "X", "pid": pid, "name": name, "dur": dur_us, "ts": 0, "args": args}
+
+
+def test_categories_and_idle():
+    trace = {"traceEvents": [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        _event("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", 6000),
+        _event("sm90_xmma_gemm_f32f32_tf32f32_f32_nt_n", 2000),
+        _event("with_scratch_mosaic_gpu_kernel", 3000),
+        _event("loop_multiply_fusion_3", 1000, long_name="jit(step)/optimizer/mul"),
+        _event("loop_add_fusion_1", 500),
+        _event("ncclDevKernel_AllReduce_Sum_f32", 400),
+        _event("MemcpyD2D", 100),
+        _event("host_side_thing", 99999, pid=2),  # host threads do not count as device time
+    ]}
+    out = breakdown(trace, steps=2, wall_s=0.016)
+    ms = out["per_step_ms"]
+    assert ms["matmul"] == 4.0 and ms["attention"] == 1.5 and ms["optimizer update"] == 0.5
+    assert ms["elementwise/other"] == 0.25 and ms["communication"] == 0.2 and ms["copies"] == 0.05
+    assert abs(out["device_busy_ms"] - 6.5) < 1e-9 and abs(ms["host/idle"] - 1.5) < 1e-9
+    assert out["top_kernels"][0] == ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", 3.0)
+    assert "matmul" in format_table(out)
+
+
+def test_classify_uses_scope_names():
+    assert classify(_event("fusion_12", 1, long_name="jit(step)/moe_dispatch/gather")) == \
+        "moe routing/dispatch"
+    assert classify(_event("body_gmm_kernel", 1)) == "moe grouped matmul"
+
+
+def test_no_mfu_without_a_known_peak():
+    from jaxkit.train import flops
+    assert flops.peak_tflops("cpu") is None
+    assert flops.peak_tflops("NVIDIA H200") == 989.0

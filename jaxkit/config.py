@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-    implementation: Literal["auto", "xla", "cudnn", "pallas"] = "auto"
+    implementation: Literal["auto", "xla", "cudnn", "pallas", "mosaic_gpu", "blockspec"] = "auto"
     sliding_window: int | None = None
     logit_softcap: float | None = None
 
@@ -49,7 +49,8 @@ class MoEConfig:
     aux_loss_weight: float = 0.01
     router_z_loss_weight: float = 0.001
     bias_update_rate: float = 0.001  # aux-loss-free balancing (sigmoid_bias)
-    gmm_implementation: Literal["auto", "xla", "ragged_dot", "pallas"] = "auto"
+    gmm_implementation: Literal["auto", "xla", "ragged_dot", "pallas", "mosaic_gpu",
+                                "blockspec"] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -88,6 +88,12 @@ def _blockspec_problem(args):
     return None
 
 
+# Jitted per static configuration: jax lowers a jitted callee once per module,
+# so a model's layers share one lowering of the Mosaic kernels (and XLA one
+# compilation of each) instead of one per layer.
+_mosaic_attention = jax.jit(mosaic_gpu.mosaic_flash_attention, static_argnames=(
+    "causal", "sliding_window", "logit_softcap", "scale", "block_sizes"))
+
 TABLE = dispatch.Table("attention", {
     "xla": _takes_no_block_sizes,
     "cudnn": _cudnn_problem,
@@ -132,7 +138,7 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None,
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
                                             local_window_size=window, implementation="cudnn")
     if impl == "mosaic_gpu":
-        return mosaic_gpu.mosaic_flash_attention(q, k, v, block_sizes=block_sizes, **kwargs)
+        return _mosaic_attention(q, k, v, block_sizes=block_sizes, **kwargs)
     segment_ids = kwargs.pop("segment_ids")
     return blockspec_flash_attention(q, k, v, segment_ids, block_sizes=block_sizes,
                                      interpret=interpret, **kwargs)

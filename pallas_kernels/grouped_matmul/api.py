@@ -107,6 +107,10 @@ def _resolve(implementation, dtype, preferred_element_type, tiling, interpret):
     return "pallas", _Config(out_dtype, None if tiling is None else tuple(tiling), choice)
 
 
+# The kernel calls are jitted per static configuration: jax lowers a jitted
+# callee once per module, so a model's MoE layers share one lowering of each
+# Mosaic kernel instead of one per layer.
+@functools.partial(jax.jit, static_argnums=3)
 def _gmm_kernel(lhs, rhs, group_sizes, cfg: _Config):
     if cfg.kernel.name == "blockspec":
         return blockspec.gmm(lhs, rhs, group_sizes, transpose_rhs=cfg.transpose_rhs,
@@ -116,6 +120,7 @@ def _gmm_kernel(lhs, rhs, group_sizes, cfg: _Config):
                           out_dtype=cfg.out_dtype, tiling=cfg.tiling or mosaic_gpu.DEFAULT_TILING)
 
 
+@functools.partial(jax.jit, static_argnums=3)
 def _tgmm_kernel(lhs, dout, group_sizes, cfg: _Config):
     if cfg.kernel.name == "blockspec":
         return blockspec.tgmm(lhs, dout, group_sizes, out_dtype=cfg.out_dtype,

@@ -16,11 +16,31 @@ def test_logs_flattened_scalars_to_jsonl_and_tensorboard(tmp_path):
     flat = logger.log(3, "train", {"loss": 1.5, "moe": {"load": [0.25, 0.75]}, "bad": float("nan")})
     logger.close()
     nan = pytest.approx(float("nan"), nan_ok=True)
-    assert flat == {"loss": 1.5, "moe/load/0": 0.25, "moe/load/1": 0.75, "bad": nan}
+    assert flat == {"loss": 1.5, "bad": nan}  # vectors are not scalars
     [rec] = _records(tmp_path)
-    assert rec["step"] == 3 and rec["split"] == "train" and rec["moe/load/1"] == 0.75
+    assert rec["step"] == 3 and rec["split"] == "train" and rec["moe/load"] == [0.25, 0.75]
     assert rec["bad"] == "nan"  # JSON has no NaN literal
-    assert any((tmp_path / "tensorboard").iterdir())
+    kinds = _tensorboard_tags(tmp_path / "tensorboard")
+    assert kinds == {"train/loss": "simple_value", "train/bad": "simple_value",
+                     "train/moe/load": "histo"}
+
+
+def _tensorboard_tags(folder):
+    """tag -> value kind of every summary in the event files (TFRecord framing:
+    length, its CRC, the Event proto, its CRC)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+    kinds = {}
+    for path in folder.iterdir():
+        data = path.read_bytes()
+        while data:
+            (n,) = struct.unpack("<Q", data[:8])
+            event = Event.FromString(data[12:12 + n])
+            data = data[16 + n:]
+            for value in event.summary.value:
+                kinds[value.tag] = value.WhichOneof("value")
+    return kinds
 
 
 def test_without_tensorboardx_warns_and_keeps_the_jsonl(tmp_path, monkeypatch):

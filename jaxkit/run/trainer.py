@@ -62,6 +62,21 @@ def _constrain_rows(batch):
     return jax.tree.map(lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), batch)
 
 
+def _moe_summary(flat: dict) -> dict:
+    """Progress-bar digest of the per-layer MoE metrics (all of them are in the
+    JSONL): the most imbalanced layer's max/mean load, and the largest dropped
+    fraction."""
+    def worst(name):
+        values = [v for k, v in flat.items() if k.startswith("moe/") and k.endswith("/" + name)]
+        return max(values) if values else None
+    out = {}
+    if (load := worst("max_mean_load")) is not None:
+        out["moe_load"] = f"{load:.2f}"
+    if (dropped := worst("dropped_fraction")):
+        out["moe_drop"] = f"{100 * dropped:.1f}%"
+    return out
+
+
 class Trainer:
     """`devices` (default: all) carry the mesh; `sources` (train, eval) replace
     the config's data sources (objects with .batch(step, process_index=,
@@ -195,7 +210,7 @@ class Trainer:
                                                        self.mesh.size, self.peak)
                             postfix["mfu"] = f"{100 * metrics['mfu']:.1f}%"
                         flat = logger.log(step, "train", metrics)
-                        bar.set_postfix(**postfix, refresh=False)
+                        bar.set_postfix(**postfix, **_moe_summary(flat), refresh=False)
                         bar.update(step - bar.n)
                         last.update(step=step, train=flat)
                         t0, t0_step = time.perf_counter(), step

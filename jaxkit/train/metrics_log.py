@@ -9,19 +9,22 @@ from pathlib import Path
 import numpy as np
 
 
-def _scalars(prefix: str, tree, out: dict) -> dict:
-    """Flattens nested metric dicts to 'a/b/c' scalars; vectors become '/i' entries."""
+def _flatten(prefix: str, tree, scalars: dict, vectors: dict) -> None:
+    """Nested metric dicts -> 'a/b/c' scalars, and arrays (per-expert loads,
+    say) kept whole as vectors."""
     if isinstance(tree, dict):
         for k, v in tree.items():
-            _scalars(f"{prefix}/{k}" if prefix else str(k), v, out)
-        return out
+            _flatten(f"{prefix}/{k}" if prefix else str(k), v, scalars, vectors)
+        return
     arr = np.asarray(tree)
     if arr.ndim == 0:
-        out[prefix] = float(arr)
+        scalars[prefix] = float(arr)
     else:
-        for i, v in enumerate(arr.reshape(-1)):
-            out[f"{prefix}/{i}"] = float(v)
-    return out
+        vectors[prefix] = arr.reshape(-1).astype(float)
+
+
+def _json_value(v: float):
+    return v if math.isfinite(v) else str(v)
 
 
 class MetricsLogger:
@@ -42,15 +45,21 @@ class MetricsLogger:
                 self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def log(self, step: int, split: str, metrics: dict) -> dict:
-        flat = _scalars("", metrics, {})
+        """Writes one record; returns its scalars. A vector is one JSON list
+        and one TensorBoard histogram, not a scalar per element."""
+        flat, vectors = {}, {}
+        _flatten("", metrics, flat, vectors)
         if self.enabled:
             record = {"step": step, "split": split,
-                      **{k: (v if math.isfinite(v) else str(v)) for k, v in flat.items()}}
+                      **{k: _json_value(v) for k, v in flat.items()},
+                      **{k: [_json_value(x) for x in v] for k, v in vectors.items()}}
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
             if self._tb is not None:
                 for k, v in flat.items():
                     self._tb.add_scalar(f"{split}/{k}", v, step)
+                for k, v in vectors.items():
+                    self._tb.add_histogram(f"{split}/{k}", v, step)
         return flat
 
     def close(self):

@@ -2,57 +2,75 @@
 
 `experts` is a LocalExperts (or its expert-parallel wrapper) with
 grouped(rows, sorted_expert) and buffered(x_e); dispatch never needs to know
-where the experts live.
+where the experts live. Rows move by gathers in both directions
+(permute.py): no scatter of rows, no one-hot dispatch maps. Everything runs
+under the name scope "moe_dispatch", by which a profile attributes its kernels.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from jaxkit.layers.moe.permute import bincount, combine_rows, sort_ids, take_rows
 from jaxkit.layers.moe.routers import ExpertChoice, TokenChoice
 
 
+@jax.named_scope("moe_dispatch")
 def dropless(x, route: TokenChoice, experts):
     """Every assignment is computed: sort the T * k (token, expert) pairs by
     expert, run the grouped matmul, un-sort and sum with the router weights.
     x [T, D] -> [T, D] float32."""
     T, k = route.expert.shape
-    flat = route.expert.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    y_sorted = experts.grouped(x[order // k], flat[order])
-    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(T, k, -1)
-    return jnp.einsum("tkd,tk->td", y, route.weight)
+    s = sort_ids(route.expert.reshape(-1))
+    slot = s.inverse.reshape(T, k)  # sorted row of every (token, choice)
+    y = experts.grouped(take_rows(x, s.order // k, slot), s.ids)
+    return combine_rows(y, slot, route.weight, s.order)
 
 
-def _buffered(x, dispatch, combine, experts):
-    """dispatch/combine [T, E, C] one-hot (weighted) slot maps."""
-    x_e = jnp.einsum("tec,td->ecd", dispatch.astype(x.dtype), x)
-    return jnp.einsum("tec,ecd->td", combine, experts.buffered(x_e))
+def _buffered(x, token, slot, weight, source, experts):
+    """Runs the experts on the [E, C] slot buffer: token [E, C] fills each
+    slot (T: empty), slot/weight [T, n] and source [E * C] as combine_rows takes
+    them. -> [T, D] float32."""
+    E, C = token.shape
+    x_e = take_rows(x, token.reshape(-1), slot).reshape(E, C, x.shape[1])
+    y = experts.buffered(x_e).reshape(E * C, -1)
+    return combine_rows(y, slot, weight, source)
 
 
+@jax.named_scope("moe_dispatch")
 def capacity(x, route: TokenChoice, num_experts: int, slots: int, experts):
     """Each expert has `slots` places; first choices are placed before second
     choices (then in token order) and assignments past the last slot are
-    dropped. Returns (y [T, D] float32, number of kept assignments).
-    The one-hot maps take O(T * E * slots) memory: for many tokens per
-    device prefer dropless."""
+    dropped. Returns (y [T, D] float32, number of kept assignments)."""
     T, k = route.expert.shape
-    onehot = jax.nn.one_hot(route.expert, num_experts, dtype=jnp.int32)  # [T, k, E]
-    by_priority = onehot.transpose(1, 0, 2).reshape(k * T, num_experts)
-    position = (jnp.cumsum(by_priority, axis=0) - 1).reshape(k, T, num_experts).transpose(1, 0, 2)
-    position = jnp.sum(position * onehot, axis=-1)  # [T, k] slot within the chosen expert
-    slot = jax.nn.one_hot(position, slots, dtype=jnp.float32)  # all-zero past the last slot
-    onehot = onehot.astype(jnp.float32)
-    dispatch = jnp.einsum("tke,tkc->tec", onehot, slot)
-    combine = jnp.einsum("tke,tkc,tk->tec", onehot, slot, route.weight)
-    return _buffered(x, dispatch, combine, experts), jnp.sum(position < slots)
+    E, C = num_experts, slots
+    by_priority = route.expert.T.reshape(-1)  # entry j * T + t: choice j of token t
+    s = sort_ids(by_priority)
+    sizes = bincount(s.ids, E)
+    starts = jnp.cumsum(sizes) - sizes
+    position = (s.inverse - starts[by_priority]).reshape(k, T).T  # [T, k] place in its expert
+    kept = position < C
+    slot = jnp.where(kept, route.expert * C + position, E * C)
+    place = jnp.arange(C)
+    filled = place < sizes[:, None]  # [E, C]
+    choice, token = jnp.divmod(jnp.take(s.order, starts[:, None] + place, mode="clip"), T)
+    token = jnp.where(filled, token, T)
+    source = jnp.where(filled, token * k + choice, T * k)
+    return _buffered(x, token, slot, route.weight, source.reshape(-1), experts), jnp.sum(kept)
 
 
+@jax.named_scope("moe_dispatch")
 def chosen_by_experts(x, route: ExpertChoice, experts):
-    """Expert-choice routing. Returns (y [T, D] float32, number of tokens that
-    no expert chose)."""
+    """Expert-choice routing: a token has one possible slot per expert (empty
+    unless that expert chose it). Returns (y [T, D] float32, number of tokens
+    that no expert chose)."""
     T = x.shape[0]
-    dispatch = jax.nn.one_hot(route.token, T, dtype=jnp.float32).transpose(2, 0, 1)  # [T, E, c]
-    combine = dispatch * route.weight[None]
-    unchosen = jnp.sum(jnp.sum(dispatch, axis=(1, 2)) == 0)
-    return _buffered(x, dispatch, combine, experts), unchosen
+    E, c = route.token.shape
+    expert = jnp.arange(E, dtype=jnp.int32)[:, None]
+    rows = jnp.arange(E * c, dtype=jnp.int32).reshape(E, c)
+    slot = jnp.full((T, E), E * c, jnp.int32).at[route.token, expert].set(rows,
+                                                                          unique_indices=True)
+    weight = jnp.take(route.weight.reshape(-1), slot, mode="fill", fill_value=0)
+    source = (route.token * E + expert).reshape(-1)
+    unchosen = jnp.sum(jnp.all(slot == E * c, axis=1))
+    return _buffered(x, route.token, slot, weight, source, experts), unchosen

@@ -1,7 +1,10 @@
 """The experts' SwiGLU feed-forward math on the two layouts dispatch produces:
 rows sorted by expert with group sizes (grouped matmul), or a dense
-[E, C, D] buffer (batched matmul). Inputs are in the compute dtype; outputs
-float32 so the weighted combine of k experts is accumulated in float32.
+[E, C, D] buffer (batched matmul). Inputs and outputs are in the compute
+dtype, as for the dense MLP: the matmuls accumulate in float32, SiLU runs in
+float32, and dispatch accumulates the weighted combine of k experts in
+float32; a float32 [T * k, D] output would double the bytes every consumer
+reads and make the backward's cotangents float32.
 
 Expert matrices are float arrays, or jaxkit.quant.experts.LowBitExperts after
 conversion to low-bit storage (quant mode 'int'): the grouped path hands
@@ -15,6 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxkit.layers.moe.permute import bincount
 from jaxkit.quant.experts import LowBitExperts
 from pallas_kernels.grouped_matmul import gmm
 
@@ -28,41 +32,45 @@ class ExpertWeights(NamedTuple):
 
 def group_sizes(sorted_expert, num_experts: int):
     """Rows per expert; ids >= num_experts (padding) are not counted."""
-    return jnp.zeros((num_experts,), jnp.int32).at[sorted_expert].add(1, mode="drop")
+    return bincount(sorted_expert, num_experts)
+
+
+def _swiglu(gate, up):
+    f32 = lambda v: v.astype(jnp.float32)
+    return jax.nn.silu(f32(gate)) * f32(up)
 
 
 def _ffn(x, w: ExpertWeights, mm, quant):
-    """SwiGLU of x with matmul mm(a, b) -> float32; quant (or None) is a
+    """SwiGLU of x with matmul mm(a, b) -> a.dtype; quant (or None) is a
     jaxkit.quant.ExpertQuant applied to the weights and around each matmul."""
     cd = x.dtype
     if quant is None:
-        h = jax.nn.silu(mm(x, w.gate)) * mm(x, w.up)
+        h = _swiglu(mm(x, w.gate), mm(x, w.up))
         return mm(h.astype(cd), w.down)
     w = quant.weights(w)
     qmm = lambda a, b: quant.outputs(mm(a, b))
     x = quant.inputs(x).astype(cd)
-    h = jax.nn.silu(qmm(x, w.gate)) * qmm(x, w.up)
+    h = _swiglu(qmm(x, w.gate), qmm(x, w.up))
     return qmm(quant.hidden(h).astype(cd), w.down)
 
 
 def grouped_ffn(rows, sizes, w: ExpertWeights, *, implementation: str, quant=None):
-    """rows [M, D] grouped by expert (sizes [E]) -> [M, D] float32; rows past
-    sum(sizes) are padding and come out zero."""
+    """rows [M, D] grouped by expert (sizes [E]) -> [M, D] in rows.dtype; rows
+    past sum(sizes) are padding and come out zero."""
     def mm(a, b):
-        if isinstance(b, LowBitExperts):
-            return b.grouped_matmul(a, sizes, implementation=implementation)
+        if isinstance(b, LowBitExperts):  # the quantised kernels give float32
+            return b.grouped_matmul(a, sizes, implementation=implementation).astype(a.dtype)
         return gmm(a, b.astype(a.dtype), sizes, implementation=implementation,
-                   preferred_element_type=jnp.float32)
+                   preferred_element_type=a.dtype)
     return _ffn(rows, w, mm, quant)
 
 
 def batched_ffn(x_e, w: ExpertWeights, *, quant=None):
-    """x_e [E, C, D] -> [E, C, D] float32."""
+    """x_e [E, C, D] -> [E, C, D] in x_e.dtype."""
     def mm(a, b):
         if isinstance(b, LowBitExperts):  # no batched quantised kernel: whole stacks
             b = b.dequantize()
-        return jnp.einsum("ecd,edh->ech", a, b.astype(a.dtype),
-                          preferred_element_type=jnp.float32)
+        return jnp.einsum("ecd,edh->ech", a, b.astype(a.dtype), preferred_element_type=a.dtype)
     return _ffn(x_e, w, mm, quant)
 
 
@@ -79,11 +87,11 @@ class LocalExperts:
         return self.weights.gate.shape[0]
 
     def grouped(self, rows, sorted_expert):
-        """rows [M, D] sorted by expert id sorted_expert [M] -> [M, D] float32."""
+        """rows [M, D] sorted by expert id sorted_expert [M] -> [M, D] in rows.dtype."""
         sizes = group_sizes(sorted_expert, self.num_experts)
         return grouped_ffn(rows, sizes, self.weights, implementation=self.implementation,
                            quant=self.quant)
 
     def buffered(self, x_e):
-        """x_e [E, C, D] -> [E, C, D] float32."""
+        """x_e [E, C, D] -> [E, C, D] in x_e.dtype."""
         return batched_ffn(x_e, self.weights, quant=self.quant)

@@ -1,0 +1,97 @@
+"""Moving rows between token order and expert order with gathers only.
+
+A gather's automatic gradient is a scatter-add, and un-sorting rows with
+`.at[order].set(rows)` is a scatter whose gradient JAX builds from further
+scatters over id arrays of the rows' full shape. Both directions of every
+move here are gathers instead: each move knows its inverse index map.
+
+An index past the end of the array it reads ("empty") selects a zero row:
+empty buffer slots, dropped assignments.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Sorted(NamedTuple):
+    ids: jax.Array  # [N] int32, ascending
+    order: jax.Array  # [N] int32: sorted entry i is unsorted entry order[i]
+    inverse: jax.Array  # [N] int32: unsorted entry j is sorted entry inverse[j]
+
+
+def sort_ids(ids) -> Sorted:
+    """Stable sort of the int ids [N], with the permutation both ways. The
+    inverse is one int32 scatter of N entries (a permutation: no collisions)."""
+    n = ids.shape[0]
+    iota = jnp.arange(n, dtype=jnp.int32)
+    sorted_ids, order = jax.lax.sort((ids.astype(jnp.int32), iota), num_keys=1, is_stable=True)
+    inverse = jnp.zeros_like(iota).at[order].set(iota, unique_indices=True)
+    return Sorted(sorted_ids, order, inverse)
+
+
+def bincount(ids, length: int):
+    """int32 [length]: how often each of 0..length-1 occurs in the int array
+    ids (other values are not counted). A compare-and-sum that XLA fuses into
+    one reduction; no scatter-add, no one-hot buffer in memory."""
+    flat = ids.reshape(-1, 1)
+    return jnp.sum(flat == jnp.arange(length, dtype=flat.dtype), axis=0, dtype=jnp.int32)
+
+
+def _take(rows, index):
+    return jnp.take(rows, index, axis=0, mode="fill", fill_value=0)
+
+
+@jax.custom_vjp
+def take_rows(x, index, inverse):
+    """x[index] (zero rows where index is empty), x [N, ...], index [M].
+
+    inverse [N, r] lists, for every row of x, the r places of the output that
+    copy it (empty where fewer): the gradient is then the gather-and-sum
+    dx[n] = sum_j g[inverse[n, j]], accumulated in float32."""
+    return _take(x, index)
+
+
+def _take_rows_fwd(x, index, inverse):
+    return _take(x, index), inverse
+
+
+def _take_rows_bwd(inverse, g):
+    dx = jnp.sum(_take(g, inverse), axis=1, dtype=jnp.float32).astype(g.dtype)
+    return dx, None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+@jax.custom_vjp
+def combine_rows(y, slot, weight, source):
+    """out[t] = sum_j weight[t, j] * y[slot[t, j]] in float32: y [M, D] expert
+    outputs, slot [T, k] the row of each (token, choice), empty when dropped;
+    source [M] the flat (token, choice) index t * k + j of every row, empty
+    for rows of no assignment. Gradients: dy[m] = weight * g of the row's
+    token (a gather through source), dweight[t, j] = y[slot[t, j]] . g[t]."""
+    return _combine(y, slot, weight)
+
+
+def _combine(y, slot, weight):
+    return jnp.sum(weight[..., None] * _take(y, slot).astype(jnp.float32), axis=1)
+
+
+def _combine_fwd(y, slot, weight, source):
+    return _combine(y, slot, weight), (y, slot, weight, source)
+
+
+def _combine_bwd(res, g):
+    y, slot, weight, source = res
+    k = slot.shape[1]
+    g = g.astype(jnp.float32)
+    w_row = _take(weight.reshape(-1), source)
+    dy = (w_row[:, None] * _take(g, source // k)).astype(y.dtype)
+    dweight = jnp.sum(_take(y, slot).astype(jnp.float32) * g[:, None], axis=-1)
+    return dy, None, dweight.astype(weight.dtype), None
+
+
+combine_rows.defvjp(_combine_fwd, _combine_bwd)

@@ -152,7 +152,10 @@ def test_prepare_splits_documents(tmp_path):
     train, val = _documents(tmp_path / "out" / "train"), _documents(tmp_path / "out" / "val")
     assert sorted(train + val) == sorted(texts.values())
     assert sorted(val) == sorted(texts[Path(p)] for p in s["val_files"])
-    assert TokenFile(tmp_path / "out" / "train").header["sources"] == 15
+    header = TokenFile(tmp_path / "out" / "train").header
+    assert header["sources"] == 15 and header["tokenizer"] == "byte"
+    assert header["special_ids"] == {"pad": 256, "bos": 257, "eos": 258}
+    assert "tokenizer_file" not in header
     assert s["train_tokens"] + s["val_tokens"] == sum(len(t.encode()) + 1 for t in texts.values())
     assert s["bytes"] == sum(len(t.encode()) for t in texts.values())
 

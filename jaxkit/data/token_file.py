@@ -1,6 +1,10 @@
 """Token files: raw little-endian token ids (`<stem>.bin`) described by a JSON
 header (`<stem>.json`). The header is written last, so its presence means the
-data file is complete; readers memory-map the data instead of loading it."""
+data file is complete; readers memory-map the data instead of loading it.
+
+The header names the tokenizer and its vocabulary size and, optionally, its
+special ids ({"pad", "bos", "eos"}, each an id or null) and the file that
+holds it, relative to the header's directory (`tokenizer_file`)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +15,7 @@ import numpy as np
 
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 _HEADER_KEYS = ("dtype", "num_tokens", "vocab_size", "tokenizer", "sources")
+_SPECIAL_ROLES = ("pad", "bos", "eos")
 
 
 def dtype_for_vocab(vocab_size: int) -> str:
@@ -28,7 +33,18 @@ def _paths(path_stem) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".bin"), stem.with_name(stem.name + ".json")
 
 
+def _special_ids_problem(special_ids, vocab_size: int) -> str | None:
+    if not isinstance(special_ids, dict) or sorted(special_ids) != sorted(_SPECIAL_ROLES):
+        return f"must be an object with keys {list(_SPECIAL_ROLES)}"
+    for role, i in special_ids.items():
+        if i is not None and (not isinstance(i, int) or isinstance(i, bool)
+                              or not 0 <= i < vocab_size):
+            return f"has {role}={i!r}, not null or an id in [0, {vocab_size})"
+    return None
+
+
 def write_token_file(path_stem, tokens, vocab_size: int, *, tokenizer: str = "byte",
+                     special_ids: dict | None = None, tokenizer_file: str | None = None,
                      sources: int = 1) -> Path:
     """Writes `<stem>.bin` and `<stem>.json`; returns the .bin path."""
     tokens = np.asarray(tokens)
@@ -37,6 +53,10 @@ def write_token_file(path_stem, tokens, vocab_size: int, *, tokenizer: str = "by
     if tokens.size and not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
     dtype = dtype_for_vocab(vocab_size)
+    if special_ids is not None and (problem := _special_ids_problem(special_ids, vocab_size)):
+        raise ValueError(f"special_ids {special_ids!r} {problem}")
+    if tokenizer_file is not None and special_ids is None:
+        raise ValueError(f"tokenizer_file {tokenizer_file!r} needs special_ids")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
         raise ValueError(f"token ids span [{tokens.min()}, {tokens.max()}], outside the "
                          f"vocabulary [0, {vocab_size})")
@@ -44,6 +64,10 @@ def write_token_file(path_stem, tokens, vocab_size: int, *, tokenizer: str = "by
     bin_path.parent.mkdir(parents=True, exist_ok=True)
     header = {"dtype": dtype, "num_tokens": int(tokens.size), "vocab_size": int(vocab_size),
               "tokenizer": tokenizer, "sources": int(sources)}
+    if special_ids is not None:
+        header["special_ids"] = dict(special_ids)
+    if tokenizer_file is not None:
+        header["tokenizer_file"] = str(tokenizer_file)
     # Drop any old header first: a crash mid-write must not leave a stale
     # header describing a new, partial data file.
     json_path.unlink(missing_ok=True)
@@ -76,6 +100,14 @@ class TokenFile:
             if not isinstance(header[key], int) or header[key] < 0:
                 raise ValueError(f"token file header {self.json_path} has {key}={header[key]!r}; "
                                  f"expected a non-negative integer")
+        if "special_ids" in header and (
+                problem := _special_ids_problem(header["special_ids"], header["vocab_size"])):
+            raise ValueError(f"token file header {self.json_path} special_ids "
+                             f"{header['special_ids']!r} {problem}")
+        if "tokenizer_file" in header and (not isinstance(header["tokenizer_file"], str)
+                                           or "special_ids" not in header):
+            raise ValueError(f"token file header {self.json_path} has tokenizer_file="
+                             f"{header['tokenizer_file']!r}; expected a file name, with special_ids")
         self.header = header
         dtype = _DTYPES[header["dtype"]]
         if not self.bin_path.exists():

@@ -95,18 +95,19 @@ def build_data(cfg: Config):
         return make(d.seed), make(d.seed + 1_000_003)
     root = Path(d.path)
     if not (root / "train.json").exists():
+        bpe = (f" --tokenizer bpe --vocab-size {cfg.model.vocab_size}"
+               if cfg.model.vocab_size > data.ByteTokenizer().vocab_size else "")
         raise ConfigError(f"data.path {d.path!r} holds no token files (train.bin/train.json); "
-                          f"create them with: jaxkit data prepare --out {d.path}")
+                          f"create them with: jaxkit data prepare{bpe} --out {d.path}")
     train_file, val_file = data.TokenFile(root / "train"), data.TokenFile(root / "val")
-    if train_file.vocab_size > cfg.model.vocab_size:
+    try:
+        tokenizer = data.load_tokenizer(root)
+    except ValueError as err:
+        raise ConfigError(f"data.path {d.path!r}: {err}") from None
+    if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's "
-                          f"vocabulary ({train_file.vocab_size})")
-    eos_id = None
-    if d.document_mask:
-        if train_file.tokenizer != data.ByteTokenizer.name:
-            raise ConfigError(f"data.document_mask needs the EOS id of the data's tokenizer; "
-                              f"{train_file.tokenizer!r} is not known here")
-        eos_id = data.ByteTokenizer.eos_id
+                          f"{tokenizer.name} tokenizer vocabulary ({tokenizer.vocab_size})")
+    eos_id = tokenizer.eos_id if d.document_mask else None
     return (data.TokenBatcher(train_file, d.seq_len, d.batch_size, d.seed, eos_id),
             data.TokenBatcher(val_file, d.seq_len, d.batch_size, d.seed + 1, eos_id))
 

@@ -1,8 +1,8 @@
-"""MoE dispatch without row scatters: the gather-only helpers (permute.py)
-against plain jnp indexing, and the three dispatches against plain
-scatter / one-hot versions, forward and gradients, in float32 at odd shapes
-(tolerance rtol = atol = 1e-5 forward, 1e-4 / 1e-5 gradients); their
-programs hold no scatter of rows and no one-hot slot map."""
+"""MoE dispatch without row scatters: the helpers of permute.py against
+plain jnp indexing, and the three dispatches against plain scatter / one-hot
+versions, forward and gradients, in float32 at odd shapes (tolerance
+rtol = atol = 1e-5 forward, 1e-4 / 1e-5 gradients); their programs hold no
+one-hot slot map and no scatter of rows but expert choice's two sums."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +10,8 @@ import pytest
 
 from jaxkit.layers.moe import dispatch, routers
 from jaxkit.layers.moe.experts import ExpertWeights, LocalExperts
-from jaxkit.layers.moe.permute import bincount, combine_rows, sort_ids, take_rows
+from jaxkit.layers.moe.permute import (add_rows, bincount, combine_rows, gather_rows, sort_ids,
+                                       take_rows)
 
 FWD = dict(rtol=1e-5, atol=1e-5)
 GRAD = dict(rtol=1e-4, atol=1e-5)
@@ -64,6 +65,27 @@ def test_take_rows_equals_plain_gather_forward_and_grad():
     dx = jax.grad(lambda x: jnp.sum(take_rows(x, index, inverse).astype(jnp.float32)))(
         x.astype(jnp.bfloat16))
     assert dx.dtype == jnp.bfloat16
+
+
+def test_gather_rows_and_add_rows_equal_plain_forward_and_grad():
+    """Rows repeated 0..5 times: the gradient sums the copies in float32."""
+    x = jax.random.normal(jax.random.key(4), (9, 5))
+    index = jax.random.randint(jax.random.key(5), (4, 6), 0, 9)
+    g = jax.random.normal(jax.random.key(6), (4, 6, 5))
+    _close(gather_rows(x, index), jnp.take(x, index, axis=0), FWD)
+    grad = lambda take: jax.grad(lambda x: jnp.sum(take(x, index) * g))(x)
+    _close(grad(gather_rows), grad(lambda x, i: jnp.take(x, i, axis=0)), GRAD)
+    _close(add_rows(g, index, 9), jnp.zeros((9, 5)).at[index].add(g), FWD)
+    r = jax.random.normal(jax.random.key(7), (9, 5))
+    grad = lambda add: jax.grad(lambda g: jnp.sum(add(g) * r))(g)
+    _close(grad(lambda g: add_rows(g, index, 9)), grad(lambda g: jnp.zeros((9, 5)).at[index].add(g)),
+           GRAD)
+    # 300 bf16 copies of 1.0078125 (bf16 1.01) sum to 302.34 in float32, rounded once
+    # to bf16 302; a bf16 scatter-add stalls where 1 falls below half a bf16 step
+    ones = jnp.ones((1, 3), jnp.bfloat16)
+    dx = jax.grad(lambda x: jnp.sum(gather_rows(x, jnp.zeros((300,), jnp.int32)) * 1.01))(ones)
+    assert dx.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(dx, np.float32), 302.0)
 
 
 def _plain_combine(y, slot, weight):
@@ -199,7 +221,8 @@ class _ScaledRows:
 
 @pytest.mark.parametrize("name", CASES)
 def test_dispatch_program_has_no_row_scatter_or_one_hot_map(name):
-    """Rows are [*, D]; a one-hot slot map has about T * T * k elements."""
+    """Rows are [*, D]; a one-hot slot map has about T * T * k elements.
+    Expert choice sums a token's copies by scatter-add (a token has 0..E)."""
     T, D = 64, 7
     new, plain, _, loss, args = _case(name, T=T, D=D, experts=lambda w: _ScaledRows)
     row_scatter = lambda eqns: [p for p, avals in eqns if p.startswith("scatter")
@@ -208,7 +231,9 @@ def test_dispatch_program_has_no_row_scatter_or_one_hot_map(name):
     old = _primitives(jax.grad(loss(plain), argnums=(0, 1)), *args)
     assert row_scatter(old) or one_hot_map(old)  # the check sees what the plain versions do
     eqns = _primitives(jax.grad(loss(new), argnums=(0, 1)), *args)
-    assert not row_scatter(eqns) and not one_hot_map(eqns)
+    assert not one_hot_map(eqns)
+    scatters = row_scatter(eqns)
+    assert scatters == (["scatter-add", "scatter-add"] if name == "expert_choice" else [])
 
 
 def test_bf16_dropless_close_to_float32():

@@ -3,7 +3,8 @@
 `experts` is a LocalExperts (or its expert-parallel wrapper) with
 grouped(rows, sorted_expert) and buffered(x_e); dispatch never needs to know
 where the experts live. Rows move by gathers in both directions
-(permute.py): no scatter of rows, no one-hot dispatch maps. Everything runs
+(permute.py), except for expert choice's sums over a token's copies; no
+scatter of rows into place, no one-hot dispatch maps. Everything runs
 under the name scope "moe_dispatch", by which a profile attributes its kernels.
 """
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxkit.layers.moe.permute import bincount, combine_rows, sort_ids, take_rows
+from jaxkit.layers.moe.permute import (add_rows, bincount, combine_rows, gather_rows, sort_ids,
+                                       take_rows)
 from jaxkit.layers.moe.routers import ExpertChoice, TokenChoice
 
 
@@ -25,16 +27,6 @@ def dropless(x, route: TokenChoice, experts):
     slot = s.inverse.reshape(T, k)  # sorted row of every (token, choice)
     y = experts.grouped(take_rows(x, s.order // k, slot), s.ids)
     return combine_rows(y, slot, route.weight, s.order)
-
-
-def _buffered(x, token, slot, weight, source, experts):
-    """Runs the experts on the [E, C] slot buffer: token [E, C] fills each
-    slot (T: empty), slot/weight [T, n] and source [E * C] as combine_rows takes
-    them. -> [T, D] float32."""
-    E, C = token.shape
-    x_e = take_rows(x, token.reshape(-1), slot).reshape(E, C, x.shape[1])
-    y = experts.buffered(x_e).reshape(E * C, -1)
-    return combine_rows(y, slot, weight, source)
 
 
 @jax.named_scope("moe_dispatch")
@@ -56,21 +48,17 @@ def capacity(x, route: TokenChoice, num_experts: int, slots: int, experts):
     choice, token = jnp.divmod(jnp.take(s.order, starts[:, None] + place, mode="clip"), T)
     token = jnp.where(filled, token, T)
     source = jnp.where(filled, token * k + choice, T * k)
-    return _buffered(x, token, slot, route.weight, source.reshape(-1), experts), jnp.sum(kept)
+    x_e = take_rows(x, token.reshape(-1), slot).reshape(E, C, x.shape[1])
+    y = experts.buffered(x_e).reshape(E * C, -1)
+    return combine_rows(y, slot, route.weight, source.reshape(-1)), jnp.sum(kept)
 
 
 @jax.named_scope("moe_dispatch")
 def chosen_by_experts(x, route: ExpertChoice, experts):
-    """Expert-choice routing: a token has one possible slot per expert (empty
-    unless that expert chose it). Returns (y [T, D] float32, number of tokens
-    that no expert chose)."""
+    """Expert-choice routing. Returns (y [T, D] float32, number of tokens that
+    no expert chose)."""
     T = x.shape[0]
-    E, c = route.token.shape
-    expert = jnp.arange(E, dtype=jnp.int32)[:, None]
-    rows = jnp.arange(E * c, dtype=jnp.int32).reshape(E, c)
-    slot = jnp.full((T, E), E * c, jnp.int32).at[route.token, expert].set(rows,
-                                                                          unique_indices=True)
-    weight = jnp.take(route.weight.reshape(-1), slot, mode="fill", fill_value=0)
-    source = (route.token * E + expert).reshape(-1)
-    unchosen = jnp.sum(jnp.all(slot == E * c, axis=1))
-    return _buffered(x, route.token, slot, weight, source, experts), unchosen
+    y = experts.buffered(gather_rows(x, route.token))  # [E, c, D]
+    out = add_rows(route.weight[..., None] * y.astype(jnp.float32), route.token, T)
+    chosen = jnp.zeros((T,), jnp.bool_).at[route.token].set(True)
+    return out, T - jnp.sum(chosen)

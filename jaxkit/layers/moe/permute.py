@@ -1,12 +1,17 @@
-"""Moving rows between token order and expert order with gathers only.
+"""Moving rows between token order and expert order.
 
 A gather's automatic gradient is a scatter-add, and un-sorting rows with
 `.at[order].set(rows)` is a scatter whose gradient JAX builds from further
-scatters over id arrays of the rows' full shape. Both directions of every
-move here are gathers instead: each move knows its inverse index map.
+scatters over id arrays of the rows' full shape. take_rows and combine_rows
+are gathers in both directions instead: each move knows its inverse index
+map, which exists when every row is copied to a bounded number of places (k
+choices of a token). An index past the end of the array it reads ("empty")
+selects a zero row: empty buffer slots, dropped assignments.
 
-An index past the end of the array it reads ("empty") selects a zero row:
-empty buffer slots, dropped assignments.
+Where a row may be copied any number of times (expert choice: a token chosen
+by 0..E experts) the sum over its copies is a float32 scatter-add
+(gather_rows' gradient, add_rows); an inverse map over all (token, expert)
+pairs would touch E / (k * capacity factor) times as many rows.
 """
 from __future__ import annotations
 
@@ -95,3 +100,30 @@ def _combine_bwd(res, g):
 
 
 combine_rows.defvjp(_combine_fwd, _combine_bwd)
+
+
+def add_rows(values, index, num_rows: int):
+    """float32 [num_rows, D]: the rows of values [*index.shape, D] summed into
+    the rows index names (a scatter-add; its gradient is a gather)."""
+    out = jnp.zeros((num_rows, *values.shape[index.ndim:]), jnp.float32)
+    return out.at[index].add(values.astype(jnp.float32))
+
+
+@jax.custom_vjp
+def gather_rows(x, index):
+    """x[index] -> [*index.shape, D] for in-range index whose rows repeat any
+    number of times; the gradient sums the copies in float32 (add_rows)
+    whatever x's dtype."""
+    return jnp.take(x, index, axis=0)
+
+
+def _gather_rows_fwd(x, index):
+    return gather_rows(x, index), (index, x.shape[0])
+
+
+def _gather_rows_bwd(res, g):
+    index, num_rows = res
+    return add_rows(g, index, num_rows).astype(g.dtype), None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)

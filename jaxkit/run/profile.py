@@ -43,17 +43,22 @@ def classify(event: dict) -> str:
     return next(cat for cat, rx in CATEGORIES if re.search(rx, text, re.I))
 
 
-def breakdown(trace: dict, steps: int, wall_s: float) -> dict:
+def breakdown(trace: dict, steps: int) -> dict:
     """{"per_step_ms": {category: ms}, "top_kernels": [(name, ms)], ...} from a
-    trace of `steps` steps that took wall_s seconds."""
+    trace of `steps` steps. A step's time is the device timeline's span (first
+    kernel start to last kernel end) over the steps, so starting and stopping
+    the profiler does not count."""
+    events = _device_events(trace)
     per_cat, per_kernel, busy = {}, {}, 0.0
-    for e in _device_events(trace):
+    span_us = (max(e["ts"] + e.get("dur", 0) for e in events) - min(e["ts"] for e in events)
+               if events else 0.0)
+    for e in events:
         ms = e.get("dur", 0) / 1e3 / steps
         cat = classify(e)
         per_cat[cat] = per_cat.get(cat, 0.0) + ms
         per_kernel[e["name"]] = per_kernel.get(e["name"], 0.0) + ms
         busy += ms
-    step_ms = 1e3 * wall_s / steps
+    step_ms = span_us / 1e3 / steps
     per_cat["host/idle"] = max(step_ms - busy, 0.0)
     order = sorted(per_cat.items(), key=lambda kv: -kv[1])
     return {"step_ms": step_ms, "device_busy_ms": busy,

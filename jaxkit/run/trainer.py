@@ -161,13 +161,11 @@ class Trainer:
         breakdown to run_dir/profile.json."""
         trace_dir = self.run_dir / "profile"
         jax.block_until_ready(self.state)
-        t = time.perf_counter()
         with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True), self.on_mesh():
             for i in range(steps):
                 self.state, metrics = step_fn(self.state, self.batches.train(step + i))
             jax.block_until_ready(metrics)
-        result = profiling.breakdown(profiling.read_trace(trace_dir), steps,
-                                     time.perf_counter() - t)
+        result = profiling.breakdown(profiling.read_trace(trace_dir), steps)
         (self.run_dir / "profile.json").write_text(json.dumps(result, indent=1))
         return result
 

@@ -53,7 +53,12 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state, batch):
+    def gradients(state, batch):
+        """(mean grads, model_state, loss, metrics, moe) over the micro-batches."""
+        if grad_accum == 1:  # no float32 accumulators: one pass fewer over every parameter
+            (loss, (metrics, moe, model_state)), grads = grad_fn(
+                state["params"], state["model_state"], constrain_batch(batch))
+            return grads, model_state, loss, metrics, moe
         micro = jax.tree.map(
             lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
 
@@ -68,13 +73,16 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
         (grads, model_state), (losses, metrics, moe) = jax.lax.scan(
             accumulate, (zeros, state["model_state"]), micro)
         grads = jax.tree.map(lambda g, p: (g / grad_accum).astype(p.dtype), grads, state["params"])
+        mean = lambda tree: jax.tree.map(lambda m: m.mean(0), tree)
+        return grads, model_state, losses.mean(), mean(metrics), mean(moe)
+
+    def step(state, batch):
+        grads, model_state, loss, metrics, moe = gradients(state, batch)
         with jax.named_scope("optimizer"):  # so a profile can attribute the update's kernels
             updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
-        metrics = jax.tree.map(lambda m: m.mean(0), metrics)
-        metrics.update(loss=losses.mean(), grad_norm=optax.tree.norm(grads),
-                       learning_rate=schedule(state["step"]),
-                       moe=jax.tree.map(lambda m: m.mean(0), moe))
+        metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
+                       learning_rate=schedule(state["step"]), moe=moe)
         new_state = dict(params=params, opt_state=opt_state, model_state=model_state,
                          step=state["step"] + 1)
         return new_state, metrics

@@ -156,7 +156,7 @@ class Trainer:
                         temporaries_gib=gib(memory.temp_size_in_bytes))
         return compiled, info
 
-    def _profile(self, step_fn, step: int, steps: int = 3) -> dict:
+    def profile_steps(self, step_fn, step: int, steps: int = 3) -> dict:
         """Traces `steps` steps from `step` into run_dir/profile and writes the
         breakdown to run_dir/profile.json."""
         trace_dir = self.run_dir / "profile"
@@ -189,7 +189,7 @@ class Trainer:
             try:
                 while step < cfg.steps and not stopping:
                     if step == profile_at and step + 3 <= cfg.steps:
-                        last["profile"] = self._profile(step_fn, step)
+                        last["profile"] = self.profile_steps(step_fn, step)
                         bar.write(profiling.format_table(last["profile"]))
                         step += 3
                         t0, t0_step = time.perf_counter(), step

@@ -39,3 +39,16 @@ def test_no_mfu_without_a_known_peak():
     from jaxkit.train import flops
     assert flops.peak_tflops("cpu") is None
     assert flops.peak_tflops("NVIDIA H200") == 989.0
+
+
+def test_speed_measures_a_config_end_to_end():
+    from jaxkit.config import load_config
+    from jaxkit.run.speed import measure
+    cfg = load_config(None, ["data.kind=mqar", "data.seq_len=32", "data.batch_size=4",
+                             "model.max_seq_len=32", "model.d_model=32", "model.num_layers=1",
+                             "model.num_heads=2", "model.mlp_hidden=64", "train.eval_every=0",
+                             "checkpoint.enabled=false", "train.progress=false"])
+    result = measure(cfg, warmup=1, rounds=1)
+    assert result["compile_seconds"] > 0 and result["step_ms"] > 0 and result["mfu"] is None
+    assert result["tokens_per_second"] == 4 * 32 / (result["step_ms"] / 1e3)
+    assert "per_step_ms" in result["breakdown"]

@@ -34,14 +34,20 @@ STEPS, STOP_AT = 6, 3
 MESHES = {"data8": ["mesh.data=8"],
           "fsdp8": ["mesh.data=1", "mesh.fsdp=8"],
           "data2_fsdp2_tensor2": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]}
+TESTS = Path(__file__).parent
 # Faster XLA CPU compiles (the tests compare runs made with the same flags).
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def worker_env(devices: int, cache_dir) -> dict:
     """Environment for a jax subprocess with `devices` CPU devices, sharing a
-    persistent compilation cache so identical programs compile once."""
-    return dict(os.environ, JAX_PLATFORMS="cpu",
+    persistent compilation cache so identical programs compile once. Its
+    PYTHONPATH holds the tests folder, whose modules test scripts in
+    subfolders import, and before it the repository root, so that jaxkit and
+    pallas_kernels name the packages and not the test folders of those names."""
+    path = os.pathsep.join(filter(None, [str(TESTS.parent), str(TESTS),
+                                         os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path,
                 XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
                 JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

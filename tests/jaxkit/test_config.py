@@ -9,7 +9,7 @@ import yaml
 
 from jaxkit.config import Config, ConfigError, load_config, save_config
 
-CONFIGS = sorted(Path(__file__).parent.parent.glob("configs/*.yaml"))
+CONFIGS = sorted(Path(__file__).parents[2].glob("configs/*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -87,7 +87,7 @@ def test_unknown_yaml_key_and_missing_file(tmp_path):
 def test_cli_print_config_and_error():
     cmd = [sys.executable, "-m", "jaxkit.cli", "train", "configs/quickstart.yaml",
            "--set", "model.num_layers=7", "--print-config"]
-    root = Path(__file__).parent.parent
+    root = Path(__file__).parents[2]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, check=True).stdout
     assert yaml.safe_load(out)["model"]["num_layers"] == 7
     bad = subprocess.run(cmd[:-1] + ["--set", "model.d_modle=1"], capture_output=True,
@@ -126,7 +126,7 @@ except SystemExit as e:
 heavy("a config error")
 print("ok")
 """
-    root = Path(__file__).parent.parent
+    root = Path(__file__).parents[2]
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root)
     assert out.returncode == 0 and out.stdout.splitlines()[-1] == "ok", out.stderr[-3000:]
 
@@ -140,7 +140,7 @@ print("ok")
 def test_cross_package_config_errors_come_first(command, overrides, message, tmp_path):
     """Errors of the checks that need the sharding and quant packages: one
     line, before anything is written or compiled (jax logs every compilation)."""
-    root = Path(__file__).parent.parent
+    root = Path(__file__).parents[2]
     cmd = [sys.executable, "-m", "jaxkit.cli", command, "configs/quickstart.yaml",
            "--run-dir", str(tmp_path / "run"), "--set", f"data.path={tmp_path / 'none'}"]
     cmd += [a for o in overrides for a in ("--set", o)]
@@ -155,5 +155,5 @@ def test_cross_package_config_errors_come_first(command, overrides, message, tmp
 
 def test_readme_config_reference_is_current():
     from jaxkit.config import reference_markdown
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     assert reference_markdown() in readme, "regenerate the README's config reference"

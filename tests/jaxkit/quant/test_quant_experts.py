@@ -1,7 +1,7 @@
 """Quantisation of MoE experts (quant target 'experts'): the layer against a
 direct computation of the quantised SwiGLU, QAT training, conversion to
 low-bit storage against the simulated path, and the errors. (Expert
-parallelism with quantised experts is one of tests/test_moe.py's EP cases.)"""
+parallelism with quantised experts is one of tests/jaxkit/layers/moe/test_moe.py's EP cases.)"""
 import dataclasses
 import os
 import subprocess
@@ -201,7 +201,7 @@ def test_int_experts_expert_parallel_equal_single_device():
     expert 2, explicit and auto axes) give the single-device output within
     1e-5."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu", PYTHONPATH=str(Path(__file__).parents[1]))
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(Path(__file__).parents[3]))
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
                           timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[3]
 TINY = ["--set", "model.d_model=32", "--set", "model.num_layers=1", "--set", "model.num_heads=2",
         "--set", "model.mlp_hidden=64", "--set", "model.max_seq_len=32", "--set", "data.seq_len=32",
         "--set", "data.batch_size=4", "--set", "train.eval_every=4", "--set", "train.eval_batches=2",

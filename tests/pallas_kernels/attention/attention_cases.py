@@ -1,8 +1,8 @@
 """The one case table of attention that every implementation runs, and the
 check they share.
 
-tests/test_attention.py runs the table through the reference
-(implementation='xla') and the portable kernel, tests/test_attention_mosaic.py
+test_attention.py runs the table through the reference
+(implementation='xla') and the portable kernel, test_attention_mosaic.py
 through the Mosaic GPU kernels, each on the cases its problem function
 accepts (``problem``): the Mosaic kernels, for one, take 16-bit inputs and
 head dims 64, 128 and 256 only. A run checks the output and dq, dk, dv

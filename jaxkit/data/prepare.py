@@ -14,6 +14,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from jaxkit.data.errors import DataError
 from jaxkit.data.token_file import TokenFile, unigram_entropy, write_token_file
 from jaxkit.data.tokenizer import (TOKENIZER_FILE, ByteTokenizer, HFTokenizer,
                                    check_bpe_vocab_size, train_bpe)
@@ -39,7 +40,7 @@ def collect_files(inputs: Sequence[str | Path], pattern: str = "**/*",
     """Files named directly, plus files under each directory matching `pattern`
     (outside `exclude`d directory names); sorted by path, so deterministic."""
     if not inputs:
-        raise ValueError("no inputs given: name at least one file or directory")
+        raise DataError("no inputs given: name at least one file or directory")
     found = set()
     for item in map(Path, inputs):
         if item.is_file():
@@ -70,12 +71,12 @@ def _given_tokenizer(tokenizer: str, vocab_size: int | None) -> HFTokenizer | No
     tokenizer a tokenizer.json path names, else None."""
     if tokenizer == "bpe":
         if vocab_size is None:
-            raise ValueError("tokenizer 'bpe' needs a vocabulary size (--vocab-size)")
+            raise DataError("tokenizer 'bpe' needs a vocabulary size (--vocab-size)")
         check_bpe_vocab_size(vocab_size)
         return None
     if vocab_size is not None:
-        raise ValueError(f"vocab_size={vocab_size} applies only to tokenizer 'bpe'; tokenizer "
-                         f"{tokenizer!r} has its own vocabulary")
+        raise DataError(f"vocab_size={vocab_size} applies only to tokenizer 'bpe'; tokenizer "
+                        f"{tokenizer!r} has its own vocabulary")
     if tokenizer == "byte":
         return None
     if not Path(tokenizer).is_file():
@@ -128,11 +129,11 @@ def prepare(inputs: Sequence[str | Path], out_dir: str | Path, *, pattern: str =
     are saved as `out_dir/tokenizer.json`, which the headers name.
     """
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
+        raise DataError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
     if max_bytes is not None and max_bytes <= 0:
-        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        raise DataError(f"max_bytes must be positive, got {max_bytes}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise DataError(f"seed must be a non-negative integer, got {seed!r}")
     given = _given_tokenizer(tokenizer, vocab_size)
     files = collect_files(inputs, pattern, exclude)
     texts, names, skipped, total_bytes = [], [], 0, 0
@@ -148,9 +149,9 @@ def prepare(inputs: Sequence[str | Path], out_dir: str | Path, *, pattern: str =
         names.append(path)
         total_bytes += size
     if len(texts) < 2:
-        raise ValueError(f"need at least 2 text documents for a train/val split, found {len(texts)} "
-                         f"among {len(files)} files matching {pattern!r} in {list(map(str, inputs))}"
-                         + (f" within max_bytes={max_bytes}" if max_bytes is not None else ""))
+        raise DataError(f"need at least 2 text documents for a train/val split, found {len(texts)} "
+                        f"among {len(files)} files matching {pattern!r} in {list(map(str, inputs))}"
+                        + (f" within max_bytes={max_bytes}" if max_bytes is not None else ""))
     num_val = min(len(texts) - 1, max(1, round(val_fraction * len(texts))))
     is_val = np.zeros(len(texts), bool)
     is_val[np.random.default_rng(seed).permutation(len(texts))[:num_val]] = True

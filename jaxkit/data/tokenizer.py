@@ -13,6 +13,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from jaxkit.data.errors import DataError
+
 NUM_BYTES = 256
 TOKENIZER_FILE = "tokenizer.json"
 # The specials train_bpe adds, at ids 0, 1, 2.
@@ -100,8 +102,8 @@ def _read_hf(path: Path):
     try:
         hf = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # the library raises bare Exceptions on malformed files
-        raise ValueError(f"{str(path)!r} is not a tokenizers tokenizer.json: "
-                         f"{str(e).splitlines()[0]}") from None
+        raise DataError(f"{str(path)!r} is not a tokenizers tokenizer.json: "
+                        f"{str(e).splitlines()[0]}") from None
     hf.encode_special_tokens = True
     return hf
 
@@ -113,8 +115,8 @@ def _describe(hf, path: Path) -> dict:
     ids = {role: next((specials[s] for s in names if s in specials), None)
            for role, names in _KNOWN_SPECIALS.items()}
     if ids["eos"] is None:
-        raise ValueError(f"tokenizer {str(path)!r} has no end-of-text special token (one of "
-                         f"{list(_KNOWN_SPECIALS['eos'])}); its specials are {sorted(specials)}")
+        raise DataError(f"tokenizer {str(path)!r} has no end-of-text special token (one of "
+                        f"{list(_KNOWN_SPECIALS['eos'])}); its specials are {sorted(specials)}")
     return {"kind": type(hf.model).__name__.lower(), "vocab_size": hf.get_vocab_size(with_added_tokens=True),
             "special_ids": ids}
 
@@ -145,8 +147,8 @@ class HFTokenizer:
             expected = {"kind": self.name, "vocab_size": self.vocab_size,
                         "special_ids": self.special_ids}
             if found != expected:
-                raise ValueError(f"tokenizer {str(self.path)!r} is {found}, but the token files "
-                                 f"beside it were made with {expected}")
+                raise DataError(f"tokenizer {str(self.path)!r} is {found}, but the token files "
+                                f"beside it were made with {expected}")
             self._hf = hf
         return self._hf
 
@@ -174,8 +176,8 @@ def check_bpe_vocab_size(vocab_size) -> None:
     minimum = len(BPE_SPECIALS) + NUM_BYTES
     if not isinstance(vocab_size, (int, np.integer)) or isinstance(vocab_size, bool) \
             or vocab_size < minimum:
-        raise ValueError(f"BPE vocab_size must be an integer >= {minimum} (the specials and 256 "
-                         f"bytes), got {vocab_size!r}")
+        raise DataError(f"BPE vocab_size must be an integer >= {minimum} (the specials and 256 "
+                        f"bytes), got {vocab_size!r}")
     _tokenizers_module()
 
 
@@ -197,9 +199,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path, *, progress: bool = T
     hf.train_from_iterator(texts, trainer, length=len(texts))
     learned = hf.get_vocab_size(with_added_tokens=True)
     if learned != vocab_size:
-        raise ValueError(f"the training text ({sum(map(len, texts))} characters) yields only "
-                         f"{learned} BPE tokens, fewer than vocab_size={vocab_size}; lower the "
-                         f"vocabulary size or add text")
+        raise DataError(f"the training text ({sum(map(len, texts))} characters) yields only "
+                        f"{learned} BPE tokens, fewer than vocab_size={vocab_size}; lower the "
+                        f"vocabulary size or add text")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     hf.save(str(path))
@@ -215,19 +217,19 @@ def load_tokenizer(data_dir) -> ByteTokenizer | HFTokenizer:
     keys = ("tokenizer", "vocab_size", "special_ids", "tokenizer_file")
     described = [{k: h.get(k) for k in keys} for h in headers]
     if described[0] != described[1]:
-        raise ValueError(f"token files in {str(data_dir)!r} disagree on their tokenizer: "
-                         f"train {described[0]}, val {described[1]}")
+        raise DataError(f"token files in {str(data_dir)!r} disagree on their tokenizer: "
+                        f"train {described[0]}, val {described[1]}")
     header = described[0]
     if header["tokenizer_file"] is None:
         tok = ByteTokenizer()
         if header["tokenizer"] != tok.name or header["vocab_size"] != tok.vocab_size:
-            raise ValueError(f"token files in {str(data_dir)!r} name tokenizer "
-                             f"{header['tokenizer']!r} with vocab_size {header['vocab_size']} "
-                             f"but no tokenizer file")
+            raise DataError(f"token files in {str(data_dir)!r} name tokenizer "
+                            f"{header['tokenizer']!r} with vocab_size {header['vocab_size']} "
+                            f"but no tokenizer file")
         # Headers written before special ids were recorded hold byte data.
         if header["special_ids"] not in (None, tok.special_ids):
-            raise ValueError(f"token files in {str(data_dir)!r} record special ids "
-                             f"{header['special_ids']}, not the byte tokenizer's {tok.special_ids}")
+            raise DataError(f"token files in {str(data_dir)!r} record special ids "
+                            f"{header['special_ids']}, not the byte tokenizer's {tok.special_ids}")
         return tok
     return HFTokenizer(data_dir / header["tokenizer_file"], header["tokenizer"],
                        header["vocab_size"], header["special_ids"])

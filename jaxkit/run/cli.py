@@ -104,6 +104,9 @@ def build_parser(data_tools: bool = True) -> argparse.ArgumentParser:
     """data_tools=False leaves out the flags of `jaxkit data` (defining them
     imports jaxkit.data, and with it jax)."""
     parser = argparse.ArgumentParser(prog="jaxkit", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an anticipated error (config, data, "
+                        "arguments, missing files) instead of its one-line message")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from a YAML config")
@@ -148,12 +151,31 @@ def build_parser(data_tools: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def _is_data_error(error: BaseException) -> bool:
+    """Whether error is jaxkit.data's DataError. jaxkit.data imports jax, so
+    its error class is looked up only once loaded, the only time it can have
+    been raised."""
+    errors = sys.modules.get("jaxkit.data.errors")
+    return errors is not None and isinstance(error, errors.DataError)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Runs a command; an anticipated error exits non-zero with one line on
+    stderr (its traceback with --debug)."""
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(data_tools=argv[:1] == ["data"]).parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(data_tools=command == "data").parse_args(argv)
+    if args.debug:
+        args.func(args)
+        return
     try:
         args.func(args)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
-    except FileNotFoundError as e:  # no such run, checkpoint or input files
+    # no such run, checkpoint or input files; an output that exists
+    except (FileNotFoundError, FileExistsError) as e:
         raise SystemExit(str(e)) from None
+    except ValueError as e:  # other ValueErrors are bugs: their traceback stays
+        if not _is_data_error(e):
+            raise
+        raise SystemExit(f"data error: {e}") from None

@@ -34,7 +34,10 @@ def _bytes(state) -> int:
 
 def quantize_run(cfg: Config, run_dir: str | Path, *, out: str | Path | None = None) -> dict:
     """PTQ of the latest checkpoint of the run in run_dir with cfg.model.quant
-    (mode 'ptq' or 'int'), evaluated and calibrated on cfg's data."""
+    (mode 'ptq' or 'int'), evaluated and calibrated on cfg's data. An existing
+    out is refused before any work (the export would fail only at the end)."""
+    if out is not None and Path(out).exists():
+        raise FileExistsError(f"output directory {str(out)!r} already exists; name a new one")
     check_config(cfg)
     q = cfg.model.quant
     if q.mode not in ("ptq", "int"):

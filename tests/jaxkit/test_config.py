@@ -1,13 +1,17 @@
 """Config loading: YAML, overrides with type conversion, and every error path."""
+import dataclasses
+import math
 import os
 import subprocess
 import sys
+import types
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from jaxkit.config import Config, ConfigError, load_config, save_config
+from jaxkit.config import Config, ConfigError, check_ranges, load_config, save_config
 
 CONFIGS = sorted(Path(__file__).parents[2].glob("configs/*.yaml"))
 
@@ -43,7 +47,7 @@ def test_yaml_roundtrip(tmp_path):
     ("model.moe.router=topk", "model.moe.router: 'topk' is not one of"),
     ("model.num_heads=3", "model.num_heads (3) must divide model.d_model (256)"),
     ("model.num_kv_heads=3", "model.num_kv_heads (3) must divide model.num_heads (4)"),
-    ("model.d_model=0", "model.d_model must be > 0, got 0"),
+    ("model.d_model=0", "model.d_model must be >= 1, got 0"),
     ("data.seq_len=4096", "data.seq_len (4096) exceeds model.max_seq_len (256)"),
     ("train.grad_accum=3", "train.grad_accum (3) must divide data.batch_size (16)"),
     ("optimizer.learning_rate=-1", "optimizer.learning_rate must be > 0"),
@@ -55,6 +59,75 @@ def test_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=None) as err:
         load_config(None, [override])
     assert message in str(err.value)
+
+
+def numeric_fields(cls=Config, prefix=""):
+    """(key, section class, field name, int or float, declared range or None)
+    of every numeric field of every config section, read from the schema."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from numeric_fields(tp, f"{prefix}{f.name}.")
+            continue
+        options = (typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType)
+                   else (tp,))
+        kinds = [t for t in options if t in (int, float)]
+        if kinds:
+            yield f"{prefix}{f.name}", cls, f.name, kinds[0], f.metadata.get("range")
+
+
+NUMERIC = list(numeric_fields())
+
+
+def _step(kind, value, direction):
+    """The neighbouring representable value of the key's type."""
+    return int(value) + direction if kind is int else math.nextafter(value, direction * math.inf)
+
+
+def just_outside(kind, valid):
+    bounds = [(valid.low, valid.low_open, -1), (valid.high, valid.high_open, 1)]
+    values = [kind(bound) if is_open else _step(kind, bound, direction)
+              for bound, is_open, direction in bounds if math.isfinite(bound)]
+    return [v for v in values if v not in valid.special]
+
+
+def just_inside(kind, valid):
+    bounds = [(valid.low, valid.low_open, 1), (valid.high, valid.high_open, -1)]
+    return [_step(kind, bound, direction) if is_open else kind(bound)
+            for bound, is_open, direction in bounds if math.isfinite(bound)] + list(valid.special)
+
+
+def test_every_numeric_key_declares_its_range():
+    assert len(NUMERIC) > 50
+    assert [key for key, *_, valid in NUMERIC if valid is None] == []
+    assert all(just_outside(kind, valid) for _, _, _, kind, valid in NUMERIC)
+
+
+@pytest.mark.parametrize("key, cls, name, kind, valid", NUMERIC, ids=[n[0] for n in NUMERIC])
+def test_every_range_is_enforced(key, cls, name, kind, valid):
+    """Values just outside the range are refused by name, in one line, before
+    anything else; values at its edges pass; NaN and infinity never do."""
+    refused = just_outside(kind, valid) + ([math.nan, math.inf, -math.inf] if kind is float else [])
+    for value in refused:
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [f"{key}={value!r}"])
+        message = str(err.value)
+        assert message.startswith(f"{key} must be ") and "\n" not in message, (value, message)
+    for value in just_inside(kind, valid):
+        check_ranges(dataclasses.replace(cls(), **{name: value}))
+
+
+def test_yaml_syntax_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  d_model: 64\n  num_layers: [2\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: invalid YAML at line 4, column 1: ") as err:
+        load_config(bad)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="^--set model.num_layers: invalid YAML at line 1"):
+        load_config(None, ["model.num_layers={2"])
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_config(tmp_path)
 
 
 @pytest.mark.parametrize("overrides, message", [

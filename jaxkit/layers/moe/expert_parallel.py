@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxkit.layers.moe.experts import ExpertWeights, LocalExperts
+from jaxkit.layers.moe.permute import bincount, sort_ids, take_rows
 from jaxkit.sharding import mesh_axes
 
 
@@ -37,29 +38,34 @@ class ShardedExperts:
     size: int
 
     def grouped(self, rows, sorted_expert):
-        """rows [A, D] sorted by global expert id -> [A, D] float32.
+        """rows [A, D] sorted by global expert id -> [A, D] in rows.dtype.
 
         Every device sends each shard a fixed buffer of A rows (the most it can
         need), so the exchange is a plain all-to-all and nothing is dropped.
+        Rows move by gathers both ways (permute.take_rows).
         """
         A, D = rows.shape
-        per_shard = self.local.num_experts
+        n, per_shard = self.size, self.local.num_experts
         shard = sorted_expert // per_shard
-        sizes = jnp.zeros((self.size,), jnp.int32).at[shard].add(1)
-        slot = jnp.arange(A) - (jnp.cumsum(sizes) - sizes)[shard]  # rows of a shard are contiguous
-        send = jnp.zeros((self.size, A, D), rows.dtype).at[shard, slot].set(rows)
-        # local expert id of every received row; per_shard marks padding
-        send_id = jnp.full((self.size, A), per_shard, jnp.int32).at[shard, slot].set(
-            sorted_expert % per_shard)
+        sizes = bincount(shard, n)
+        starts = jnp.cumsum(sizes) - sizes  # rows of a shard are contiguous
+        place = jnp.arange(A, dtype=jnp.int32)
+        # buffer row s * A + i holds row starts[s] + i (A: empty); row a goes to dest[a]
+        source = jnp.where(place < sizes[:, None], starts[:, None] + place, A).reshape(-1)
+        dest = shard * A + place - starts[shard]
+        send = take_rows(rows, source, dest[:, None]).reshape(n, A, D)
+        # local expert id of every buffer row; per_shard marks padding
+        send_id = jnp.where(source < A, jnp.take(sorted_expert % per_shard, source, mode="clip"),
+                            per_shard).reshape(n, A)
         exchange = lambda v: jax.lax.all_to_all(v, self.axis, 0, 0, tiled=True)
         recv, recv_id = exchange(send).reshape(-1, D), exchange(send_id).reshape(-1)
-        order = jnp.argsort(recv_id, stable=True)  # padding sorts last
-        out = self.local.grouped(recv[order], recv_id[order])
-        out = jnp.zeros_like(out).at[order].set(out).reshape(self.size, A, D)
-        return exchange(out)[shard, slot]
+        s = sort_ids(recv_id)  # padding sorts last
+        out = self.local.grouped(take_rows(recv, s.order, s.inverse[:, None]), s.ids)
+        out = take_rows(out, s.inverse, s.order[:, None]).reshape(n, A, D)
+        return take_rows(exchange(out).reshape(-1, D), dest, source[:, None])
 
     def buffered(self, x_e):
-        """x_e [E, C, D] -> [E, C, D] float32; expert shard j gets every
+        """x_e [E, C, D] -> [E, C, D] in x_e.dtype; expert shard j gets every
         device's slots of its experts."""
         local = jax.lax.all_to_all(x_e, self.axis, 0, 1, tiled=True)  # [E / n, n * C, D]
         return jax.lax.all_to_all(self.local.buffered(local), self.axis, 1, 0, tiled=True)

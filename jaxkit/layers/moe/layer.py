@@ -11,6 +11,7 @@ from jaxkit.layers.moe import dispatch, routers
 from jaxkit.layers.moe.expert_parallel import sharded_moe
 from jaxkit.layers.moe.experts import ExpertWeights, LocalExperts
 from jaxkit.layers.moe.metrics import balance_bias_update, routing_stats, summarize
+from jaxkit.layers.moe.permute import bincount
 from jaxkit.quant.experts import ExpertQuantizer
 from jaxkit.sharding import active
 
@@ -38,7 +39,7 @@ def moe_tokens(x, router_kernel, bias, experts, cfg: MoEConfig):
         route = routers.grouped_topk(logits, k, cfg.num_groups, renormalize=cfg.renormalize)
     else:
         raise ValueError(f"unknown MoE router {cfg.router!r}")
-    counts = jnp.zeros((E,), jnp.int32).at[route.expert.reshape(-1)].add(1)
+    counts = bincount(route.expert, E)
     if cfg.dispatch == "dropless":
         y, kept = dispatch.dropless(x, route, experts), T * k
     elif cfg.dispatch == "capacity":

@@ -1,42 +1,100 @@
 """A thin layer over orbax's CheckpointManager: async saves every N steps,
-keep-last-N plus keep-every-M, restore of the latest complete checkpoint.
+keep-last-N plus keep-every-M, restore of the newest verified checkpoint.
 
 Orbax writes each checkpoint to a temporary directory and renames it only
 once complete, so a crash mid-save leaves the previous checkpoint intact;
 the leftover temporary directory is removed when the next run opens the
-manager. Arrays are stored with their global shapes, so a checkpoint
-restores onto any mesh: the target shardings decide the layout.
+manager for writing. Once a save has finished (the next save or close waits
+for it), checksums.json is written into its step directory, and a restore
+verifies it first (verify.py): a step without it, or with a file that
+differs, is skipped with a warning in favour of the next older one. Arrays
+are stored with their global shapes, so a checkpoint restores onto any mesh:
+the target shardings decide the layout.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
 
+from jaxkit.checkpoint.verify import DamagedCheckpointError, verify_checksums, write_checksums
 from jaxkit.config import CheckpointConfig
+
+log = logging.getLogger(__name__)
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, cfg: CheckpointConfig):
+    """read_only: for commands that only read a run (no directory created, no
+    temporary directory of a save in progress removed, nothing written)."""
+
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig, *, read_only: bool = False):
         self.cfg = cfg
+        self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep_last, keep_period=cfg.keep_every,
-            enable_async_checkpointing=cfg.async_save, create=True,
-            cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+            enable_async_checkpointing=cfg.async_save, create=not read_only,
+            cleanup_tmp_directories=not read_only)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._saved: set[int] = set()  # steps this instance saved
+        self._unsummed: list[int] = []  # saved steps still without checksums
 
     def due(self, step: int) -> bool:
         return self.cfg.every > 0 and step % self.cfg.every == 0
 
     def save(self, step: int, state) -> None:
-        """Starts saving `state` at `step` (returns before the write ends when async);
-        a step already saved is left as it is."""
-        if step in self.manager.all_steps():
+        """Starts saving `state` at `step` (returns before the write ends when
+        async). A step this instance saved already is left as it is; one left
+        by an earlier run (possibly damaged) is replaced."""
+        if step in self._saved:
             return
+        self._finish_pending()
+        if step in self.manager.all_steps():
+            self.manager.delete(step)
         self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        self._saved.add(step)
+        self._unsummed.append(step)
+
+    def _finish_pending(self) -> None:
+        """Waits for the save in flight, then writes the checksums of the steps
+        saved since the last call (the process that writes the run's files)."""
+        self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            for step in self._unsummed:
+                step_dir = self.directory / str(step)
+                if step_dir.is_dir():  # not yet removed by the retention policy
+                    write_checksums(step_dir)
+        self._unsummed.clear()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def verify(self, step: int) -> None:
+        """Raises DamagedCheckpointError naming the damaged file of `step`."""
+        if step not in self.manager.all_steps():
+            raise DamagedCheckpointError(f"no checkpoint {step} under {self.directory}")
+        verify_checksums(self.directory / str(step))
+
+    def latest_verified_step(self) -> int | None:
+        """The newest step whose checksums verify (None when there are no
+        steps); each newer step skipped is named in a warning with its damage.
+        DamagedCheckpointError when steps exist but none verifies."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        damage = []
+        for step in steps:
+            try:
+                self.verify(step)
+            except DamagedCheckpointError as e:
+                damage.append(f"step {step}: {e}")
+                continue
+            for skipped in damage:
+                log.warning("skipping damaged checkpoint %s; using step %d", skipped, step)
+            return step
+        if damage:
+            raise DamagedCheckpointError(f"no intact checkpoint under {self.directory} ("
+                                         + "; ".join(damage) + ")")
+        return None
 
     def restore(self, step: int, abstract_state):
         """Restores onto the shardings of `abstract_state` (jax.ShapeDtypeStruct leaves
@@ -52,5 +110,5 @@ class Checkpointer:
             partial_restore=True))
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self._finish_pending()
         self.manager.close()

@@ -67,8 +67,8 @@ def cmd_train(args) -> None:
     cfg = _load(args)
     _join(args)
     from jaxkit.run.trainer import train
-    result = train(cfg, config_path=args.config, resume=args.resume, run_dir=args.run_dir,
-                   profile=args.profile)
+    result = train(cfg, config_path=args.config, resume=args.resume, restart=args.restart,
+                   run_dir=args.run_dir, profile=args.profile)
     if _is_logger():
         print(json.dumps({k: v for k, v in result.items() if k in ("step", "stopped_early")}
                          | {"eval": result.get("eval", {}).get("ce")}))
@@ -111,7 +111,12 @@ def build_parser(data_tools: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model from a YAML config")
     _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the newest intact checkpoint (none yet: start)")
+    start.add_argument("--restart", action="store_true",
+                       help="delete the run directory's checkpoints and metrics, then start over "
+                       "(without --resume or --restart, a run directory holding a run is refused)")
     p.add_argument("--profile", action="store_true",
                    help="after 10 warm steps, trace 3 steps and write where the time goes "
                    "(RUN_DIR/profile.json, and a table on the console)")

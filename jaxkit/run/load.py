@@ -34,17 +34,22 @@ def load_run(cfg: Config, run_dir: str | Path, step: int | None = None, *,
     """Restores the parameters and model state of checkpoint `step` (default:
     the latest) of the run in run_dir onto cfg's mesh over `devices`
     (default: all). The optimizer state is never read, so this needs memory
-    for the model only. FileNotFoundError when there is no such checkpoint."""
+    for the model only. Reads only: writes and removes nothing in run_dir.
+    FileNotFoundError when there is no such checkpoint, or (its subclass
+    DamagedCheckpointError) when it is damaged; the latest is the newest
+    intact one, newer damaged ones skipped with a warning."""
     mesh, rules = build_mesh(cfg, devices)
     directory = Path(run_dir) / "checkpoints"
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoint under {directory}")
-    checkpointer = Checkpointer(directory, CheckpointConfig(async_save=False))
+    checkpointer = Checkpointer(directory, CheckpointConfig(async_save=False), read_only=True)
     try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None or step not in checkpointer.manager.all_steps():
-            raise FileNotFoundError(f"no checkpoint{'' if step is None else f' {step}'} "
-                                    f"under {directory}")
+        if step is None:
+            step = checkpointer.latest_verified_step()
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint under {directory}")
+        else:
+            checkpointer.verify(step)
         with sharding.activate(mesh, rules):
             _, graphdef, params, model_state = split_model(nnx.eval_shape(lambda: build_model(cfg)))
         place = lambda tree, required: sharding.abstract_state(

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from jaxkit import sharding
 from jaxkit.checkpoint import Checkpointer
+from jaxkit.checkpoint.run_dir import check_fresh, check_resume, clear_run
 from jaxkit.config import Config, save_config
 from jaxkit.run import evaluate as evaluation
 from jaxkit.run import profile as profiling
@@ -87,8 +88,6 @@ class Trainer:
         self.mesh, self.rules = build_mesh(cfg, devices)
         self.is_logger = jax.process_index() == 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.is_logger:
-            save_config(cfg, self.run_dir / "config.yaml")
         self.batches = Batches(cfg, self.mesh, self.rules, sources)
         self.optimizer, self.schedule = build_optimizer(cfg)
         with self.on_mesh():
@@ -113,10 +112,11 @@ class Trainer:
 
     # ------------------------------------------------------------- state I/O
     def restore_latest(self) -> int:
-        """Loads the newest complete checkpoint, if any; returns its step."""
-        if self.checkpointer is None or self.checkpointer.latest_step() is None:
+        """Loads the newest verified checkpoint, if any (newer damaged ones are
+        skipped with a warning); returns its step."""
+        step = None if self.checkpointer is None else self.checkpointer.latest_verified_step()
+        if step is None:
             return 0
-        step = self.checkpointer.latest_step()
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                                sharding=x.sharding), self.state)
         self.state = self.checkpointer.restore(step, abstract)
@@ -174,6 +174,8 @@ class Trainer:
         and write the time breakdown (profile.json) before going on."""
         cfg = self.cfg.train
         start = self.restore_latest() if resume else 0
+        if self.is_logger:  # after the restore: a failed resume leaves the run's config as it was
+            save_config(self.cfg, self.run_dir / "config.yaml")
         logger = MetricsLogger(self.run_dir, enabled=self.is_logger)
         tokens_per_step = self.cfg.data.batch_size * self.cfg.data.seq_len
         last = {"step": start}
@@ -233,6 +235,22 @@ class Trainer:
 
 
 def train(cfg: Config, *, config_path: str | None = None, resume: bool = False,
-          run_dir: str | Path | None = None, profile: bool = False) -> dict:
+          restart: bool = False, run_dir: str | Path | None = None, profile: bool = False) -> dict:
+    """Trains the run in run_dir (default: train.out_dir/<config name>).
+    resume: continue from its newest verified checkpoint (a config that
+    changes the checkpoint's structure is refused first); restart: delete an
+    earlier run's checkpoints and metrics first; neither: refuse a run
+    directory that holds an earlier run. All before anything is built."""
+    if resume and restart:
+        raise ValueError("resume and restart exclude each other")
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg, config_path)
+    if resume:
+        check_resume(cfg, run_dir)
+    elif restart:
+        if jax.process_index() == 0:
+            clear_run(run_dir)
+        if jax.process_count() > 1:  # no process starts before the old run is gone
+            multihost_utils.sync_global_devices("jaxkit restart")
+    else:
+        check_fresh(run_dir)
     return Trainer(cfg, run_dir).fit(resume=resume, profile=profile)

@@ -67,8 +67,14 @@ def cmd_train(args) -> None:
     cfg = _load(args)
     _join(args)
     from jaxkit.run.trainer import train
-    result = train(cfg, config_path=args.config, resume=args.resume, restart=args.restart,
-                   run_dir=args.run_dir, profile=args.profile)
+    from jaxkit.train.step import NonFiniteLoss
+    try:
+        result = train(cfg, config_path=args.config, resume=args.resume, restart=args.restart,
+                       run_dir=args.run_dir, profile=args.profile)
+    except NonFiniteLoss as e:
+        if args.debug:
+            raise
+        raise SystemExit(f"training stopped: {e}") from None
     if _is_logger():
         print(json.dumps({k: v for k, v in result.items() if k in ("step", "stopped_early")}
                          | {"eval": result.get("eval", {}).get("ce")}))

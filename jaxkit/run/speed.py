@@ -33,7 +33,7 @@ def measure(cfg, *, warmup: int = 10, rounds: int = 4) -> dict:
             nonlocal step
             with trainer.on_mesh():
                 for _ in range(n):
-                    trainer.state, metrics = step_fn(trainer.state, trainer.batches.train(step))
+                    metrics = trainer.run_step(step_fn, step)
                     step += 1
             return jax.block_until_ready(metrics)
 

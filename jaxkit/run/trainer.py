@@ -29,7 +29,8 @@ from jaxkit.run import profile as profiling
 from jaxkit.run.build import Batches, build_mesh, build_optimizer, build_train_state
 from jaxkit.train import flops
 from jaxkit.train.metrics_log import MetricsLogger
-from jaxkit.train.step import make_train_step
+from jaxkit.train.step import (NonFiniteLoss, all_finite, make_train_step, nonfinite_record,
+                               track_nonfinite)
 
 
 class StopRequest:
@@ -96,11 +97,15 @@ class Trainer:
         self.num_params = sum(x.size for x in jax.tree.leaves(self.state["params"]))
         batch_sh = sharding.batch_sharding(self.mesh, self.rules)
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.train_step = jax.jit(make_train_step(
+        self.train_step = jax.jit(track_nonfinite(make_train_step(
             self.graphdef, self.optimizer, self.schedule, grad_accum=cfg.train.grad_accum,
-            z_loss=cfg.train.z_loss, constrain_batch=_constrain_rows),
-            in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-            donate_argnums=0)
+            z_loss=cfg.train.z_loss, constrain_batch=_constrain_rows,
+            skip_nonfinite=cfg.train.nonfinite == "skip")),
+            in_shardings=(state_sh, replicated, batch_sh),
+            out_shardings=(state_sh, replicated, replicated), donate_argnums=(0, 1))
+        # the first non-finite step and their count, on device (track_nonfinite)
+        self.nonfinite = jax.device_put(nonfinite_record(), replicated)
+        self.params_finite = jax.jit(all_finite)
         self.eval_step = evaluation.eval_step(self.eval_graphdef, self.mesh)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint) \
             if cfg.checkpoint.enabled else None
@@ -136,6 +141,24 @@ class Trainer:
             return False
         return bool(np.any(multihost_utils.process_allgather(np.asarray(stop.requested))))
 
+    def _stop_if_nonfinite(self, step: int, saving: bool = False) -> None:
+        """Raises NonFiniteLoss, before anything of `step` is saved, when
+        (train.nonfinite: stop) a step up to `step` had a non-finite loss or
+        gradient norm, or when `saving` and the parameters are not finite
+        (e.g. an overflowing update of finite gradients). Reads device values,
+        a host sync: called at log and checkpoint steps only."""
+        first = int(self.nonfinite["first"]) if self.cfg.train.nonfinite == "stop" else -1
+        if first >= 0:
+            what = f"loss or gradient norm not finite at step {first}"
+            hint = "lower optimizer.learning_rate, or set train.nonfinite=skip to skip such steps"
+        elif saving and not bool(self.params_finite(self.state["params"])):
+            what, hint = f"parameters not finite after step {step}", "lower optimizer.learning_rate"
+        else:
+            return
+        latest = self.checkpointer.latest_step() if self.checkpointer is not None else None
+        kept = "no checkpoint kept" if latest is None else f"last finite checkpoint: step {latest}"
+        raise NonFiniteLoss(f"{what} (found at step {step}; nothing saved since, {kept}); {hint}")
+
     # ------------------------------------------------------------- eval
     def evaluate(self) -> dict:
         return evaluation.evaluate(self.eval_step, self.state["params"], self.state["model_state"],
@@ -147,7 +170,7 @@ class Trainer:
         compile time and the device memory XLA plans for one step."""
         t = time.perf_counter()
         with self.on_mesh():
-            compiled = self.train_step.lower(self.state, batch).compile()
+            compiled = self.train_step.lower(self.state, self.nonfinite, batch).compile()
         info = {"compile_seconds": time.perf_counter() - t}
         memory = compiled.memory_analysis()
         if memory is not None:
@@ -156,6 +179,13 @@ class Trainer:
                         temporaries_gib=gib(memory.temp_size_in_bytes))
         return compiled, info
 
+    def run_step(self, step_fn, step: int) -> dict:
+        """Runs train step `step` (the batch index) with step_fn (compile_step's)
+        on this state; returns its metrics, still on device."""
+        self.state, self.nonfinite, metrics = step_fn(self.state, self.nonfinite,
+                                                      self.batches.train(step))
+        return metrics
+
     def profile_steps(self, step_fn, step: int, steps: int = 3) -> dict:
         """Traces `steps` steps from `step` into run_dir/profile and writes the
         breakdown to run_dir/profile.json."""
@@ -163,7 +193,7 @@ class Trainer:
         jax.block_until_ready(self.state)
         with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True), self.on_mesh():
             for i in range(steps):
-                self.state, metrics = step_fn(self.state, self.batches.train(step + i))
+                metrics = self.run_step(step_fn, step + i)
             jax.block_until_ready(metrics)
         result = profiling.breakdown(profiling.read_trace(trace_dir), steps)
         (self.run_dir / "profile.json").write_text(json.dumps(result, indent=1))
@@ -197,7 +227,7 @@ class Trainer:
                         t0, t0_step = time.perf_counter(), step
                         continue
                     with self.on_mesh():
-                        self.state, metrics = step_fn(self.state, self.batches.train(step))
+                        metrics = self.run_step(step_fn, step)
                     step += 1
                     if step % cfg.log_every == 0 or step == cfg.steps:
                         metrics = jax.device_get(metrics)
@@ -209,7 +239,10 @@ class Trainer:
                             metrics["mfu"] = flops.mfu(tok_s, self.cfg.model, self.cfg.data.seq_len,
                                                        self.mesh.size, self.peak)
                             postfix["mfu"] = f"{100 * metrics['mfu']:.1f}%"
+                        if metrics["nonfinite_steps"]:  # train.nonfinite: skip
+                            postfix["skipped"] = int(metrics["nonfinite_steps"])
                         flat = logger.log(step, "train", metrics)
+                        self._stop_if_nonfinite(step)
                         bar.set_postfix(**postfix, **_moe_summary(flat), refresh=False)
                         bar.update(step - bar.n)
                         last.update(step=step, train=flat)
@@ -220,9 +253,11 @@ class Trainer:
                                   f"ppl {last['eval']['perplexity']:.2f}")
                         t0, t0_step = time.perf_counter(), step
                     if self.checkpointer is not None and self.checkpointer.due(step):
+                        self._stop_if_nonfinite(step, saving=True)
                         self.save(step)
                     stopping = self._stop_agreed(stop, step)
                 if step > start or stopping:
+                    self._stop_if_nonfinite(step, saving=self.checkpointer is not None)
                     self.save(step)
                 last["step"] = step
                 last["stopped_early"] = stopping

@@ -4,6 +4,11 @@ The model is split into its graph definition and state once; the step merges
 them inside jit, so the same step serves every mesh and every model variant.
 Non-parameter model state (e.g. an aux-loss-free MoE router bias) is carried
 through the step and updated by the forward pass.
+
+Non-finite steps are found on device: each step flags whether its loss and
+gradient norm are finite, may skip its update when they are not, and
+track_nonfinite carries the first such step and their count to the host's
+next read of the metrics, so detection costs no per-step host sync.
 """
 from __future__ import annotations
 
@@ -41,11 +46,19 @@ def _forward(graphdef, params, model_state, batch, z_loss):
     return loss + aux["moe_loss"], metrics, aux["moe"], nnx.state(model, nnx.Not(nnx.Param))
 
 
+class NonFiniteLoss(RuntimeError):
+    """A training step's loss or gradient norm was NaN or inf (train.nonfinite: stop)."""
+
+
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule, *,
-                    grad_accum: int, z_loss: float, constrain_batch=lambda b: b):
+                    grad_accum: int, z_loss: float, constrain_batch=lambda b: b,
+                    skip_nonfinite: bool = False):
     """Returns step(state, batch) -> (state, metrics). state is a dict with
     params, opt_state, model_state and step; the batch's leading axis is split
-    into grad_accum micro-batches whose gradients are averaged."""
+    into grad_accum micro-batches whose gradients are averaged. metrics["finite"]
+    says whether the loss and gradient norm were finite; skip_nonfinite: when
+    they were not, params, opt_state and model_state come back unchanged (only
+    step advances)."""
 
     def loss_fn(params, model_state, batch):
         loss, metrics, moe, new_model_state = _forward(graphdef, params, model_state, batch, z_loss)
@@ -81,13 +94,47 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
         with jax.named_scope("optimizer"):  # so a profile can attribute the update's kernels
             updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
-        metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
-                       learning_rate=schedule(state["step"]), moe=moe)
-        new_state = dict(params=params, opt_state=opt_state, model_state=model_state,
-                         step=state["step"] + 1)
-        return new_state, metrics
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state["step"]),
+                       moe=moe, finite=finite)
+        updated = dict(params=params, opt_state=opt_state, model_state=model_state)
+        if skip_nonfinite:  # a select on device: exactly the old arrays when not finite
+            updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated,
+                                   {k: state[k] for k in updated})
+        return dict(updated, step=state["step"] + 1), metrics
 
     return step
+
+
+def nonfinite_record() -> dict:
+    """track_nonfinite's record before any step: first, the number of the
+    first non-finite step (-1: none yet), and count, how many there were."""
+    return dict(first=jnp.int32(-1), count=jnp.int32(0))
+
+
+def track_nonfinite(train_step):
+    """train_step(state, batch) -> (state, metrics), with metrics["finite"], becomes
+    step(state, record, batch) -> (state, record, metrics): the record
+    (nonfinite_record) carries on device the first non-finite step, numbered
+    as the loop counts steps (state["step"] + 1), and their count, which
+    metrics report as nonfinite_steps."""
+
+    def step(state, record, batch):
+        new_state, metrics = train_step(state, batch)
+        bad = ~metrics.pop("finite")
+        record = dict(first=jnp.where(bad & (record["first"] < 0), state["step"] + 1,
+                                      record["first"]),
+                      count=record["count"] + bad.astype(jnp.int32))
+        metrics["nonfinite_steps"] = record["count"]
+        return new_state, record, metrics
+
+    return step
+
+
+def all_finite(tree) -> jax.Array:
+    """Whether every element of every array in `tree` is finite."""
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
 def make_eval_step(graphdef, *, z_loss: float = 0.0):

@@ -24,12 +24,24 @@ A named implementation that cannot take a call raises a one-line ValueError
 naming it and the reason. Reasons come in this order: interpret, then the
 op's own limits (its table's ``supports``; the same on every machine), then
 the device. 'pallas' gives the reason of each kernel it tried.
+
+Arguments (checked by every op before anything is traced or compiled; a bad
+one raises a one-line TypeError or ValueError naming it and its value):
+sizes, windows, tiles and block sizes are Python or NumPy ints (not bools,
+not floats, even integral ones) and positive; arrays are jax or NumPy arrays
+(NumPy ones are converted); Python lists and tuples are refused rather than
+guessed at (a ragged list has no array form); interpret is a bool or None.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from types import SimpleNamespace
 from typing import Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import compat
 
@@ -50,6 +62,66 @@ def takes_any(args) -> None:
 def default_interpret() -> bool:
     """What interpret=None means for a kernel that can be interpreted."""
     return compat.platform() != "gpu"
+
+
+def check_size(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int: a Python or NumPy integer (no bool) >= minimum."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_sizes(name: str, value, count: int) -> tuple[int, ...]:
+    """``value`` as a tuple of ``count`` positive ints (see check_size)."""
+    if not isinstance(value, (tuple, list)) or len(value) != count:
+        raise TypeError(f"{name} must be a tuple of {count} positive ints, got {value!r}")
+    return tuple(check_size(f"{name}[{i}]", size) for i, size in enumerate(value))
+
+
+def check_positive_real(name: str, value) -> float:
+    """``value`` as a float: a finite, positive Python or NumPy real (no bool)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                    np.floating)):
+        raise TypeError(f"{name} must be a float, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return float(value)
+
+
+def check_flag(name: str, value, optional: bool = False):
+    """``value`` as a bool (None passes through when ``optional``)."""
+    if optional and value is None:
+        return None
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool{' or None' if optional else ''}, got {value!r}")
+    return bool(value)
+
+
+def check_dtype(name: str, value):
+    """``value`` as a jnp.dtype (anything jnp.dtype takes)."""
+    try:
+        return jnp.dtype(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a dtype, got {value!r}") from None
+
+
+def as_array(name: str, value, integer: bool = False):
+    """A jax array (a tracer under jit included) as it is, a NumPy array as a
+    jax one; anything else (a nested list above all) is refused. ``integer``:
+    the dtype must be an integer one (not bool)."""
+    if not isinstance(value, (np.ndarray, jax.Array)):
+        raise TypeError(f"{name} must be a jax or NumPy array, got {type(value).__name__} "
+                        f"{_short(value)}")
+    if integer and not jnp.issubdtype(value.dtype, jnp.integer):
+        raise TypeError(f"{name} must have an integer dtype, got {value.dtype}")
+    return jnp.asarray(value) if isinstance(value, np.ndarray) else value
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class Choice(NamedTuple):
@@ -104,6 +176,7 @@ class Table:
     def resolve(self, implementation: str, interpret: bool | None = None, **args) -> Choice:
         """The implementation that runs this call (see the module docstring);
         ``args`` are the op's arguments its supports() read."""
+        check_flag("interpret", interpret, optional=True)
         if implementation not in self.names:
             raise ValueError(f"unknown {self.op} implementation {implementation!r}; choose one "
                              f"of {self.names}")

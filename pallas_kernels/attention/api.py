@@ -27,12 +27,17 @@ def _normalize_segment_ids(segment_ids, q, k):
     if segment_ids is None:
         return None
     if isinstance(segment_ids, (tuple, list)):
-        q_seg, kv_seg = segment_ids
+        if len(segment_ids) != 2:
+            raise TypeError(f"segment_ids must be an int array or a pair (q_segment_ids, "
+                            f"kv_segment_ids); got a {type(segment_ids).__name__} of "
+                            f"{len(segment_ids)}")
+        q_seg = dispatch.as_array("segment_ids[0]", segment_ids[0], integer=True)
+        kv_seg = dispatch.as_array("segment_ids[1]", segment_ids[1], integer=True)
     else:
         if q.shape[1] != k.shape[1]:
             raise ValueError("a single segment_ids array needs q_len == kv_len; "
                              "pass (q_segment_ids, kv_segment_ids) instead")
-        q_seg = kv_seg = segment_ids
+        q_seg = kv_seg = dispatch.as_array("segment_ids", segment_ids, integer=True)
     if q_seg.shape != q.shape[:2] or kv_seg.shape != k.shape[:2]:
         raise ValueError(f"segment ids shapes {q_seg.shape}, {kv_seg.shape} must be "
                          f"[batch, q_len] {q.shape[:2]} and [batch, kv_len] {k.shape[:2]}")
@@ -52,6 +57,21 @@ def check_inputs(q, k, v):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         raise ValueError(f"unsupported dtype {q.dtype}; use float32, bfloat16 or float16")
+
+
+def _check_block_sizes(block_sizes):
+    """Every tile and stage count of block_sizes an int >= 1 (the classes'
+    own checks take an integral float such as 64.0)."""
+    if isinstance(block_sizes, MosaicBlockSizes):
+        counts = {f"block_sizes.{kernel}.{field}": getattr(getattr(block_sizes, kernel), field)
+                  for kernel in ("fwd", "dq", "dkv") for field in ("block_q", "block_kv", "stages")}
+    elif isinstance(block_sizes, PortableBlockSizes):
+        counts = {"block_sizes.num_stages": block_sizes.num_stages}
+    else:
+        raise ValueError(f"block_sizes must be a PortableBlockSizes or a MosaicBlockSizes, got "
+                         f"{block_sizes!r}")
+    for name, count in counts.items():
+        dispatch.check_size(name, count)
 
 
 def _takes_no_block_sizes(args):
@@ -109,23 +129,28 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None,
                     block_sizes=None, interpret: bool | None = None):
     """Multi-head attention, q [B,S,H,D], k/v [B,T,KH,D] -> [B,S,H,D].
 
+    q, k, v and segment ids are jax or NumPy arrays (Python lists are refused).
     segment_ids: int [B,S] (when S == T) or a pair ([B,S], [B,T]); tokens attend
-    only within equal ids. sliding_window w: keys fewer than w positions away.
-    logit_softcap c: logits become c*tanh(logits/c). scale defaults to D**-0.5.
+    only within equal ids (float or bool ids are refused). sliding_window w (an
+    int >= 1): keys fewer than w positions away. logit_softcap c (a finite
+    float > 0): logits become c*tanh(logits/c). scale (a finite float > 0)
+    defaults to D**-0.5. causal is a bool.
     block_sizes tile a Pallas kernel: a blockspec.PortableBlockSizes the
     portable one (so 'pallas' takes it even on Hopper), a
     tuning.MosaicBlockSizes the Mosaic GPU one (overriding the tuning table).
     interpret (None: True off GPU) applies to the Pallas kernels only.
     """
+    q, k, v = (dispatch.as_array(name, a) for name, a in (("q", q), ("k", k), ("v", v)))
     check_inputs(q, k, v)
-    if block_sizes is not None and not isinstance(block_sizes,
-                                                  (PortableBlockSizes, MosaicBlockSizes)):
-        raise ValueError(f"block_sizes must be a PortableBlockSizes or a MosaicBlockSizes, got "
-                         f"{block_sizes!r}")
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
-    if logit_softcap is not None and logit_softcap <= 0:
-        raise ValueError(f"logit_softcap must be > 0, got {logit_softcap}")
+    causal = dispatch.check_flag("causal", causal)
+    if block_sizes is not None:
+        _check_block_sizes(block_sizes)
+    if sliding_window is not None:
+        sliding_window = dispatch.check_size("sliding_window", sliding_window)
+    if logit_softcap is not None:
+        logit_softcap = dispatch.check_positive_real("logit_softcap", logit_softcap)
+    if scale is not None:
+        scale = dispatch.check_positive_real("scale", scale)
     segment_ids = _normalize_segment_ids(segment_ids, q, k)
     kwargs = dict(causal=causal, segment_ids=segment_ids, sliding_window=sliding_window,
                   logit_softcap=logit_softcap, scale=scale)

@@ -21,10 +21,14 @@ implementation (the shared rule of pallas_kernels.dispatch):
   'auto'       the first of 'pallas', 'ragged_dot', 'xla' that runs natively:
                the Mosaic kernel on Hopper for bf16/f16, ragged_dot on other
                GPUs and for float32, the reference on CPU.
-group_sizes must be non-negative with sum <= M; concrete values are checked,
-traced ones cannot be (groups reaching past M are then cut at M).
-tiling=(tm, tk, tn): row, contraction and column tile of the Pallas kernels
-(for tgmm: row tile, K tile, N tile).
+lhs, rhs, dout and group_sizes are jax or NumPy arrays (Python lists are
+refused); group_sizes has an integer dtype. Concrete group_sizes must be
+non-negative with sum <= M (a ValueError names them). Traced ones (under jit)
+cannot be checked and are defined instead, for every implementation:
+negative sizes count as 0 and groups reaching past M are cut at M (``clamp``),
+so rows past the clamped sum come out zero in gmm and are ignored by tgmm.
+tiling=(tm, tk, tn): positive ints, the row, contraction and column tile of
+the Pallas kernels (for tgmm: row tile, K tile, N tile).
 """
 from __future__ import annotations
 
@@ -73,29 +77,43 @@ class _Config(NamedTuple):
 
 
 def check_group_sizes(group_sizes, rows: int):
-    """Integer sizes, and (when concrete) non-negative with sum <= rows."""
-    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise ValueError(f"group_sizes must be integers; got {group_sizes.dtype}")
-    if not isinstance(group_sizes, jax.core.Tracer):
-        sizes = np.asarray(group_sizes)
-        if (sizes < 0).any():
-            raise ValueError(f"group_sizes must be non-negative; got {sizes.tolist()}")
-        if sizes.sum() > rows:
-            raise ValueError(f"sum(group_sizes)={int(sizes.sum())} exceeds the {rows} rows of lhs")
+    """group_sizes as a [G] int32 array (G >= 1): concrete ones must be
+    non-negative with sum <= rows, traced ones are clamped (``clamp``)."""
+    group_sizes = dispatch.as_array("group_sizes", group_sizes, integer=True)
+    if group_sizes.ndim != 1 or group_sizes.shape[0] < 1:
+        raise ValueError(f"group_sizes must be [G] with G >= 1; got shape {group_sizes.shape}")
+    if isinstance(group_sizes, jax.core.Tracer):
+        return clamp(group_sizes, rows)
+    sizes = np.asarray(group_sizes)
+    if (sizes < 0).any():
+        raise ValueError(f"group_sizes must be non-negative; got {sizes.tolist()}")
+    if sizes.sum() > rows:
+        raise ValueError(f"sum(group_sizes)={int(sizes.sum())} exceeds the {rows} rows of lhs")
+    return group_sizes.astype(jnp.int32)
 
 
-def _check_common(lhs, group_sizes, tiling):
+def clamp(group_sizes, rows: int):
+    """The sizes traced group_sizes are taken as: negative ones count as 0,
+    and the groups are cut where their running sum reaches ``rows``."""
+    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), rows)
+    return jnp.diff(ends, prepend=0).astype(jnp.int32)
+
+
+def _check_common(lhs, group_sizes, tiling, preferred_element_type):
+    """-> (lhs, group_sizes as check_group_sizes gives them, tiling as a tuple)."""
+    lhs = dispatch.as_array("lhs", lhs)
     if lhs.ndim != 2:
         raise ValueError(f"lhs must be [M, K]; got shape {lhs.shape}")
     if lhs.shape[0] < 1:
         raise ValueError(f"lhs needs at least one row; got shape {lhs.shape}")
     if lhs.dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {lhs.dtype}; use float32, bfloat16 or float16")
-    if group_sizes.ndim != 1 or group_sizes.shape[0] < 1:
-        raise ValueError(f"group_sizes must be [G] with G >= 1; got shape {group_sizes.shape}")
-    check_group_sizes(group_sizes, lhs.shape[0])
-    if tiling is not None and (len(tiling) != 3 or any(int(t) != t or t < 1 for t in tiling)):
-        raise ValueError(f"tiling must be three positive ints (tm, tk, tn); got {tiling}")
+    group_sizes = check_group_sizes(group_sizes, lhs.shape[0])
+    if tiling is not None:
+        tiling = dispatch.check_sizes("tiling", tiling, 3)
+    if preferred_element_type is not None:
+        dispatch.check_dtype("preferred_element_type", preferred_element_type)
+    return lhs, group_sizes, tiling
 
 
 def _resolve(implementation, dtype, preferred_element_type, tiling, interpret):
@@ -104,7 +122,7 @@ def _resolve(implementation, dtype, preferred_element_type, tiling, interpret):
     if choice.name not in dispatch.PALLAS_KERNELS:
         return choice.name, None
     out_dtype = jnp.dtype(preferred_element_type or dtype)
-    return "pallas", _Config(out_dtype, None if tiling is None else tuple(tiling), choice)
+    return "pallas", _Config(out_dtype, tiling, choice)
 
 
 # The kernel calls are jitted per static configuration: jax lowers a jitted
@@ -158,7 +176,8 @@ _pallas_gmm.defvjp(_pallas_gmm_fwd, _pallas_gmm_bwd)
 def gmm(lhs, rhs, group_sizes, *, implementation: str = "auto", preferred_element_type=None,
         tiling=None, interpret: bool | None = None, transpose_rhs: bool = False):
     """Grouped matmul lhs [M,K] x rhs [G,K,N] -> [M,N] (see module docstring)."""
-    _check_common(lhs, group_sizes, tiling)
+    lhs, group_sizes, tiling = _check_common(lhs, group_sizes, tiling, preferred_element_type)
+    rhs = dispatch.as_array("rhs", rhs)
     if rhs.ndim != 3:
         raise ValueError(f"rhs must be [G, K, N]; got shape {rhs.shape}")
     g, rk = rhs.shape[0], rhs.shape[2 if transpose_rhs else 1]
@@ -169,7 +188,6 @@ def gmm(lhs, rhs, group_sizes, *, implementation: str = "auto", preferred_elemen
         raise ValueError(f"group_sizes has {group_sizes.shape[0]} groups but rhs has {g}")
     if rhs.dtype != lhs.dtype:
         raise ValueError(f"lhs and rhs dtypes differ: {lhs.dtype} vs {rhs.dtype}")
-    group_sizes = group_sizes.astype(jnp.int32)
     impl, cfg = _resolve(implementation, lhs.dtype, preferred_element_type, tiling, interpret)
     if impl == "xla":
         return gmm_reference(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
@@ -191,13 +209,13 @@ def _zero_tail(out, group_sizes):
 def tgmm(lhs, dout, group_sizes, *, implementation: str = "auto", preferred_element_type=None,
          tiling=None, interpret: bool | None = None):
     """Per-group lhs[rows_g]^T @ dout[rows_g]: [M,K] x [M,N] -> [G,K,N]."""
-    _check_common(lhs, group_sizes, tiling)
+    lhs, group_sizes, tiling = _check_common(lhs, group_sizes, tiling, preferred_element_type)
+    dout = dispatch.as_array("dout", dout)
     if dout.ndim != 2 or dout.shape[0] != lhs.shape[0]:
         raise ValueError(f"dout must be [M, N] with the M={lhs.shape[0]} rows of lhs; "
                          f"got shape {dout.shape}")
     if dout.dtype != lhs.dtype:
         raise ValueError(f"lhs and dout dtypes differ: {lhs.dtype} vs {dout.dtype}")
-    group_sizes = group_sizes.astype(jnp.int32)
     impl, cfg = _resolve(implementation, lhs.dtype, preferred_element_type, tiling, interpret)
     if impl == "xla":
         return tgmm_reference(lhs, dout, group_sizes,

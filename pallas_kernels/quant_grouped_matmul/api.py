@@ -24,8 +24,11 @@ implementation (the shared rule of pallas_kernels.dispatch):
   'auto'      'pallas' on GPU, 'xla' elsewhere.
 The kernel needs K steps that divide the scale group (see blockspec.py):
 ``unsupported`` says why a (kind, group_size, tiling) cannot run it, and
-'pallas' and 'blockspec' raise for those. group_sizes must be non-negative
-with sum <= M (checked when concrete).
+'pallas' and 'blockspec' raise for those. Arrays are jax or NumPy arrays
+(Python lists are refused); group_size is a positive int dividing K.
+group_sizes (integers) follow grouped_matmul: concrete ones must be
+non-negative with sum <= M; traced ones are clamped (negative sizes count as
+0, groups are cut at M; rows past the clamped sum come out zero).
 """
 from __future__ import annotations
 
@@ -90,8 +93,15 @@ IMPLEMENTATIONS = TABLE.names
 
 
 def _check(lhs, codes, scales, group_sizes, zeros, kind, group_size, tiling):
-    if kind not in KINDS:
+    """-> the arrays as jax arrays (group_sizes as check_group_sizes gives
+    them), group_size as an int and tiling as a tuple."""
+    if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
+    lhs, codes, scales = (dispatch.as_array(name, a) for name, a in
+                          (("lhs", lhs), ("codes", codes), ("scales", scales)))
+    if zeros is not None:
+        zeros = dispatch.as_array("zeros", zeros)
+    group_size = dispatch.check_size("group_size", group_size)
     if lhs.ndim != 2 or lhs.shape[0] < 1:
         raise ValueError(f"lhs must be [M, K] with M >= 1; got shape {lhs.shape}")
     if lhs.dtype not in LHS_DTYPES:
@@ -112,7 +122,7 @@ def _check(lhs, codes, scales, group_sizes, zeros, kind, group_size, tiling):
         if codes.shape[1] != k:
             raise ValueError(f"{kind} codes must be [G, K, N] with the K={k} of lhs; got shape "
                              f"{codes.shape}")
-    if int(group_size) != group_size or group_size < 1 or k % group_size:
+    if k % group_size:
         raise ValueError(f"group_size={group_size} must be a positive divisor of K={k}")
     want = (g, k // group_size, n)
     if scales.shape != want or not jnp.issubdtype(scales.dtype, jnp.floating):
@@ -124,13 +134,15 @@ def _check(lhs, codes, scales, group_sizes, zeros, kind, group_size, tiling):
                              f"{kind!r}")
         if zeros.shape != want:
             raise ValueError(f"zeros must be [G, K/group_size, N] = {want}; got {zeros.shape}")
-    if group_sizes.ndim != 1 or group_sizes.shape[0] != g:
+    group_sizes = check_group_sizes(group_sizes, m)
+    if group_sizes.shape[0] != g:
         raise ValueError(f"group_sizes must be [G] = [{g}] (the groups of codes); got shape "
                          f"{group_sizes.shape}")
-    check_group_sizes(group_sizes, m)
-    if tiling is not None and (len(tiling) != 3 or any(
-            int(t) != t or t < 1 or int(t) & (int(t) - 1) for t in tiling)):
-        raise ValueError(f"tiling must be three powers of two (tm, tk, tn); got {tiling}")
+    if tiling is not None:
+        tiling = dispatch.check_sizes("tiling", tiling, 3)
+        if any(t & (t - 1) for t in tiling):
+            raise ValueError(f"tiling must be three powers of two (tm, tk, tn); got {tiling}")
+    return lhs, codes, scales, group_sizes, zeros, group_size, tiling
 
 
 def _kernel(lhs, codes, scales, group_sizes, zeros, cfg: _Config):
@@ -177,14 +189,15 @@ def qgmm(lhs, codes, scales, group_sizes, *, kind: str, group_size: int, zeros=N
     preferred_element_type (see the module docstring). tiling=(tm, tk, tn):
     the kernel's row, K-step and column tiles (powers of two); None: the
     tuned one for the kind and rows per group (``default_tiling``)."""
-    _check(lhs, codes, scales, group_sizes, zeros, kind, group_size, tiling)
-    group_sizes = group_sizes.astype(jnp.int32)
-    out_dtype = jnp.dtype(preferred_element_type or jnp.float32)
+    lhs, codes, scales, group_sizes, zeros, group_size, tiling = _check(
+        lhs, codes, scales, group_sizes, zeros, kind, group_size, tiling)
+    out_dtype = dispatch.check_dtype("preferred_element_type",
+                                     preferred_element_type or jnp.float32)
     impl, interpret = TABLE.resolve(implementation, interpret, kind=kind,
                                     group_size=group_size, tiling=tiling)
     if impl == "xla":
         return qgmm_reference(lhs, codes, scales, group_sizes, kind=kind, group_size=group_size,
                               zeros=zeros, preferred_element_type=out_dtype)
     tiling = tiling or default_tiling(kind, lhs.shape[0], codes.shape[0])
-    cfg = _Config(kind, int(group_size), out_dtype, tuple(tiling), interpret)
+    cfg = _Config(kind, group_size, out_dtype, tiling, interpret)
     return _pallas_qgmm(lhs, codes, scales.astype(jnp.float32), group_sizes, zeros, cfg)

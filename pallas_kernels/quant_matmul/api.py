@@ -11,9 +11,12 @@ implementation (the shared rule of pallas_kernels.dispatch):
                ``block_sizes``; for int4 the decode of bf16 x), else
                'blockspec';
   'auto'       'pallas' on GPU, 'xla' elsewhere.
-Leading batch dimensions of x are flattened into rows. The w8a8 and fp8
-kernels are inference kernels on quantised codes; the int4 weight-only matmul
-is differentiable in x (through the dequantised weights).
+Operands are jax or NumPy arrays (Python lists are refused). Sizes are
+Python or NumPy ints: block_sizes powers of two >= 16, group_size, block_n and
+split_k >= 1; tiling a mosaic_gpu.Tiling of ints. Leading batch dimensions of
+x are flattened into rows. The w8a8 and fp8 kernels are inference kernels on
+quantised codes; the int4 weight-only matmul is differentiable in x (through
+the dequantised weights).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from pallas_kernels.quant_matmul import int4_mosaic_gpu, mosaic_gpu
 from pallas_kernels.quant_matmul import reference as ref
 from pallas_kernels.quant_matmul.fp8_blockwise import fp8_blockwise_pallas
 from pallas_kernels.quant_matmul.int4_weight_only import int4_weight_only_pallas
+from pallas_kernels.quant_matmul.tiling import check_block
 from pallas_kernels.quant_matmul.w8a8 import w8a8_pallas
 from pallas_kernels.shapes import cdiv
 
@@ -79,6 +83,32 @@ def _check_dtype(name, a, allowed):
                          f"{[jnp.dtype(d).name for d in allowed]}")
 
 
+def _arrays(**arrays):
+    """The named operands as jax arrays (dispatch.as_array), in order."""
+    return tuple(dispatch.as_array(name, a) for name, a in arrays.items())
+
+
+def _weights(wq):
+    if wq.ndim != 2:
+        raise ValueError(f"wq must be [N, K], got shape {wq.shape}")
+    return wq.shape
+
+
+def _check_tiles(block_sizes, count, tiling):
+    """block_sizes as a tuple of ``count`` powers of two >= 16 (None stays
+    None); tiling, when given, must be a mosaic_gpu.Tiling of positive ints."""
+    if tiling is not None:
+        if not isinstance(tiling, mosaic_gpu.Tiling):
+            raise TypeError(f"tiling must be a mosaic_gpu.Tiling, got {tiling!r}")
+        dispatch.check_sizes("tiling", tuple(tiling), len(mosaic_gpu.Tiling._fields))
+    if block_sizes is None:
+        return None
+    block_sizes = dispatch.check_sizes("block_sizes", block_sizes, count)
+    for i, block in enumerate(block_sizes):
+        check_block(f"block_sizes[{i}]", block)
+    return block_sizes
+
+
 def _rows(x, k_name="K"):
     if x.ndim < 2:
         raise ValueError(f"x must be [..., {k_name}], got shape {x.shape}")
@@ -91,10 +121,13 @@ def w8a8_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, implementation: str =
     [N, K] with per-channel scales ws [N] -> out [..., N] in out_dtype.
     block_sizes (bm, bn, bk) tune the portable kernel, tiling (a
     mosaic_gpu.Tiling) the Hopper one."""
+    xq, xs, wq, ws = _arrays(xq=xq, xs=xs, wq=wq, ws=ws)
     _check_dtype("xq", xq, (jnp.int8,))
     _check_dtype("wq", wq, (jnp.int8,))
+    dispatch.check_dtype("out_dtype", out_dtype)
+    block_sizes = _check_tiles(block_sizes, 3, tiling)
     x2, lead = _rows(xq)
-    N, K = wq.shape
+    N, K = _weights(wq)
     if x2.shape[1] != K or xs.shape != lead or ws.shape != (N,):
         raise ValueError(f"w8a8 shapes do not match: xq {xq.shape}, xs {xs.shape} (want {lead}), "
                          f"wq {wq.shape}, ws {ws.shape} (want ({N},))")
@@ -108,7 +141,7 @@ def w8a8_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, implementation: str =
         out = mosaic_gpu.w8a8_mosaic(x2, xs2, wq, ws, out_dtype=out_dtype, tiling=tiling)
     else:
         out = w8a8_pallas(x2, xs2, wq, ws, out_dtype=out_dtype, interpret=interpret,
-                          **({} if block_sizes is None else dict(block_sizes=tuple(block_sizes))))
+                          **({} if block_sizes is None else dict(block_sizes=block_sizes)))
     return out.reshape(*lead, N)
 
 
@@ -116,11 +149,15 @@ def fp8_blockwise_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, implementati
                          block_sizes=None, tiling=None, interpret: bool | None = None):
     """e4m3 activations [..., K] with 1x128 block scales xs [..., ceil(K/128)],
     e4m3 weights [N, K] with 128x128 block scales ws [ceil(N/128),
-    ceil(K/128)] -> out [..., N]."""
+    ceil(K/128)] -> out [..., N]. block_sizes (bm, bn) tune the portable
+    kernel, tiling (a mosaic_gpu.Tiling) the Hopper one."""
+    xq, xs, wq, ws = _arrays(xq=xq, xs=xs, wq=wq, ws=ws)
     _check_dtype("xq", xq, (jnp.float8_e4m3fn,))
     _check_dtype("wq", wq, (jnp.float8_e4m3fn,))
+    dispatch.check_dtype("out_dtype", out_dtype)
+    block_sizes = _check_tiles(block_sizes, 2, tiling)
     x2, lead = _rows(xq)
-    N, K = wq.shape
+    N, K = _weights(wq)
     nk, nn = cdiv(K, ref.FP8_BLOCK), cdiv(N, ref.FP8_BLOCK)
     if x2.shape[1] != K or xs.shape != (*lead, nk) or ws.shape != (nn, nk):
         raise ValueError(f"fp8 blockwise shapes do not match: xq {xq.shape}, xs {xs.shape} "
@@ -137,7 +174,7 @@ def fp8_blockwise_matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, implementati
     else:
         out = fp8_blockwise_pallas(x2, xs2, wq, ws, out_dtype=out_dtype, interpret=interpret,
                                    **({} if block_sizes is None else
-                                      dict(block_sizes=tuple(block_sizes))))
+                                      dict(block_sizes=block_sizes)))
     return out.reshape(*lead, N)
 
 
@@ -173,14 +210,24 @@ def int4_weight_only_matmul(x, packed, scales, zeros=None, *, group_size: int,
     takes the call (symmetric codes, <= 64 rows of bf16 x, no split_k) and
     the portable kernel otherwise; 'mosaic_gpu' names the Mosaic kernel and
     raises where it cannot run."""
+    x, packed, scales = _arrays(x=x, packed=packed, scales=scales)
+    if zeros is not None:
+        (zeros,) = _arrays(zeros=zeros)
     _check_dtype("x", x, (jnp.bfloat16, jnp.float16, jnp.float32))
     _check_dtype("packed", packed, (jnp.uint8,))
+    group_size = dispatch.check_size("group_size", group_size)
+    if block_n is not None:
+        block_n = dispatch.check_size("block_n", block_n)
+    if split_k is not None:
+        split_k = dispatch.check_size("split_k", split_k)
     x2, lead = _rows(x)
     K = x2.shape[1]
+    if packed.ndim != 2:
+        raise ValueError(f"packed must be [N, K/2], got shape {packed.shape}")
     N, half = packed.shape
     if K != 2 * half:
         raise ValueError(f"x has K={K} but packed weights [{N}, {half}] hold K={2 * half}")
-    if group_size < 1 or K % group_size:
+    if K % group_size:
         raise ValueError(f"group_size={group_size} must divide K={K}")
     groups = K // group_size
     if scales.shape != (groups, N) or (zeros is not None and zeros.shape != (groups, N)):

@@ -6,6 +6,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from case_table import case_params, refusals
 from quant_grouped_matmul_cases import CASES, RUNS, check, problem
@@ -97,3 +98,20 @@ def test_default_tiling_follows_rows_per_expert(kind):
         tiling = regime[kind]
         assert all(t & (t - 1) == 0 for t in tiling)
         assert unsupported(kind, 128, tiling) is None
+
+
+@pytest.mark.parametrize("implementation,interpret", [
+    pytest.param("xla", None, id="xla"), pytest.param("blockspec", True, id="blockspec-interpret")])
+def test_traced_group_sizes_are_clamped(implementation, interpret):
+    """Under jit, negative sizes count as 0 and groups are cut at M (rows past
+    the clamped sum come out zero), as in grouped_matmul (atol 1e-5)."""
+    rng = np.random.default_rng(5)
+    lhs = jnp.asarray(rng.standard_normal((8, 32)), jnp.float32)
+    codes = jnp.asarray(rng.integers(-7, 8, (3, 32, 16)), jnp.int8)
+    scales = jnp.asarray(rng.uniform(0.5, 1.5, (3, 1, 16)), jnp.float32)
+    kw = dict(kind="int8", group_size=32)
+    out = jax.jit(lambda sizes: qgmm(lhs, codes, scales, sizes, implementation=implementation,
+                                     interpret=interpret, **kw))(jnp.array([2, -3, 4]))
+    want = qgmm(lhs, codes, scales, jnp.array([2, 0, 4]), implementation="xla", **kw)
+    np.testing.assert_allclose(out, want, atol=1e-5)
+    assert not np.asarray(out[6:]).any() and np.asarray(want[2:6]).any()

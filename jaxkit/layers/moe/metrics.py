@@ -41,7 +41,10 @@ def summarize(stats: RoutingStats, *, aux_loss_weight: float, z_loss_weight: flo
     aux = num_experts * jnp.sum(load * stats.prob_sum / stats.tokens)
     z = stats.z_sum / stats.tokens
     loss = aux_loss_weight * aux + z_loss_weight * z
+    # entropy of the load over experts, over its maximum log(E): 1 when balanced
+    entropy = -jnp.sum(jnp.where(load > 0, load * jnp.log(jnp.maximum(load, 1e-30)), 0.0))
     metrics = {"load": load, "max_mean_load": jnp.max(load) * num_experts,
+               "load_entropy": entropy / jnp.log(float(max(num_experts, 2))),
                "dropped_fraction": stats.dropped / stats.units, "aux_loss": aux, "z_loss": z}
     return loss.astype(jnp.float32), metrics
 

@@ -76,6 +76,9 @@ def test_topk_softmax_hand_case():
     np.testing.assert_allclose(m["aux_loss"], 18.7 / 18, **TOL)
     np.testing.assert_allclose(m["z_loss"], (1 + 4 + 0.25) / 3, **TOL)
     np.testing.assert_allclose(m["max_mean_load"], 4 / 3, **TOL)
+    # loads [1, 2, 2, 1] / 6: entropy over log(4)
+    entropy = -(2 * np.log(1 / 6) / 6 + 4 * np.log(1 / 3) / 6) / np.log(4)
+    np.testing.assert_allclose(m["load_entropy"], entropy, **TOL)
     np.testing.assert_allclose(loss, 0.5 * 18.7 / 18 + 0.25 * 1.75, **TOL)
     assert float(m["dropped_fraction"]) == 0.0
 
@@ -120,6 +123,7 @@ def test_expert_choice_hand_case():
                      capacity_factor=0.5)  # one token per expert: tokens 1 and 2 unchosen
     np.testing.assert_allclose(m["dropped_fraction"], 0.5, **TOL)
     np.testing.assert_allclose(m["max_mean_load"], 1.0, **TOL)
+    np.testing.assert_allclose(m["load_entropy"], 1.0, **TOL)  # balanced
     with pytest.raises(ValueError, match="capacity"):
         routers.expert_choice(jnp.log(probs), 5)
 
@@ -326,6 +330,7 @@ def test_imbalanced_and_empty_experts():
     np.testing.assert_allclose(y, loop_moe(p, x, chosen, cfg.moe), **TOL)
     np.testing.assert_allclose(aux["load"], [0.5, 0.5, 0, 0, 0], **TOL)
     np.testing.assert_allclose(aux["max_mean_load"], 2.5, **TOL)
+    np.testing.assert_allclose(aux["load_entropy"], np.log(2) / np.log(5), **TOL)  # empty experts
     g = jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x)[0] ** 2)))(p)
     for name in ("gate", "up", "down"):
         assert not np.asarray(g[name][2:]).any(), name  # empty experts get no gradient
@@ -395,7 +400,8 @@ def test_tiny_moe_transformer_forward_and_grad(dtype, moe):
     (loss, aux), grads = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(model)
     assert np.isfinite(float(loss)) and float(aux["moe_loss"]) > 0
     assert sorted(aux["moe"]) == [i for i in range(2) if cfg.is_moe_layer(i)]
-    assert set(aux["moe"][0]) == {"load", "max_mean_load", "dropped_fraction", "aux_loss", "z_loss"}
+    assert set(aux["moe"][0]) == {"load", "max_mean_load", "load_entropy", "dropped_fraction",
+                                 "aux_loss", "z_loss"}
     leaves = jax.tree.leaves(grads)
     assert leaves and all(np.isfinite(np.asarray(g)).all() for g in leaves)
     assert np.abs(np.asarray(grads["blocks"][0]["mlp"]["gate"][...])).sum() > 0

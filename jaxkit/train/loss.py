@@ -19,30 +19,27 @@ def _finish(nll_sum, lse2_sum, correct_sum, tokens, z_loss):
     return ce + zl, {"ce": ce, "z_loss": zl, "tokens": tokens, "accuracy": correct_sum / count}
 
 
-def cross_entropy(logits, targets, mask=None, *, z_loss: float = 0.0):
-    """Mean over unmasked tokens. Returns (loss, metrics) with metrics holding
-    the plain cross-entropy, the z-loss term, the token count and accuracy."""
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    mask = jnp.ones_like(lse) if mask is None else mask.astype(jnp.float32)
-    correct = (jnp.argmax(logits, -1) == targets) * mask
-    return _finish(((lse - target_logit) * mask).sum(), ((lse ** 2) * mask).sum(),
-                   correct.sum(), mask.sum(), z_loss)
-
-
-def _chunk_logits(x, w):
-    return jnp.dot(x, w, preferred_element_type=jnp.float32)
-
-
-def _chunk_stats(x, w, targets, mask):
-    """Per-token lse, and the chunk's sums of nll, lse^2 and correct tokens."""
-    logits = _chunk_logits(x, w)
+def _logit_stats(logits, targets, mask):
+    """Per-token logsumexp of float32 logits, and their sums over unmasked
+    tokens of nll, lse^2 and correct predictions."""
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     correct = (jnp.argmax(logits, -1) == targets) * mask
     return lse, jnp.stack([((lse - target_logit) * mask).sum(), ((lse ** 2) * mask).sum(),
                            correct.sum()])
+
+
+def cross_entropy(logits, targets, mask=None, *, z_loss: float = 0.0):
+    """Mean over unmasked tokens. Returns (loss, metrics) with metrics holding
+    the plain cross-entropy, the z-loss term, the token count and accuracy."""
+    logits = logits.astype(jnp.float32)
+    mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    _, (nll, lse2, correct) = _logit_stats(logits, targets, mask)
+    return _finish(nll, lse2, correct, mask.sum(), z_loss)
+
+
+def _chunk_logits(x, w):
+    return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
 
 def _chunks(a, n):
@@ -64,7 +61,7 @@ def _sums(x, w, targets, mask, n):
 
 def _sums_fwd(x, w, targets, mask, n):
     def body(_, chunk):
-        return None, _chunk_stats(chunk[0], w, chunk[1], chunk[2])
+        return None, _logit_stats(_chunk_logits(chunk[0], w), chunk[1], chunk[2])
     _, (lse, sums) = jax.lax.scan(body, None, (_chunks(x, n), _chunks(targets, n),
                                                _chunks(mask, n)))
     return sums.sum(0), (x, w, targets, mask, lse)

@@ -87,38 +87,45 @@ def _max_token_id(tokens: np.ndarray) -> int:
     return max(int(tokens[start:start + chunk].max()) for start in range(0, tokens.size, chunk))
 
 
+def read_header(path_stem) -> dict:
+    """The validated JSON header of the token file `<path_stem>.json`, without
+    touching its data."""
+    _, json_path = _paths(path_stem)
+    if not json_path.exists():
+        raise FileNotFoundError(f"token file header {json_path} not found "
+                                f"(create token files with `jaxkit data prepare`)")
+    try:
+        header = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"token file header {json_path} is not valid JSON: "
+                        f"{str(e).splitlines()[0]}") from None
+    if not isinstance(header, dict) or any(k not in header for k in _HEADER_KEYS):
+        raise DataError(f"token file header {json_path} must be an object with keys "
+                        f"{list(_HEADER_KEYS)}, got {header!r}")
+    if header["dtype"] not in _DTYPES:
+        raise DataError(f"token file header {json_path} has dtype {header['dtype']!r}; "
+                        f"expected one of {sorted(_DTYPES)}")
+    for key in ("num_tokens", "vocab_size"):
+        if not isinstance(header[key], int) or isinstance(header[key], bool) or header[key] < 0:
+            raise DataError(f"token file header {json_path} has {key}={header[key]!r}; "
+                            f"expected a non-negative integer")
+    if "special_ids" in header and (
+            problem := _special_ids_problem(header["special_ids"], header["vocab_size"])):
+        raise DataError(f"token file header {json_path} special_ids "
+                        f"{header['special_ids']!r} {problem}")
+    if "tokenizer_file" in header and (not isinstance(header["tokenizer_file"], str)
+                                       or "special_ids" not in header):
+        raise DataError(f"token file header {json_path} has tokenizer_file="
+                        f"{header['tokenizer_file']!r}; expected a file name, with special_ids")
+    return header
+
+
 class TokenFile:
     """A read-only, memory-mapped token file."""
 
     def __init__(self, path_stem):
         self.bin_path, self.json_path = _paths(path_stem)
-        if not self.json_path.exists():
-            raise FileNotFoundError(f"token file header {self.json_path} not found "
-                                    f"(create token files with `jaxkit data prepare`)")
-        try:
-            header = json.loads(self.json_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"token file header {self.json_path} is not valid JSON: "
-                            f"{str(e).splitlines()[0]}") from None
-        if not isinstance(header, dict) or any(k not in header for k in _HEADER_KEYS):
-            raise DataError(f"token file header {self.json_path} must be an object with keys "
-                            f"{list(_HEADER_KEYS)}, got {header!r}")
-        if header["dtype"] not in _DTYPES:
-            raise DataError(f"token file header {self.json_path} has dtype {header['dtype']!r}; "
-                            f"expected one of {sorted(_DTYPES)}")
-        for key in ("num_tokens", "vocab_size"):
-            if not isinstance(header[key], int) or isinstance(header[key], bool) or header[key] < 0:
-                raise DataError(f"token file header {self.json_path} has {key}={header[key]!r}; "
-                                f"expected a non-negative integer")
-        if "special_ids" in header and (
-                problem := _special_ids_problem(header["special_ids"], header["vocab_size"])):
-            raise DataError(f"token file header {self.json_path} special_ids "
-                            f"{header['special_ids']!r} {problem}")
-        if "tokenizer_file" in header and (not isinstance(header["tokenizer_file"], str)
-                                           or "special_ids" not in header):
-            raise DataError(f"token file header {self.json_path} has tokenizer_file="
-                            f"{header['tokenizer_file']!r}; expected a file name, with special_ids")
-        self.header = header
+        self.header = header = read_header(path_stem)
         dtype = _DTYPES[header["dtype"]]
         if not self.bin_path.exists():
             raise FileNotFoundError(f"token data {self.bin_path} not found "

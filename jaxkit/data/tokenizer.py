@@ -211,9 +211,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path, *, progress: bool = T
 def load_tokenizer(data_dir) -> ByteTokenizer | HFTokenizer:
     """The tokenizer that made the token files in `data_dir` (train and val
     must agree), as their headers describe it."""
-    from jaxkit.data.token_file import TokenFile  # token_file stays free of tokenizers
+    from jaxkit.data.token_file import read_header  # token_file stays free of tokenizers
     data_dir = Path(data_dir)
-    headers = [TokenFile(data_dir / split).header for split in ("train", "val")]
+    headers = [read_header(data_dir / split) for split in ("train", "val")]
     keys = ("tokenizer", "vocab_size", "special_ids", "tokenizer_file")
     described = [{k: h.get(k) for k in keys} for h in headers]
     if described[0] != described[1]:

@@ -45,14 +45,14 @@ def measure(cfg, *, warmup: int = 10, rounds: int = 4) -> dict:
             intervals.append((time.perf_counter() - t) / 5)
         step_s = statistics.median(intervals)
         profile = trainer.profile_steps(step_fn, step)
+        peak, num_devices = trainer.peak, trainer.mesh.size
     tokens_per_s = cfg.data.batch_size * cfg.data.seq_len / step_s
     device = jax.devices()[0]
-    peak = flops.peak_tflops(device.device_kind, cfg.train.peak_tflops)
     memory = device.memory_stats() or {}
     return dict(device=device.device_kind, jax_version=jax.__version__, **compiled,
                 step_ms=1e3 * step_s, tokens_per_second=tokens_per_s,
                 mfu=None if peak is None else flops.mfu(tokens_per_s, cfg.model, cfg.data.seq_len,
-                                                        jax.device_count(), peak),
+                                                        num_devices, peak),
                 peak_memory_gib=memory.get("peak_bytes_in_use", 0) / 2 ** 30,
                 loss=float(metrics["loss"]), breakdown=profile)
 

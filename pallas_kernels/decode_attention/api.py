@@ -1,0 +1,111 @@
+"""Public decode-attention entry point with ``implementation=`` dispatch.
+
+implementation (the shared rule of pallas_kernels.dispatch):
+  'xla'        the pure-jnp reference (reference.py; differentiable);
+  'auto'       the first of the table's preference order that takes the call
+               natively.
+Semantics, layouts and the ring rule: reference.py and positions.py.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_kernels import dispatch
+from pallas_kernels.decode_attention.kv_formats import CODES, SCALE_DTYPE, QuantizedKV
+from pallas_kernels.decode_attention.reference import decode_attention_reference
+
+FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
+CODE_DTYPES = tuple(dtype for dtype, _ in CODES.values())
+
+
+def _check_cache(name: str, x):
+    """A cache tensor (a float array or QuantizedKV) with a 4-d layout."""
+    if isinstance(x, QuantizedKV):
+        data = dispatch.as_array(f"{name}.data", x.data)
+        scale = dispatch.as_array(f"{name}.scale", x.scale)
+        if data.dtype not in CODE_DTYPES:
+            raise TypeError(f"{name}.data must be int8 or float8_e4m3fn, got {data.dtype}")
+        if scale.dtype != SCALE_DTYPE:
+            raise TypeError(f"{name}.scale must be float32, got {scale.dtype}")
+        if data.ndim != 4 or scale.shape != data.shape[:3]:
+            raise ValueError(f"{name} must be QuantizedKV(data [N, S, Hkv, D], scale "
+                             f"[N, S, Hkv]), got data {data.shape}, scale {scale.shape}")
+        return QuantizedKV(data, scale)
+    x = dispatch.as_array(name, x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or a QuantizedKV, got "
+                        f"{x.dtype}")
+    if x.ndim != 4:
+        raise ValueError(f"{name} must be [N, S, Hkv, D], got shape {x.shape}")
+    return x
+
+
+def check_inputs(q, k, v, lengths, page_table):
+    """Arrays checked and converted: (q, k, v, lengths int32, page_table
+    int32 or None). Raises a one-line error naming the bad argument."""
+    q = dispatch.as_array("q", q)
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q must be float32, bfloat16 or float16, got {q.dtype}")
+    if q.ndim != 4 or min(q.shape) < 1:
+        raise ValueError(f"q must be [B, T, Hq, D] with every size >= 1, got shape {q.shape}")
+    k, v = _check_cache("k", k), _check_cache("v", v)
+    B, T, Hq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {k.shape} vs {v.shape}")
+    if k.shape[3] != D:
+        raise ValueError(f"head_dim of k {k.shape} differs from q's {q.shape}")
+    if Hq % k.shape[2]:
+        raise ValueError(f"kv heads ({k.shape[2]}) must divide q heads ({Hq})")
+    lengths = dispatch.as_array("lengths", lengths, integer=True)
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths must be [B] = ({B},), got shape {lengths.shape}")
+    if page_table is None:
+        if k.shape[0] != B:
+            raise ValueError(f"a contiguous cache k {k.shape} needs batch {B} (q {q.shape}); "
+                             f"pass page_table for a paged pool")
+        capacity = k.shape[1]
+    else:
+        page_table = dispatch.as_array("page_table", page_table, integer=True)
+        if page_table.ndim != 2 or page_table.shape[0] != B or page_table.shape[1] < 1:
+            raise ValueError(f"page_table must be [B, pages_per_seq] with B = {B}, got shape "
+                             f"{page_table.shape}")
+        capacity = page_table.shape[1] * k.shape[1]
+        page_table = page_table.astype(jnp.int32)
+    if T > capacity:
+        raise ValueError(f"q holds T={T} new tokens, more than the cache capacity {capacity}")
+    return q, k, v, lengths.astype(jnp.int32), page_table
+
+
+TABLE = dispatch.Table("decode attention", {
+    "xla": dispatch.takes_any,
+}, preference=("xla",))
+IMPLEMENTATIONS = TABLE.names
+
+
+def decode_attention(q, k, v, lengths, *, page_table=None, sliding_window: int | None = None,
+                     logit_softcap: float | None = None, scale: float | None = None,
+                     implementation: str = "auto", interpret: bool | None = None):
+    """Attention of the T newest tokens against a KV cache -> [B, T, Hq, D] in q.dtype.
+
+    q [B, T, Hq, D]; k, v [B, S, Hkv, D] (contiguous) or [P, page_size, Hkv, D]
+    (paged, with page_table [B, pages_per_seq] int); either may be a
+    QuantizedKV. lengths [B] int: cache tokens per sequence, the T new ones
+    included. Query t sits at position lengths - T + t; slot s holds position
+    lengths-1 - ((lengths-1-s) mod C) (the ring rule of positions.py).
+    sliding_window w (an int >= 1): positions fewer than w before the query.
+    logit_softcap c (a finite float > 0): logits become c*tanh(logits/c).
+    scale (a finite float > 0) defaults to D**-0.5. Arrays are jax or NumPy
+    arrays (Python lists are refused).
+    """
+    q, k, v, lengths, page_table = check_inputs(q, k, v, lengths, page_table)
+    if sliding_window is not None:
+        sliding_window = dispatch.check_size("sliding_window", sliding_window)
+    if logit_softcap is not None:
+        logit_softcap = dispatch.check_positive_real("logit_softcap", logit_softcap)
+    if scale is not None:
+        scale = dispatch.check_positive_real("scale", scale)
+    kwargs = dict(page_table=page_table, sliding_window=sliding_window,
+                  logit_softcap=logit_softcap, scale=scale)
+    impl, interpret = TABLE.resolve(implementation, interpret, q=q, k=k, v=v, **kwargs)
+    del impl, interpret  # 'xla' only so far
+    return decode_attention_reference(q, k, v, lengths, **kwargs)

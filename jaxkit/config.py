@@ -210,6 +210,23 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    """Text generation (`jaxkit generate`, jaxkit.generate.Generator)."""
+    max_new_tokens: int = ranged(128, ">= 1")
+    temperature: float = ranged(1.0, ">= 0")  # 0: greedy
+    top_k: int = ranged(0, ">= 0")  # 0: no top-k filter
+    top_p: float = ranged(1.0, "(0, 1]")  # 1: no nucleus filter
+    seed: int = ranged(0, ">= 0")
+    stop: tuple[str, ...] = ()  # a sequence's text ends before the first of these it produces
+    # KV cache storage: the compute dtype, a float dtype, or int8/fp8 codes
+    # with a float32 scale per token and head
+    kv_cache: Literal["compute", "bf16", "fp16", "fp32", "int8", "fp8"] = "compute"
+    paged: bool = False  # pages of page_size tokens from one pool per layer
+    page_size: int = ranged(16, ">= 1")
+    attention_implementation: Literal["auto", "xla", "pallas", "mosaic_gpu", "blockspec"] = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -217,6 +234,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
 
 
 # ---------------------------------------------------------------- loading

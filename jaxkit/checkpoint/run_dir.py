@@ -26,6 +26,7 @@ RESUMABLE = (
     "data.",  # paths and batches: the data never enters the checkpoint
     "mesh.",  # checkpoints hold global arrays, restored onto any mesh
     "checkpoint.",  # save cadence and retention
+    "generate.",  # text generation settings: never read by training
     "model.remat", "model.compute_dtype", "model.attention.implementation",  # no parameters
     "optimizer.learning_rate", "optimizer.schedule", "optimizer.warmup_steps",
     "optimizer.decay_fraction", "optimizer.min_lr_ratio",  # the schedule: a function of the step

@@ -1,5 +1,7 @@
 """Grouped-query self-attention with rotary embeddings; the attention core is
-pallas_kernels.flash_attention, so the implementation is a config choice."""
+pallas_kernels.flash_attention, so the implementation is a config choice.
+With a KV cache (generation) the decode steps attend through
+pallas_kernels.decode_attention."""
 from __future__ import annotations
 
 from flax import nnx
@@ -9,6 +11,7 @@ from jaxkit.layers.linear import Linear
 from jaxkit.layers.rope import apply_rope
 from jaxkit.sharding import per_shard
 from pallas_kernels.attention import flash_attention
+from pallas_kernels.decode_attention import decode_attention
 
 HEADS = ("batch", None, "act_heads", None)  # [batch, length, heads, head_dim]
 
@@ -29,16 +32,48 @@ class Attention(nnx.Module):
         self.cfg, self.rope_theta = cfg, rope_theta
 
     def __call__(self, x, positions, segment_ids=None):
+        q, k, v = self._project(x, positions)
+        return self._output(self._flash(q, k, v, segment_ids))
+
+    def cached(self, x, positions, cache, valid, lengths=None, implementation="auto"):
+        """Attention that writes the K/V of x to a KV cache (an object with
+        write(k, v, positions, valid) -> cache and k, v, page_table, such as
+        jaxkit.generate.KVCache); returns (output, cache).
+
+        Prefill (lengths None): x holds right-padded prompts from position 0
+        and attends to itself as in training. Decode (lengths [B]: cache
+        tokens per sequence, x's included): x holds each sequence's T newest
+        tokens, at positions lengths - T + t, which attend to the cache with
+        decode_attention(implementation). Only the valid [B, T] tokens are
+        written."""
+        q, k, v = self._project(x, positions)
+        cache = cache.write(k, v, positions, valid)
+        if lengths is None:
+            out = self._flash(q, k, v, None)
+        else:
+            out = decode_attention(q, cache.k, cache.v, lengths, page_table=cache.page_table,
+                                   sliding_window=self.cfg.sliding_window,
+                                   logit_softcap=self.cfg.logit_softcap,
+                                   implementation=implementation)
+        return self._output(out), cache
+
+    def _project(self, x, positions):
+        """q [B, S, H, D] and k, v [B, S, KH, D], q and k rotated to positions."""
         B, S, _ = x.shape
         q = self.q(x).reshape(B, S, self.num_heads, self.head_dim)
         k = self.k(x).reshape(B, S, self.num_kv_heads, self.head_dim)
         v = self.v(x).reshape(B, S, self.num_kv_heads, self.head_dim)
-        q = apply_rope(q, positions, theta=self.rope_theta)
-        k = apply_rope(k, positions, theta=self.rope_theta)
+        return (apply_rope(q, positions, theta=self.rope_theta),
+                apply_rope(k, positions, theta=self.rope_theta), v)
+
+    def _flash(self, q, k, v, segment_ids):
         # Per shard on a mesh: XLA cannot split a Pallas kernel itself.
         attend = per_shard(lambda q, k, v, seg: flash_attention(
             q, k, v, causal=True, segment_ids=seg, sliding_window=self.cfg.sliding_window,
             logit_softcap=self.cfg.logit_softcap, implementation=self.cfg.implementation),
             in_axes=(HEADS, HEADS, HEADS, ("batch", None)), out_axes=HEADS)
-        out = attend(q, k, v, segment_ids)
+        return attend(q, k, v, segment_ids)
+
+    def _output(self, out):
+        B, S = out.shape[:2]
         return self.o(out.reshape(B, S, self.num_heads * self.head_dim))

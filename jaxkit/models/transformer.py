@@ -4,7 +4,10 @@ attention and a SwiGLU MLP (or a mixture of experts), tied or untied head.
 model.remat recomputes each layer's activations in the backward pass
 (everything, or all but the weight matmuls' outputs); model.scan_layers
 stores the layers stacked along a "layers" axis and runs them with one
-scanned body, so compile time does not grow with depth."""
+scanned body, so compile time does not grow with depth.
+
+prefill and decode run unrolled layers with a KV cache per layer, for
+generation (jaxkit.generate)."""
 from __future__ import annotations
 
 import dataclasses
@@ -44,7 +47,16 @@ class Block(nnx.Module):
                               compute_dtype=cd, out_std=out_std, quant=cfg.quant)
 
     def __call__(self, x, positions, segment_ids=None):
-        x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+        return self._feed_forward(x + self.attn(self.attn_norm(x), positions, segment_ids))
+
+    def cached(self, x, positions, cache, valid, lengths=None, implementation="auto"):
+        """The block with its attention reading and writing a KV cache
+        (Attention.cached); returns (x, cache)."""
+        y, cache = self.attn.cached(self.attn_norm(x), positions, cache, valid, lengths,
+                                    implementation)
+        return self._feed_forward(x + y)[0], cache
+
+    def _feed_forward(self, x):
         h = self.mlp_norm(x)
         if self.is_moe:
             y, aux = self.mlp(h)
@@ -139,29 +151,73 @@ class Transformer(nnx.Module):
         aux["moe"] maps layer index to that layer's routing metrics.
         """
         x, aux = self.hidden(tokens, positions, segment_ids)
+        return self.logits(x), aux
+
+    def logits(self, x):
+        """Final normed hidden states [..., d_model] -> logits float32 [..., vocab]."""
         w = self.output_projection()
         if w is None:
-            return self.head(x).astype(jnp.float32), aux
-        return jnp.dot(x, w, preferred_element_type=jnp.float32), aux
+            return self.head(x).astype(jnp.float32)
+        return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
     def hidden(self, tokens, positions=None, segment_ids=None):
         """tokens int [B, S] -> (final normed hidden states [B, S, d_model] in
         the compute dtype, aux dict as __call__'s): what the output projection
         takes, for losses that fuse it."""
-        cd = DTYPES[self.cfg.compute_dtype]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        # Gathered whole along embed (the FSDP all-gather, as for any layer's weights);
-        # vocab stays split over tensor for the lookup and the tied head.
-        table = constrain(self.embed[...], ("vocab", None))
-        x = constrain(jnp.take(table, tokens, axis=0).astype(cd), RESIDUAL)
-        x, layer_aux = self._layers(x, positions, segment_ids)
+        x, layer_aux = self._layers(self._embed(tokens), positions, segment_ids)
         moe_loss, moe_metrics = jnp.zeros((), jnp.float32), {}
         for i, aux in enumerate(layer_aux):
             if aux:
                 moe_loss = moe_loss + aux.pop("loss")
                 moe_metrics[i] = aux
         return self.final_norm(x), {"moe_loss": moe_loss, "moe": moe_metrics}
+
+    def prefill(self, tokens, lengths, caches):
+        """The prompts tokens int [B, S] (sequence b's first lengths[b]
+        tokens; the rest padding) through the model, their keys and values
+        written to caches (one jaxkit.generate.KVCache per layer) -> (logits
+        float32 [B, vocab] of each prompt's last token, caches)."""
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x, caches = self._cached_layers(self._embed(tokens), positions, caches,
+                                        positions < lengths[:, None], None, "auto")
+        last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        return self.logits(self.final_norm(last)), caches
+
+    def decode(self, tokens, lengths, caches, active=None, implementation: str = "auto"):
+        """A decode step: tokens int [B, T], each sequence's T newest, at
+        positions lengths - T + t (lengths [B] counts the cached tokens,
+        these included) -> (logits float32 [B, T, vocab], caches). Sequences
+        where active [B] is False write nothing (their logits are
+        meaningless). implementation: decode_attention's."""
+        T = tokens.shape[1]
+        positions = lengths[:, None] - T + jnp.arange(T)
+        valid = jnp.ones(tokens.shape, bool) if active is None \
+            else jnp.broadcast_to(active[:, None], tokens.shape)
+        x, caches = self._cached_layers(self._embed(tokens), positions, caches, valid, lengths,
+                                        implementation)
+        return self.logits(self.final_norm(x)), caches
+
+    def _cached_layers(self, x, positions, caches, valid, lengths, implementation):
+        if self.cfg.scan_layers:
+            raise ValueError("generation runs the layers one by one: unroll a model with "
+                             "model.scan_layers=true first (jaxkit.models.unscan_layers)")
+        if len(caches) != len(self.blocks):
+            raise ValueError(f"{len(caches)} KV caches for {len(self.blocks)} layers")
+        updated = []
+        for block, cache in zip(self.blocks, caches):
+            x, cache = block.cached(x, positions, cache, valid, lengths, implementation)
+            updated.append(cache)
+        return x, updated
+
+    def _embed(self, tokens):
+        """tokens int [B, S] -> embeddings [B, S, d_model] in the compute dtype."""
+        # Gathered whole along embed (the FSDP all-gather, as for any layer's weights);
+        # vocab stays split over tensor for the lookup and the tied head.
+        table = constrain(self.embed[...], ("vocab", None))
+        return constrain(jnp.take(table, tokens, axis=0).astype(DTYPES[self.cfg.compute_dtype]),
+                         RESIDUAL)
 
     def output_projection(self):
         """The output head as a [d_model, vocab] matrix in the compute dtype, or

@@ -1,0 +1,124 @@
+"""Key/value caches of a batch of sequences, one per attention layer, as
+pure pytrees so that a decode step is one jitted function.
+
+A layer's cache is contiguous, k and v [B, C, Hkv, D], or paged, a pool
+[P, page_size, Hkv, D] shared by the batch with a page table [B,
+pages_per_seq] naming each sequence's pages. Either stores the values in a
+float dtype or as pallas_kernels.decode_attention.QuantizedKV (int8 or fp8
+codes with a float32 scale per token and head). Position p of a sequence
+lives in logical slot p % C (C the capacity), the ring rule decode_attention
+reads by, so a sliding-window model keeps only its window.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.decode_attention import FORMATS, QuantizedKV, kv_bytes_per_token, quantize_kv
+from pallas_kernels.decode_attention.kv_formats import CODES
+
+FLOAT_KV = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
+KV_CACHES = ("compute", *FLOAT_KV, *FORMATS)  # generate.kv_cache values
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """One layer's cache. k, v: arrays or QuantizedKV, [B, C, Hkv, D] when
+    page_table is None, else page pools [P, page_size, Hkv, D] with
+    page_table [B, pages_per_seq] int32."""
+    k: Any
+    v: Any
+    page_table: jax.Array | None = None
+
+    @property
+    def capacity(self) -> int:
+        """Slots per sequence, C."""
+        slots = jax.tree.leaves(self.k)[0].shape[1]
+        return slots if self.page_table is None else slots * self.page_table.shape[1]
+
+    def write(self, k, v, positions, valid) -> KVCache:
+        """The cache with k, v [B, T, Hkv, D] stored at their positions [B, T]
+        where valid [B, T]; of a sequence's valid positions only the newest C
+        are stored (older ones would share their slots)."""
+        newest = jnp.max(jnp.where(valid, positions, -1), axis=1, keepdims=True)
+        keep = valid & (positions > newest - self.capacity)
+        flat = self._flat_slots(positions, keep)
+        return dataclasses.replace(self, k=_store(self.k, k, flat), v=_store(self.v, v, flat))
+
+    def _flat_slots(self, positions, keep):
+        """Row of each position in the cache viewed as [rows, Hkv, D]; one
+        past the last row (so dropped by the scatter) where not kept."""
+        leaf = jax.tree.leaves(self.k)[0]
+        rows = leaf.shape[0] * leaf.shape[1]
+        slot = positions % self.capacity
+        if self.page_table is None:
+            flat = jnp.arange(positions.shape[0])[:, None] * self.capacity + slot
+        else:
+            page_size = leaf.shape[1]
+            page = jnp.take_along_axis(self.page_table, slot // page_size, axis=1)
+            flat = page * page_size + slot % page_size
+        return jnp.where(keep, flat, rows)
+
+
+def _store(buffer, x, flat):
+    """buffer (array or QuantizedKV) with x [B, T, Hkv, D] scattered to rows flat [B, T]."""
+    if isinstance(buffer, QuantizedKV):
+        x = quantize_kv(x, buffer.fmt)
+
+    def scatter(buf, new):
+        rows = buf.reshape(-1, *buf.shape[2:])
+        return rows.at[flat].set(new.astype(buf.dtype), mode="drop").reshape(buf.shape)
+    return jax.tree.map(scatter, buffer, x)
+
+
+def storage(kv_cache: str, compute_dtype) -> str:
+    """The storage format of a generate.kv_cache choice: a float dtype name
+    or a QuantizedKV format ('int8', 'fp8')."""
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
+    if kv_cache in FORMATS:
+        return kv_cache
+    dtype = compute_dtype if kv_cache == "compute" else FLOAT_KV[kv_cache]
+    return jnp.dtype(dtype).name
+
+
+def _zeros(fmt: str, leading: tuple[int, int], kv_heads: int, head_dim: int):
+    shape = (*leading, kv_heads, head_dim)
+    if fmt in FORMATS:
+        return QuantizedKV(jnp.zeros(shape, CODES[fmt][0]), jnp.zeros(shape[:-1], jnp.float32))
+    return jnp.zeros(shape, fmt)
+
+
+def empty_caches(num_layers: int, leading: tuple[int, int], kv_heads: int, head_dim: int,
+                 fmt: str, page_table=None) -> list[KVCache]:
+    """num_layers zeroed caches in format fmt (see storage): leading is
+    (B, C) for contiguous caches, (P, page_size) for page pools, which take
+    the page_table [B, pages_per_seq]."""
+    return [KVCache(_zeros(fmt, leading, kv_heads, head_dim),
+                    _zeros(fmt, leading, kv_heads, head_dim), page_table)
+            for _ in range(num_layers)]
+
+
+def split(caches: list[KVCache]):
+    """(buffers [(k, v)] per layer, page_table): the buffers are what a
+    decode step updates in place (donates); the page table is shared."""
+    return [(c.k, c.v) for c in caches], caches[0].page_table
+
+
+def join(buffers, page_table) -> list[KVCache]:
+    return [KVCache(k, v, page_table) for k, v in buffers]
+
+
+def cache_bytes(caches: list[KVCache]) -> int:
+    """Bytes the cache buffers hold, codes and scales included."""
+    return sum(leaf.nbytes for c in caches for leaf in jax.tree.leaves((c.k, c.v)))
+
+
+def bytes_per_token(fmt: str, num_layers: int, kv_heads: int, head_dim: int) -> int:
+    """Bytes one cached token takes over all layers, keys and values."""
+    return math.ceil(num_layers * kv_bytes_per_token(fmt, kv_heads, head_dim))

@@ -1,0 +1,250 @@
+"""Batched generation on the device: a prefill and a decode step, each
+compiled ahead of time once per shape (batch, padded prompt length, cache
+layout) and per sampling mode, so no token recompiles anything: lengths,
+sampling settings and which sequences are still running are data.
+
+A batch of prompts of different lengths is right-padded to a bucket (a power
+of two, at most model.max_seq_len). The cache holds, per sequence, the
+prompt and every generated token but the last, and never more than
+max_seq_len tokens: a sequence stops when its next token's position would
+reach model.max_seq_len. The decode step feeds one token per sequence; the
+caches are donated to it and updated in place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxkit.generate import cache as kv
+from jaxkit.generate import sampling
+from jaxkit.generate.pages import PageAllocator, assign_pages, pages_for
+from jaxkit.layers.moe import MoE
+from jaxkit.models import unscan_layers
+from pallas_kernels.decode_attention import IMPLEMENTATIONS
+
+MIN_BUCKET = 16
+
+
+def power_of_two(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
+def bucket(n: int, cap: int) -> int:
+    """The power of two >= n (at least MIN_BUCKET), at most cap."""
+    return min(cap, max(MIN_BUCKET, power_of_two(n)))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """A batch's sampling settings, as device data. eos_id -1: none."""
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    keys: jax.Array  # [B], one per sequence (sampling.sequence_keys)
+    eos_id: jax.Array
+    max_new_tokens: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """tokens [B]: each sequence's newest token, fed next; lengths [B]:
+    tokens in its cache; count [B]: tokens generated; active [B]: still
+    generating."""
+    tokens: jax.Array
+    lengths: jax.Array
+    count: jax.Array
+    active: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    """What one prefill or decode step produced: tokens [B], emitted [B]
+    (the token belongs to its sequence: it was active) and active [B] after it."""
+    tokens: jax.Array
+    emitted: jax.Array
+    active: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """What a compiled step is specialised to (the rest is data)."""
+    greedy: bool
+    filtered: bool  # top-k or top-p in use
+    vocab_size: int  # ids at or beyond it are never drawn (the tokenizer's size)
+
+
+class Engine:
+    """Prefill and decode steps of a model with KV caches.
+
+    model: a jaxkit Transformer (scanned layers are unrolled, MoE layers
+    route every token to its experts without capacity drops, as one
+    token's result must not depend on the batch); kv_cache: a
+    generate.kv_cache choice; paged with page_size: a page pool per layer;
+    implementation: decode_attention's."""
+
+    def __init__(self, model, *, kv_cache: str = "compute", paged: bool = False,
+                 page_size: int = 16, implementation: str = "auto"):
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"decode attention implementation {implementation!r} is not one of "
+                             f"{IMPLEMENTATIONS}")
+        if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
+            raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
+        graphdef, state = nnx.split(unscan_layers(model))
+        model = nnx.merge(graphdef, state)  # a copy of the graph: the caller's is left alone
+        model.eval()
+        for _, m in nnx.iter_modules(model):
+            if isinstance(m, MoE):
+                if m.cfg.router == "expert_choice":
+                    raise ValueError("MoE router 'expert_choice' lets experts pick among all "
+                                     "tokens, later ones included, so it cannot decode")
+                m.cfg = dataclasses.replace(m.cfg, dispatch="dropless")
+        self.cfg = model.cfg
+        self.graphdef, self.state = nnx.split(model)
+        self.fmt = kv.storage(kv_cache, self.cfg.compute_dtype)
+        self.paged, self.page_size, self.implementation = paged, page_size, implementation
+        self._compiled: dict = {}
+
+    @property
+    def bytes_per_token(self) -> int:
+        c = self.cfg
+        return kv.bytes_per_token(self.fmt, c.num_layers, c.kv_heads, c.dim_per_head)
+
+    def capacity(self, cached_tokens: int) -> int:
+        """Cache slots per sequence for sequences of up to cached_tokens
+        tokens: a bucket, or the sliding window (the decode step feeds one
+        token, so the window's slots suffice), in whole pages when paged."""
+        c = self.cfg
+        slots = bucket(cached_tokens, c.max_seq_len)
+        if c.attention.sliding_window is not None:
+            slots = min(slots, c.attention.sliding_window)
+        return pages_for(slots, self.page_size) * self.page_size if self.paged else slots
+
+    def start(self, prompts: list[np.ndarray], *, max_new_tokens: int, temperature: float,
+              top_k: int, top_p: float, seed: int, eos_id: int | None,
+              vocab_size: int) -> Decoding:
+        """Prefills the caches with the prompts (1-d int arrays, each
+        1..max_seq_len tokens) and draws each sequence's first token."""
+        c = self.cfg
+        B, lengths = len(prompts), np.array([len(p) for p in prompts], np.int32)
+        padded = np.zeros((B, bucket(int(lengths.max()), c.max_seq_len)), np.int32)
+        for row, p in zip(padded, prompts):
+            row[:len(p)] = p
+        cached = [min(int(n) + max_new_tokens - 1, c.max_seq_len) for n in lengths]
+        capacity = self.capacity(max(cached))
+        allocator = page_table = None
+        if self.paged:
+            need = sum(pages_for(min(n, capacity), self.page_size) for n in cached)
+            # a power of two of pages, so that batches of similar size share a compiled step
+            allocator = PageAllocator(power_of_two(need))
+            page_table = assign_pages(allocator, cached, capacity, self.page_size)
+            leading = (allocator.num_pages, self.page_size)
+        else:
+            leading = (B, capacity)
+        caches = kv.empty_caches(c.num_layers, leading, c.kv_heads, c.dim_per_head, self.fmt,
+                                 None if page_table is None else jnp.asarray(page_table.table))
+        settings = Sampling(jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k),
+                            jnp.float32(top_p), sampling.sequence_keys(seed, B),
+                            jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(max_new_tokens))
+        mode = Mode(greedy=temperature == 0, filtered=top_k > 0 or top_p < 1,
+                    vocab_size=vocab_size)
+        buffers, table = kv.split(caches)
+        args = (self.state, buffers, table, jnp.asarray(padded), jnp.asarray(lengths), settings)
+        prefill, compile_s = self._compile("prefill", mode, args)
+        step_args = (self.state, buffers, table, _initial_state(lengths), settings)
+        step, step_compile_s = self._compile("step", mode, step_args)
+        started = time.perf_counter()
+        buffers, state, first = prefill(*args)
+        return Decoding(self, step, buffers, table, state, settings, first,
+                        compile_s=compile_s + step_compile_s, started=started,
+                        allocator=allocator, page_table=page_table,
+                        cache_bytes=kv.cache_bytes(caches), capacity=capacity)
+
+    def _compile(self, kind: str, mode: Mode, args):
+        """The compiled prefill or step for these argument shapes, and the
+        seconds compiling took (0 when compiled before)."""
+        key = (kind, mode, jax.tree.structure(args),
+               tuple((x.shape, x.dtype) for x in jax.tree.leaves(args)))
+        if key in self._compiled:
+            return self._compiled[key], 0.0
+        fn = self._prefill if kind == "prefill" else self._step
+        t = time.perf_counter()
+        compiled = jax.jit(lambda *a: fn(mode, *a), donate_argnums=(1,)).lower(*args).compile()
+        self._compiled[key] = compiled
+        return compiled, time.perf_counter() - t
+
+    def _choose(self, mode: Mode, logits, settings: Sampling, counts):
+        logits = sampling.limit_vocab(logits, mode.vocab_size)
+        if mode.greedy:
+            return sampling.greedy(logits)
+        return sampling.sample(logits, sampling.step_keys(settings.keys, counts),
+                               temperature=settings.temperature, top_k=settings.top_k,
+                               top_p=settings.top_p, filtered=mode.filtered)
+
+    def _advance(self, state: DecodeState, tokens, lengths, settings: Sampling):
+        """The state after each active sequence drew `tokens`, its cache
+        holding `lengths` tokens: a sequence goes on unless it drew EOS, has
+        its max_new_tokens or the next token's position reaches max_seq_len."""
+        count = state.count + state.active
+        active = state.active & (tokens != settings.eos_id) & (count < settings.max_new_tokens) \
+            & (lengths < self.cfg.max_seq_len)
+        new = DecodeState(tokens, lengths, count, active)
+        return new, StepOutput(tokens, state.active, active)
+
+    def _prefill(self, mode, params, buffers, table, tokens, lengths, settings):
+        model = nnx.merge(self.graphdef, params)
+        logits, caches = model.prefill(tokens, lengths, kv.join(buffers, table))
+        start = _initial_state(lengths)
+        state, out = self._advance(start, self._choose(mode, logits, settings, start.count),
+                                   lengths, settings)
+        return kv.split(caches)[0], state, out
+
+    def _step(self, mode, params, buffers, table, state: DecodeState, settings):
+        model = nnx.merge(self.graphdef, params)
+        lengths = state.lengths + state.active
+        logits, caches = model.decode(state.tokens[:, None], lengths, kv.join(buffers, table),
+                                      active=state.active, implementation=self.implementation)
+        tokens = self._choose(mode, logits[:, 0], settings, state.count)
+        state, out = self._advance(state, tokens, lengths, settings)
+        return kv.split(caches)[0], state, out
+
+
+def _initial_state(lengths) -> DecodeState:
+    B = len(lengths)
+    return DecodeState(jnp.zeros((B,), jnp.int32), jnp.asarray(lengths, jnp.int32),
+                       jnp.zeros((B,), jnp.int32), jnp.ones((B,), bool))
+
+
+class Decoding:
+    """One batch in generation: its caches and state on the device; step()
+    dispatches the next decode step (asynchronously) and returns its
+    StepOutput; `first` is the prefill's."""
+
+    def __init__(self, engine: Engine, step, buffers, table, state, settings, first, *,
+                 compile_s: float, started: float, allocator, page_table, cache_bytes: int,
+                 capacity: int):
+        self._engine, self._step = engine, step
+        self._buffers, self._table, self._state, self._settings = buffers, table, state, settings
+        self.first, self.compile_s, self.started = first, compile_s, started
+        self._allocator, self.page_table = allocator, page_table
+        self.cache_bytes, self.capacity = cache_bytes, capacity
+
+    def step(self) -> StepOutput:
+        self._buffers, self._state, out = self._step(self._engine.state, self._buffers,
+                                                     self._table, self._state, self._settings)
+        return out
+
+    def close(self) -> None:
+        """Gives the cache memory and the pages back."""
+        if self.page_table is not None:
+            for pages in self.page_table.pages:
+                self._allocator.free(pages)
+        self._buffers = None

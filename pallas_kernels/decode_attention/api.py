@@ -2,15 +2,24 @@
 
 implementation (the shared rule of pallas_kernels.dispatch):
   'xla'        the pure-jnp reference (reference.py; differentiable);
-  'auto'       the first of the table's preference order that takes the call
-               natively.
+  'blockspec'  the portable flash-decoding kernel of blockspec.py (compiled
+               on a GPU, interpreted on CPU; head_dim a power of two >= 16);
+  'pallas'     the Pallas kernels in the shared order;
+  'auto'       'pallas' on a GPU, the reference on CPU.
 Semantics, layouts and the ring rule: reference.py and positions.py.
+
+The Pallas kernels are inference-only: differentiating through one raises a
+TypeError naming it (use implementation='xla' to differentiate).
 """
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels import dispatch
+from pallas_kernels.decode_attention import blockspec
 from pallas_kernels.decode_attention.kv_formats import CODES, SCALE_DTYPE, QuantizedKV
 from pallas_kernels.decode_attention.reference import decode_attention_reference
 
@@ -76,15 +85,46 @@ def check_inputs(q, k, v, lengths, page_table):
     return q, k, v, lengths.astype(jnp.int32), page_table
 
 
+def _takes_no_tiling(args):
+    given = [f"{name}={getattr(args, name)}" for name in ("block_kv", "num_splits")
+             if getattr(args, name) is not None]
+    return f"takes no {', '.join(given)} (they tile a Pallas kernel)" if given else None
+
+
+def _blockspec_problem(args):
+    if args.block_kv is not None and args.page_table is not None:
+        return f"block_kv={args.block_kv} applies to a contiguous cache (a paged one steps by page)"
+    if args.block_kv is not None and (args.block_kv < blockspec.MIN_TILE
+                                      or args.block_kv & (args.block_kv - 1)):
+        return f"block_kv={args.block_kv} must be a power of two >= {blockspec.MIN_TILE}"
+    return blockspec.unsupported(args.q, args.k)
+
+
 TABLE = dispatch.Table("decode attention", {
-    "xla": dispatch.takes_any,
-}, preference=("xla",))
+    "xla": _takes_no_tiling,
+    "blockspec": _blockspec_problem,
+}, preference=("pallas", "xla"))
 IMPLEMENTATIONS = TABLE.names
+
+
+def inference_only(name: str, fn, *args):
+    """fn(*args), refusing differentiation (forward or reverse) with a
+    one-line TypeError naming the implementation."""
+    @jax.custom_jvp
+    def run(*args):
+        return fn(*args)
+
+    @run.defjvp
+    def _refuse(primals, tangents):
+        raise TypeError(f"decode_attention implementation={name!r} is inference-only (no "
+                        f"gradient); use implementation='xla' to differentiate")
+    return run(*args)
 
 
 def decode_attention(q, k, v, lengths, *, page_table=None, sliding_window: int | None = None,
                      logit_softcap: float | None = None, scale: float | None = None,
-                     implementation: str = "auto", interpret: bool | None = None):
+                     implementation: str = "auto", interpret: bool | None = None,
+                     block_kv: int | None = None, num_splits: int | None = None):
     """Attention of the T newest tokens against a KV cache -> [B, T, Hq, D] in q.dtype.
 
     q [B, T, Hq, D]; k, v [B, S, Hkv, D] (contiguous) or [P, page_size, Hkv, D]
@@ -95,7 +135,13 @@ def decode_attention(q, k, v, lengths, *, page_table=None, sliding_window: int |
     sliding_window w (an int >= 1): positions fewer than w before the query.
     logit_softcap c (a finite float > 0): logits become c*tanh(logits/c).
     scale (a finite float > 0) defaults to D**-0.5. Arrays are jax or NumPy
-    arrays (Python lists are refused).
+    arrays (Python lists are refused). Cache slots that no query sees get
+    zero weight; the Pallas kernels still read some of them (the rest of a
+    block or page), so the cache must hold finite values there (zeros or
+    stale tokens do).
+    Tuning (Pallas kernels only): block_kv, slots a step of a contiguous
+    cache covers; num_splits, splits of the cache length (None: enough
+    programs to fill the GPU).
     """
     q, k, v, lengths, page_table = check_inputs(q, k, v, lengths, page_table)
     if sliding_window is not None:
@@ -104,8 +150,13 @@ def decode_attention(q, k, v, lengths, *, page_table=None, sliding_window: int |
         logit_softcap = dispatch.check_positive_real("logit_softcap", logit_softcap)
     if scale is not None:
         scale = dispatch.check_positive_real("scale", scale)
-    kwargs = dict(page_table=page_table, sliding_window=sliding_window,
-                  logit_softcap=logit_softcap, scale=scale)
-    impl, interpret = TABLE.resolve(implementation, interpret, q=q, k=k, v=v, **kwargs)
-    del impl, interpret  # 'xla' only so far
-    return decode_attention_reference(q, k, v, lengths, **kwargs)
+    tiling = {name: None if value is None else dispatch.check_size(name, value)
+              for name, value in (("block_kv", block_kv), ("num_splits", num_splits))}
+    kwargs = dict(sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale)
+    impl, interpret = TABLE.resolve(implementation, interpret, q=q, k=k, v=v,
+                                    page_table=page_table, **kwargs, **tiling)
+    if impl == "xla":
+        return decode_attention_reference(q, k, v, lengths, page_table=page_table, **kwargs)
+    kernel = functools.partial(blockspec.blockspec_decode_attention, interpret=interpret,
+                               **kwargs, **tiling)
+    return inference_only(impl, kernel, q, k, v, lengths, page_table)

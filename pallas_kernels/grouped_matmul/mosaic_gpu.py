@@ -99,8 +99,8 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT
     # Power-of-two row blocks whose sizes add up to at least tm.
     row_blocks = [1 << b for b in reversed(range(tm.bit_length()))]
 
-    def body(group_ref, tile_ref, lo_ref, hi_ref, first_ref, lhs_ref, rhs_ref, out_ref,
-             out_smem):
+    def grouped_matmul(group_ref, tile_ref, lo_ref, hi_ref, first_ref, lhs_ref, rhs_ref,
+                       out_ref, out_smem):
         del first_ref  # each step stores only its own rows
 
         @plgpu.nd_loop((items,), collective_axes="sm")
@@ -151,7 +151,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT
 
         plgpu.wait_smem_to_gmem(0)
 
-    out = _launch(body, jax.ShapeDtypeStruct((m_pad, n_pad), out_dtype),
+    out = _launch(grouped_matmul, jax.ShapeDtypeStruct((m_pad, n_pad), out_dtype),
                   plgpu.SMEM((tm, tn), out_dtype), interpret)(*sched, lhs, rhs)
     return out[:m, :n]
 
@@ -172,7 +172,8 @@ def tgmm(lhs, dout, group_sizes, *, out_dtype, tiling=DEFAULT_TGMM_TILING,
     first_tile = starts // tr
     tile_count = jnp.where(ends > starts, pl.cdiv(ends, tr) - first_tile, 0)
 
-    def body(start_ref, end_ref, first_ref, count_ref, lhs_ref, dout_ref, out_ref, out_smem):
+    def transposed_grouped_matmul(start_ref, end_ref, first_ref, count_ref, lhs_ref, dout_ref,
+                                  out_ref, out_smem):
         @plgpu.nd_loop((g * k_tiles * n_tiles,), collective_axes="sm")
         def _item(info):
             grp = info.index[0] // (k_tiles * n_tiles)
@@ -223,7 +224,8 @@ def tgmm(lhs, dout, group_sizes, *, out_dtype, tiling=DEFAULT_TGMM_TILING,
 
         plgpu.wait_smem_to_gmem(0)
 
-    out = _launch(body, jax.ShapeDtypeStruct((g, k_pad, n_pad), out_dtype),
+    out = _launch(transposed_grouped_matmul,
+                  jax.ShapeDtypeStruct((g, k_pad, n_pad), out_dtype),
                   plgpu.SMEM((tk, tn), out_dtype), interpret)(
         starts, ends, first_tile, tile_count, lhs, dout)
     return out[:, :k, :n]

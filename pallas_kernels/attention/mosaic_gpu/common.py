@@ -131,10 +131,10 @@ def kernel_call(body, out_type, scratch, grid, names):
     a ``jax.new_ref`` operand is updated in place: the fused backward adds
     its dQ partial sums into one."""
 
-    def with_scratch(*refs):
+    def flash_attention(*refs):
         pl.run_scoped(lambda *s: body(*refs, *s), *scratch, collective_axes="wg")
     mesh = plgpu.Mesh(grid=grid, grid_names=names, num_threads=CONSUMERS + 1, thread_name="wg")
-    return pl.kernel(with_scratch, out_type=out_type, mesh=mesh,
+    return pl.kernel(flash_attention, out_type=out_type, mesh=mesh,
                      compiler_params=plgpu.CompilerParams(approx_math=True))
 
 

@@ -2,9 +2,12 @@
 
 implementation (the shared rule of pallas_kernels.dispatch):
   'xla'        the pure-jnp reference (reference.py; differentiable);
+  'mosaic_gpu' the Hopper flash-decoding kernel of mosaic_gpu.py (bf16/f16
+               queries, head_dim 64 or 128, at most 64 query rows per kv
+               head; compiled only);
   'blockspec'  the portable flash-decoding kernel of blockspec.py (compiled
                on a GPU, interpreted on CPU; head_dim a power of two >= 16);
-  'pallas'     the Pallas kernels in the shared order;
+  'pallas'     'mosaic_gpu' where it takes the call, else 'blockspec';
   'auto'       'pallas' on a GPU, the reference on CPU.
 Semantics, layouts and the ring rule: reference.py and positions.py.
 
@@ -19,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import dispatch
-from pallas_kernels.decode_attention import blockspec
+from pallas_kernels.decode_attention import blockspec, mosaic_gpu
 from pallas_kernels.decode_attention.kv_formats import CODES, SCALE_DTYPE, QuantizedKV
 from pallas_kernels.decode_attention.reference import decode_attention_reference
 
@@ -100,8 +103,13 @@ def _blockspec_problem(args):
     return blockspec.unsupported(args.q, args.k)
 
 
+def _mosaic_problem(args):
+    return mosaic_gpu.unsupported(args.q, args.k, args.v, args.page_table, args.block_kv)
+
+
 TABLE = dispatch.Table("decode attention", {
     "xla": _takes_no_tiling,
+    "mosaic_gpu": _mosaic_problem,
     "blockspec": _blockspec_problem,
 }, preference=("pallas", "xla"))
 IMPLEMENTATIONS = TABLE.names
@@ -157,6 +165,9 @@ def decode_attention(q, k, v, lengths, *, page_table=None, sliding_window: int |
                                     page_table=page_table, **kwargs, **tiling)
     if impl == "xla":
         return decode_attention_reference(q, k, v, lengths, page_table=page_table, **kwargs)
-    kernel = functools.partial(blockspec.blockspec_decode_attention, interpret=interpret,
-                               **kwargs, **tiling)
+    if impl == "mosaic_gpu":
+        kernel = functools.partial(mosaic_gpu.mosaic_decode_attention, **kwargs, **tiling)
+    else:
+        kernel = functools.partial(blockspec.blockspec_decode_attention, interpret=interpret,
+                                   **kwargs, **tiling)
     return inference_only(impl, kernel, q, k, v, lengths, page_table)

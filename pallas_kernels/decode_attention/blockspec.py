@@ -8,9 +8,10 @@ cache and walks it in blocks with an online softmax, writing its normalised
 partial output and logsumexp; splits.merge combines the splits in XLA.
 
 Blocks: a contiguous cache is walked in ``block_kv`` slots, a paged one page
-by page (page ids read from the program's page-table row). A block that holds
-no slot any query sees (past the length, outside the window) is skipped
-before anything of it is loaded. Loads are masked: slots past the capacity
+by page (page ids read from the program's page-table row). Only the blocks
+holding a slot some query sees are visited (positions.visible_blocks: at
+most two ranges, where the ring wraps); the others, past the length or
+outside the window, are never loaded. Loads are masked: slots past the capacity
 (a partial last block) and rows past the page size read as zeros.
 
 Triton's lowering takes no scalar prefetch, so the page table and lengths are
@@ -34,7 +35,8 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels import compat
 from pallas_kernels.decode_attention import splits as sp
 from pallas_kernels.decode_attention.kv_formats import QuantizedKV
-from pallas_kernels.decode_attention.positions import query_position, slot_position, visible
+from pallas_kernels.decode_attention.positions import (query_position, slot_position, visible,
+                                                       visible_blocks)
 from pallas_kernels.shapes import cdiv
 
 MIN_TILE = 16  # smallest dot operand side on a GPU
@@ -102,56 +104,40 @@ def _kernel(*refs, cfg: _Config, k_quant: bool, v_quant: bool, paged: bool):
     q = q_ref[...]
     rows = q.shape[0]
     q_pos = query_position(L, lax.div(lax.iota(jnp.int32, rows), cfg.group), T)
-    # Oldest visible age (age a holds position L-1-a): -1 when nothing is.
-    max_age = jnp.minimum(L - 1, C - 1)
-    if cfg.window is not None:
-        max_age = jnp.minimum(max_age, T + cfg.window - 2)
-    newest_slot = lax.rem(L - 1 + C, C)
-
-    def needed(j):
-        """Block j holds a slot of age <= max_age: its youngest slot's age."""
-        first = j * cfg.step
-        last = jnp.minimum(first + cfg.step, C) - 1
-        youngest = jnp.where((first <= newest_slot) & (newest_slot <= last), 0,
-                             lax.rem(L - 1 - last + C, C))
-        return youngest <= max_age
-
     def step(j, carry):
-        def visit(carry):
-            m, l, acc = carry
-            k, k_scale = _load_block(k_ref, ks_ref, j, pages_ref, cfg)
-            v, v_scale = _load_block(v_ref, vs_ref, j, pages_ref, cfg)
-            dtype = q.dtype if k_quant else jnp.promote_types(q.dtype, k.dtype)
-            s = _dot(q.astype(dtype), k.astype(dtype), (1, 1)) * cfg.scale
-            if k_quant:
-                s = s * k_scale[None, :]
-            if cfg.softcap is not None:
-                s = cfg.softcap * jnp.tanh(s / cfg.softcap)
-            slots = j * cfg.step + lax.iota(jnp.int32, cfg.block)
-            k_pos = slot_position(L, slots, C)
-            ok = visible(q_pos[:, None], k_pos[None, :], cfg.window)
-            if cfg.block != cfg.step or C % cfg.block:
-                ok &= (slots < C)[None, :] & (lax.iota(jnp.int32, cfg.block) < cfg.step)[None, :]
-            s = jnp.where(ok, s, -jnp.inf)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1))
-            # Rows that have seen nothing keep m = -inf: shift by 0 so exp gives 0.
-            m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            p = jnp.exp(s - m_shift[:, None])
-            alpha = jnp.exp(m - m_shift)
-            l = l * alpha + jnp.sum(p, axis=1)
-            if v_quant:
-                p = p * v_scale[None, :]
-            vdt = q.dtype if v_quant else jnp.promote_types(q.dtype, v.dtype)
-            acc = acc * alpha[:, None] + _dot(p.astype(vdt), v.astype(vdt), (1, 0))
-            return m_new, l, acc
-        return lax.cond(needed(j), visit, lambda c: c, carry)
+        m, l, acc = carry
+        k, k_scale = _load_block(k_ref, ks_ref, j, pages_ref, cfg)
+        v, v_scale = _load_block(v_ref, vs_ref, j, pages_ref, cfg)
+        dtype = q.dtype if k_quant else jnp.promote_types(q.dtype, k.dtype)
+        s = _dot(q.astype(dtype), k.astype(dtype), (1, 1)) * cfg.scale
+        if k_quant:
+            s = s * k_scale[None, :]
+        if cfg.softcap is not None:
+            s = cfg.softcap * jnp.tanh(s / cfg.softcap)
+        slots = j * cfg.step + lax.iota(jnp.int32, cfg.block)
+        ok = visible(q_pos[:, None], slot_position(L, slots, C)[None, :], cfg.window)
+        if cfg.block != cfg.step or C % cfg.block:
+            ok &= (slots < C)[None, :] & (lax.iota(jnp.int32, cfg.block) < cfg.step)[None, :]
+        s = jnp.where(ok, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        # Rows that have seen nothing keep m = -inf: shift by 0 so exp gives 0.
+        m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.exp(s - m_shift[:, None])
+        alpha = jnp.exp(m - m_shift)
+        l = l * alpha + jnp.sum(p, axis=1)
+        if v_quant:
+            p = p * v_scale[None, :]
+        vdt = q.dtype if v_quant else jnp.promote_types(q.dtype, v.dtype)
+        acc = acc * alpha[:, None] + _dot(p.astype(vdt), v.astype(vdt), (1, 0))
+        return m_new, l, acc
 
-    n_blocks = cdiv(C, cfg.step)
     lo = split * cfg.blocks_per_split
-    hi = jnp.minimum(lo + cfg.blocks_per_split, n_blocks)
-    init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
-            jnp.zeros(q.shape, jnp.float32))
-    m, l, acc = lax.fori_loop(lo, hi, step, init)
+    hi = jnp.minimum(lo + cfg.blocks_per_split, cdiv(C, cfg.step))
+    first, end, first2, end2 = visible_blocks(L, C, T, cfg.window, cfg.step, lo, hi)
+    carry = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
+             jnp.zeros(q.shape, jnp.float32))
+    carry = lax.fori_loop(first, end, step, carry)
+    m, l, acc = lax.fori_loop(first2, end2, step, carry)
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
     o_ref[...] = acc / l_safe[:, None]

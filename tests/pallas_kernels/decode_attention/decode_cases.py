@@ -50,6 +50,7 @@ class Case:
     scale: float | None = None
     block_kv: int | None = None   # contiguous caches, portable kernel
     num_splits: int | None = None
+    mosaic_block_kv: int | None = None
 
     @property
     def batch(self):
@@ -81,7 +82,12 @@ CASES = {
     "int8": Case((37, 20, 1), 1, 4, 2, 64, 37, k_format="int8", v_format="int8", block_kv=16),
     "fp8_paged_t3": Case((29, 48, 3), 3, 4, 2, 128, 48, page_size=16, k_format="fp8",
                          v_format="fp8"),
-    "bf16": Case((100, 64, 1), 1, 4, 2, 128, 100, BF16, num_splits=3),
+    "bf16": Case((104, 64, 1), 1, 4, 2, 128, 104, BF16, num_splits=3),
+    "bf16_fp8_paged_ring": Case((150, 40, 0), 3, 4, 2, 128, 64, BF16, page_size=8,
+                                k_format="fp8", v_format="fp8", sliding_window=30),
+    "f16_t3_mqa_softcap_int8_values": Case((77, 5, 130), 3, 6, 1, 64, 136, F16,
+                                           v_format="int8", logit_softcap=3.0, num_splits=2,
+                                           mosaic_block_kv=128),
     "f16_paged_window": Case((70, 33, 9), 3, 6, 1, 64, 64, F16, page_size=32, sliding_window=40),
     "bf16_int8_keys_window": Case((61, 2, 30), 3, 4, 2, 128, 40, BF16, k_format="int8",
                                   sliding_window=30, num_splits=2),

@@ -1,0 +1,347 @@
+"""Hopper (sm_90) decode attention in Pallas Mosaic GPU (flash-decoding).
+
+The grid is (split, kv head, sequence). A block owns one kv head of one
+sequence and one split of its cache, and runs three warpgroups: a producer
+that streams the split's K and V tiles (``block_kv`` slots each) with TMA
+into a ring of shared-memory slots, and two consumers that take the tiles in
+turn (tile i to consumer i % 2), each with its own online softmax. Each
+consumer writes its own normalised partial output and logsumexp, so a split
+yields two parts and splits.merge combines them all in XLA.
+
+The query rows of the kv head (G heads x T tokens, splits.query_rows) are
+zero-padded to 64, the smallest wgmma M: both products are wgmmas, S = Q K^T
+[64, block_kv] and O += P V [64, D], so only R = G*T of the 64 rows are real
+(docs/design/decode-attention.md weighs this against FMA reductions). Only
+the tiles holding a slot some query sees are streamed
+(positions.visible_blocks); every visited tile is masked by the ring rule.
+
+Paged caches: each tile's pages (one, or block_kv / page_size of them) are
+copied by page id, read by the producer from the page table in GMEM
+(clamped to the pool). Quantized caches (int8 / fp8 codes) stream their codes;
+a consumer converts a tile's codes to the query's dtype into its own
+shared-memory tile (wgmma's B operand must be in shared memory) and applies
+the scales to the products: key scales to the logits' columns, value scales
+to the probabilities' columns. The scales reach the kernel as one
+[B, Hkv, C] float32 array per tensor, gathered and transposed in XLA (a TMA
+copy cannot read one head's scales from the [tokens, heads] layout: its rows
+would be 4 bytes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import compat
+from pallas_kernels import mosaic_common as mc
+from pallas_kernels.attention.mosaic_gpu.common import LOG2E, mma, mma_acc, vector, zeros
+from pallas_kernels.attention.mosaic_gpu.rings import ring_steps
+from pallas_kernels.decode_attention import splits as sp
+from pallas_kernels.decode_attention.kv_formats import QuantizedKV
+from pallas_kernels.decode_attention.positions import (query_position, slot_position, visible,
+                                                       visible_blocks)
+from pallas_kernels.shapes import cdiv, pad_to, round_up
+
+ROWS = 64        # wgmma M: the kv head's query rows, zero-padded
+CONSUMERS = 2
+LSE_TILE = 32    # logsumexp entries are stored in multiples of 128 bytes (a TMA copy's unit)
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+HEAD_DIMS = (64, 128)
+DEFAULT_BLOCK_KV = 64
+SMEM_SPARE = 1024  # barriers
+
+
+def _smem(shape, dtype):
+    """Shared memory [..., rows, minor]: 8-row tiles swizzled by the widest
+    of 128/64/32 bytes that the minor dimension fills (TMA and wgmma layout)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    swizzle = plgpu.find_swizzle(shape[-1] * itemsize * 8)
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle // itemsize)),
+                                                plgpu.SwizzleTransform(swizzle)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    num_queries: int       # T
+    group: int             # G
+    capacity: int          # C
+    page_size: int | None  # None: contiguous
+    block: int             # block_kv: slots a tile holds
+    tiles_per_split: int
+    stages: int
+    window: int | None
+    softcap: float | None
+    scale: float
+    k_quant: bool
+    v_quant: bool
+
+    @property
+    def copies(self):
+        """TMA copies of one tensor's data per tile."""
+        return 1 if self.page_size is None else max(1, self.block // self.page_size)
+
+
+def unsupported(q, k, v, page_table, block_kv) -> str | None:
+    """Why the Mosaic kernel cannot take this call (None if it can)."""
+    B, T, Hq, D = q.shape
+    data = k.data if isinstance(k, QuantizedKV) else k
+    if q.dtype not in DTYPES:
+        return f"q has dtype {q.dtype}; the kernel takes bfloat16 or float16"
+    for name, x in (("k", k), ("v", v)):
+        if not isinstance(x, QuantizedKV) and x.dtype != q.dtype:
+            return f"{name} has dtype {x.dtype}; an unquantized cache must have q's {q.dtype}"
+    if D not in HEAD_DIMS:
+        return f"head_dim={D} must be one of {HEAD_DIMS}"
+    if T * (Hq // data.shape[2]) > ROWS:
+        return (f"T * Hq / Hkv = {T * (Hq // data.shape[2])} query rows a kv head exceed the "
+                f"{ROWS} rows of a tile")
+    block = block_kv or DEFAULT_BLOCK_KV
+    if block % 64 or block > 256:
+        return f"block_kv={block} must be 64, 128, 192 or 256 (wgmma tiles)"
+    if page_table is not None:
+        ps = data.shape[1]
+        if ps % 8 or (ps % block and block % ps):
+            return (f"page_size={ps} must be a multiple of 8 that divides or is a multiple of "
+                    f"block_kv={block}")
+    elif data.shape[1] % 8:
+        return f"cache length S={data.shape[1]} must be a multiple of 8 (TMA copies 8-row tiles)"
+    if _stages(q, k, v, block) < 2:
+        return f"block_kv={block} at head_dim={D} leaves no room for two ring stages"
+    return None
+
+
+def _tile_bytes(x, block, D):
+    if isinstance(x, QuantizedKV):
+        return block * D * x.data.dtype.itemsize + block * 4
+    return block * D * x.dtype.itemsize
+
+
+def _stages(q, k, v, block) -> int:
+    """Ring stages (an even count, so each consumer owns whole slots) that
+    fit beside Q, the consumers' output tiles and dequantization tiles."""
+    D = q.shape[3]
+    itemsize = q.dtype.itemsize
+    fixed = ROWS * D * itemsize + CONSUMERS * ROWS * (D * 4 + 4) + SMEM_SPARE
+    fixed += sum(CONSUMERS * block * D * itemsize for x in (k, v) if isinstance(x, QuantizedKV))
+    per_stage = _tile_bytes(k, block, D) + _tile_bytes(v, block, D)
+    stages = (mc.SMEM_PER_BLOCK - fixed) // per_stage
+    return min(4, stages - stages % 2)
+
+
+def _logical_scales(x, page_table, padded: int):
+    """A QuantizedKV's scales as [B, Hkv, padded] float32 in logical slot
+    order (pages gathered), zero past the capacity."""
+    scale = x.scale
+    if page_table is not None:
+        pages = jnp.clip(page_table, 0, scale.shape[0] - 1)
+        scale = scale[pages].reshape(page_table.shape[0], -1, scale.shape[-1])
+    return pad_to(scale.transpose(0, 2, 1), (scale.shape[0], scale.shape[2], padded))
+
+
+def _dequantized(codes, dtype):
+    """Codes in registers -> ``dtype`` (exact: int8 and e4m3 values fit)."""
+    if codes.dtype == jnp.float8_e4m3fn and dtype == jnp.bfloat16:
+        return codes.astype(jnp.float32).astype(dtype)  # no direct e4m3 -> bf16 conversion
+    return codes.astype(dtype)
+
+
+def _kernel(cfg: _Config, out_type, scratch, grid):
+    T, C, bk, stages = cfg.num_queries, cfg.capacity, cfg.block, cfg.stages
+
+    def body(*refs):
+        refs = list(refs)
+        q_ref, k_ref = refs.pop(0), refs.pop(0)
+        ks_ref = refs.pop(0) if cfg.k_quant else None
+        v_ref = refs.pop(0)
+        vs_ref = refs.pop(0) if cfg.v_quant else None
+        lengths_ref = refs.pop(0)
+        pages_ref = refs.pop(0) if cfg.page_size else None
+        o_ref, lse_ref, q_smem, o_smem, lse_smem, q_ready, *ring = refs
+        k_smem, v_smem, k_ready, v_ready, k_free, v_free, *quant = ring
+        ks_smem = quant.pop(0) if cfg.k_quant else None
+        vs_smem = quant.pop(0) if cfg.v_quant else None
+        kd_smem = quant.pop(0) if cfg.k_quant else None
+        vd_smem = quant.pop(0) if cfg.v_quant else None
+
+        split, h, b = (lax.axis_index(n) for n in ("split", "head", "seq"))
+        wg = lax.axis_index("wg")
+        L = jnp.maximum(lengths_ref[b], 0)
+        lo = split * cfg.tiles_per_split
+        hi = jnp.minimum(lo + cfg.tiles_per_split, cdiv(C, bk))
+        first, end, first2, end2 = visible_blocks(L, C, T, cfg.window, bk, lo, hi)
+        n1 = end - first
+        n_tiles = n1 + end2 - first2
+
+        def tile_of(i):
+            """The i-th streamed tile: the first range, then the second."""
+            return jnp.where(i < n1, first + i, first2 + i - n1)
+
+        @pl.when(wg == CONSUMERS)
+        def _producer():
+            plgpu.set_max_registers(mc.PRODUCER_REGS, action="decrease")
+            plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_ready)
+
+            def copy_tile(src, dst, barrier, tile):
+                if cfg.page_size is None:
+                    plgpu.copy_gmem_to_smem(src.at[b, pl.ds(tile * bk, bk), h], dst, barrier)
+                    return
+                rows = min(bk, cfg.page_size)
+                for c in range(cfg.copies):
+                    slot0 = tile * bk + c * rows
+                    j = jnp.minimum(lax.div(slot0, cfg.page_size), pages_ref.shape[1] - 1)
+                    page = jnp.clip(pages_ref[b, j], 0, src.shape[0] - 1)
+                    plgpu.copy_gmem_to_smem(
+                        src.at[page, pl.ds(lax.rem(slot0, cfg.page_size), rows), h],
+                        dst.at[pl.ds(c * rows, rows)], barrier)
+
+            def issue(i, slot):
+                tile = tile_of(i)
+                copy_tile(k_ref, k_smem.at[slot], k_ready.at[slot], tile)
+                if cfg.k_quant:
+                    plgpu.copy_gmem_to_smem(ks_ref.at[b, h, pl.ds(tile * bk, bk)],
+                                            ks_smem.at[slot], k_ready.at[slot])
+                copy_tile(v_ref, v_smem.at[slot], v_ready.at[slot], tile)
+                if cfg.v_quant:
+                    plgpu.copy_gmem_to_smem(vs_ref.at[b, h, pl.ds(tile * bk, bk)],
+                                            vs_smem.at[slot], v_ready.at[slot])
+            ring_steps(None, n_tiles, stages, issue, (k_free, v_free))
+
+        @pl.when(wg < CONSUMERS)
+        def _consumer():
+            plgpu.set_max_registers(mc.CONSUMER_REGS, action="increase")
+            shape = (ROWS, bk)
+            rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+            cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+            q_pos = query_position(L, lax.div(rows, cfg.group), T)
+            plgpu.barrier_wait(q_ready)
+
+            def operand(data_smem, scale_smem, deq_smem, ready, free, slot):
+                """A tile's K or V as a wgmma operand in shared memory, and its
+                scales as a column vector (None unquantized); frees the ring
+                slot where the tile has been read."""
+                plgpu.barrier_wait(ready.at[slot])
+                if deq_smem is None:
+                    return data_smem.at[slot], None
+                codes = data_smem.at[slot][...]
+                scales = plgpu.load(scale_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                plgpu.barrier_arrive(free.at[slot])
+                deq_smem.at[wg][...] = _dequantized(codes, q_smem.dtype)
+                plgpu.commit_smem()
+                return deq_smem.at[wg], scales
+
+            def step(j, carry):
+                acc, m, l = carry
+                i = wg + CONSUMERS * j
+                slot = lax.rem(i, stages)
+                k_tile, k_scales = operand(k_smem, ks_smem, kd_smem, k_ready, k_free, slot)
+                s = mma(q_smem, plgpu.transpose_ref(k_tile, (1, 0)), shape)
+                if k_scales is None:
+                    plgpu.barrier_arrive(k_free.at[slot])
+                else:
+                    s = s * mc.cols(k_scales, shape)
+                s = s * cfg.scale
+                if cfg.softcap is not None:
+                    s = jnp.tanh(s * (1.0 / cfg.softcap)) * cfg.softcap
+                slots = tile_of(i) * bk + cols
+                ok = visible(q_pos, slot_position(L, slots, C), cfg.window) & (slots < C)
+                s = jnp.where(ok, s, -jnp.inf)
+                m_new = jnp.maximum(m, s.max(axis=1))
+                # Rows that have seen nothing keep m = -inf: shift by 0 so exp2 gives 0.
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) * LOG2E
+                p = jnp.exp2(s * LOG2E - mc.rows(m_use, shape))
+                alpha = jnp.exp2(m * LOG2E - m_use)
+                l = l * alpha + p.sum(axis=1)
+                v_tile, v_scales = operand(v_smem, vs_smem, vd_smem, v_ready, v_free, slot)
+                if v_scales is not None:
+                    p = p * mc.cols(v_scales, shape)
+                acc = mma_acc(acc * mc.rows(alpha, acc.shape), p.astype(q_smem.dtype), v_tile)
+                if v_scales is None:
+                    plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l
+
+            D = q_smem.shape[1]
+            carry = (zeros((ROWS, D)), vector(ROWS, -jnp.inf, 1), vector(ROWS, 0.0, 1))
+            acc, m, l = lax.fori_loop(0, lax.div(n_tiles - wg + 1, CONSUMERS), step, carry)
+            empty = l == 0.0
+            l_safe = jnp.where(empty, 1.0, l)
+            o_smem.at[wg][...] = acc * mc.rows(1.0 / l_safe, acc.shape)
+            lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, m + jnp.log(l_safe))
+            plgpu.commit_smem()
+            part = split * CONSUMERS + wg
+            plgpu.copy_smem_to_gmem(o_smem.at[wg, pl.ds(0, o_ref.shape[3])], o_ref.at[b, h, part])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg, pl.ds(0, lse_ref.shape[3])],
+                                    lse_ref.at[b, h, part])
+            mc.wait_stores_before_exit()
+
+    return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=grid,
+                        grid_names=("split", "head", "seq"), num_threads=CONSUMERS + 1,
+                        thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True))
+
+
+
+@functools.partial(jax.jit, static_argnames=("sliding_window", "logit_softcap", "scale",
+                                             "block_kv", "num_splits"))
+def mosaic_decode_attention(q, k, v, lengths, page_table=None, *, sliding_window=None,
+                            logit_softcap=None, scale=None, block_kv=None, num_splits=None):
+    """Decode attention (see reference.py) by the Hopper kernel; arguments as
+    checked by api.decode_attention and accepted by ``unsupported``.
+    block_kv: slots a tile holds; num_splits: splits of the cache length
+    (None: enough blocks to fill the GPU's waves)."""
+    why = unsupported(q, k, v, page_table, block_kv)
+    if why:
+        raise ValueError(f"the Mosaic GPU decode kernel cannot run this call: {why}")
+    B, T, Hq, D = q.shape
+    data = k.data if isinstance(k, QuantizedKV) else k
+    Hkv = data.shape[2]
+    G = Hq // Hkv
+    bk = block_kv or DEFAULT_BLOCK_KV
+    paged = page_table is not None
+    capacity = page_table.shape[1] * data.shape[1] if paged else data.shape[1]
+    n_tiles = cdiv(capacity, bk)
+    splits = min(num_splits or sp.default_splits(B * Hkv, n_tiles, compat.sm_count()), n_tiles)
+    per_split = cdiv(n_tiles, splits)
+    splits = cdiv(n_tiles, per_split)
+    stages = _stages(q, k, v, bk)
+    cfg = _Config(num_queries=T, group=G, capacity=capacity,
+                  page_size=data.shape[1] if paged else None, block=bk,
+                  tiles_per_split=per_split, stages=stages, window=sliding_window,
+                  softcap=logit_softcap, scale=D ** -0.5 if scale is None else float(scale),
+                  k_quant=isinstance(k, QuantizedKV), v_quant=isinstance(v, QuantizedKV))
+    r8 = round_up(T * G, 8)
+    parts = splits * CONSUMERS
+    out_type = (jax.ShapeDtypeStruct((B, Hkv, parts, r8, D), jnp.float32),
+                jax.ShapeDtypeStruct((B, Hkv, parts, round_up(r8, LSE_TILE)), jnp.float32))
+
+    def ring(x):
+        dtype = x.data.dtype if isinstance(x, QuantizedKV) else x.dtype
+        return _smem((stages, bk, D), dtype)
+    quantized = [x for x in (k, v) if isinstance(x, QuantizedKV)]
+    scratch = [
+        _smem((ROWS, D), q.dtype),
+        _smem((CONSUMERS, ROWS, D), jnp.float32),
+        plgpu.SMEM((CONSUMERS, ROWS), jnp.float32),
+        plgpu.Barrier(num_arrivals=1),
+        ring(k), ring(v),
+        plgpu.Barrier(num_arrivals=cfg.copies + cfg.k_quant, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=cfg.copies + cfg.v_quant, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        *[plgpu.SMEM((stages, bk), jnp.float32) for _ in quantized],  # scales
+        *[_smem((CONSUMERS, bk, D), q.dtype) for _ in quantized],  # dequantized tiles
+    ]
+    padded = n_tiles * bk
+    inputs = [sp.query_rows(q, Hkv, ROWS)]
+    for x in (k, v):
+        inputs += ([x.data, _logical_scales(x, page_table, padded)] if isinstance(x, QuantizedKV)
+                   else [x])
+    inputs.append(lengths)
+    if paged:
+        inputs.append(page_table)
+    out, lse = _kernel(cfg, out_type, scratch, (splits, Hkv, B))(*inputs)
+    merged = sp.merge(out, lse[..., :r8])
+    return sp.from_query_rows(merged, T, Hq).astype(q.dtype)

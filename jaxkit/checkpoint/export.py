@@ -19,10 +19,11 @@ def export_params(state: nnx.State, directory: str | Path) -> Path:
     return directory
 
 
-def load_params(directory: str | Path, model: nnx.Module) -> nnx.Module:
+def load_params(directory: str | Path, model: nnx.Module, variables=nnx.Param) -> nnx.Module:
     """Loads exported parameters into `model` (in place; also returned), onto
-    the shardings its parameters have now."""
-    params = nnx.state(model, nnx.Param)
+    the shardings its parameters have now. variables: the nnx filter of what
+    the directory holds (nnx.Variable for a whole model state)."""
+    params = nnx.state(model, variables)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           nnx.to_pure_dict(params))
     with ocp.StandardCheckpointer() as checkpointer:

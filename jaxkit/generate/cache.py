@@ -43,16 +43,17 @@ class KVCache:
 
     def write(self, k, v, positions, valid) -> KVCache:
         """The cache with k, v [B, T, Hkv, D] stored at their positions [B, T]
-        where valid [B, T]; of a sequence's valid positions only the newest C
-        are stored (older ones would share their slots)."""
-        newest = jnp.max(jnp.where(valid, positions, -1), axis=1, keepdims=True)
-        keep = valid & (positions > newest - self.capacity)
-        flat = self._flat_slots(positions, keep)
+        where valid [B, T] (see rows)."""
+        flat = self.rows(positions, valid)
         return dataclasses.replace(self, k=_store(self.k, k, flat), v=_store(self.v, v, flat))
 
-    def _flat_slots(self, positions, keep):
-        """Row of each position in the cache viewed as [rows, Hkv, D]; one
-        past the last row (so dropped by the scatter) where not kept."""
+    def rows(self, positions, valid):
+        """Where write stores each position [B, T]: its row in the cache
+        viewed as [rows, Hkv, D], or one past the last row (dropped) where not
+        valid. Of a sequence's valid positions only the newest C are stored,
+        so no row is written twice (a scatter's order is undefined on GPUs)."""
+        newest = jnp.max(jnp.where(valid, positions, -1), axis=1, keepdims=True)
+        keep = valid & (positions > newest - self.capacity)
         leaf = jax.tree.leaves(self.k)[0]
         rows = leaf.shape[0] * leaf.shape[1]
         slot = positions % self.capacity
@@ -104,19 +105,14 @@ def empty_caches(num_layers: int, leading: tuple[int, int], kv_heads: int, head_
             for _ in range(num_layers)]
 
 
-def split(caches: list[KVCache]):
-    """(buffers [(k, v)] per layer, page_table): the buffers are what a
-    decode step updates in place (donates); the page table is shared."""
-    return [(c.k, c.v) for c in caches], caches[0].page_table
+def buffers(caches: list[KVCache]) -> list:
+    """The (k, v) buffers of each layer: what a decode step updates in place
+    (donates); the page table is shared and stays."""
+    return [(c.k, c.v) for c in caches]
 
 
 def join(buffers, page_table) -> list[KVCache]:
     return [KVCache(k, v, page_table) for k, v in buffers]
-
-
-def cache_bytes(caches: list[KVCache]) -> int:
-    """Bytes the cache buffers hold, codes and scales included."""
-    return sum(leaf.nbytes for c in caches for leaf in jax.tree.leaves((c.k, c.v)))
 
 
 def bytes_per_token(fmt: str, num_layers: int, kv_heads: int, head_dim: int) -> int:

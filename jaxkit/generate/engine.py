@@ -40,6 +40,13 @@ def bucket(n: int, cap: int) -> int:
     return min(cap, max(MIN_BUCKET, power_of_two(n)))
 
 
+def check_implementation(name: str) -> None:
+    """ValueError unless decode_attention offers implementation `name`."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"decode attention implementation {name!r} is not one of "
+                         f"{IMPLEMENTATIONS}")
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -47,7 +54,7 @@ class Sampling:
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
-    keys: jax.Array  # [B], one per sequence (sampling.sequence_keys)
+    seed: jax.Array
     eos_id: jax.Array
     max_new_tokens: jax.Array
 
@@ -93,9 +100,7 @@ class Engine:
 
     def __init__(self, model, *, kv_cache: str = "compute", paged: bool = False,
                  page_size: int = 16, implementation: str = "auto"):
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"decode attention implementation {implementation!r} is not one of "
-                             f"{IMPLEMENTATIONS}")
+        check_implementation(implementation)
         if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
             raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
         graphdef, state = nnx.split(unscan_layers(model))
@@ -131,7 +136,7 @@ class Engine:
     def start(self, prompts: list[np.ndarray], *, max_new_tokens: int, temperature: float,
               top_k: int, top_p: float, seed: int, eos_id: int | None,
               vocab_size: int) -> Decoding:
-        """Prefills the caches with the prompts (1-d int arrays, each
+        """Prefills fresh caches with the prompts (1-d int arrays, each
         1..max_seq_len tokens) and draws each sequence's first token."""
         c = self.cfg
         B, lengths = len(prompts), np.array([len(p) for p in prompts], np.int32)
@@ -140,44 +145,44 @@ class Engine:
             row[:len(p)] = p
         cached = [min(int(n) + max_new_tokens - 1, c.max_seq_len) for n in lengths]
         capacity = self.capacity(max(cached))
-        allocator = page_table = None
+        allocator = pages = table = None
         if self.paged:
             need = sum(pages_for(min(n, capacity), self.page_size) for n in cached)
             # a power of two of pages, so that batches of similar size share a compiled step
             allocator = PageAllocator(power_of_two(need))
-            page_table = assign_pages(allocator, cached, capacity, self.page_size)
-            leading = (allocator.num_pages, self.page_size)
+            pages = assign_pages(allocator, cached, capacity, self.page_size)
+            table = jnp.asarray(pages.table)
+            layout = (allocator.num_pages, self.page_size)
         else:
-            leading = (B, capacity)
-        caches = kv.empty_caches(c.num_layers, leading, c.kv_heads, c.dim_per_head, self.fmt,
-                                 None if page_table is None else jnp.asarray(page_table.table))
+            layout = (B, capacity)
         settings = Sampling(jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k),
-                            jnp.float32(top_p), sampling.sequence_keys(seed, B),
+                            jnp.float32(top_p), jnp.uint32(seed),
                             jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(max_new_tokens))
         mode = Mode(greedy=temperature == 0, filtered=top_k > 0 or top_p < 1,
                     vocab_size=vocab_size)
-        buffers, table = kv.split(caches)
-        args = (self.state, buffers, table, jnp.asarray(padded), jnp.asarray(lengths), settings)
-        prefill, compile_s = self._compile("prefill", mode, args)
-        step_args = (self.state, buffers, table, _initial_state(lengths), settings)
-        step, step_compile_s = self._compile("step", mode, step_args)
+        args = (self.state, table, jnp.asarray(padded), jnp.asarray(lengths), settings)
+        prefill, compile_s = self._compile(self._prefill, (mode, layout), args)
+        buffers, state, _ = prefill.out_info
+        step, step_compile_s = self._compile(self._step, (mode,),
+                                             (self.state, buffers, table, state, settings))
         started = time.perf_counter()
         buffers, state, first = prefill(*args)
         return Decoding(self, step, buffers, table, state, settings, first,
                         compile_s=compile_s + step_compile_s, started=started,
-                        allocator=allocator, page_table=page_table,
-                        cache_bytes=kv.cache_bytes(caches), capacity=capacity)
+                        allocator=allocator, pages=pages, capacity=capacity)
 
-    def _compile(self, kind: str, mode: Mode, args):
-        """The compiled prefill or step for these argument shapes, and the
-        seconds compiling took (0 when compiled before)."""
-        key = (kind, mode, jax.tree.structure(args),
+    def _compile(self, fn, static: tuple, args):
+        """fn(*static, *args) compiled for these argument shapes (the cache
+        buffers, argument 1 of a step, donated), and the seconds compiling
+        took (0 when compiled before)."""
+        key = (fn.__name__, static, jax.tree.structure(args),
                tuple((x.shape, x.dtype) for x in jax.tree.leaves(args)))
         if key in self._compiled:
             return self._compiled[key], 0.0
-        fn = self._prefill if kind == "prefill" else self._step
+        donate = (1,) if fn == self._step else ()
         t = time.perf_counter()
-        compiled = jax.jit(lambda *a: fn(mode, *a), donate_argnums=(1,)).lower(*args).compile()
+        compiled = jax.jit(lambda *a: fn(*static, *a), donate_argnums=donate) \
+            .lower(*args).compile()
         self._compiled[key] = compiled
         return compiled, time.perf_counter() - t
 
@@ -185,7 +190,8 @@ class Engine:
         logits = sampling.limit_vocab(logits, mode.vocab_size)
         if mode.greedy:
             return sampling.greedy(logits)
-        return sampling.sample(logits, sampling.step_keys(settings.keys, counts),
+        keys = sampling.sequence_keys(settings.seed, logits.shape[0])
+        return sampling.sample(logits, sampling.step_keys(keys, counts),
                                temperature=settings.temperature, top_k=settings.top_k,
                                top_p=settings.top_p, filtered=mode.filtered)
 
@@ -199,13 +205,15 @@ class Engine:
         new = DecodeState(tokens, lengths, count, active)
         return new, StepOutput(tokens, state.active, active)
 
-    def _prefill(self, mode, params, buffers, table, tokens, lengths, settings):
+    def _prefill(self, mode, layout, params, table, tokens, lengths, settings):
         model = nnx.merge(self.graphdef, params)
-        logits, caches = model.prefill(tokens, lengths, kv.join(buffers, table))
+        c = self.cfg
+        caches = kv.empty_caches(c.num_layers, layout, c.kv_heads, c.dim_per_head, self.fmt, table)
+        logits, caches = model.prefill(tokens, lengths, caches)
         start = _initial_state(lengths)
         state, out = self._advance(start, self._choose(mode, logits, settings, start.count),
                                    lengths, settings)
-        return kv.split(caches)[0], state, out
+        return kv.buffers(caches), state, out
 
     def _step(self, mode, params, buffers, table, state: DecodeState, settings):
         model = nnx.merge(self.graphdef, params)
@@ -214,7 +222,7 @@ class Engine:
                                       active=state.active, implementation=self.implementation)
         tokens = self._choose(mode, logits[:, 0], settings, state.count)
         state, out = self._advance(state, tokens, lengths, settings)
-        return kv.split(caches)[0], state, out
+        return kv.buffers(caches), state, out
 
 
 def _initial_state(lengths) -> DecodeState:
@@ -229,13 +237,12 @@ class Decoding:
     StepOutput; `first` is the prefill's."""
 
     def __init__(self, engine: Engine, step, buffers, table, state, settings, first, *,
-                 compile_s: float, started: float, allocator, page_table, cache_bytes: int,
-                 capacity: int):
+                 compile_s: float, started: float, allocator, pages, capacity: int):
         self._engine, self._step = engine, step
         self._buffers, self._table, self._state, self._settings = buffers, table, state, settings
         self.first, self.compile_s, self.started = first, compile_s, started
-        self._allocator, self.page_table = allocator, page_table
-        self.cache_bytes, self.capacity = cache_bytes, capacity
+        self._allocator, self.pages, self.capacity = allocator, pages, capacity
+        self.cache_bytes = sum(x.nbytes for x in jax.tree.leaves(buffers))
 
     def step(self) -> StepOutput:
         self._buffers, self._state, out = self._step(self._engine.state, self._buffers,
@@ -244,7 +251,7 @@ class Decoding:
 
     def close(self) -> None:
         """Gives the cache memory and the pages back."""
-        if self.page_table is not None:
-            for pages in self.page_table.pages:
-                self._allocator.free(pages)
+        if self.pages is not None:
+            for own in self.pages.pages:
+                self._allocator.free(own)
         self._buffers = None

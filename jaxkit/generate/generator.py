@@ -73,6 +73,26 @@ def _settings(base: GenerateConfig, overrides: dict) -> GenerateConfig:
     return settings
 
 
+def encode_prompts(tokenizer, prompts: str | list[str], max_seq_len: int) -> list[np.ndarray]:
+    """The prompts' token ids, each checked to be 1..max_seq_len tokens."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise GenerationError(f"prompts must be a string or a non-empty list of strings, got "
+                              f"{prompts!r}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise GenerationError(f"prompt {i} is a {type(p).__name__}, not a string")
+    encoded = tokenizer.encode_batch(list(prompts))
+    for i, ids in enumerate(encoded):
+        if len(ids) == 0:
+            raise GenerationError(f"prompt {i} is empty")
+        if len(ids) > max_seq_len:
+            raise GenerationError(f"prompt {i} is {len(ids)} tokens, more than "
+                                  f"model.max_seq_len ({max_seq_len})")
+    return encoded
+
+
 class Generator:
     """Generates text from a jaxkit Transformer with the tokenizer of its
     data. config: the generate section (KV cache format, paging and the
@@ -98,23 +118,7 @@ class Generator:
         return self.engine.cfg.max_seq_len
 
     def encode(self, prompts: str | list[str]) -> list[np.ndarray]:
-        """The prompts' token ids, each checked to be 1..max_seq_len tokens."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise GenerationError(f"prompts must be a string or a non-empty list of strings, got "
-                                  f"{prompts!r}")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise GenerationError(f"prompt {i} is a {type(p).__name__}, not a string")
-        encoded = self.tokenizer.encode_batch(list(prompts))
-        for i, ids in enumerate(encoded):
-            if len(ids) == 0:
-                raise GenerationError(f"prompt {i} is empty")
-            if len(ids) > self.max_seq_len:
-                raise GenerationError(f"prompt {i} is {len(ids)} tokens, more than "
-                                      f"model.max_seq_len ({self.max_seq_len})")
-        return encoded
+        return encode_prompts(self.tokenizer, prompts, self.max_seq_len)
 
     def generate(self, prompts: str | list[str], *, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None,

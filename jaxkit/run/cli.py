@@ -1,15 +1,17 @@
 """Command line: `jaxkit train`, `jaxkit eval`, `jaxkit export`, `jaxkit quantize`,
-`jaxkit data prepare`."""
+`jaxkit generate`, `jaxkit data prepare`."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 
 import yaml
 
-from jaxkit.config import ConfigError, load_config, to_dict
+from jaxkit.config import ConfigError, GenerateConfig, check_ranges, load_config, to_dict
 
 # Everything that imports jax is imported inside the command that needs it:
 # parsing, --print-config and config errors run without starting jax.
@@ -35,8 +37,18 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="print the resolved config and exit")
 
 
+# `jaxkit generate` flags that set generate.<key> (after --set)
+GENERATE_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "kv_cache",
+                  "paged", "page_size")
+
+
 def _load(args):
     cfg = load_config(args.config, args.overrides)
+    given = {k: getattr(args, k) for k in GENERATE_FLAGS if getattr(args, k, None) is not None}
+    if given:
+        given["stop"] = tuple(given.get("stop", cfg.generate.stop))
+        cfg = dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, **given))
+        check_ranges(cfg.generate, "generate.")
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         sys.exit(0)
@@ -106,6 +118,49 @@ def cmd_quantize(args) -> None:
     print(json.dumps(quantize_run(cfg, _run_dir(cfg, args), out=args.out)))
 
 
+def cmd_generate(args) -> None:
+    if args.prompt is not None and not args.prompt:
+        raise SystemExit("generate: --prompt is empty")
+    cfg = _load(args)
+    from jaxkit.generate import GenerationError
+    from jaxkit.run.generate import read_prompts, run_generate
+    try:
+        run_generate(cfg, config_path=args.config, run_dir=args.run_dir, params=args.params,
+                     prompts=read_prompts(args.prompt, args.prompts))
+    except GenerationError as e:
+        if args.debug:
+            raise
+        raise SystemExit(f"generate: {e}") from None
+
+
+def _add_generate_args(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--run-dir", help="run directory whose latest intact checkpoint to use "
+                        "(default: train.out_dir/<config name>)")
+    source.add_argument("--params", metavar="DIR",
+                        help="a `jaxkit export` directory, or with model.quant.mode ptq/int (as "
+                        "given to jaxkit quantize) a `jaxkit quantize --out` directory")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", metavar="TEXT", help="one prompt; its continuation streams")
+    prompt.add_argument("--prompts", metavar="FILE", help="a text file of prompts, one a line, "
+                        "generated as one batch; prints a JSON line per prompt")
+    g = p.add_argument_group("generation (override the config's generate section)")
+    g.add_argument("--max-new-tokens", type=int, metavar="N")
+    g.add_argument("--temperature", type=float, help="0: greedy")
+    g.add_argument("--top-k", type=int, metavar="K", help="0: off")
+    g.add_argument("--top-p", type=float, metavar="P", help="in (0, 1]; 1: off")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", metavar="S",
+                   help="end a sequence's text before this string (repeatable)")
+    kv_caches = typing.get_args(typing.get_type_hints(GenerateConfig)["kv_cache"])
+    g.add_argument("--kv-cache", choices=kv_caches,
+                   help="KV cache storage: the compute dtype, a float dtype, or int8/fp8 codes "
+                   "with per-token, per-head scales")
+    g.add_argument("--paged", action=argparse.BooleanOptionalAction, default=None,
+                   help="paged KV cache (pages from one pool per layer)")
+    g.add_argument("--page-size", type=int, metavar="N", help="tokens per page")
+
+
 def build_parser(data_tools: bool = True) -> argparse.ArgumentParser:
     """data_tools=False leaves out the flags of `jaxkit data` (defining them
     imports jaxkit.data, and with it jax)."""
@@ -151,6 +206,12 @@ def build_parser(data_tools: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run directory (default: train.out_dir/<config name>)")
     p.add_argument("--out", help="directory to write the quantised model state to")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("generate", help="generate text from a run's latest checkpoint, exported "
+                       "parameters or a quantised model; prints prefill and decode tokens/s")
+    _add_config_args(p)
+    _add_generate_args(p)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)

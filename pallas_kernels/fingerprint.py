@@ -63,6 +63,22 @@ def _attention_case(S, T, H, KH, D, **kwargs):
     return forward_and_backward, (q, k, k, q)
 
 
+def _decode_case(T, H, KH, D, S, fmt=None, page_size=None, **kwargs):
+    """Decode attention over a bf16 (or ``fmt``-quantized) cache of S slots
+    per sequence, contiguous or in pages of ``page_size``."""
+    from pallas_kernels.decode_attention.kv_formats import quantize_kv
+    from pallas_kernels.decode_attention.mosaic_gpu import mosaic_decode_attention
+    B = 2
+    q = jnp.ones((B, T, H, D), jnp.bfloat16)
+    cache = jnp.ones((B * S // page_size, page_size, KH, D) if page_size else (B, S, KH, D),
+                     jnp.bfloat16)
+    k = quantize_kv(cache, fmt) if fmt else cache
+    table = jnp.arange(B * S // page_size, dtype=jnp.int32).reshape(B, -1) if page_size else None
+    lengths = jnp.full((B,), S, jnp.int32)
+    return (lambda q, k, lengths, table: mosaic_decode_attention(q, k, k, lengths, table, **kwargs),
+            (q, k, lengths, table))
+
+
 def _cases():
     """name -> (fn, args): every Hopper kernel variant of the repository."""
     from pallas_kernels.attention import tuning
@@ -97,6 +113,12 @@ def _cases():
         "w8a8": (mosaic_gpu.w8a8_mosaic, (xq, jnp.ones((256,)), wq, jnp.ones((384,)))),
         "fp8 blockwise": (mosaic_gpu.fp8_blockwise_mosaic,
                           (xf, jnp.ones((256, 4)), wf, jnp.ones((3, 4)))),
+        "decode bf16 d128 gqa": _decode_case(1, 32, 8, 128, 4096),
+        "decode bf16 d64 t4 window softcap": _decode_case(4, 8, 2, 64, 1024, sliding_window=256,
+                                                          logit_softcap=30.0),
+        "decode int8 paged d128": _decode_case(1, 32, 8, 128, 4096, "int8", page_size=16),
+        "decode fp8 d128 t2": _decode_case(2, 16, 2, 128, 4096, "fp8"),
+        "decode bf16 d128 block 128": _decode_case(1, 32, 8, 128, 4096, block_kv=128),
     }
 
 

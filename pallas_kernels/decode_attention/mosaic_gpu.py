@@ -127,7 +127,8 @@ def _stages(q, k, v, block) -> int:
     D = q.shape[3]
     itemsize = q.dtype.itemsize
     fixed = ROWS * D * itemsize + CONSUMERS * ROWS * (D * 4 + 4) + SMEM_SPARE
-    fixed += sum(CONSUMERS * block * D * itemsize for x in (k, v) if isinstance(x, QuantizedKV))
+    if any(isinstance(x, QuantizedKV) for x in (k, v)):
+        fixed += CONSUMERS * block * D * itemsize  # each consumer's dequantized tile
     per_stage = _tile_bytes(k, block, D) + _tile_bytes(v, block, D)
     stages = (mc.SMEM_PER_BLOCK - fixed) // per_stage
     return min(4, stages - stages % 2)
@@ -165,8 +166,11 @@ def _kernel(cfg: _Config, out_type, scratch, grid):
         k_smem, v_smem, k_ready, v_ready, k_free, v_free, *quant = ring
         ks_smem = quant.pop(0) if cfg.k_quant else None
         vs_smem = quant.pop(0) if cfg.v_quant else None
-        kd_smem = quant.pop(0) if cfg.k_quant else None
-        vd_smem = quant.pop(0) if cfg.v_quant else None
+        # One dequantized tile a consumer serves K and then V: K's product
+        # has completed (mma waits) before V's codes overwrite it.
+        deq_smem = quant.pop(0) if quant else None
+        kd_smem = deq_smem if cfg.k_quant else None
+        vd_smem = deq_smem if cfg.v_quant else None
 
         split, h, b = (lax.axis_index(n) for n in ("split", "head", "seq"))
         wg = lax.axis_index("wg")
@@ -215,9 +219,13 @@ def _kernel(cfg: _Config, out_type, scratch, grid):
         def _consumer():
             plgpu.set_max_registers(mc.CONSUMER_REGS, action="increase")
             shape = (ROWS, bk)
-            rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-            cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-            q_pos = query_position(L, lax.div(rows, cfg.group), T)
+            # Positions as vectors along the rows and the columns of a tile,
+            # broadcast only for the comparison (registers: the 2-D iotas
+            # would live through the loop).
+            rows = plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0,
+                                          layout=plgpu.Layout.WGMMA.reduce(1))
+            q_pos = mc.rows(query_position(L, lax.div(rows, cfg.group), T), shape)
+            cols = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=plgpu.Layout.WGMMA.reduce(0))
             plgpu.barrier_wait(q_ready)
 
             def operand(data_smem, scale_smem, deq_smem, ready, free, slot):
@@ -248,8 +256,9 @@ def _kernel(cfg: _Config, out_type, scratch, grid):
                 if cfg.softcap is not None:
                     s = jnp.tanh(s * (1.0 / cfg.softcap)) * cfg.softcap
                 slots = tile_of(i) * bk + cols
-                ok = visible(q_pos, slot_position(L, slots, C), cfg.window) & (slots < C)
-                s = jnp.where(ok, s, -jnp.inf)
+                # Slots past the capacity (a partial last tile) hold no position.
+                k_pos = jnp.where(slots < C, slot_position(L, slots, C), -1)
+                s = jnp.where(visible(q_pos, mc.cols(k_pos, shape), cfg.window), s, -jnp.inf)
                 m_new = jnp.maximum(m, s.max(axis=1))
                 # Rows that have seen nothing keep m = -inf: shift by 0 so exp2 gives 0.
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) * LOG2E
@@ -327,12 +336,12 @@ def mosaic_decode_attention(q, k, v, lengths, page_table=None, *, sliding_window
         plgpu.SMEM((CONSUMERS, ROWS), jnp.float32),
         plgpu.Barrier(num_arrivals=1),
         ring(k), ring(v),
-        plgpu.Barrier(num_arrivals=cfg.copies + cfg.k_quant, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=cfg.copies + cfg.v_quant, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=cfg.copies + int(cfg.k_quant), num_barriers=stages),
+        plgpu.Barrier(num_arrivals=cfg.copies + int(cfg.v_quant), num_barriers=stages),
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
         *[plgpu.SMEM((stages, bk), jnp.float32) for _ in quantized],  # scales
-        *[_smem((CONSUMERS, bk, D), q.dtype) for _ in quantized],  # dequantized tiles
+        *[_smem((CONSUMERS, bk, D), q.dtype) for _ in quantized[:1]],  # dequantized tiles
     ]
     padded = n_tiles * bk
     inputs = [sp.query_rows(q, Hkv, ROWS)]

@@ -77,7 +77,8 @@ def combine_rows(y, slot, weight, source):
     outputs, slot [T, k] the row of each (token, choice), empty when dropped;
     source [M] the flat (token, choice) index t * k + j of every row, empty
     for rows of no assignment. Gradients: dy[m] = weight * g of the row's
-    token (a gather through source), dweight[t, j] = y[slot[t, j]] . g[t]."""
+    token (a gather through source), dweight[t, j] = y[slot[t, j]] . g[t]
+    (with g rounded to y's dtype)."""
     return _combine(y, slot, weight)
 
 
@@ -91,12 +92,15 @@ def _combine_fwd(y, slot, weight, source):
 
 def _combine_bwd(res, g):
     y, slot, weight, source = res
-    k = slot.shape[1]
-    g = g.astype(jnp.float32)
-    w_row = _take(weight.reshape(-1), source)
-    dy = (w_row[:, None] * _take(g, source // k)).astype(y.dtype)
-    dweight = jnp.sum(_take(y, slot).astype(jnp.float32) * g[:, None], axis=-1)
-    return dy, None, dweight.astype(weight.dtype), None
+    T, k = slot.shape
+    # Both gradients in expert order from one gather of g's rows (in y's dtype:
+    # dy is rounded to it anyway), so y is read in order and XLA fuses the two;
+    # the per-row dot products then move to token order as scalars.
+    g_rows = _take(g.astype(y.dtype), source // k).astype(jnp.float32)
+    w_row = _take(weight.reshape(-1), source).astype(jnp.float32)
+    dy = (w_row[:, None] * g_rows).astype(y.dtype)
+    dweight = _take(jnp.sum(y.astype(jnp.float32) * g_rows, axis=-1), slot.reshape(-1))
+    return dy, None, dweight.reshape(T, k).astype(weight.dtype), None
 
 
 combine_rows.defvjp(_combine_fwd, _combine_bwd)

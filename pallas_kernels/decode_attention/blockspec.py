@@ -83,7 +83,8 @@ def _load_block(ref, scale_ref, j, pages_ref, cfg: _Config):
         needs_mask = cfg.block != cfg.page_size
 
     def load(r, mask):
-        return pltriton.load(view(r), mask=mask, other=0) if needs_mask else view(r)[...]
+        return (pltriton.load(view(r), mask=mask, other=jnp.zeros((), r.dtype)) if needs_mask
+                else view(r)[...])
     data = load(ref, ok[:, None])
     scale = None if scale_ref is None else load(scale_ref, ok)
     return data, scale

@@ -3,6 +3,8 @@ decode case table (decode_cases.py), the kernel interpreted on CPU and
 compiled on a GPU; the reference's logsumexp and gradients; the kernels'
 refusal to be differentiated.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,12 +15,15 @@ from decode_cases import CASES, F32_TOL, Case, case_inputs, check, expected, rel
 
 from pallas_kernels.decode_attention import (decode_attention,
                                              decode_attention_reference_with_lse)
+from pallas_kernels.decode_attention.blockspec import blockspec_decode_attention
 from pallas_kernels.decode_attention.splits import default_splits
 
 # (implementation, mode): the reference runs on the default device, the
-# portable kernel interpreted on CPU and compiled on a GPU.
+# portable kernel interpreted on CPU and compiled on a GPU; on CPU it is also
+# lowered through Pallas's Triton lowering (what a GPU compiles).
 RUNS = [pytest.param("xla", None, id="xla"),
         pytest.param("blockspec", "interpret", id="blockspec-interpret"),
+        pytest.param("blockspec", "lower", id="blockspec-lower"),
         pytest.param("blockspec", "compiled", id="blockspec-compiled", marks=pytest.mark.gpu)]
 
 
@@ -39,10 +44,20 @@ def test_case_table_coverage():
 @pytest.mark.parametrize("name,implementation,mode", case_params(CASES, RUNS, problem))
 def test_implementation_matches_expectation(name, implementation, mode):
     case = CASES[name]
-    tiling = {} if implementation == "xla" else dict(interpret=mode == "interpret",
-                                                     **case.tiling())
+    tiling = {} if implementation == "xla" else case.tiling()
     if case.page_size:
         tiling.pop("block_kv", None)
+
+    if mode == "lower":
+        kernel = functools.partial(blockspec_decode_attention, interpret=False,
+                                   **case.kwargs(), **tiling)
+        lowered = jax.jit(kernel).trace(*case_inputs(name)[0]).lower(
+            lowering_platforms=("cuda",))
+        assert lowered.as_text().count("xla.gpu.triton") == 1
+        return
+
+    if implementation != "xla":
+        tiling["interpret"] = mode == "interpret"
 
     def attention(q, k, v, lengths, page_table):
         return decode_attention(q, k, v, lengths, page_table=page_table,
@@ -146,12 +161,3 @@ def test_splits_cover_every_block_once(interpret):
     (8, 64, 132, 16), (64, 256, 132, 2), (512, 64, 132, 1), (8, 4, 132, 4), (1, 1, 132, 1)])
 def test_default_splits_fill_the_waves(programs, blocks, sms, want):
     assert default_splits(programs, blocks, sms) == want
-
-
-def test_auto_on_cpu_is_the_reference():
-    (q, k, v, lengths, _), _ = case_inputs("t1_gqa_d64")
-    if jax.default_backend() == "cpu":
-        got = decode_attention(q, k, v, lengths)
-        ref = decode_attention(q, k, v, lengths, implementation="xla")
-        assert bool(jnp.all(got == ref))
-

@@ -88,17 +88,19 @@ def test_unsupported_tiles_and_pages_are_named():
                                   None) is None
 
 
-@pytest.mark.parametrize("hopper", [True, False])
-def test_auto_picks_the_mosaic_kernel_on_hopper(monkeypatch, hopper):
-    monkeypatch.setattr(compat, "platform", lambda: "gpu")
-    monkeypatch.setattr(compat, "is_hopper", lambda: hopper)
+@pytest.mark.parametrize("machine,want", [("cpu", "xla"), ("hopper", "mosaic_gpu"),
+                                          ("ampere", "blockspec")])
+def test_auto_picks_by_machine(monkeypatch, machine, want):
+    """'auto': the reference on CPU, the Mosaic kernel on Hopper, the portable
+    kernel on other GPUs and for calls the Mosaic kernel refuses."""
+    monkeypatch.setattr(compat, "platform", lambda: "cpu" if machine == "cpu" else "gpu")
+    monkeypatch.setattr(compat, "is_hopper", lambda: machine == "hopper")
     q, k = _call()
     args = dict(q=q, k=k, v=k, page_table=None, block_kv=None, num_splits=None,
                 sliding_window=None, logit_softcap=None, scale=None)
-    assert api.TABLE.resolve("auto", **args).name == ("mosaic_gpu" if hopper else "blockspec")
-    # A call the Mosaic kernel refuses (float32) goes to the portable kernel.
+    assert api.TABLE.resolve("auto", **args).name == want
     args.update(q=q.astype(jnp.float32), k=k.astype(jnp.float32), v=k.astype(jnp.float32))
-    assert api.TABLE.resolve("auto", **args).name == "blockspec"
+    assert api.TABLE.resolve("auto", **args).name == ("xla" if machine == "cpu" else "blockspec")
 
 
 def test_supports_names_the_device_off_hopper():

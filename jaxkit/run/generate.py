@@ -106,9 +106,11 @@ SUMMARY = ("prompt_tokens", "generated_tokens", "compile_s", "time_to_first_toke
 
 
 def run_generate(cfg: Config, *, config_path: str | None, run_dir: str | None,
-                 params: str | None, prompts: list[str], out=sys.stdout) -> dict:
+                 params: str | None, prompts: list[str], out=None) -> dict:
     """The command: a single prompt streams its continuation after the
-    prompt, several print one JSON line each; then one JSON line of stats."""
+    prompt, several print one JSON line each; then one JSON line of stats
+    (to `out`, default stdout)."""
+    out = sys.stdout if out is None else out
     check_implementation(cfg.generate.attention_implementation)
     encode_prompts(load_tokenizer_of(cfg), prompts, cfg.model.max_seq_len)
     if run_dir is None and params is None:

@@ -1,0 +1,124 @@
+"""The Generator: greedy generation equals greedy decoding by full
+recompute for a batch of prompts of different lengths, sampling repeats
+with its seed, stop strings, EOS and length limits end sequences, streaming
+adds up to the text, nothing recompiles per token or per setting, and bad
+arguments fail before anything compiles."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from generate_models import tiny_model
+from jaxkit.config import GenerateConfig
+from jaxkit.data.tokenizer import ByteTokenizer
+from jaxkit.generate import GenerationError, Generator
+
+BYTES = ByteTokenizer()
+PROMPTS = ["def f(x):", "import os\nimport sys\nfor", "a"]
+BYTE_MODEL = ("model.vocab_size=259", "model.num_kv_heads=2")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(*BYTE_MODEL)
+
+
+def greedy_by_recompute(model, prompt_ids, n):
+    graphdef, state = nnx.split(model)
+    width = model.cfg.max_seq_len
+    forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])
+    ids = list(prompt_ids)
+    for _ in range(n):
+        padded = np.zeros((1, width), np.int32)
+        padded[0, :len(ids)] = ids
+        ids.append(int(jnp.argmax(forward(state, jnp.asarray(padded))[0, len(ids) - 1])))
+    return ids[len(prompt_ids):]
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_greedy_batch_equals_full_recompute(model, paged):
+    g = Generator(model, BYTES, GenerateConfig(paged=paged, page_size=4))
+    out = g.generate(PROMPTS, max_new_tokens=8, temperature=0, ignore_eos=True)
+    assert out.finish_reasons == ["length"] * 3
+    for prompt, tokens, text in zip(PROMPTS, out.tokens, out.texts):
+        assert tokens == greedy_by_recompute(model, BYTES.encode(prompt), 8)
+        assert text == BYTES.decode(np.array(tokens))
+    stats = out.stats
+    assert stats["prompt_tokens"] == sum(map(len, PROMPTS)) and stats["generated_tokens"] == 24
+    assert stats["decode_steps"] >= 7 and stats["prefill_tokens_per_s"] > 0
+    kv = stats["kv_cache"]
+    assert kv["format"] == "float32" and kv["bytes_per_token"] == 2 * 2 * 2 * 8 * 4
+    # contiguous: 3 sequences x 32 slots (the bucket of 24 + 8 - 1 tokens); paged: the
+    # 4 + 8 + 2 pages of 4 slots the sequences need, in a pool of 16 pages
+    assert kv["allocated_bytes"] == (16 * 4 if paged else 3 * 32) * kv["bytes_per_token"]
+
+
+def test_sampling_repeats_with_its_seed_and_compiles_once(model):
+    g = Generator(model, BYTES)
+    kw = dict(max_new_tokens=6, temperature=0.9, top_k=20, top_p=0.9, ignore_eos=True)
+    first = g.generate(PROMPTS, seed=1, **kw)
+    assert first.stats["compile_s"] > 0
+    assert g.generate(PROMPTS, seed=1, **kw).tokens == first.tokens
+    other = g.generate(PROMPTS, seed=2, **dict(kw, temperature=1.3, top_k=5, max_new_tokens=5))
+    assert other.tokens != first.tokens and other.stats["compile_s"] == 0
+    assert len(g.engine._compiled) == 2  # one prefill, one decode step
+
+
+def test_stop_string_and_stream(model):
+    g = Generator(model, BYTES, GenerateConfig(temperature=0, max_new_tokens=12))
+    text = g.generate(PROMPTS[0], ignore_eos=True).text
+    stop = text[5:7]
+    pieces = []
+    out = g.generate(PROMPTS[0], stop=[stop], stream=pieces.append, ignore_eos=True)
+    assert out.text == text[:text.index(stop)] == "".join(pieces)
+    assert out.finish_reasons == ["stop"]
+
+
+def test_eos_and_max_seq_len_end_sequences(model):
+    g = Generator(model, BYTES, GenerateConfig(temperature=0))
+    tokens = g.generate(PROMPTS[0], max_new_tokens=6, ignore_eos=True).tokens[0]
+
+    class EndsAtThird(ByteTokenizer):
+        eos_id = tokens[2]
+    out = Generator(model, EndsAtThird(), GenerateConfig(temperature=0)).generate(
+        PROMPTS[0], max_new_tokens=6)
+    assert out.finish_reasons == ["eos"] and out.tokens[0] == tokens[:tokens.index(tokens[2]) + 1]
+    # a prompt 3 tokens short of max_seq_len (40): 4 new tokens fill every position
+    long = g.generate(["x" * 37, "y"], max_new_tokens=10, ignore_eos=True)
+    assert long.finish_reasons == ["max_seq_len", "length"]
+    assert [len(t) for t in long.tokens] == [4, 10]
+
+
+def test_moe_layers_decode_without_capacity_drops():
+    """One token's result must not depend on the batch: the engine routes
+    every token to its experts (the cache tests check MoE decoding against
+    the full forward); expert-choice routing, which sees later tokens, is
+    refused."""
+    moe = ("model.moe.num_experts=4", "model.moe.top_k=1", "model.moe.dispatch=capacity")
+    g = Generator(tiny_model(*BYTE_MODEL, *moe), BYTES)
+    model = nnx.merge(g.engine.graphdef, g.engine.state)
+    assert all(block.mlp.cfg.dispatch == "dropless" for block in model.blocks)
+    choice = tiny_model(*BYTE_MODEL, *moe, "model.moe.router=expert_choice")
+    with pytest.raises(GenerationError, match="expert_choice"):
+        Generator(choice, BYTES)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+    (dict(temperature=-1.0), "temperature must be >= 0, got -1.0"),
+    (dict(top_k=2.5), "top_k must be an int, got 2.5"),
+    (dict(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
+    (dict(stop=[""]), "stop strings must be non-empty strings"),
+    (dict(prompts=["ok", ""]), "prompt 1 is empty"),
+    (dict(prompts=["z" * 41]), r"prompt 0 is 41 tokens, more than model.max_seq_len \(40\)"),
+    (dict(prompts=[]), "non-empty list of strings"),
+    (dict(prompts=["a", "b"], stream=print), "stream takes a single prompt, got 2"),
+])
+def test_bad_arguments_fail_before_compiling(model, kwargs, message):
+    g = Generator(model, BYTES)
+    prompts = kwargs.pop("prompts", "fine")
+    with pytest.raises(GenerationError, match=message):
+        g.generate(prompts, **kwargs)
+    assert not g.engine._compiled

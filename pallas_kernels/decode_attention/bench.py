@@ -1,0 +1,190 @@
+"""Decode-attention benchmark: achieved HBM bandwidth of each implementation
+against a device copy measured in the same run.
+
+    python -m pallas_kernels.decode_attention.bench [--json PATH] [--quick]
+        [--format bf16|int8|fp8] [--page-size N] [--impls a,b] [--block-kv N]
+        [--num-splits N] [--device-time]
+
+Shapes: batch 1, 8, 64 x cache 4k, 16k, 32k slots, every slot in use, one
+new token (T=1), Hq 32 / Hkv 8 / head_dim 128 (Llama-3-8B's attention), bf16
+queries; the cache bf16, or int8 / fp8 codes with float32 scales (--format),
+contiguous or paged (--page-size, pages in order). Implementations: 'xla'
+(the jitted reference), 'cudnn' (jax.nn.dot_product_attention, contiguous
+bf16 caches only), 'blockspec' and 'mosaic_gpu' (the Pallas kernels).
+
+Bytes: q and the output once plus every cache token's codes and scales
+(reference.decode_bytes). Each call is timed as a decode step runs its
+layers (quant_matmul.bench.chained_time): one jit chains calls over enough
+distinct caches to stream at least 512 MiB between two visits of the same
+one (no L2 reuse), each call's output the next call's query. The copy is a
+512 MiB bf16 array read and written (quant_matmul.bench.copy_bandwidth).
+--device-time adds each call's device time from a profiler trace (the
+kernels alone, without the host's dispatch). Every implementation is checked
+against the reference (or, where the reference would not fit, against the
+portable kernel) before it is timed; failures are printed in the table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.benchmarking import rel_err
+from pallas_kernels.decode_attention.api import decode_attention
+from pallas_kernels.decode_attention.kv_formats import quantize_kv
+from pallas_kernels.decode_attention.reference import decode_bytes
+from pallas_kernels.quant_matmul.bench import chained_time, copy_bandwidth, rotated_device_time
+
+BATCHES = (1, 8, 64)
+CACHE_LENGTHS = (4096, 16384, 32768)
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+STREAM_BYTES = 512 * 2**20   # cache bytes a chain streams before reusing a cache
+MIN_CALLS = 16               # calls a chained timing spans at least
+REFERENCE_MAX_BYTES = 2**33  # the reference's float32 copies of larger caches are skipped
+IMPLEMENTATIONS = ("xla", "cudnn", "blockspec", "mosaic_gpu")
+
+
+def make_inputs(key, batch, length, fmt, page_size, layers):
+    """(q, [(k, v) per layer], lengths, page_table or None): random caches,
+    every slot in use."""
+    keys = jax.random.split(key, 2 * layers + 1)
+    q = jax.random.normal(keys[0], (batch, 1, HEADS, HEAD_DIM), jnp.float32).astype(jnp.bfloat16)
+    shape = (batch, length, KV_HEADS, HEAD_DIM)
+    page_table = None
+    if page_size:
+        shape = (batch * length // page_size, page_size, KV_HEADS, HEAD_DIM)
+        page_table = jnp.arange(shape[0], dtype=jnp.int32).reshape(batch, -1)
+
+    def cache(k):
+        x = jax.random.normal(k, shape, jnp.float32)
+        return x.astype(jnp.bfloat16) if fmt == "bf16" else quantize_kv(x, fmt)
+    caches = [(cache(keys[1 + 2 * i]), cache(keys[2 + 2 * i])) for i in range(layers)]
+    return q, caches, jnp.full((batch,), length, jnp.int32), page_table
+
+
+def implementations(names, page_table, fmt, tiling):
+    """name -> fn(q, k, v, lengths) for the implementations that apply."""
+    def ours(name):
+        extra = tiling if name != "xla" else {}
+        return lambda q, k, v, lengths: decode_attention(
+            q, k, v, lengths, page_table=page_table, implementation=name, **extra)
+    impls = {}
+    for name in names:
+        if name == "cudnn":
+            if page_table is None and fmt == "bf16":
+                impls[name] = lambda q, k, v, lengths: jax.nn.dot_product_attention(
+                    q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+        else:
+            impls[name] = ours(name)
+    return impls
+
+
+def _short(e):
+    text = str(e).strip().splitlines()[0][:100] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}"
+
+
+def bench_shape(batch, length, *, fmt="bf16", page_size=None, names=IMPLEMENTATIONS,
+                tiling=None, copy_gbs=None, device_time=False):
+    """{implementation: result} for one shape: seconds a call (chained),
+    GB/s, fraction of the copy bandwidth, relative error; or an error."""
+    probe = make_inputs(jax.random.key(0), batch, length, fmt, page_size, 1)
+    cache_bytes = decode_bytes(probe[0], *probe[1][0], batch * length)
+    layers = max(1, -(-STREAM_BYTES // cache_bytes))
+    q, caches, lengths, page_table = make_inputs(jax.random.key(0), batch, length, fmt,
+                                                 page_size, layers)
+    del probe
+    impls = implementations(names, page_table, fmt, tiling or {})
+    results, outputs = {}, {}
+    for name, fn in impls.items():
+        if name == "xla" and cache_bytes > REFERENCE_MAX_BYTES:
+            results[name] = {"error": "skipped: the reference's float32 cache would not fit"}
+            continue
+        try:
+            outputs[name] = jax.jit(fn)(q, *caches[0], lengths)
+            results[name] = {}
+        except Exception as e:  # noqa: BLE001 - reported in the table
+            results[name] = {"error": _short(e)}
+    trusted = next((n for n in ("xla", "blockspec") if n in outputs), None)
+    arg_sets = [(q, k, v, lengths) for k, v in caches]
+    repeats = max(1, -(-MIN_CALLS // layers))
+    for name, out in outputs.items():
+        r = results[name]
+        if trusted and name != trusted:
+            r["rel_err_vs_" + trusted] = rel_err(out, outputs[trusted])
+        try:
+            r["seconds"] = chained_time(impls[name], arg_sets, repeats)
+        except Exception as e:  # noqa: BLE001
+            r["error"] = _short(e)
+            continue
+        r["gbs"] = cache_bytes / r["seconds"] / 1e9
+        if copy_gbs:
+            r["of_copy"] = r["gbs"] / copy_gbs
+        if device_time:
+            try:
+                r["device_seconds"], _ = rotated_device_time(impls[name], arg_sets)
+                r["device_gbs"] = cache_bytes / r["device_seconds"] / 1e9
+            except Exception as e:  # noqa: BLE001 - the wall-clock numbers stand without it
+                r["device_error"] = _short(e)
+    return {"bytes": cache_bytes, "layers": layers, "results": results}
+
+
+def format_table(rows, copy_gbs):
+    lines = [f"copy bandwidth {copy_gbs:.0f} GB/s" if copy_gbs else "copy bandwidth not measured",
+             f"{'shape':24s} {'impl':10s} {'us/call':>9s} {'GB/s':>7s} {'of copy':>7s} "
+             f"{'dev GB/s':>8s}  rel err / note"]
+    for shape, row in rows.items():
+        for name, r in row["results"].items():
+            def cell(key, fmt, width):
+                return format(r[key], fmt).rjust(width) if key in r else "-".rjust(width)
+            us = f"{r['seconds'] * 1e6:9.1f}" if "seconds" in r else f"{'-':>9s}"
+            errs = [f"{v:.1e}" for k, v in r.items() if k.startswith("rel_err")]
+            note = " ".join(errs + [r.get("error", ""), r.get("device_error", "")]).strip()
+            lines.append(f"{shape:24s} {name:10s} {us} {cell('gbs', '.0f', 7)} "
+                         f"{cell('of_copy', '.0%', 7)} {cell('device_gbs', '.0f', 8)}  {note}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the results here (after every shape)")
+    parser.add_argument("--quick", action="store_true", help="batch 1 and 64 at 4k only")
+    parser.add_argument("--format", default="bf16", choices=("bf16", "int8", "fp8"))
+    parser.add_argument("--page-size", type=int, help="a paged cache of this page size")
+    parser.add_argument("--impls", help="comma-separated subset of " + ",".join(IMPLEMENTATIONS))
+    parser.add_argument("--block-kv", type=int, help="block_kv for the Pallas kernels")
+    parser.add_argument("--num-splits", type=int, help="num_splits for the Pallas kernels")
+    parser.add_argument("--device-time", action="store_true",
+                        help="also each call's device time from a profiler trace")
+    args = parser.parse_args(argv)
+    names = tuple(args.impls.split(",")) if args.impls else IMPLEMENTATIONS
+    tiling = {k: v for k, v in (("block_kv", args.block_kv), ("num_splits", args.num_splits))
+              if v is not None}
+    shapes = ([(1, 4096), (64, 4096)] if args.quick
+              else [(b, s) for b in BATCHES for s in CACHE_LENGTHS])
+    copy_gbs = copy_bandwidth() / 1e9 if jax.default_backend() == "gpu" else None
+    meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "date": datetime.date.today().isoformat(), "format": args.format,
+            "page_size": args.page_size, "tiling": tiling, "copy_gbs": copy_gbs,
+            "shape": f"T=1 Hq={HEADS} Hkv={KV_HEADS} D={HEAD_DIM}"}
+    print(meta, flush=True)
+    rows = {}
+    for batch, length in shapes:
+        t0 = time.perf_counter()
+        rows[f"B{batch} S{length}"] = bench_shape(
+            batch, length, fmt=args.format, page_size=args.page_size, names=names,
+            tiling=tiling, copy_gbs=copy_gbs, device_time=args.device_time)
+        print(f"B{batch} S{length}: done in {time.perf_counter() - t0:.0f}s", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(format_table(rows, copy_gbs))
+
+
+if __name__ == "__main__":
+    main()

@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import compat
 from pallas_kernels.quant_matmul.packing import unpack_nibbles_float
-from pallas_kernels.quant_matmul.tiling import MIN_DOT, check_block, pow2_block
+from pallas_kernels.quant_matmul.tiling import check_block, pow2_block
 from pallas_kernels.shapes import pad_to, round_up
 
 
@@ -69,7 +69,8 @@ def int4_weight_only_pallas(x, packed, scales, zeros=None, *, group_size: int, o
         raise ValueError(f"split_k={split_k} must divide the {groups} groups of K")
     bn = pow2_block(N, block_n)
     check_block("block_n", bn)
-    Mp, Np = round_up(max(M, MIN_DOT), MIN_DOT), round_up(N, bn)
+    # x is one block of rows: Triton wants its row count a power of two too.
+    Mp, Np = pow2_block(M, M), round_up(N, bn)
     steps = groups // split_k  # groups per program
     span = steps * g // 2  # packed columns per program
     x_even = pad_to(x[:, 0::2], (Mp, half))

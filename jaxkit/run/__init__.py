@@ -7,6 +7,9 @@
     evaluate  mean eval metrics of a model or a run
     export    a run's parameters alone, for inference
     quantize  post-training quantisation of a run (`jaxkit quantize`)
+    generate  text from a run, its exported or its quantised parameters
+              (`jaxkit generate`, load_generator for notebooks)
+    decode_speed  generation speed of a config at several batch sizes
     bench     training-loop throughput on 1, 2, ... devices
     cli       the `jaxkit` command
 

@@ -96,9 +96,15 @@ def test_moe_layers_decode_without_capacity_drops():
     the full forward); expert-choice routing, which sees later tokens, is
     refused."""
     moe = ("model.moe.num_experts=4", "model.moe.top_k=1", "model.moe.dispatch=capacity")
-    g = Generator(tiny_model(*BYTE_MODEL, *moe), BYTES)
+    original = tiny_model(*BYTE_MODEL, *moe, "model.compute_dtype=bfloat16")
+    g = Generator(original, BYTES)
     model = nnx.merge(g.engine.graphdef, g.engine.state)
     assert all(block.mlp.cfg.dispatch == "dropless" for block in model.blocks)
+    # weights every use casts to bfloat16 are stored so; the router stays float32
+    assert model.embed.dtype == model.blocks[0].mlp.gate.dtype == jnp.bfloat16
+    assert model.blocks[0].mlp.router.dtype == jnp.float32
+    # the caller's model is left alone
+    assert original.blocks[0].mlp.cfg.dispatch == "capacity" and original.embed.dtype == jnp.float32
     choice = tiny_model(*BYTE_MODEL, *moe, "model.moe.router=expert_choice")
     with pytest.raises(GenerationError, match="expert_choice"):
         Generator(choice, BYTES)

@@ -70,9 +70,14 @@ def load_model(cfg: Config, *, run_dir: str | Path | None = None,
         return load_run(cfg, run_dir, devices=jax.devices()[:1]).model()
     if not Path(params).is_dir():
         raise FileNotFoundError(f"no parameters under {params}")
-    if cfg.model.quant.mode in QUANTIZED_MODES:
-        return load_params(params, _quantized_layout(cfg), nnx.Variable)
-    return load_params(params, build_model(cfg))
+    quantized = cfg.model.quant.mode in QUANTIZED_MODES
+    model = _quantized_layout(cfg) if quantized else build_model(cfg)
+    try:
+        return load_params(params, model, nnx.Variable if quantized else nnx.Param)
+    except ValueError as e:  # orbax: the saved tree or shapes differ from the model's
+        raise ConfigError(f"the arrays in {params} do not fit the model the config describes (a "
+                          "`jaxkit quantize --out` directory needs the model.quant settings given "
+                          f"to quantize): {str(e).splitlines()[0]}") from None
 
 
 def load_generator(config: str | Path | Config, *, run_dir: str | Path | None = None,

@@ -76,6 +76,9 @@ def test_exported_and_quantized_parameters(run, capsys):
     quantized = generate(capsys, *args, *INT8, "--params", str(tmp / "q"), "--prompt", "fox",
                          *GREEDY)
     assert quantized[0].startswith("fox") and json.loads(quantized[-1])["generated_tokens"] >= 1
+    with pytest.raises(SystemExit) as exit_:  # the quantised arrays without their quant settings
+        main(["generate", *args, "--params", str(tmp / "q"), "--prompt", "fox"])
+    assert str(exit_.value).startswith(f"config error: the arrays in {tmp / 'q'} do not fit")
 
 
 @pytest.mark.parametrize("argv, message", [

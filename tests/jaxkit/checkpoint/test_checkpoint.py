@@ -129,3 +129,25 @@ def worker_four_devices(run: Path):
 
 if __name__ == "__main__":
     globals()[f"worker_{sys.argv[1]}"](Path(sys.argv[2]))
+
+
+def test_checksums_are_written_in_the_background(tmp_path, monkeypatch):
+    import threading
+
+    from jaxkit.checkpoint import manager
+    release, real = threading.Event(), manager.write_checksums
+
+    def slow_write(step_dir):
+        assert release.wait(60), "the test never released the checksum writer"
+        real(step_dir)
+    monkeypatch.setattr(manager, "write_checksums", slow_write)
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(every=1))
+    state = {"w": jnp.arange(6.0)}
+    ckpt.save(1, state)
+    ckpt.save(2, state)  # returns while step 1's checksums are still being written
+    assert not (tmp_path / "1" / "checksums.json").exists()
+    release.set()
+    ckpt.verify(1)  # waits for them
+    ckpt.close()
+    for step in (1, 2):
+        assert (tmp_path / str(step) / "checksums.json").is_file()

@@ -144,11 +144,13 @@ class Engine:
     def capacity(self, cached_tokens: int) -> int:
         """Cache slots per sequence for sequences of up to cached_tokens
         tokens: a bucket, or the sliding window (the decode step feeds one
-        token, so the window's slots suffice), in whole pages when paged."""
+        token, so the window's slots suffice) rounded up to a multiple of
+        MIN_BUCKET (the Hopper kernel copies 8-slot tiles), in whole pages
+        when paged."""
         c = self.cfg
         slots = bucket(cached_tokens, c.max_seq_len)
         if c.attention.sliding_window is not None:
-            slots = min(slots, c.attention.sliding_window)
+            slots = min(slots, -(-c.attention.sliding_window // MIN_BUCKET) * MIN_BUCKET)
         return pages_for(slots, self.page_size) * self.page_size if self.paged else slots
 
     def start(self, prompts: list[np.ndarray], *, max_new_tokens: int, temperature: float,

@@ -40,15 +40,18 @@ def caches_for(cfg, batch, capacity, kv_cache="compute", page_size=None, seed=0)
                         cfg.dim_per_head, fmt, jnp.asarray(table))
 
 
-def teacher_forced(model, sequences, prompt_lengths, cache_sets, steps, per_step=1):
+def teacher_forced(model, sequences, prompt_lengths, cache_sets, steps, per_step=1,
+                   implementation="auto"):
     """For each set of empty caches: the logits of prefilling each
     sequence's first prompt_lengths[b] tokens, then of `steps` decode steps
     of per_step tokens of the sequence each; and the full-recompute logits of
     the same positions. Returns (a list per cache set, the reference list)
-    of [B, V] arrays, one per position after the prompts."""
+    of [B, V] arrays, one per position after the prompts. implementation:
+    decode_attention's."""
     graphdef, state = nnx.split(model)
     prefill = jax.jit(lambda s, t, n, c: nnx.merge(graphdef, s).prefill(t, n, c))
-    decode = jax.jit(lambda s, t, n, c: nnx.merge(graphdef, s).decode(t, n, c))
+    decode = jax.jit(lambda s, t, n, c: nnx.merge(graphdef, s).decode(
+        t, n, c, implementation=implementation))
     seqs = jnp.asarray(sequences)
     starts = jnp.asarray(prompt_lengths, jnp.int32)
     results = []

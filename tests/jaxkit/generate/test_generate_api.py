@@ -36,8 +36,12 @@ def greedy_by_recompute(model, prompt_ids, n):
     return ids[len(prompt_ids):]
 
 
-@pytest.mark.parametrize("paged", [False, True])
-def test_greedy_batch_equals_full_recompute(model, paged):
+@pytest.mark.parametrize("paged, window", [(False, None), (True, 6)])
+def test_greedy_batch_equals_full_recompute(model, paged, window):
+    """Paged, with a sliding window of 6: the cache keeps 16 slots a
+    sequence, a ring the longer sequences wrap."""
+    if window is not None:
+        model = tiny_model(*BYTE_MODEL, f"model.attention.sliding_window={window}")
     g = Generator(model, BYTES, GenerateConfig(paged=paged, page_size=4))
     out = g.generate(PROMPTS, max_new_tokens=8, temperature=0, ignore_eos=True)
     assert out.finish_reasons == ["length"] * 3
@@ -50,7 +54,8 @@ def test_greedy_batch_equals_full_recompute(model, paged):
     kv = stats["kv_cache"]
     assert kv["format"] == "float32" and kv["bytes_per_token"] == 2 * 2 * 2 * 8 * 4
     # contiguous: 3 sequences x 32 slots (the bucket of 24 + 8 - 1 tokens); paged: the
-    # 4 + 8 + 2 pages of 4 slots the sequences need, in a pool of 16 pages
+    # 4 + 4 + 2 pages of 4 slots the sequences need of the 16-slot ring, in a pool of 16 pages
+    assert kv["slots_per_sequence"] == (16 if paged else 32)
     assert kv["allocated_bytes"] == (16 * 4 if paged else 3 * 32) * kv["bytes_per_token"]
 
 

@@ -22,7 +22,7 @@ FLOAT32 = 1e-5
 # each cache: (kv_cache, page_size or None for contiguous, slots per sequence, atol)
 CONTIGUOUS, PAGED = ("compute", None, 24, FLOAT32), ("compute", 4, 24, FLOAT32)
 
-CASES = {  # name: (model overrides, caches, decode steps, tokens a step)
+CASES = {  # name: (model overrides, caches, decode steps, tokens a step[, implementation])
     "dense_three_tokens_a_step": ([], [CONTIGUOUS], 3, 3),
     "gqa_window_softcap_untied_paged": (
         ["model.num_kv_heads=2", "model.attention.sliding_window=5",
@@ -38,15 +38,19 @@ CASES = {  # name: (model overrides, caches, decode steps, tokens a step)
              [("compute", None, 24, 3e-2)], 6, 1),
     "int8_and_fp8_caches": (["model.num_kv_heads=2"],
                             [("int8", None, 24, 5e-2), ("fp8", 4, 24, 0.3)], 6, 1),
+    # the portable Pallas kernel (interpreted here) over a paged ring; its head_dim is >= 16
+    "blockspec_kernel": (["model.d_model=64", "model.num_kv_heads=2",
+                          "model.attention.sliding_window=6"], [("compute", 4, 8, 1e-4)], 6, 1,
+                         "blockspec"),
 }
 
 
-def _check(model, caches, steps, per_step):
+def _check(model, caches, steps, per_step, implementation="auto"):
     B = len(PROMPT_LENGTHS)
     results, want = teacher_forced(
         model, SEQUENCES, PROMPT_LENGTHS,
         [caches_for(model.cfg, B, slots, kv_cache, page_size)
-         for kv_cache, page_size, slots, _ in caches], steps, per_step)
+         for kv_cache, page_size, slots, _ in caches], steps, per_step, implementation)
     assert len(want) == steps * per_step + 1
     for (kv_cache, page_size, _, atol), got in zip(caches, results):
         for i, (g, w) in enumerate(zip(got, want)):

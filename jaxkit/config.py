@@ -216,7 +216,7 @@ class GenerateConfig:
     temperature: float = ranged(1.0, ">= 0")  # 0: greedy
     top_k: int = ranged(0, ">= 0")  # 0: no top-k filter
     top_p: float = ranged(1.0, "(0, 1]")  # 1: no nucleus filter
-    seed: int = ranged(0, ">= 0")
+    seed: int = ranged(0, "[0, 4294967295]")  # a uint32 PRNG seed
     stop: tuple[str, ...] = ()  # a sequence's text ends before the first of these it produces
     # KV cache storage: the compute dtype, a float dtype, or int8/fp8 codes
     # with a float32 scale per token and head

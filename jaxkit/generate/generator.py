@@ -156,7 +156,7 @@ class Generator:
         reasons: list[str | None] = [None] * len(texts)
         pending = collections.deque([decoding.first])
         first_at = steps = None
-        while pending:
+        while True:
             if None in reasons:
                 pending.append(decoding.step())
             out = pending.popleft()

@@ -46,3 +46,19 @@ def test_stop_string_with_a_bpe(tmp_path):
     assert s.text == "def main():\n    return 1" and "".join(pieces) == s.text
     s, pieces = stream(bpe, ids)
     assert s.text == "def main():\n    return 1\n\ndef other" and "".join(pieces) == s.text
+
+
+class PieceTokenizer:
+    """Token i is the bytes PIECES[i] (as a byte-level BPE's merges are)."""
+    PIECES = [b"ab\xc3", b"\xa9c", b"\x80", b"d"]
+
+    def decode(self, ids):
+        return b"".join(self.PIECES[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def test_text_before_a_cut_character_is_shown_at_once():
+    s, pieces = stream(PieceTokenizer(), [0, 1, 2, 2, 3])
+    # "ab" and the first byte of "é"; "é" completed and "c"; two bytes that are no
+    # character wait for what follows them
+    assert pieces == ["ab", "éc", "", "", "\ufffd\ufffdd", ""]
+    assert s.text == "abéc\ufffd\ufffdd"

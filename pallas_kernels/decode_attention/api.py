@@ -22,16 +22,50 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import dispatch
-from pallas_kernels.decode_attention import blockspec, mosaic_gpu
-from pallas_kernels.decode_attention.kv_formats import CODES, SCALE_DTYPE, QuantizedKV
+from pallas_kernels.decode_attention import blockspec, blockspec_kivi, mosaic_gpu
+from pallas_kernels.decode_attention.kv_formats import (CODES, KIVI_PARAM_DTYPE, KIVI_PER_BYTE,
+                                                        KIVI_TYPES, SCALE_DTYPE, Kivi2Keys,
+                                                        Kivi2Values, QuantizedKV)
 from pallas_kernels.decode_attention.reference import decode_attention_reference
 
 FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
 CODE_DTYPES = tuple(dtype for dtype, _ in CODES.values())
 
 
+def _check_kivi(name: str, x):
+    """A Kivi2Keys (k) or Kivi2Values (v) with consistent leaves."""
+    want = Kivi2Keys if name == "k" else Kivi2Values
+    if not isinstance(x, want):
+        raise TypeError(f"{name} must be a {want.__name__} for KIVI-2, got {type(x).__name__}")
+    leaves = {f: dispatch.as_array(f"{name}.{f}", getattr(x, f)) for f in want._fields}
+    codes, scale, zero, residual = leaves.values()
+    if codes.dtype != jnp.uint8 or codes.ndim != 4:
+        raise TypeError(f"{name}.codes must be uint8 [N, S, Hkv, D/4], got {codes.dtype} "
+                        f"{codes.shape}")
+    N, S, Hkv, D = (*codes.shape[:3], codes.shape[3] * KIVI_PER_BYTE)
+    G = residual.shape[1] if residual.ndim == 4 else 0
+    if residual.ndim != 4 or residual.shape[2:] != (Hkv, D) or G < 1 or S % G:
+        raise ValueError(f"{name}.residual must be [B, G, Hkv, D] = [B, G, {Hkv}, {D}] with G "
+                         f"dividing S={S}, got {residual.shape}")
+    if residual.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}.residual must be float32, bfloat16 or float16, got "
+                        f"{residual.dtype}")
+    rows = S // G if name == "k" else S
+    for field, a in (("scale", scale), ("zero", zero)):
+        if a.dtype != KIVI_PARAM_DTYPE or a.ndim != 4 or a.shape[:3] != (N, rows, Hkv):
+            raise ValueError(f"{name}.{field} must be float16 [{N}, {rows}, {Hkv}, ...], got "
+                             f"{a.dtype} {a.shape}")
+    groups = D if name == "k" else scale.shape[3]
+    if scale.shape != zero.shape or groups < 1 or D % groups or scale.shape[3] != groups:
+        raise ValueError(f"{name}.scale {scale.shape} and zero {zero.shape} must match and "
+                         f"split head_dim {D} evenly")
+    return want(*leaves.values())
+
+
 def _check_cache(name: str, x):
-    """A cache tensor (a float array or QuantizedKV) with a 4-d layout."""
+    """A cache tensor (a float array, QuantizedKV or KIVI-2) with a 4-d layout."""
+    if isinstance(x, KIVI_TYPES):
+        return _check_kivi(name, x)
     if isinstance(x, QuantizedKV):
         data = dispatch.as_array(f"{name}.data", x.data)
         scale = dispatch.as_array(f"{name}.scale", x.scale)
@@ -71,6 +105,13 @@ def check_inputs(q, k, v, lengths, page_table):
     lengths = dispatch.as_array("lengths", lengths, integer=True)
     if lengths.shape != (B,):
         raise ValueError(f"lengths must be [B] = ({B},), got shape {lengths.shape}")
+    if isinstance(k, KIVI_TYPES) != isinstance(v, KIVI_TYPES):
+        raise TypeError(f"KIVI-2 caches come in pairs: k is a {type(k).__name__}, v a "
+                        f"{type(v).__name__}")
+    if isinstance(k, KIVI_TYPES):
+        if k.residual.shape != v.residual.shape or k.residual.shape[0] != B:
+            raise ValueError(f"k.residual {k.residual.shape} and v.residual "
+                             f"{v.residual.shape} must both be [B={B}, G, Hkv, D]")
     if page_table is None:
         if k.shape[0] != B:
             raise ValueError(f"a contiguous cache k {k.shape} needs batch {B} (q {q.shape}); "
@@ -95,6 +136,11 @@ def _takes_no_tiling(args):
 
 
 def _blockspec_problem(args):
+    if isinstance(args.k, KIVI_TYPES):
+        if args.block_kv is not None:
+            return f"block_kv={args.block_kv}: KIVI-2 caches are walked by key group"
+        return blockspec.unsupported(args.q, args.k) or blockspec_kivi.unsupported(
+            args.k, args.v, args.page_table)
     if args.block_kv is not None and args.page_table is not None:
         return f"block_kv={args.block_kv} applies to a contiguous cache (a paged one steps by page)"
     if args.block_kv is not None and (args.block_kv < blockspec.MIN_TILE
@@ -113,6 +159,14 @@ TABLE = dispatch.Table("decode attention", {
     "blockspec": _blockspec_problem,
 }, preference=("pallas", "xla"))
 IMPLEMENTATIONS = TABLE.names
+
+
+def portable_kernel(k):
+    """The portable kernel for this cache format: the KIVI-2 one (which
+    takes block_kv=None only) or blockspec.py's."""
+    if isinstance(k, KIVI_TYPES):
+        return blockspec_kivi.kivi_decode_attention
+    return blockspec.blockspec_decode_attention
 
 
 def inference_only(name: str, fn, *args):
@@ -168,6 +222,5 @@ def decode_attention(q, k, v, lengths, *, page_table=None, sliding_window: int |
     if impl == "mosaic_gpu":
         kernel = functools.partial(mosaic_gpu.mosaic_decode_attention, **kwargs, **tiling)
     else:
-        kernel = functools.partial(blockspec.blockspec_decode_attention, interpret=interpret,
-                                   **kwargs, **tiling)
+        kernel = functools.partial(portable_kernel(k), interpret=interpret, **kwargs, **tiling)
     return inference_only(impl, kernel, q, k, v, lengths, page_table)

@@ -90,6 +90,53 @@ def _load_block(ref, scale_ref, j, pages_ref, cfg: _Config):
     return data, scale
 
 
+def online_softmax(m, l, s):
+    """One block's step of the online softmax: (max, sum, p, alpha) after
+    logits s [rows, block] (-inf where masked) for running max m and sum l."""
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    # Rows that have seen nothing keep m = -inf: shift by 0 so exp gives 0.
+    m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s - m_shift[:, None])
+    alpha = jnp.exp(m - m_shift)
+    return m_new, l * alpha + jnp.sum(p, axis=1), p, alpha
+
+
+def masked_logits(s, q_pos, k_pos, cfg):
+    """Scaled products s [rows, block] -> logits: soft-capped, -inf where
+    the row's query does not see the column's position."""
+    s = s * cfg.scale
+    if cfg.softcap is not None:
+        s = cfg.softcap * jnp.tanh(s / cfg.softcap)
+    return jnp.where(visible(q_pos[:, None], k_pos[None, :], cfg.window), s, -jnp.inf)
+
+
+def walk(step, carry, L, split, cfg):
+    """carry after step(j, carry) over the split's blocks that hold a
+    visible slot (positions.visible_blocks: at most two ranges)."""
+    lo = split * cfg.blocks_per_split
+    hi = jnp.minimum(lo + cfg.blocks_per_split, cdiv(cfg.capacity, cfg.step))
+    first, end, first2, end2 = visible_blocks(L, cfg.capacity, cfg.num_queries, cfg.window,
+                                              cfg.step, lo, hi)
+    carry = lax.fori_loop(first, end, step, carry)
+    return lax.fori_loop(first2, end2, step, carry)
+
+
+def write_partial(o_ref, lse_ref, m, l, pieces):
+    """The split's output normalised by its softmax sum (``pieces``: column
+    blocks of equal width, in order) and its logsumexp (-inf: saw nothing)."""
+    empty = l == 0.0
+    l_safe = jnp.where(empty, 1.0, l)
+    width = pieces[0].shape[1]
+    for i, acc in enumerate(pieces):
+        o_ref[:, pl.ds(i * width, width)] = acc / l_safe[:, None]
+    lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log(l_safe))
+
+
+def query_positions(L, rows, cfg):
+    """Position of each query row's token (rows t * G + g)."""
+    return query_position(L, lax.div(lax.iota(jnp.int32, rows), cfg.group), cfg.num_queries)
+
+
 def _kernel(*refs, cfg: _Config, k_quant: bool, v_quant: bool, paged: bool):
     refs = list(refs)
     lengths_ref, q_ref, k_ref = refs.pop(0), refs.pop(0), refs.pop(0)
@@ -99,65 +146,51 @@ def _kernel(*refs, cfg: _Config, k_quant: bool, v_quant: bool, paged: bool):
     pages_ref = refs.pop(0) if paged else None
     o_ref, lse_ref = refs
 
-    split = pl.program_id(2)
     L = jnp.maximum(lengths_ref[0], 0)
-    C, T = cfg.capacity, cfg.num_queries
+    C = cfg.capacity
     q = q_ref[...]
-    rows = q.shape[0]
-    q_pos = query_position(L, lax.div(lax.iota(jnp.int32, rows), cfg.group), T)
+    q_pos = query_positions(L, q.shape[0], cfg)
+
     def step(j, carry):
         m, l, acc = carry
         k, k_scale = _load_block(k_ref, ks_ref, j, pages_ref, cfg)
         v, v_scale = _load_block(v_ref, vs_ref, j, pages_ref, cfg)
         dtype = q.dtype if k_quant else jnp.promote_types(q.dtype, k.dtype)
-        s = _dot(q.astype(dtype), k.astype(dtype), (1, 1)) * cfg.scale
+        s = _dot(q.astype(dtype), k.astype(dtype), (1, 1))
         if k_quant:
             s = s * k_scale[None, :]
-        if cfg.softcap is not None:
-            s = cfg.softcap * jnp.tanh(s / cfg.softcap)
-        slots = j * cfg.step + lax.iota(jnp.int32, cfg.block)
-        ok = visible(q_pos[:, None], slot_position(L, slots, C)[None, :], cfg.window)
-        if cfg.block != cfg.step or C % cfg.block:
-            ok &= (slots < C)[None, :] & (lax.iota(jnp.int32, cfg.block) < cfg.step)[None, :]
-        s = jnp.where(ok, s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        # Rows that have seen nothing keep m = -inf: shift by 0 so exp gives 0.
-        m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp(s - m_shift[:, None])
-        alpha = jnp.exp(m - m_shift)
-        l = l * alpha + jnp.sum(p, axis=1)
+        rows = lax.iota(jnp.int32, cfg.block)
+        slots = j * cfg.step + rows
+        k_pos = slot_position(L, slots, C)
+        if cfg.block != cfg.step or C % cfg.block:  # padding rows hold no position
+            k_pos = jnp.where((slots < C) & (rows < cfg.step), k_pos, -1)
+        m, l, p, alpha = online_softmax(m, l, masked_logits(s, q_pos, k_pos, cfg))
         if v_quant:
             p = p * v_scale[None, :]
         vdt = q.dtype if v_quant else jnp.promote_types(q.dtype, v.dtype)
-        acc = acc * alpha[:, None] + _dot(p.astype(vdt), v.astype(vdt), (1, 0))
-        return m_new, l, acc
+        return m, l, acc * alpha[:, None] + _dot(p.astype(vdt), v.astype(vdt), (1, 0))
 
-    lo = split * cfg.blocks_per_split
-    hi = jnp.minimum(lo + cfg.blocks_per_split, cdiv(C, cfg.step))
-    first, end, first2, end2 = visible_blocks(L, C, T, cfg.window, cfg.step, lo, hi)
+    rows = q.shape[0]
     carry = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
              jnp.zeros(q.shape, jnp.float32))
-    carry = lax.fori_loop(first, end, step, carry)
-    m, l, acc = lax.fori_loop(first2, end2, step, carry)
-    empty = l == 0.0
-    l_safe = jnp.where(empty, 1.0, l)
-    o_ref[...] = acc / l_safe[:, None]
-    lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log(l_safe))
+    m, l, acc = walk(step, carry, L, pl.program_id(2), cfg)
+    write_partial(o_ref, lse_ref, m, l, [acc])
+
+
+def head_spec(shape, paged: bool):
+    """BlockSpec of one kv head of a leaf [N, S, Hkv, ...]: the sequence's
+    row (contiguous) or the whole pool (paged)."""
+    N, S, _, *rest = shape
+    zeros = (0,) * len(rest)
+    if paged:
+        return pl.BlockSpec((N, S, None, *rest), lambda b, h, s: (0, 0, h, *zeros))
+    return pl.BlockSpec((None, S, None, *rest), lambda b, h, s: (b, 0, h, *zeros))
 
 
 def _cache_specs(x, paged: bool):
-    """BlockSpecs of one kv head of a cache tensor (data, then scales)."""
-    data = x.data if isinstance(x, QuantizedKV) else x
-    N, S, _, D = data.shape
-    if paged:
-        specs = [pl.BlockSpec((N, S, None, D), lambda b, h, s: (0, 0, h, 0))]
-        scale = pl.BlockSpec((N, S, None), lambda b, h, s: (0, 0, h))
-    else:
-        specs = [pl.BlockSpec((None, S, None, D), lambda b, h, s: (b, 0, h, 0))]
-        scale = pl.BlockSpec((None, S, None), lambda b, h, s: (b, 0, h))
-    if isinstance(x, QuantizedKV):
-        return specs + [scale], [x.data, x.scale]
-    return specs, [x]
+    """BlockSpecs and operands of a cache tensor (data, then scales)."""
+    leaves = [x.data, x.scale] if isinstance(x, QuantizedKV) else [x]
+    return [head_spec(a.shape, paged) for a in leaves], leaves
 
 
 def _compiler_params(cfg: _Config, head_dim: int):
@@ -174,6 +207,36 @@ def unsupported(q, k) -> str | None:
     return None
 
 
+def plan(B, Hkv, T, Hq, capacity, step, num_splits):
+    """(splits, blocks per split, query rows) of a call."""
+    n_blocks = cdiv(capacity, step)
+    splits = min(num_splits or sp.default_splits(B * Hkv, n_blocks, compat.sm_count()), n_blocks)
+    per_split = cdiv(n_blocks, splits)
+    rows = max(MIN_TILE, pl.next_power_of_2(T * (Hq // Hkv)))
+    return cdiv(n_blocks, per_split), per_split, rows
+
+
+def launch(kernel, cfg, q, lengths, specs, operands, splits: int, rows: int, kv_heads: int):
+    """Run ``kernel`` over the grid (sequence, kv head, split) with q's rows,
+    lengths and the given operands, and merge the splits -> [B, T, Hq, D]."""
+    B, T, Hq, D = q.shape
+    row_block = pl.BlockSpec((None, None, None, rows, D), lambda b, h, s: (b, h, s, 0, 0))
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(B, kv_heads, splits),
+        in_specs=[pl.BlockSpec((1,), lambda b, h, s: (b,)),
+                  pl.BlockSpec((None, None, rows, D), lambda b, h, s: (b, h, 0, 0)), *specs],
+        out_specs=[row_block,
+                   pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0))],
+        out_shape=[jax.ShapeDtypeStruct((B, kv_heads, splits, rows, D), jnp.float32),
+                   jax.ShapeDtypeStruct((B, kv_heads, splits, rows), jnp.float32)],
+        interpret=cfg.interpret,
+        compiler_params=_compiler_params(cfg, D),
+        name="decode_attention",
+    )(lengths, sp.query_rows(q, kv_heads, rows), *operands)
+    return sp.from_query_rows(sp.merge(out, lse), T, Hq).astype(q.dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("sliding_window", "logit_softcap", "scale",
                                              "block_kv", "num_splits", "interpret"))
 def blockspec_decode_attention(q, k, v, lengths, page_table=None, *, sliding_window=None,
@@ -185,51 +248,25 @@ def blockspec_decode_attention(q, k, v, lengths, page_table=None, *, sliding_win
     page); num_splits: splits of the cache length (None: enough programs to
     fill the GPU's waves)."""
     B, T, Hq, D = q.shape
-    data = k.data if isinstance(k, QuantizedKV) else k
-    Hkv = data.shape[2]
+    N, S, Hkv, _ = k.shape
     paged = page_table is not None
     if paged:
-        page_size = data.shape[1]
-        capacity = page_table.shape[1] * page_size
-        block = max(MIN_TILE, pl.next_power_of_2(page_size))
-        step = page_size
+        capacity, page_size = page_table.shape[1] * S, S
+        block, step = max(MIN_TILE, pl.next_power_of_2(S)), S
     else:
-        page_size = None
-        capacity = data.shape[1]
-        block = block_kv or min(DEFAULT_BLOCK_KV, max(MIN_TILE, pl.next_power_of_2(capacity)))
-        step = block
-    n_blocks = cdiv(capacity, step)
-    splits = num_splits or sp.default_splits(B * Hkv, n_blocks, compat.sm_count())
-    splits = min(splits, n_blocks)
-    per_split = cdiv(n_blocks, splits)
-    splits = cdiv(n_blocks, per_split)
+        capacity, page_size = S, None
+        block = step = block_kv or min(DEFAULT_BLOCK_KV, max(MIN_TILE, pl.next_power_of_2(S)))
+    splits, per_split, rows = plan(B, Hkv, T, Hq, capacity, step, num_splits)
     cfg = _Config(num_queries=T, group=Hq // Hkv, capacity=capacity, page_size=page_size,
                   block=block, blocks_per_split=per_split, window=sliding_window,
                   softcap=logit_softcap, scale=D ** -0.5 if scale is None else float(scale),
                   interpret=interpret)
-    rows = max(MIN_TILE, pl.next_power_of_2(T * cfg.group))
-    q_rows = sp.query_rows(q, Hkv, rows)
     k_specs, k_args = _cache_specs(k, paged)
     v_specs, v_args = _cache_specs(v, paged)
-    extra_specs, extra_args = [], []
+    specs, operands = k_specs + v_specs, k_args + v_args
     if paged:
-        extra_specs = [pl.BlockSpec((None, page_table.shape[1]), lambda b, h, s: (b, 0))]
-        extra_args = [page_table]
-    row_block = pl.BlockSpec((None, None, None, rows, D), lambda b, h, s: (b, h, s, 0, 0))
-    out, lse = pl.pallas_call(
-        functools.partial(_kernel, cfg=cfg, k_quant=isinstance(k, QuantizedKV),
-                          v_quant=isinstance(v, QuantizedKV), paged=paged),
-        grid=(B, Hkv, splits),
-        in_specs=[pl.BlockSpec((1,), lambda b, h, s: (b,)),
-                  pl.BlockSpec((None, None, rows, D), lambda b, h, s: (b, h, 0, 0)),
-                  *k_specs, *v_specs, *extra_specs],
-        out_specs=[row_block,
-                   pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0))],
-        out_shape=[jax.ShapeDtypeStruct((B, Hkv, splits, rows, D), jnp.float32),
-                   jax.ShapeDtypeStruct((B, Hkv, splits, rows), jnp.float32)],
-        interpret=interpret,
-        compiler_params=_compiler_params(cfg, D),
-        name="decode_attention",
-    )(lengths, q_rows, *k_args, *v_args, *extra_args)
-    merged = sp.merge(out, lse)
-    return sp.from_query_rows(merged, T, Hq).astype(q.dtype)
+        specs.append(pl.BlockSpec((None, page_table.shape[1]), lambda b, h, s: (b, 0)))
+        operands.append(page_table)
+    kernel = functools.partial(_kernel, cfg=cfg, k_quant=isinstance(k, QuantizedKV),
+                               v_quant=isinstance(v, QuantizedKV), paged=paged)
+    return launch(kernel, cfg, q, lengths, specs, operands, splits, rows, Hkv)

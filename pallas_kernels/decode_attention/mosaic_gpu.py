@@ -42,7 +42,7 @@ from pallas_kernels import mosaic_common as mc
 from pallas_kernels.attention.mosaic_gpu.common import LOG2E, mma, mma_acc, vector, zeros
 from pallas_kernels.attention.mosaic_gpu.rings import ring_steps
 from pallas_kernels.decode_attention import splits as sp
-from pallas_kernels.decode_attention.kv_formats import QuantizedKV
+from pallas_kernels.decode_attention.kv_formats import KIVI_TYPES, QuantizedKV
 from pallas_kernels.decode_attention.positions import (query_position, slot_position, visible,
                                                        visible_blocks)
 from pallas_kernels.shapes import cdiv, pad_to, round_up
@@ -88,6 +88,8 @@ class _Config:
 
 def unsupported(q, k, v, page_table, block_kv) -> str | None:
     """Why the Mosaic kernel cannot take this call (None if it can)."""
+    if isinstance(k, KIVI_TYPES):
+        return "KIVI-2 caches are read by 'blockspec' and 'xla' only"
     B, T, Hq, D = q.shape
     data = k.data if isinstance(k, QuantizedKV) else k
     if q.dtype not in DTYPES:

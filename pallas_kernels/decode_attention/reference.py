@@ -12,7 +12,9 @@ Cache layouts (k and v alike):
   page_table [B, pages_per_seq] int32: logical block j of sequence b is page
   page_table[b, j] (entries are clamped to [0, P)); C = pages_per_seq * page_size.
 Either may be a ``kv_formats.QuantizedKV`` (int8 or fp8 codes and per-token,
-per-head scales) of the same leading layout.
+per-head scales) of the same leading layout; or k a Kivi2Keys and v a
+Kivi2Values (KIVI-2 codes in the slots; the positions of the group still
+filling, p >= L - L mod G, are read from the residual instead).
 
 Ring rule (positions.py): position p lives in logical slot p % C, so slot s
 holds p(s) = L-1 - ((L-1-s) mod C) and is valid iff p(s) >= 0; masking is by
@@ -30,7 +32,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.decode_attention.kv_formats import QuantizedKV, dequantize_kv
+from pallas_kernels.decode_attention.kv_formats import (KIVI_TYPES, QuantizedKV, dequantize_kv,
+                                                        kivi2_dequantize)
 from pallas_kernels.decode_attention.positions import query_position, slot_position, visible
 
 
@@ -54,17 +57,31 @@ def logical_cache(x, page_table):
     return jax.tree.map(gather, x)
 
 
+def cache_values(x, page_table, lengths):
+    """[B, C, Hkv, D] float32: the values each logical slot holds, for a
+    cache tensor of any format (KIVI-2: residual positions from the residual)."""
+    if not isinstance(x, KIVI_TYPES):
+        return as_float32(logical_cache(x, page_table))
+    codes, scale, zero = logical_cache((x.codes, x.scale, x.zero), page_table)
+    values = kivi2_dequantize(type(x)(codes, scale, zero, x.residual))
+    B, C = values.shape[:2]
+    L = jnp.maximum(lengths, 0)[:, None]
+    pos = slot_position(L, jnp.arange(C, dtype=jnp.int32)[None], C)
+    residual = x.residual.astype(jnp.float32)[jnp.arange(B)[:, None], jnp.mod(pos, x.group)]
+    return jnp.where((pos >= L - L % x.group)[..., None, None], residual, values)
+
+
 def decode_attention_reference_with_lse(q, k, v, lengths, *, page_table=None,
                                         sliding_window=None, logit_softcap=None, scale=None):
     """(out [B, T, Hq, D] in q.dtype, logsumexp [B, T, Hq] float32 of the
     scaled, capped logits; -inf where a query sees no slot)."""
     B, T, Hq, D = q.shape
-    k = as_float32(logical_cache(k, page_table))
-    v = as_float32(logical_cache(v, page_table))
+    lengths = lengths.astype(jnp.int32)
+    k = cache_values(k, page_table, lengths)
+    v = cache_values(v, page_table, lengths)
     C, Hkv = k.shape[1], k.shape[2]
     G = Hq // Hkv
     scale = D ** -0.5 if scale is None else scale
-    lengths = lengths.astype(jnp.int32)
     k_pos = slot_position(lengths[:, None], jnp.arange(C, dtype=jnp.int32)[None], C)  # [B, C]
     q_pos = query_position(lengths[:, None], jnp.arange(T, dtype=jnp.int32)[None], T)  # [B, T]
     mask = visible(q_pos[:, None, None, :, None], k_pos[:, None, None, None, :],

@@ -11,7 +11,11 @@ and sees the positions p <= its own, p > its own - window, and
 p >= L - C (older ones were overwritten), so the ring rule is tested, not
 assumed. Quantized caches quantize the history (kv_formats.quantize_kv) and
 the expectation uses the dequantized history: the kernels are checked for
-their arithmetic, not for the format's rounding.
+their arithmetic, not for the format's rounding. KIVI-2 caches are built by
+appending each sequence's history through kv_formats.kivi2_append in chunks,
+and the expectation decodes what it stored in NumPy (unpacking the planar
+codes itself): complete groups from the slots, the group still filling from
+the residual.
 
 Tolerance: relative error ||got - want|| / ||want|| under 1e-5 with float32
 queries, under 1e-2 with 16-bit ones (bf16 probabilities and output).
@@ -22,10 +26,12 @@ import dataclasses
 import functools
 import zlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.decode_attention import quantize_kv
+from pallas_kernels.decode_attention.kv_formats import kivi2_append, kivi2_cache
 
 F32_TOL = 1e-5
 LOW_PRECISION_TOL = 1e-2
@@ -43,8 +49,10 @@ class Case:
     dtype: object = jnp.float32   # q (and unquantized k, v)
     page_size: int | None = None  # None: contiguous cache
     spare_pages: int = 3          # pool pages no sequence owns
-    k_format: str | None = None   # None, 'int8' or 'fp8'
+    k_format: str | None = None   # None, 'int8', 'fp8' or 'kivi2' (k and v)
     v_format: str | None = None
+    kivi_group: int = 16          # KIVI-2: tokens per key group, channels per value group
+    kivi_value_group: int = 16
     sliding_window: int | None = None
     logit_softcap: float | None = None
     scale: float | None = None
@@ -91,6 +99,13 @@ CASES = {
     "f16_paged_window": Case((70, 33, 9), 3, 6, 1, 64, 64, F16, page_size=32, sliding_window=40),
     "bf16_int8_keys_window": Case((61, 2, 30), 3, 4, 2, 128, 40, BF16, k_format="int8",
                                   sliding_window=30, num_splits=2),
+    # KIVI-2: residuals of 13, 0 (a whole group) and 5 tokens; a ring wrapped
+    # twice with a window over pages of two groups.
+    "kivi2": Case((45, 16, 0), 1, 4, 2, 64, 48, k_format="kivi2", v_format="kivi2",
+                  num_splits=2),
+    "kivi2_paged_ring_window": Case((150, 37, 5), 3, 6, 1, 128, 64, BF16, page_size=32,
+                                    k_format="kivi2", v_format="kivi2", sliding_window=40,
+                                    kivi_value_group=32),
 }
 
 
@@ -106,12 +121,17 @@ def _ring_cache(history, lengths, capacity, rng):
 
 
 def _paged(cache, table, pages, rng):
-    """A contiguous [B, C, ...] cache as a pool [pages, page_size, ...]:
-    logical block j of sequence b in page table[b, j], the other pages
+    """A contiguous [B, C, ...] cache (any dtype) as a pool [pages, page_size,
+    ...]: logical block j of sequence b in page table[b, j], the other pages
     garbage."""
+    cache = np.asarray(cache)
     B, per_seq = table.shape
     page_size = cache.shape[1] // per_seq
-    pool = GARBAGE * rng.standard_normal((pages, page_size, *cache.shape[2:]))
+    shape = (pages, page_size, *cache.shape[2:])
+    if cache.dtype == np.uint8:
+        pool = rng.integers(0, 256, shape).astype(np.uint8)
+    else:
+        pool = (GARBAGE * rng.standard_normal(shape)).astype(cache.dtype)
     for b in range(B):
         for j in range(per_seq):
             pool[table[b, j]] = cache[b, j * page_size:(j + 1) * page_size]
@@ -146,6 +166,8 @@ def case_inputs(name):
         empty = np.asarray(case.lengths) == 0
         page_table = jnp.asarray(np.where(empty[:, None], -1, table), jnp.int32)
     stored, values = {}, {}
+    if case.k_format == "kivi2":
+        return _kivi_inputs(case, q, page_table, table, rng)
     for which, fmt in (("k", case.k_format), ("v", case.v_format)):
         history = rng.standard_normal((B, max(case.lengths), case.kv_heads, D))
         cache = _ring_cache(history, case.lengths, case.capacity, rng)
@@ -158,6 +180,60 @@ def case_inputs(name):
     lengths = jnp.asarray(case.lengths, jnp.int32)
     return ((q, stored["k"], stored["v"], lengths, page_table),
             (np.asarray(q, np.float64), values["k"], values["v"]))
+
+
+_APPEND = jax.jit(kivi2_append)
+CHUNK = 16  # tokens a KIVI-2 append call takes while a case's cache is built
+
+
+def _kivi_inputs(case, q, page_table, table, rng):
+    """case_inputs of a KIVI-2 case: each sequence's history appended in
+    chunks to its own cache, the caches stacked (and paged); the float64
+    values are decoded from what was stored."""
+    B, D, Hkv, G = case.batch, case.head_dim, case.kv_heads, case.kivi_group
+    top = max(max(case.lengths), 1)
+    hist = {w: rng.standard_normal((B, top, Hkv, D)).astype(np.float32) for w in "kv"}
+    caches = []
+    for b, L in enumerate(case.lengths):
+        cache = kivi2_cache((1, case.capacity, Hkv, D), 1, group=G,
+                            value_group=case.kivi_value_group)
+        for start in range(0, L, CHUNK):
+            stop = min(L, start + CHUNK)
+            cache = _APPEND(*cache, hist["k"][b:b + 1, start:stop], hist["v"][b:b + 1, start:stop],
+                            jnp.array([start], jnp.int32))
+        caches.append(cache)
+    keys, values = (jax.tree.map(lambda *a: np.concatenate(a), *[c[i] for c in caches])
+                    for i in (0, 1))
+    decoded = [_decode_kivi(x, case.lengths, case.capacity, top) for x in (keys, values)]
+    if table is not None:
+        pages = table.size + case.spare_pages
+        keys, values = (type(x)(*(_paged(a, table, pages, rng) for a in x[:3]), x.residual)
+                        for x in (keys, values))
+    keys, values = (jax.tree.map(jnp.asarray, x) for x in (keys, values))
+    lengths = jnp.asarray(case.lengths, jnp.int32)
+    return (q, keys, values, lengths, page_table), (np.asarray(q, np.float64), *decoded)
+
+
+def _decode_kivi(x, lengths, capacity, top):
+    """[B, top, Hkv, D] float64: position p of sequence b as the contiguous
+    KIVI-2 tensor x stores it (slot p mod C, or residual row p mod G)."""
+    packed = np.asarray(x.codes)
+    D4 = packed.shape[-1]
+    codes = np.concatenate([(packed >> (2 * j)) & 3 for j in range(4)], axis=-1)
+    scale, zero = (np.asarray(a, np.float64) for a in (x.scale, x.zero))
+    G = x.residual.shape[1]
+    if scale.shape[-1] == 4 * D4:  # keys: a row per group of slots
+        scale, zero = np.repeat(scale, G, axis=1), np.repeat(zero, G, axis=1)
+    else:  # values: a column per group of channels
+        width = 4 * D4 // scale.shape[-1]
+        scale, zero = np.repeat(scale, width, axis=-1), np.repeat(zero, width, axis=-1)
+    slots = codes * scale + zero
+    out = np.zeros((len(lengths), top, *slots.shape[2:]))
+    for b, L in enumerate(lengths):
+        for p in range(max(0, L - capacity), L):
+            out[b, p] = (np.asarray(x.residual[b, p % G], np.float64) if p >= L - L % G
+                         else slots[b, p % capacity])
+    return out
 
 
 def expected(case, q, k_hist, v_hist):

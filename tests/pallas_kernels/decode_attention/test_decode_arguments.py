@@ -2,6 +2,7 @@
 ValueError naming it and its value, before anything is traced (the shared
 rule of pallas_kernels.dispatch); the KV formats' own checks; and the block
 ranges every kernel visits (positions.visible_blocks) against the mask."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -120,17 +121,21 @@ def test_visible_blocks_are_exactly_those_with_a_visible_slot(C, block, T):
     """Every length up to three wraps of the ring, windows and split ranges:
     the two ranges list each block holding a slot some query sees, once."""
     n_blocks = -(-C // block)
+    lengths = np.arange(0, 3 * C + 2)
+    splits = [(0, n_blocks), (0, 1), (1, n_blocks), (n_blocks // 2, n_blocks)]
     slots = jnp.arange(C, dtype=jnp.int32)
-    for L in range(0, 3 * C + 2):
-        for window in (None, 1, 3, 12):
-            if window is not None and C < window + T - 1:
-                continue
-            k_pos = np.asarray(slot_position(jnp.int32(L), slots, C))
-            q_pos = np.asarray(query_position(jnp.int32(L), jnp.arange(T), T))
-            seen = np.asarray(visible(q_pos[:, None], k_pos[None, :], window)).any(0)
-            for lo, hi in [(0, n_blocks), (0, 1), (1, n_blocks), (n_blocks // 2, n_blocks)]:
-                a, b, a2, b2 = (int(x) for x in visible_blocks(
-                    jnp.int32(L), C, T, window, block, jnp.int32(lo), jnp.int32(hi)))
+    for window in (None, 1, 3, 12):
+        if window is not None and C < window + T - 1:
+            continue
+        k_pos = slot_position(jnp.asarray(lengths)[:, None], slots[None], C)
+        q_pos = query_position(jnp.asarray(lengths)[:, None], jnp.arange(T)[None], T)
+        seen = np.asarray(visible(q_pos[:, :, None], k_pos[:, None, :], window)).any(1)
+        ranges = jax.jit(jax.vmap(jax.vmap(
+            lambda L, lo, hi: jnp.stack(visible_blocks(L, C, T, window, block, lo, hi)),
+            in_axes=(None, 0, 0)), in_axes=(0, None, None)))(
+            jnp.asarray(lengths, jnp.int32), *(jnp.asarray(x, jnp.int32) for x in zip(*splits)))
+        for L, per_split in zip(lengths, np.asarray(ranges)):
+            for (lo, hi), (a, b, a2, b2) in zip(splits, per_split):
                 got = list(range(a, b)) + list(range(a2, b2))
-                want = [j for j in range(lo, hi) if seen[j * block:(j + 1) * block].any()]
+                want = [j for j in range(lo, hi) if seen[L, j * block:(j + 1) * block].any()]
                 assert sorted(got) == want and len(set(got)) == len(got), (L, window, lo, hi)

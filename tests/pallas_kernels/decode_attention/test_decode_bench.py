@@ -1,8 +1,12 @@
 """The decode benchmark's bookkeeping at a tiny shape: bytes, chained
 timings, GB/s against the copy, errors in the table instead of a stop."""
+import functools
+
 import pytest
 
+from pallas_kernels import benchmarking
 from pallas_kernels.decode_attention import bench
+from pallas_kernels.quant_matmul import bench as quant_bench
 
 
 @pytest.fixture
@@ -12,25 +16,31 @@ def tiny(monkeypatch):
     monkeypatch.setattr(bench, "HEAD_DIM", 64)
     monkeypatch.setattr(bench, "STREAM_BYTES", 2**16)
     monkeypatch.setattr(bench, "MIN_CALLS", 1)
+    # Few samples: the bookkeeping is under test, not the clock.
+    monkeypatch.setattr(quant_bench, "time_fn",
+                        functools.partial(benchmarking.time_fn, warmup=1, iters=2, calls=1))
 
 
-@pytest.mark.parametrize("fmt,page_size", [("bf16", None), ("int8", 16)])
-def test_bench_shape_times_and_reports(tiny, fmt, page_size):
-    row = bench.bench_shape(1, 64, fmt=fmt, page_size=page_size,
-                            names=("xla", "cudnn", "blockspec"), copy_gbs=100.0)
-    # q and the output in bf16, and 64 tokens of k and v.
-    per_token = 2 * 2 * (64 * 2 if fmt == "bf16" else 64 + 4)
-    assert row["bytes"] == 2 * 4 * 64 * 2 + 64 * per_token
+def test_cudnn_takes_contiguous_bf16_caches_only():
+    names = ("xla", "cudnn", "blockspec")
+    assert set(bench.implementations(names, None, "bf16", {})) == set(names)
+    assert set(bench.implementations(names, None, "int8", {})) == {"xla", "blockspec"}
+    assert set(bench.implementations(names, object(), "bf16", {})) == {"xla", "blockspec"}
+
+
+def test_bench_shape_times_and_reports(tiny):
+    row = bench.bench_shape(1, 64, fmt="int8", page_size=16, names=("xla", "cudnn", "blockspec"),
+                            copy_gbs=100.0)
+    # q and the output in bf16, and 64 tokens of int8 k and v with float32 scales.
+    assert row["bytes"] == 2 * 4 * 64 * 2 + 64 * 2 * 2 * (64 + 4)
     assert row["layers"] == -(-2**16 // row["bytes"]) > 1
     results = row["results"]
-    assert set(results) == ({"xla", "cudnn", "blockspec"} if fmt == "bf16" and not page_size
-                            else {"xla", "blockspec"})
+    assert set(results) == {"xla", "blockspec"}
     for name in ("xla", "blockspec"):
         r = results[name]
         assert r["seconds"] > 0 and r["gbs"] == pytest.approx(row["bytes"] / r["seconds"] / 1e9)
         assert r["of_copy"] == pytest.approx(r["gbs"] / 100.0)
     assert results["blockspec"]["rel_err_vs_xla"] < 1e-2
-    table = bench.format_table({"tiny": row}, 100.0)
-    assert "copy bandwidth 100 GB/s" in table and "blockspec" in table
-    if "cudnn" in results and "error" in results["cudnn"]:
-        assert results["cudnn"]["error"][:40] in table
+    table = bench.format_table({"tiny": row, "failed": {"results": {"cudnn": {"error": "E: x"}}}},
+                               100.0)
+    assert "copy bandwidth 100 GB/s" in table and "blockspec" in table and "E: x" in table

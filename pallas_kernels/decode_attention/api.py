@@ -106,8 +106,9 @@ def check_inputs(q, k, v, lengths, page_table):
     if lengths.shape != (B,):
         raise ValueError(f"lengths must be [B] = ({B},), got shape {lengths.shape}")
     if isinstance(k, KIVI_TYPES) != isinstance(v, KIVI_TYPES):
-        raise TypeError(f"KIVI-2 caches come in pairs: k is a {type(k).__name__}, v a "
-                        f"{type(v).__name__}")
+        kinds = [type(x).__name__ if isinstance(x, tuple) else "an array" for x in (k, v)]
+        raise TypeError(f"KIVI-2 caches come in pairs (Kivi2Keys k, Kivi2Values v); got k "
+                        f"{kinds[0]}, v {kinds[1]}")
     if isinstance(k, KIVI_TYPES):
         if k.residual.shape != v.residual.shape or k.residual.shape[0] != B:
             raise ValueError(f"k.residual {k.residual.shape} and v.residual "

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.decode_attention import QuantizedKV, decode_attention, quantize_kv
-from pallas_kernels.decode_attention.kv_formats import kv_bytes_per_token
+from pallas_kernels.decode_attention.kv_formats import kivi2_cache, kv_bytes_per_token
 from pallas_kernels.decode_attention.positions import (query_position, slot_position, visible,
                                                        visible_blocks)
 
@@ -76,6 +76,26 @@ def test_bad_arguments_raise_one_line(kwargs, error, match):
 def test_bad_quantized_caches_raise(k, error, match):
     with pytest.raises(error, match=match):
         _call(k=k)
+
+
+def test_bad_kivi_caches_raise():
+    keys, values = kivi2_cache((2, 8, 2, 16), 2, group=8, value_group=4)
+    with pytest.raises(TypeError, match=r"KIVI-2 caches come in pairs \(Kivi2Keys k, "
+                                        r"Kivi2Values v\); got k Kivi2Keys, v an array"):
+        _call(k=keys)
+    with pytest.raises(TypeError, match="v must be a Kivi2Values for KIVI-2, got Kivi2Keys"):
+        _call(k=keys, v=keys)
+    with pytest.raises(TypeError, match=r"k.codes must be uint8 \[N, S, Hkv, D/4\], got int8"):
+        _call(k=keys._replace(codes=keys.codes.astype(jnp.int8)), v=values)
+    with pytest.raises(ValueError, match=r"k.residual must be \[B, G, Hkv, D\] = \[B, G, 2, "
+                                         r"16\] with G dividing S=8, got \(2, 3, 2, 16\)"):
+        _call(k=keys._replace(residual=jnp.zeros((2, 3, 2, 16))), v=values)
+    with pytest.raises(ValueError, match=r"v.scale must be float16 \[2, 8, 2, ...\], got float32"):
+        _call(k=keys, v=values._replace(scale=values.scale.astype(jnp.float32)))
+    with pytest.raises(ValueError, match="block_kv=16: KIVI-2 caches are walked by key group"):
+        _call(k=keys, v=values, implementation="blockspec", interpret=True, block_kv=16)
+    with pytest.raises(ValueError, match="KIVI-2 group=8 must be a power of two >= 16"):
+        _call(k=keys, v=values, implementation="blockspec", interpret=True)
 
 
 def test_paged_tiles_refused_by_the_portable_kernel():

@@ -162,6 +162,12 @@ TABLE = dispatch.Table("decode attention", {
 IMPLEMENTATIONS = TABLE.names
 
 
+def _optional(**options):
+    """{name: None or check(name, value)} of (value, check) pairs."""
+    return {name: None if value is None else check(name, value)
+            for name, (value, check) in options.items()}
+
+
 def portable_kernel(k):
     """The portable kernel for this cache format: the KIVI-2 one (which
     takes block_kv=None only) or blockspec.py's."""
@@ -207,15 +213,10 @@ def decode_attention(q, k, v, lengths, *, page_table=None, sliding_window: int |
     programs to fill the GPU).
     """
     q, k, v, lengths, page_table = check_inputs(q, k, v, lengths, page_table)
-    if sliding_window is not None:
-        sliding_window = dispatch.check_size("sliding_window", sliding_window)
-    if logit_softcap is not None:
-        logit_softcap = dispatch.check_positive_real("logit_softcap", logit_softcap)
-    if scale is not None:
-        scale = dispatch.check_positive_real("scale", scale)
-    tiling = {name: None if value is None else dispatch.check_size(name, value)
-              for name, value in (("block_kv", block_kv), ("num_splits", num_splits))}
-    kwargs = dict(sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale)
+    size, real = dispatch.check_size, dispatch.check_positive_real
+    kwargs = _optional(sliding_window=(sliding_window, size), logit_softcap=(logit_softcap, real),
+                       scale=(scale, real))
+    tiling = _optional(block_kv=(block_kv, size), num_splits=(num_splits, size))
     impl, interpret = TABLE.resolve(implementation, interpret, q=q, k=k, v=v,
                                     page_table=page_table, **kwargs, **tiling)
     if impl == "xla":

@@ -125,7 +125,24 @@ KIVI_PARAM_DTYPE = np.dtype(np.float16)  # scale and zero point
 KIVI_PER_BYTE = 4                      # codes a byte holds
 
 
-class Kivi2Keys(NamedTuple):
+class _Kivi2(NamedTuple):
+    codes: jax.Array
+    scale: jax.Array
+    zero: jax.Array
+    residual: jax.Array
+
+    @property
+    def group(self) -> int:
+        """G: slots a key group holds, and the residual's rows."""
+        return self.residual.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the slots' values, [N, S, Hkv, D]."""
+        return (*self.codes.shape[:-1], self.codes.shape[-1] * KIVI_PER_BYTE)
+
+
+class Kivi2Keys(_Kivi2):
     """Keys in KIVI-2 (a pytree). Slots as for any cache tensor (contiguous
     [B, S, ...] or a pool [P, page_size, ...]); G divides S (the page size).
       codes    [N, S, Hkv, D/4] uint8: 2-bit codes, packed planar: byte i
@@ -135,41 +152,18 @@ class Kivi2Keys(NamedTuple):
       zero     [N, S/G, Hkv, D] float16 (key = code * scale + zero);
       residual [B, G, Hkv, D]: position p of the group still filling
                (p >= L - L mod G) at row p mod G, per sequence."""
-    codes: jax.Array
-    scale: jax.Array
-    zero: jax.Array
-    residual: jax.Array
-
-    @property
-    def group(self) -> int:
-        return self.residual.shape[1]
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The shape of the slots' values, [N, S, Hkv, D]."""
-        return (*self.codes.shape[:-1], self.codes.shape[-1] * KIVI_PER_BYTE)
+    __slots__ = ()
 
 
-class Kivi2Values(NamedTuple):
+class Kivi2Values(_Kivi2):
     """Values in KIVI-2 (a pytree); as Kivi2Keys but scale and zero are
     [N, S, Hkv, D/Gv] float16: per slot, per group of Gv channels."""
-    codes: jax.Array
-    scale: jax.Array
-    zero: jax.Array
-    residual: jax.Array
-
-    @property
-    def group(self) -> int:
-        return self.residual.shape[1]
+    __slots__ = ()
 
     @property
     def value_group(self) -> int:
+        """Gv: channels a value group holds."""
         return self.codes.shape[-1] * KIVI_PER_BYTE // self.scale.shape[-1]
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The shape of the slots' values, [N, S, Hkv, D]."""
-        return (*self.codes.shape[:-1], self.codes.shape[-1] * KIVI_PER_BYTE)
 
 
 KIVI_TYPES = (Kivi2Keys, Kivi2Values)

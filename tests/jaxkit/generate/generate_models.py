@@ -11,9 +11,11 @@ from jaxkit.generate.pages import PageAllocator, assign_pages
 from jaxkit.models import Transformer
 
 VOCAB = 61
+# The reference attention everywhere (unless a test names a kernel), so that
+# results agree to float32 rounding on any machine.
 TINY = ["model.d_model=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=4",
         "model.mlp_hidden=48", f"model.vocab_size={VOCAB}", "model.max_seq_len=40",
-        "data.seq_len=40", "model.compute_dtype=float32"]
+        "data.seq_len=40", "model.compute_dtype=float32", "model.attention.implementation=xla"]
 
 
 def tiny_config(*overrides):
@@ -41,7 +43,7 @@ def caches_for(cfg, batch, capacity, kv_cache="compute", page_size=None, seed=0)
 
 
 def teacher_forced(model, sequences, prompt_lengths, cache_sets, steps, per_step=1,
-                   implementation="auto"):
+                   implementation="xla"):
     """For each set of empty caches: the logits of prefilling each
     sequence's first prompt_lengths[b] tokens, then of `steps` decode steps
     of per_step tokens of the sequence each; and the full-recompute logits of

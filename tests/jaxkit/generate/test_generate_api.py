@@ -19,6 +19,13 @@ PROMPTS = ["def f(x):", "import os\nimport sys\nfor", "a"]
 BYTE_MODEL = ("model.vocab_size=259", "model.num_kv_heads=2")
 
 
+def settings(**kw):
+    """The generate section with the reference decode attention (tiny_model
+    runs the reference flash attention): greedy runs compare tokens with a
+    full recompute, exactly, on any machine."""
+    return GenerateConfig(attention_implementation="xla", **kw)
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_model(*BYTE_MODEL)
@@ -42,7 +49,7 @@ def test_greedy_batch_equals_full_recompute(model, paged, window):
     sequence, a ring the longer sequences wrap."""
     if window is not None:
         model = tiny_model(*BYTE_MODEL, f"model.attention.sliding_window={window}")
-    g = Generator(model, BYTES, GenerateConfig(paged=paged, page_size=4))
+    g = Generator(model, BYTES, settings(paged=paged, page_size=4))
     out = g.generate(PROMPTS, max_new_tokens=8, temperature=0, ignore_eos=True)
     assert out.finish_reasons == ["length"] * 3
     for prompt, tokens, text in zip(PROMPTS, out.tokens, out.texts):
@@ -60,7 +67,7 @@ def test_greedy_batch_equals_full_recompute(model, paged, window):
 
 
 def test_sampling_repeats_with_its_seed_and_compiles_once(model):
-    g = Generator(model, BYTES)
+    g = Generator(model, BYTES, settings())
     kw = dict(max_new_tokens=6, temperature=0.9, top_k=20, top_p=0.9, ignore_eos=True)
     first = g.generate(PROMPTS, seed=1, **kw)
     assert first.stats["compile_s"] > 0
@@ -71,7 +78,7 @@ def test_sampling_repeats_with_its_seed_and_compiles_once(model):
 
 
 def test_stop_string_and_stream(model):
-    g = Generator(model, BYTES, GenerateConfig(temperature=0, max_new_tokens=12))
+    g = Generator(model, BYTES, settings(temperature=0, max_new_tokens=12))
     text = g.generate(PROMPTS[0], ignore_eos=True).text
     stop = text[5:7]
     pieces = []
@@ -81,12 +88,12 @@ def test_stop_string_and_stream(model):
 
 
 def test_eos_and_max_seq_len_end_sequences(model):
-    g = Generator(model, BYTES, GenerateConfig(temperature=0))
+    g = Generator(model, BYTES, settings(temperature=0))
     tokens = g.generate(PROMPTS[0], max_new_tokens=6, ignore_eos=True).tokens[0]
 
     class EndsAtThird(ByteTokenizer):
         eos_id = tokens[2]
-    out = Generator(model, EndsAtThird(), GenerateConfig(temperature=0)).generate(
+    out = Generator(model, EndsAtThird(), settings(temperature=0)).generate(
         PROMPTS[0], max_new_tokens=6)
     assert out.finish_reasons == ["eos"] and out.tokens[0] == tokens[:tokens.index(tokens[2]) + 1]
     # a prompt 3 tokens short of max_seq_len (40): 4 new tokens fill every position
@@ -102,7 +109,7 @@ def test_moe_layers_decode_without_capacity_drops():
     refused."""
     moe = ("model.moe.num_experts=4", "model.moe.top_k=1", "model.moe.dispatch=capacity")
     original = tiny_model(*BYTE_MODEL, *moe, "model.compute_dtype=bfloat16")
-    g = Generator(original, BYTES)
+    g = Generator(original, BYTES, settings())
     model = nnx.merge(g.engine.graphdef, g.engine.state)
     assert all(block.mlp.cfg.dispatch == "dropless" for block in model.blocks)
     # weights every use casts to bfloat16 are stored so; the router stays float32
@@ -112,7 +119,7 @@ def test_moe_layers_decode_without_capacity_drops():
     assert original.blocks[0].mlp.cfg.dispatch == "capacity" and original.embed.dtype == jnp.float32
     choice = tiny_model(*BYTE_MODEL, *moe, "model.moe.router=expert_choice")
     with pytest.raises(GenerationError, match="expert_choice"):
-        Generator(choice, BYTES)
+        Generator(choice, BYTES, settings())
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -128,7 +135,7 @@ def test_moe_layers_decode_without_capacity_drops():
     (dict(prompts=["a", "b"], stream=print), "stream takes a single prompt, got 2"),
 ])
 def test_bad_arguments_fail_before_compiling(model, kwargs, message):
-    g = Generator(model, BYTES)
+    g = Generator(model, BYTES, settings())
     prompts = kwargs.pop("prompts", "fine")
     with pytest.raises(GenerationError, match=message):
         g.generate(prompts, **kwargs)

@@ -38,14 +38,15 @@ CASES = {  # name: (model overrides, caches, decode steps, tokens a step[, imple
              [("compute", None, 24, 3e-2)], 6, 1),
     "int8_and_fp8_caches": (["model.num_kv_heads=2"],
                             [("int8", None, 24, 5e-2), ("fp8", 4, 24, 0.3)], 6, 1),
-    # the portable Pallas kernel (interpreted here) over a paged ring; its head_dim is >= 16
+    # the portable Pallas kernel (interpreted on a CPU) over a paged ring; its head_dim is
+    # >= 16; compiled on a GPU its float32 dots may round as TF32 (1e-2)
     "blockspec_kernel": (["model.d_model=64", "model.num_kv_heads=2",
-                          "model.attention.sliding_window=6"], [("compute", 4, 8, 1e-4)], 6, 1,
+                          "model.attention.sliding_window=6"], [("compute", 4, 8, 1e-2)], 6, 1,
                          "blockspec"),
 }
 
 
-def _check(model, caches, steps, per_step, implementation="auto"):
+def _check(model, caches, steps, per_step, implementation="xla"):
     B = len(PROMPT_LENGTHS)
     results, want = teacher_forced(
         model, SEQUENCES, PROMPT_LENGTHS,

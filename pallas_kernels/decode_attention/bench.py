@@ -2,8 +2,8 @@
 against a device copy measured in the same run.
 
     python -m pallas_kernels.decode_attention.bench [--json PATH] [--quick]
-        [--format bf16|int8|fp8] [--page-size N] [--impls a,b] [--block-kv N]
-        [--num-splits N] [--device-time]
+        [--batches 1,8,64] [--lengths 4096,16384,32768] [--format bf16|int8|fp8]
+        [--page-size N] [--impls a,b] [--block-kv N] [--num-splits N] [--device-time]
 
 Shapes: batch 1, 8, 64 x cache 4k, 16k, 32k slots, every slot in use, one
 new token (T=1), Hq 32 / Hkv 8 / head_dim 128 (Llama-3-8B's attention), bf16
@@ -16,7 +16,8 @@ Bytes: q and the output once plus every cache token's codes and scales
 (reference.decode_bytes). Each call is timed as a decode step runs its
 layers (quant_matmul.bench.chained_time): one jit chains calls over enough
 distinct caches to stream at least 512 MiB between two visits of the same
-one (no L2 reuse), each call's output the next call's query. The copy is a
+one (no L2 reuse), each call's output the next call's query, and passes over
+them until the chain has streamed 2 GiB (one call where a cache is larger). The copy is a
 512 MiB bf16 array read and written (quant_matmul.bench.copy_bandwidth).
 --device-time adds each call's device time from a profiler trace (the
 kernels alone, without the host's dispatch). Every implementation is checked
@@ -43,7 +44,7 @@ BATCHES = (1, 8, 64)
 CACHE_LENGTHS = (4096, 16384, 32768)
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 STREAM_BYTES = 512 * 2**20   # cache bytes a chain streams before reusing a cache
-MIN_CALLS = 16               # calls a chained timing spans at least
+CHAIN_BYTES = 2 * 2**30      # cache bytes a chained timing streams at least
 REFERENCE_MAX_BYTES = 2**33  # the reference's float32 copies of larger caches are skipped
 IMPLEMENTATIONS = ("xla", "cudnn", "blockspec", "mosaic_gpu")
 
@@ -111,7 +112,7 @@ def bench_shape(batch, length, *, fmt="bf16", page_size=None, names=IMPLEMENTATI
             results[name] = {"error": _short(e)}
     trusted = next((n for n in ("xla", "blockspec") if n in outputs), None)
     arg_sets = [(q, k, v, lengths) for k, v in caches]
-    repeats = max(1, -(-MIN_CALLS // layers))
+    repeats = max(1, -(-CHAIN_BYTES // (layers * cache_bytes)))
     for name, out in outputs.items():
         r = results[name]
         if trusted and name != trusted:
@@ -154,6 +155,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the results here (after every shape)")
     parser.add_argument("--quick", action="store_true", help="batch 1 and 64 at 4k only")
+    parser.add_argument("--batches", help="comma-separated batch sizes (default 1,8,64)")
+    parser.add_argument("--lengths", help="comma-separated cache lengths (default 4096,16384,32768)")
     parser.add_argument("--format", default="bf16", choices=("bf16", "int8", "fp8"))
     parser.add_argument("--page-size", type=int, help="a paged cache of this page size")
     parser.add_argument("--impls", help="comma-separated subset of " + ",".join(IMPLEMENTATIONS))
@@ -165,8 +168,10 @@ def main(argv=None):
     names = tuple(args.impls.split(",")) if args.impls else IMPLEMENTATIONS
     tiling = {k: v for k, v in (("block_kv", args.block_kv), ("num_splits", args.num_splits))
               if v is not None}
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else BATCHES
+    lengths = [int(n) for n in args.lengths.split(",")] if args.lengths else CACHE_LENGTHS
     shapes = ([(1, 4096), (64, 4096)] if args.quick
-              else [(b, s) for b in BATCHES for s in CACHE_LENGTHS])
+              else [(b, n) for b in batches for n in lengths])
     copy_gbs = copy_bandwidth() / 1e9 if jax.default_backend() == "gpu" else None
     meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "date": datetime.date.today().isoformat(), "format": args.format,

@@ -15,7 +15,7 @@ def tiny(monkeypatch):
     monkeypatch.setattr(bench, "KV_HEADS", 2)
     monkeypatch.setattr(bench, "HEAD_DIM", 64)
     monkeypatch.setattr(bench, "STREAM_BYTES", 2**16)
-    monkeypatch.setattr(bench, "MIN_CALLS", 1)
+    monkeypatch.setattr(bench, "CHAIN_BYTES", 1)
     # Few samples: the bookkeeping is under test, not the clock.
     monkeypatch.setattr(quant_bench, "time_fn",
                         functools.partial(benchmarking.time_fn, warmup=1, iters=2, calls=1))

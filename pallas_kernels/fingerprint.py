@@ -108,6 +108,10 @@ def _cases():
             300, 300, 4, 2, 128, causal=True,
             block_sizes=dataclasses.replace(fused, backward="fused_dv_pass")),
         "int4 weight-only": (
+            lambda x, p, s: int4_mosaic_gpu.int4_weight_only_mosaic(x, p, s, group_size=128,
+                                                                    split_k=1),
+            (x, packed, jnp.ones((8, 512), jnp.float32))),
+        "int4 weight-only K split 2": (  # the default at this size: 8 slices of N
             lambda x, p, s: int4_mosaic_gpu.int4_weight_only_mosaic(x, p, s, group_size=128),
             (x, packed, jnp.ones((8, 512), jnp.float32))),
         "w8a8": (mosaic_gpu.w8a8_mosaic, (xq, jnp.ones((256,)), wq, jnp.ones((384,)))),

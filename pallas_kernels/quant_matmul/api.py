@@ -58,8 +58,10 @@ def _int4_takes_no_tiles(args):
 
 def _int4_mosaic(args):
     problem = int4_mosaic_gpu.unsupported(args.x, args.packed, args.zeros, args.group_size)
-    if problem is None and args.split_k not in (None, 1):
-        problem = f"split_k={args.split_k} (the Mosaic kernel does not split K)"
+    if problem is None and args.split_k is not None:
+        k = args.x.shape[1]
+        problem = int4_mosaic_gpu.split_problem(
+            k, int4_mosaic_gpu.default_block_k(k, args.group_size), args.split_k)
     return problem
 
 
@@ -203,13 +205,14 @@ def int4_weight_only_matmul(x, packed, scales, zeros=None, *, group_size: int,
                             split_k: int | None = None, interpret: bool | None = None):
     """x [..., K] (bf16/fp16/f32) times int4 weights packed [N, K/2] (uint8)
     with group scales [K/g, N] (and zero points, for unsigned codes) ->
-    [..., N] in x's dtype. block_n and split_k tile the portable kernel
-    (split_k None: enough K slices to keep every SM streaming); the Mosaic
-    kernel takes block_n and sums all of K in one block. On Hopper, 'pallas'
-    and 'auto' run the Mosaic GPU decode kernel int4_mosaic_gpu.py where it
-    takes the call (symmetric codes, <= 64 rows of bf16 x, no split_k) and
-    the portable kernel otherwise; 'mosaic_gpu' names the Mosaic kernel and
-    raises where it cannot run."""
+    [..., N] in x's dtype. block_n and split_k tile both kernels (split_k
+    None: enough K slices to keep every SM streaming; the Mosaic kernel's
+    slices of one block_n slice form a cluster and sum in shared memory). On
+    Hopper, 'pallas' and 'auto' run the Mosaic GPU decode kernel
+    int4_mosaic_gpu.py where it takes the call (symmetric codes, <= 64 rows
+    of bf16 x, split_k dividing its K steps) and the portable kernel
+    otherwise; 'mosaic_gpu' names the Mosaic kernel and raises where it
+    cannot run."""
     x, packed, scales = _arrays(x=x, packed=packed, scales=scales)
     if zeros is not None:
         (zeros,) = _arrays(zeros=zeros)
@@ -243,7 +246,7 @@ def int4_weight_only_matmul(x, packed, scales, zeros=None, *, group_size: int,
         def forward(x_, p_, s_, z_):
             del z_  # symmetric codes only (INT4_TABLE's 'mosaic_gpu' entry)
             return int4_mosaic_gpu.int4_weight_only_mosaic(
-                x_, p_, s_, group_size=group_size,
+                x_, p_, s_, group_size=group_size, split_k=split_k,
                 **({} if block_n is None else {"block_n": block_n}))
     else:
         # About 256 programs (block_n 128, split_k 4 at N=K=8192): within a

@@ -108,25 +108,41 @@ INT4 = {
                                         split_k=4),
     "f16": Int4Case(3, 256, 72, 32, F16, block_n=32, split_k=1),
     "zero_points_bf16": Int4Case(7, 256, 72, 32, asymmetric=True, block_n=32, split_k=1),
-    # The Mosaic decode kernel's steps, warpgroups, stages and clusters.
+    # The Mosaic decode kernel's steps, warpgroups, stages and clusters, in
+    # one block per N slice (split_k=1) or at its default K split (2 or 3
+    # blocks a cluster at these sizes).
     "gemv": Int4Case(1, 1024, 384, 128),
     "step_256_codes": Int4Case(3, 768, 320, 128),  # 768 % 512 != 0
     "four_groups_a_step": Int4Case(5, 512, 256, 64, mosaic=dict(block_n=256, block_k=256)),
-    "three_stages": Int4Case(16, 2048, 1152, 128, mosaic=dict(block_k=128, stages=3)),
+    "three_stages": Int4Case(16, 2048, 1152, 128, mosaic=dict(block_k=128, stages=3,
+                                                              split_k=1)),
     "ragged_rows": Int4Case(37, 768, 640, 128),  # x padded to whole 8-row blocks
-    "one_step_per_warpgroup": Int4Case(64, 768, 192, 128, mosaic=dict(compute_wgs=3)),
-    "two_steps_a_group": Int4Case(8, 512, 192, 128, mosaic=dict(block_n=64, block_k=64)),
-    "eight_groups_a_step": Int4Case(4, 2048, 128, 128, mosaic=dict(block_k=1024, stages=2)),
-    "warpgroup_0_takes_two": Int4Case(2, 1536, 384, 128, mosaic=dict(stages=4)),
+    "one_step_per_warpgroup": Int4Case(64, 768, 192, 128, mosaic=dict(compute_wgs=3,
+                                                                      split_k=1)),
+    "two_steps_a_group": Int4Case(8, 512, 192, 128, mosaic=dict(block_n=64, block_k=64,
+                                                                split_k=1)),
+    "eight_groups_a_step": Int4Case(4, 2048, 128, 128, mosaic=dict(block_k=1024, stages=2,
+                                                                   split_k=1)),
+    "warpgroup_0_takes_two": Int4Case(2, 1536, 384, 128, mosaic=dict(stages=4, split_k=1)),
     "five_stages": Int4Case(11, 1024, 192, 64, mosaic=dict(compute_wgs=3, block_k=128,
-                                                           stages=5)),
+                                                           stages=5, split_k=1)),
     "five_steps_two_warpgroups": Int4Case(9, 2560, 256, 128,
                                           mosaic=dict(compute_wgs=2, block_n=128)),
-    # x multicast to the blocks of a cluster.
+    # x multicast to the blocks of a cluster (with the default K split of 2
+    # blocks, a 2 x 2 cluster).
     "cluster_three_warpgroups": Int4Case(3, 1024, 512, 128, mosaic=dict(cluster=2,
                                                                         compute_wgs=3)),
     "cluster_three_stages": Int4Case(16, 1536, 256, 128,
-                                     mosaic=dict(cluster=2, block_k=256, stages=3)),
+                                     mosaic=dict(cluster=2, block_k=256, stages=3, split_k=1)),
+    # K split over a cluster of blocks that sum in block 0's shared memory.
+    "split_two_ragged_rows": Int4Case(37, 2048, 320, 128, mosaic=dict(split_k=2)),
+    "split_seven_one_step_each": Int4Case(5, 3584, 128, 128, mosaic=dict(split_k=7)),
+    "split_four_two_warpgroups": Int4Case(9, 2048, 192, 64, mosaic=dict(
+        split_k=4, block_k=128, compute_wgs=2)),
+    "split_steps_inside_a_group": Int4Case(3, 1024, 128, 256, mosaic=dict(split_k=4,
+                                                                          block_k=128)),
+    "split_two_batch_64": Int4Case(64, 1024, 128, 128, mosaic=dict(split_k=2)),
+    "split_two_cluster_two": Int4Case(16, 2048, 256, 128, mosaic=dict(split_k=2, cluster=2)),
 }
 TABLES = {"w8a8": W8A8, "fp8": FP8, "int4": INT4}
 

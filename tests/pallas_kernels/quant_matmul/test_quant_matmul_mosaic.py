@@ -10,6 +10,8 @@ Mosaic GPU interpreter rejects the transposed (K-major) weight operand that
 shared-memory transforms), and the raster order, tiling checks and dispatch
 errors are tested directly.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,6 +134,15 @@ def test_dispatch_errors():
     with pytest.raises(ValueError, match="cannot run this int4 matmul: split_k=2"):
         int4_weight_only_matmul(jnp.ones((2, 128), jnp.bfloat16), packed, jnp.ones((2, 128)),
                                 group_size=64, implementation="mosaic_gpu", split_k=2)
+    x2, p2, s2 = jnp.ones((2, 1024), jnp.bfloat16), pack_int4(jnp.zeros((1024, 128), jnp.int32)), \
+        jnp.ones((8, 128))
+    with pytest.raises(ValueError, match=r"split_k=3 must divide the 2 K steps of block_k=512"):
+        int4_mosaic_gpu.int4_weight_only_mosaic(x2, p2, s2, group_size=128, split_k=3)
+    with pytest.raises(ValueError, match=r"split_k=8 must be >= 1 and, times cluster=2, at most 8"):
+        int4_mosaic_gpu.int4_weight_only_mosaic(x2, p2, s2, group_size=128, block_k=128,
+                                                split_k=8, cluster=2)
+    with pytest.raises(ValueError, match="cannot run this int4 matmul: split_k=3 must divide"):
+        int4_weight_only_matmul(x2, p2, s2, group_size=128, implementation="mosaic_gpu", split_k=3)
     with pytest.raises(ValueError, match="cluster=2 must divide the 3 tiles of x's block"):
         int4_mosaic_gpu.int4_weight_only_mosaic(jnp.ones((20, 128), jnp.bfloat16),
                                                 pack_int4(jnp.zeros((128, 256), jnp.int32)),
@@ -139,3 +150,36 @@ def test_dispatch_errors():
     if not HAS_GPU:
         with pytest.raises(ValueError, match="needs a Hopper .* device is 'cpu'"):
             w8a8_matmul(xq, xs, wq, ws, implementation="mosaic_gpu")
+
+
+# Llama-3-8B's decode matmuls, K x N: the MLP's up (and gate) and down
+# projections, and a square one.
+DECODE_SHAPES = [(4096, 14336), (14336, 4096), (8192, 8192)]
+
+
+@pytest.mark.parametrize("m, k, n, sms, want", [
+    (1, 14336, 4096, 132, 2),   # 64 slices: 128 blocks in one wave
+    (16, 14336, 4096, 132, 2),
+    (64, 14336, 4096, 132, 2),
+    (16, 14336, 4096, 114, 1),  # 128 blocks would not fit 114 SMs at once
+    (16, 4096, 14336, 132, 1),  # 224 slices already fill the SMs
+    (16, 8192, 8192, 132, 1),
+    (16, 4096, 1024, 132, 4),   # at most 4 blocks a cluster
+    (64, 4096, 1024, 132, 2),   # 4 would leave shared memory for 1 pipeline slot
+    (16, 11008, 4096, 132, 1),  # 43 steps of 256: no even split
+])
+def test_default_split_k(m, k, n, sms, want):
+    assert int4_mosaic_gpu.default_split_k(m, n, k, 128, sms=sms) == want
+
+
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("k, n", DECODE_SHAPES)
+def test_int4_decode_shapes_lower_at_their_defaults(k, n, m):
+    """The default call at the decode shapes fits shared memory (the lowering
+    checks it) with its default split and pipeline depth."""
+    shapes = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+              jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
+              jax.ShapeDtypeStruct((k // 128, n), jnp.float32))
+    kernel = functools.partial(int4_mosaic_gpu.int4_weight_only_mosaic, group_size=128)
+    text = jax.jit(kernel).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text

@@ -1,7 +1,7 @@
 """Quantised matmul benchmark: the Pallas kernels against XLA peers, in one run.
 
     python -m pallas_kernels.quant_matmul.bench [--json PATH] [--size 8192]
-        [--only matmul|int4] [--quick] [--skip-mosaic]
+        [--only matmul|int4] [--shapes KxN,...] [--quick] [--skip-mosaic]
 
 * M=N=K=size: bf16 XLA matmul; w8a8 (XLA int8 dot with the scale epilogue,
   the portable Pallas kernel and the Hopper Mosaic GPU kernel; alone and with
@@ -9,23 +9,27 @@
   per-tensor scales; fp8 blockwise (1x128 / 128x128 scales: portable and
   Mosaic GPU kernels). Each kernel is swept over a few tilings (--quick: the
   first only) and its fastest correct one is reported.
-* int4 weight-only at batch 16, 4, 1 with K=N=size, group 128: achieved GB/s
-  (packed weights + scales + activations + output) against a measured
-  device-to-device copy bandwidth (bytes read + written), with the XLA
-  dequantise-then-dot and a bf16 weight matmul as peers, and a copy moving the
-  kernel's byte count timed as 16 calls in one jit (what a transfer this short
-  reaches). Wall clock per call two ways: in a decode-like chain (each call's
-  output is the next call's x, 16 weight sets streamed in turn, 128 calls a
-  jit) and as 16 independent calls a jit, whose host dispatch (several us per
-  argument buffer) outlasts 16 short kernels; on GPU also each one's device
-  time from a profiler trace (the kernels alone).
+* int4 weight-only decode, group 128, at batch 16, 4, 1 for each K x N of
+  --shapes (default: Llama-3-8B's MLP up and down projections, 4096x14336 and
+  14336x4096, and 8192x8192): the Mosaic GPU kernel (at its default K split
+  and the other splits), the portable kernel, XLA's dequantise-then-dot and
+  an XLA dot on bf16 weights, with achieved GB/s (packed weights + scales +
+  activations + output) against a device-to-device copy measured in the same
+  run (bytes read + written), and a copy of the kernel's bytes as 16 calls in
+  one jit (what a transfer this short reaches). Times per call: each
+  implementation's device time from a profiler trace (16 independent calls a
+  jit, the kernels alone); where K == N also the wall clock in a decode-like
+  chain (each call's output is the next call's x, 16 weight sets streamed in
+  turn, 128 calls a jit), and for the Mosaic kernel as 16 independent calls a
+  jit, whose host dispatch (several us per argument buffer) outlasts 16 short
+  kernels. A problem and its transpose (K x N, then N x K) are also chained
+  as pairs, as a decode step runs its MLP.
 Each kernel's output is checked against its reference first. Times are medians
 of timed repeats after warm-up, with device synchronisation.
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 
@@ -50,13 +54,17 @@ W8A8_TILINGS = [mosaic_gpu.WIDE_TILING, mosaic_gpu.Tiling(128, 256, 3, 16)]
 FP8_TILINGS = [mosaic_gpu.WIDE_TILING, mosaic_gpu.Tiling(128, 256, 3, 32),
                mosaic_gpu.SMALL_TILING, mosaic_gpu.Tiling(128, 128, 5)]
 # int4 tilings are swept at the first batch only: the others take its fastest
-# one. H100 sweeps at batch 16 (us, whole call):
-# portable 34-39 for (128, 4, 4, 3), (64, 8, 4, 3), (128, 8, 8, 3), (64, 4, 4, 4)
-# (the first two kept); Mosaic 3 compute warpgroups 22-26, 2 warpgroups 23-28,
-# x multicast to 2-block clusters no gain, block_n 128 34 (half the SMs).
+# one. H100 sweeps at batch 16, K=N=8192 (us, whole call): portable 34-39 for
+# (128, 4, 4, 3), (64, 8, 4, 3), (128, 8, 8, 3), (64, 4, 4, 4) (the first two
+# kept); Mosaic 3 compute warpgroups 22-26, 2 warpgroups 23-28, x multicast to
+# 2-block clusters no gain, block_n 128 34 (half the SMs).
 INT4_CONFIGS = [(64, 8, 4, 3), (128, 4, 4, 3)]  # block_n, split_k, warps, stages
-INT4_MOSAIC_CONFIGS = [dict(compute_wgs=3), dict(compute_wgs=2)]  # int4_weight_only_mosaic options
+INT4_MOSAIC_SPLITS = (1, 2, 4)  # Mosaic K splits timed beside the default's
 INT4_BATCHES = (16, 4, 1)
+INT4_GROUP = 128
+# Llama-3-8B's decode matmuls, K x N: the MLP's gate and up projections, its
+# down projection, and a square one.
+INT4_SHAPES = ((4096, 14336), (14336, 4096), (8192, 8192))
 
 
 def _tiling_label(t):
@@ -233,59 +241,91 @@ def _add_device_time(entry, fn, arg_sets):
         print(f"  device time failed: {entry['device_error']}")
 
 
-def int4_suite(size, results):
-    K = N = size
-    g = 128
-    k = jax.random.split(jax.random.key(1), 4)
-    codes = jax.random.randint(k[0], (K, N), -8, 8, jnp.int32)
-    packed = pack_int4(codes)
+def _int4_weights(K, N):
+    """ROTATE distinct int4 weight sets (packed codes, scales) of a K x N
+    problem, and 4 sets of the bf16 weights they encode (4 x 2KN bytes: each
+    set comes back after the others have flushed L2)."""
+    g = INT4_GROUP
+    k = jax.random.split(jax.random.key(K * 31 + N), 2)
+    packed = pack_int4(jax.random.randint(k[0], (K, N), -8, 8, jnp.int32))
     scales = jax.random.uniform(k[1], (K // g, N), jnp.float32, 0.001, 0.01)
-    w_bf16 = ref.dequantize_int4(packed, scales, group_size=g).astype(jnp.bfloat16)
-    bw = copy_bandwidth()
-    out = {"copy_GBps": bw / 1e9, "batches": {}}
     # Distinct weights per rotation slot: every byte value is a valid code pair.
     packs = [packed ^ jnp.uint8(r * 37 % 256) for r in range(ROTATE)]
     scale_sets = [scales * (1 + 0.01 * r) for r in range(ROTATE)]
-    chosen = {}  # kernel -> its fastest label at the first batch
+    w = ref.dequantize_int4(packed, scales, group_size=g).astype(jnp.bfloat16)
+    return packs, scale_sets, [w * (1 + 0.01 * r) for r in range(4)]
 
-    def sweep(name, variants, M, *args):
-        if name in chosen:
-            variants = [v for v in variants if v[0] == chosen[name]]
-        best = best_of(f"{name}_M{M}", variants, *args)
-        if best is not None:
-            chosen.setdefault(name, best[0])
 
+def _int4_kernels(K, N, M):
+    """{name: [(config label, jitted fn(x, packed, scales))]} of the int4
+    kernels of an M x K x N problem, each one's default first: the Mosaic
+    kernel (Hopper only) at its default K split ("default") and at each other
+    valid split of INT4_MOSAIC_SPLITS ("split<n>"), the portable kernel at
+    INT4_CONFIGS, and XLA's dequantise-then-dot."""
+    g = INT4_GROUP
+    kernels = {"int4_pallas": [
+        (f"bn{bn}_split{sk}_w{nw}_s{ns}",
+         jax.jit(lambda x, p, s, bn=bn, sk=sk, nw=nw, ns=ns: int4_weight_only_pallas(
+             x, p, s, group_size=g, block_n=bn, split_k=sk, num_warps=nw, num_stages=ns)))
+        for bn, sk, nw, ns in INT4_CONFIGS]}
+    if compat.is_hopper() and not SKIP_MOSAIC:
+        kt = int4_mosaic_gpu.default_block_k(K, g)
+        default = int4_mosaic_gpu.default_split_k(M, N, K, g)
+        splits = [None] + [s for s in INT4_MOSAIC_SPLITS
+                           if s != default and int4_mosaic_gpu.split_problem(K, kt, s) is None]
+        kernels["int4_mosaic"] = [
+            ("default" if split is None else f"split{split}", jax.jit(
+                lambda x, p, s, split=split: int4_mosaic_gpu.int4_weight_only_mosaic(
+                    x, p, s, group_size=g, split_k=split)))
+            for split in splits]
+    kernels["xla_dequant_dot"] = [("", jax.jit(
+        lambda x, p, s: ref.int4_weight_only_reference(x, p, s, group_size=g)))]
+    return kernels
+
+
+def _int4_problem(K, N, weights, bw):
+    """({batch: {implementation: entry}}, {kernel: chosen config}) of one
+    K x N problem: every implementation's device time per call (profiler
+    trace, 16 independent calls a jit) and, where K == N, its time in a
+    decode-like chain (chained_time) and, for the Mosaic kernel, as 16
+    independent calls a jit. A kernel's variants are timed at the first batch
+    (chained where K == N, else in device time) and later batches take the
+    fastest. Peers: a copy of the same bytes and an XLA dot on bf16 weights."""
+    packs, scale_sets, dense_weights = weights
+    square, gpu = K == N, compat.platform() == "gpu"
+    batches, chosen = {}, {}
     for M in INT4_BATCHES:
-        xs = [jax.random.normal(jax.random.fold_in(k[2], r), (M, K), jnp.bfloat16)
+        xs = [jax.random.normal(jax.random.fold_in(jax.random.key(2), r), (M, K), jnp.bfloat16)
               for r in range(ROTATE)]
         sets = list(zip(xs, packs, scale_sets))
-        x = xs[0]
-        nbytes = packed.nbytes + scales.nbytes + x.nbytes + M * N * 2
-        want = ref.int4_weight_only_reference(x, packed, scales, group_size=g)
+        nbytes = packs[0].nbytes + scale_sets[0].nbytes + xs[0].nbytes + M * N * 2
+        want = ref.int4_weight_only_reference(*sets[0], group_size=INT4_GROUP)
         row = {}
-        timer = functools.partial(chained_time, arg_sets=sets)
-        variants = [(f"bn{bn}_split{sk}_w{nw}_s{ns}",
-                     jax.jit(lambda x, p, s, bn=bn, sk=sk, nw=nw, ns=ns: int4_weight_only_pallas(
-                         x, p, s, group_size=g, block_n=bn, split_k=sk, num_warps=nw,
-                         num_stages=ns)))
-                    for bn, sk, nw, ns in INT4_CONFIGS]
-        sweep("int4_pallas", variants, M, (x, packed, scales),
-              lambda o, want=want: rel_err(o, want), row, timer)
-        if compat.is_hopper() and not SKIP_MOSAIC:
-            variants = [("_".join(f"{name}{value}" for name, value in opts.items()),
-                         jax.jit(lambda x, p, s, opts=opts:
-                                 int4_mosaic_gpu.int4_weight_only_mosaic(
-                                     x, p, s, group_size=g, **opts)))
-                        for opts in INT4_MOSAIC_CONFIGS]
-            sweep("int4_mosaic", variants, M, (x, packed, scales),
-                  lambda o, want=want: rel_err(o, want), row, timer)
-            key = f"int4_mosaic_M{M}"  # best_of's entry for the fastest variant
-            if key in row:
-                best = dict(variants)[row[key]["config"]]
-                row[key]["independent_seconds"] = rotated_time(best, sets)
-                _add_device_time(row[key], best, sets)
-        xla = jax.jit(lambda x, p, s: ref.int4_weight_only_reference(x, p, s, group_size=g))
-        row["xla_dequant_dot"] = dict(seconds=chained_time(xla, sets[:4]))
+
+        def timer(fn, sets=sets):  # device time where there is no chain (independent on CPU)
+            if square:
+                return chained_time(fn, sets)
+            return rotated_device_time(fn, sets)[0] if gpu else rotated_time(fn, sets)
+
+        for name, variants in _int4_kernels(K, N, M).items():
+            if name in chosen:  # the first batch's fastest (a default split may differ)
+                variants = [v for v in variants if v[0] == chosen[name]] or variants[:1]
+            key = f"{name}_{K}x{N}_M{M}"
+            best = best_of(key, variants, sets[0], lambda o, want=want: rel_err(o, want), row,
+                           timer)
+            if best is None:
+                continue
+            chosen.setdefault(name, best[0])
+            entry = row[name] = row.pop(key)
+            entry[_timing(square, gpu)] = entry.pop("seconds")
+            fn = dict(variants)[best[0]]
+            if name == "int4_mosaic":
+                entry["split_k"] = int4_mosaic_gpu.default_split_k(M, N, K, INT4_GROUP) \
+                    if best[0] == "default" else int(best[0][len("split"):])
+                if square:
+                    entry["independent_seconds"] = rotated_time(fn, sets)
+            if square and gpu:
+                _add_device_time(entry, fn, sets)
         # What a plain copy of the kernel's bytes reaches as 16 independent
         # calls in one jit (a copy has no x to chain): a transfer this size.
         # bf16 like copy_bandwidth's: XLA's uint8 elementwise op is slower than
@@ -293,28 +333,141 @@ def int4_suite(size, results):
         half = jnp.zeros((nbytes // 4,), jnp.bfloat16)
         copy = jax.jit(lambda a: a + jnp.bfloat16(1))
         copy_sets = [(half + r,) for r in range(ROTATE)]
-        row["copy_same_bytes"] = dict(seconds=rotated_time(copy, copy_sets),
-                                      timing="16 independent calls a jit")
-        if compat.platform() == "gpu":
+        row["copy_same_bytes"] = dict(independent_seconds=rotated_time(copy, copy_sets))
+        if gpu:
             _add_device_time(row["copy_same_bytes"], copy, copy_sets)
         dense = jax.jit(lambda x, w: jnp.dot(x, w))
-        row["bf16_weights_xla"] = dict(seconds=chained_time(dense, [(x, w_bf16 * (1 + 0.01 * r))
-                                                                    for r in range(4)]),
-                                       bytes=w_bf16.nbytes + x.nbytes + M * N * 2)
-        for name, r in row.items():
-            r["GBps"] = r.get("bytes", nbytes) / r["seconds"] / 1e9
-            r["fraction_of_copy_bw"] = r["GBps"] * 1e9 / bw
-            if "device_seconds" in r:
-                r["device_GBps"] = r.get("bytes", nbytes) / r["device_seconds"] / 1e9
-                r["device_fraction_of_copy_bw"] = r["device_GBps"] * 1e9 / bw
-        out["batches"][M] = row
-    results["int4"] = out
+        dense_sets = list(zip(xs, dense_weights))
+        entry = row["bf16_weights_xla"] = dict(
+            bytes=dense_weights[0].nbytes + xs[0].nbytes + M * N * 2)
+        entry[_timing(square, gpu)] = timer(dense, dense_sets)
+        if square and gpu:
+            _add_device_time(entry, dense, dense_sets)
+        for r in row.values():
+            _bandwidths(r, r.get("bytes", nbytes), bw)
+        batches[M] = row
+    return batches, chosen
+
+
+def _timing(square, gpu):
+    """The entry key of the time _int4_problem's timer takes."""
+    return "chained_seconds" if square else "device_seconds" if gpu else "independent_seconds"
+
+
+def _int4_pair(a, b, weights, chosen, bw):
+    """{batch: {implementation: entry}} of the problem a = (K, N) followed by
+    b = (N, K) (a decode step's MLP up then down projection), chained: each
+    pair's output is the next pair's x. Each kernel runs the configuration
+    chosen for each problem."""
+    batches = {}
+    for M in INT4_BATCHES:
+        xs = [jax.random.normal(jax.random.fold_in(jax.random.key(3), r), (M, a[0]),
+                                jnp.bfloat16) for r in range(ROTATE)]
+        sets = [(x, pa, sa, pb, sb) for x, pa, sa, pb, sb
+                in zip(xs, *weights[a][:2], *weights[b][:2])]
+        nbytes = sum(weights[p][0][0].nbytes + weights[p][1][0].nbytes + M * sum(p) * 2
+                     for p in (a, b))
+        kernels = {p: _int4_kernels(*p, M) for p in (a, b)}
+        row = {}
+        for name in kernels[a]:
+            if name not in chosen[a] or name not in chosen[b]:
+                continue  # it failed on one of the problems
+            fa, fb = (dict(kernels[p][name]).get(chosen[p][name], kernels[p][name][0][1])
+                      for p in (a, b))
+            pair = jax.jit(lambda x, pa, sa, pb, sb, fa=fa, fb=fb: fb(fa(x, pa, sa), pb, sb))
+            try:
+                row[name] = dict(chained_seconds=chained_time(pair, sets), config=" then ".join(
+                    c for c in (chosen[a][name], chosen[b][name]) if c))
+            except Exception as e:  # noqa: BLE001 - reported, not fatal, as in best_of
+                print(f"  {name} pair M={M}: failed: {type(e).__name__}: {str(e)[:200]}")
+        dense = jax.jit(lambda x, wa, wb: jnp.dot(jnp.dot(x, wa), wb))
+        row["bf16_weights_xla"] = dict(
+            chained_seconds=chained_time(dense, list(zip(xs, weights[a][2], weights[b][2]))),
+            bytes=2 * weights[a][2][0].nbytes + M * 2 * sum(a) * 2)
+        for r in row.values():
+            _bandwidths(r, r.get("bytes", nbytes), bw)
+        batches[M] = row
+    return batches
+
+
+def _bandwidths(entry, nbytes, bw):
+    """GB/s and share of the copy bandwidth bw of each time in entry."""
+    for kind in ("chained", "device", "independent"):
+        if f"{kind}_seconds" in entry:
+            entry[f"{kind}_GBps"] = nbytes / entry[f"{kind}_seconds"] / 1e9
+            entry[f"{kind}_of_copy"] = entry[f"{kind}_GBps"] * 1e9 / bw
+
+
+def int4_suite(shapes, results, json_path=None):
+    """int4 weight-only decode at each (K, N) of shapes and batch of
+    INT4_BATCHES, and each problem followed by its transpose where both are
+    in shapes (a decode MLP's up and down projections), chained;
+    results["int4"] is written to json_path after every problem."""
+    bw = copy_bandwidth()
+    out = results["int4"] = {"copy_GBps": bw / 1e9, "group_size": INT4_GROUP, "problems": {}}
+    weights, chosen = {}, {}
+
+    def record(name, **problem):
+        out["problems"][name] = problem
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(results, f, indent=1)
+        print_int4_problem(name, problem, out["copy_GBps"])
+
+    for K, N in shapes:
+        weights[K, N] = _int4_weights(K, N)
+        batches, chosen[K, N] = _int4_problem(K, N, weights[K, N], bw)
+        record(f"{K}x{N}", K=K, N=N, batches=batches)
+        if K != N and (N, K) in weights:
+            (a, b) = sorted([(K, N), (N, K)], key=shapes.index)
+            record(f"{a[0]}x{a[1]} then {b[0]}x{b[1]}", K=a[0], N=a[1], then=b,
+                   batches=_int4_pair(a, b, weights, chosen, bw))
+
+
+def print_int4_problem(name, problem, copy_gbps):
+    """One problem's table: per batch and implementation, us per call and
+    share of the copy bandwidth, chained, in device time and independent."""
+    per = "pair of calls" if "then" in problem else "call"
+    print(f"\nint4 weight-only {name} (K x N), group {INT4_GROUP}, us a {per}; "
+          f"copy {copy_gbps:.0f} GB/s")
+    print(f"{'batch':>5s} {'impl':20s} {'chain us':>8s} {'of copy':>8s} {'dev us':>8s} "
+          f"{'of copy':>8s} {'indep us':>8s}  config")
+    for M, row in problem["batches"].items():
+        for impl, r in row.items():
+            cells = []
+            for kind in ("chained", "device"):
+                t = r.get(f"{kind}_seconds")
+                cells += ([f"{t * 1e6:8.1f}", f"{r[f'{kind}_of_copy']:8.0%}"] if t
+                          else [f"{'-':>8s}"] * 2)
+            t = r.get("independent_seconds")
+            cells.append(f"{t * 1e6:8.1f}" if t else f"{'-':>8s}")
+            config = r.get("config", "") + (f" (split_k {r['split_k']})" if "split_k" in r else "")
+            print(f"{M:5d} {impl:20s} {' '.join(cells)}  {config}")
+
+
+def parse_shapes(text):
+    """--shapes: '4096x14336,14336x4096' -> ((4096, 14336), (14336, 4096));
+    K a multiple of the group size, N of 64."""
+    shapes = []
+    for item in text.split(","):
+        try:
+            K, N = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not KxN (e.g. 4096x14336)") from None
+        if K <= 0 or N <= 0 or K % INT4_GROUP or N % 64:
+            raise argparse.ArgumentTypeError(f"{item!r}: K must be a positive multiple of "
+                                             f"{INT4_GROUP} and N of 64")
+        shapes.append((K, N))
+    return tuple(shapes)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--size", type=int, default=8192)
+    parser.add_argument("--json", help="write the results here (int4: after every problem)")
+    parser.add_argument("--size", type=int, default=8192, help="M=N=K of the matmul suite")
+    parser.add_argument("--shapes", type=parse_shapes, default=INT4_SHAPES,
+                        help="int4 problems as KxN,KxN,... (default: "
+                             + ",".join(f"{k}x{n}" for k, n in INT4_SHAPES) + ")")
     parser.add_argument("--quick", action="store_true",
                         help="one configuration per kernel (a short run)")
     parser.add_argument("--skip-mosaic", action="store_true",
@@ -328,35 +481,25 @@ def main():
     if args.only != "int4":
         matmul_suite(args.size, results)
     if args.only != "matmul":
-        int4_suite(args.size, results)
+        int4_suite(args.shapes, results, args.json)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
-    print(f"\n{results['device']}, jax {results['jax']}, M=N=K={args.size}")
+    print(f"\n{results['device']}, jax {results['jax']}")
     if args.only != "int4":
-        print(f"{'matmul':30s} {'ms':>8s} {'TFLOP/s':>8s} {'vs bf16':>8s}  config")
+        print(f"{'matmul M=N=K=' + str(args.size):30s} {'ms':>8s} {'TFLOP/s':>8s} "
+              f"{'vs bf16':>8s}  config")
     for name, r in results.items():
         if isinstance(r, dict) and "tflops" in r:
             print(f"{name:30s} {r['seconds'] * 1e3:8.3f} {r['tflops']:8.1f} "
                   f"{r['speedup_vs_bf16']:8.2f}  {r.get('config', '')}")
-    if "int4" not in results:
-        return
-    i4 = results["int4"]
-    print(f"\nint4 weight-only, K=N={args.size}, group 128; copy bandwidth "
-          f"{i4['copy_GBps']:.0f} GB/s")
-    print(f"(us, GB/s: wall clock per call in a chain of {CHAIN_REPEATS * ROTATE} calls a jit "
-          f"(copy: {ROTATE} independent calls); indep: {ROTATE} independent calls a jit; "
-          "device: the kernels' own time in a profiler trace)")
-    print(f"{'batch':>5s} {'impl':28s} {'us':>8s} {'GB/s':>8s} {'of copy':>8s} {'indep us':>8s} "
-          f"{'dev us':>8s} {'of copy':>8s}  config")
-    for M, row in i4["batches"].items():
-        for name, r in row.items():
-            dev = (f"{r['device_seconds'] * 1e6:8.1f} {r['device_fraction_of_copy_bw']:8.0%}"
-                   if "device_seconds" in r else f"{'-':>8s} {'-':>8s}")
-            indep = (f"{r['independent_seconds'] * 1e6:8.1f}" if "independent_seconds" in r
-                     else f"{'-':>8s}")
-            print(f"{M:5d} {name:28s} {r['seconds'] * 1e6:8.1f} {r['GBps']:8.0f} "
-                  f"{r['fraction_of_copy_bw']:8.0%} {indep} {dev}  {r.get('config', '')}")
+    if "int4" in results:
+        i4 = results["int4"]
+        print(f"\nint4 (us a call; chain: {CHAIN_REPEATS * ROTATE} calls a jit, each output the "
+              f"next x; dev: the kernels' time in a profiler trace; indep: {ROTATE} "
+              "independent calls a jit)")
+        for name, problem in i4["problems"].items():
+            print_int4_problem(name, problem, i4["copy_GBps"])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""The int4 bench's chained timing: what the chain computes and what it refuses."""
+"""The int4 bench's chained timing (what the chain computes and what it refuses)
+and its --shapes option."""
+import argparse
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -27,3 +30,17 @@ def test_chained_time_refuses_an_output_not_shaped_like_x():
 def test_chained_time_is_per_call():
     sets = [(jnp.ones((2, 8), jnp.float32), jnp.eye(8)) for _ in range(2)]
     assert 0 < bench.chained_time(lambda x, w: x @ w, sets, repeats=2) < 1.0
+
+
+def test_parse_shapes():
+    assert bench.parse_shapes("4096x14336,14336X4096") == ((4096, 14336), (14336, 4096))
+
+
+@pytest.mark.parametrize("text, match", [
+    ("4096x14336,8192", r"'8192' is not KxN"),
+    ("4000x4096", r"'4000x4096': K must be a positive multiple of 128 and N of 64"),
+    ("4096x100", r"'4096x100': K must be"),
+])
+def test_parse_shapes_refuses(text, match):
+    with pytest.raises(argparse.ArgumentTypeError, match=match):
+        bench.parse_shapes(text)

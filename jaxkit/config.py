@@ -218,9 +218,9 @@ class GenerateConfig:
     top_p: float = ranged(1.0, "(0, 1]")  # 1: no nucleus filter
     seed: int = ranged(0, "[0, 4294967295]")  # a uint32 PRNG seed
     stop: tuple[str, ...] = ()  # a sequence's text ends before the first of these it produces
-    # KV cache storage: the compute dtype, a float dtype, or int8/fp8 codes
-    # with a float32 scale per token and head
-    kv_cache: Literal["compute", "bf16", "fp16", "fp32", "int8", "fp8"] = "compute"
+    # KV cache storage: the compute dtype, a float dtype, int8/fp8 codes
+    # with a float32 scale per token and head, or KIVI-2 (2-bit codes)
+    kv_cache: Literal["compute", "bf16", "fp16", "fp32", "int8", "fp8", "kivi2"] = "compute"
     paged: bool = False  # pages of page_size tokens from one pool per layer
     page_size: int = ranged(16, ">= 1")
     attention_implementation: Literal["auto", "xla", "pallas", "mosaic_gpu", "blockspec"] = "auto"

@@ -4,8 +4,9 @@ pure pytrees so that a decode step is one jitted function.
 A layer's cache is contiguous, k and v [B, C, Hkv, D], or paged, a pool
 [P, page_size, Hkv, D] shared by the batch with a page table [B,
 pages_per_seq] naming each sequence's pages. Either stores the values in a
-float dtype or as pallas_kernels.decode_attention.QuantizedKV (int8 or fp8
-codes with a float32 scale per token and head). Position p of a sequence
+float dtype, as pallas_kernels.decode_attention.QuantizedKV (int8 or fp8
+codes with a float32 scale per token and head) or in KIVI-2 (2-bit codes
+quantized a group of tokens at a time; kivi.py). Position p of a sequence
 lives in logical slot p % C (C the capacity), the ring rule decode_attention
 reads by, so a sliding-window model keeps only its window.
 """
@@ -18,11 +19,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.decode_attention import FORMATS, QuantizedKV, kv_bytes_per_token, quantize_kv
+from jaxkit.generate import kivi
+from pallas_kernels.decode_attention import (FORMATS, Kivi2Keys, QuantizedKV, kv_bytes_per_token,
+                                             quantize_kv)
 from pallas_kernels.decode_attention.kv_formats import CODES
 
 FLOAT_KV = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
-KV_CACHES = ("compute", *FLOAT_KV, *FORMATS)  # generate.kv_cache values
+KIVI = "kivi2"
+KV_CACHES = ("compute", *FLOAT_KV, *FORMATS, KIVI)  # generate.kv_cache values
 
 
 @jax.tree_util.register_dataclass
@@ -43,7 +47,10 @@ class KVCache:
 
     def write(self, k, v, positions, valid) -> KVCache:
         """The cache with k, v [B, T, Hkv, D] stored at their positions [B, T]
-        where valid [B, T] (see rows)."""
+        where valid [B, T] (see rows; KIVI-2: see kivi.write)."""
+        if isinstance(self.k, Kivi2Keys):
+            return dataclasses.replace(self, **dict(zip("kv", kivi.write(
+                self.k, self.v, k, v, positions, valid, self.page_table))))
         flat = self.rows(positions, valid)
         return dataclasses.replace(self, k=_store(self.k, k, flat), v=_store(self.v, v, flat))
 
@@ -78,11 +85,11 @@ def _store(buffer, x, flat):
 
 
 def storage(kv_cache: str, compute_dtype) -> str:
-    """The storage format of a generate.kv_cache choice: a float dtype name
-    or a QuantizedKV format ('int8', 'fp8')."""
+    """The storage format of a generate.kv_cache choice: a float dtype name,
+    a QuantizedKV format ('int8', 'fp8') or 'kivi2'."""
     if kv_cache not in KV_CACHES:
         raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
-    if kv_cache in FORMATS:
+    if kv_cache in (*FORMATS, KIVI):
         return kv_cache
     dtype = compute_dtype if kv_cache == "compute" else FLOAT_KV[kv_cache]
     return jnp.dtype(dtype).name
@@ -96,10 +103,14 @@ def _zeros(fmt: str, leading: tuple[int, int], kv_heads: int, head_dim: int):
 
 
 def empty_caches(num_layers: int, leading: tuple[int, int], kv_heads: int, head_dim: int,
-                 fmt: str, page_table=None) -> list[KVCache]:
+                 fmt: str, page_table=None, residual_dtype=jnp.bfloat16) -> list[KVCache]:
     """num_layers zeroed caches in format fmt (see storage): leading is
     (B, C) for contiguous caches, (P, page_size) for page pools, which take
-    the page_table [B, pages_per_seq]."""
+    the page_table [B, pages_per_seq]. residual_dtype: KIVI-2's residual."""
+    if fmt == KIVI:
+        batch = leading[0] if page_table is None else page_table.shape[0]
+        return [KVCache(*kivi.empty(leading, batch, kv_heads, head_dim, residual_dtype),
+                        page_table) for _ in range(num_layers)]
     return [KVCache(_zeros(fmt, leading, kv_heads, head_dim),
                     _zeros(fmt, leading, kv_heads, head_dim), page_table)
             for _ in range(num_layers)]
@@ -116,5 +127,8 @@ def join(buffers, page_table) -> list[KVCache]:
 
 
 def bytes_per_token(fmt: str, num_layers: int, kv_heads: int, head_dim: int) -> int:
-    """Bytes one cached token takes over all layers, keys and values."""
-    return math.ceil(num_layers * kv_bytes_per_token(fmt, kv_heads, head_dim))
+    """Bytes one cached token takes over all layers, keys and values (a
+    KIVI-2 cache's residual, a fixed amount a sequence, aside)."""
+    per_layer = kivi.bytes_per_token(kv_heads, head_dim) if fmt == KIVI \
+        else kv_bytes_per_token(fmt, kv_heads, head_dim)
+    return math.ceil(num_layers * per_layer)

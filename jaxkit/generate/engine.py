@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxkit.generate import cache as kv
+from jaxkit.generate import kivi
 from jaxkit.generate import sampling
 from jaxkit.generate.pages import PageAllocator, assign_pages, pages_for
 from jaxkit.layers import Linear
@@ -133,6 +134,11 @@ class Engine:
         self.cfg = model.cfg
         self.graphdef, self.state = nnx.split(model)
         self.fmt = kv.storage(kv_cache, self.cfg.compute_dtype)
+        if self.fmt == kv.KIVI:
+            kivi.check_head_dim(self.cfg.dim_per_head)
+            if paged and page_size % kivi.GROUP:
+                raise ValueError(f"kv_cache kivi2 quantizes groups of {kivi.GROUP} tokens within "
+                                 f"a page: page_size {page_size} is not a multiple of it")
         self.paged, self.page_size, self.implementation = paged, page_size, implementation
         self._compiled: dict = {}
 
@@ -146,10 +152,13 @@ class Engine:
         tokens: a bucket, or the sliding window (the decode step feeds one
         token, so the window's slots suffice) rounded up to a multiple of
         MIN_BUCKET (the Hopper kernel copies 8-slot tiles), in whole pages
-        when paged."""
+        when paged. KIVI-2: every position (no ring; see kivi.py) in whole
+        groups."""
         c = self.cfg
         slots = bucket(cached_tokens, c.max_seq_len)
-        if c.attention.sliding_window is not None:
+        if self.fmt == kv.KIVI:
+            slots = pages_for(slots, kivi.GROUP) * kivi.GROUP
+        elif c.attention.sliding_window is not None:
             slots = min(slots, -(-c.attention.sliding_window // MIN_BUCKET) * MIN_BUCKET)
         return pages_for(slots, self.page_size) * self.page_size if self.paged else slots
 
@@ -164,6 +173,8 @@ class Engine:
         for row, p in zip(padded, prompts):
             row[:len(p)] = p
         cached = [min(int(n) + max_new_tokens - 1, c.max_seq_len) for n in lengths]
+        if self.fmt == kv.KIVI:  # its padding is written too (kivi.py)
+            cached = [max(n, padded.shape[1]) for n in cached]
         capacity = self.capacity(max(cached))
         allocator = pages = table = None
         if self.paged:
@@ -228,7 +239,8 @@ class Engine:
     def _prefill(self, mode, layout, params, table, tokens, lengths, settings):
         model = nnx.merge(self.graphdef, params)
         c = self.cfg
-        caches = kv.empty_caches(c.num_layers, layout, c.kv_heads, c.dim_per_head, self.fmt, table)
+        caches = kv.empty_caches(c.num_layers, layout, c.kv_heads, c.dim_per_head, self.fmt, table,
+                                 residual_dtype=c.compute_dtype)
         logits, caches = model.prefill(tokens, lengths, caches)
         start = _initial_state(lengths)
         state, out = self._advance(start, self._choose(mode, logits, settings, start.count),

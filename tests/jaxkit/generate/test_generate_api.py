@@ -77,6 +77,23 @@ def test_sampling_repeats_with_its_seed_and_compiles_once(model):
     assert len(g.engine._compiled) == 2  # one prefill, one decode step
 
 
+def test_kivi2_cache(model):
+    """KIVI-2 (2-bit) caches generate; the first token, drawn by the prefill
+    from exact keys and values, is the full-precision cache's."""
+    exact = Generator(model, BYTES, settings(temperature=0)).generate(
+        PROMPTS, max_new_tokens=4, ignore_eos=True)
+    out = Generator(model, BYTES, settings(temperature=0, kv_cache="kivi2", paged=True,
+                                           page_size=32)).generate(
+        PROMPTS, max_new_tokens=4, ignore_eos=True)
+    assert [t[0] for t in out.tokens] == [t[0] for t in exact.tokens]
+    assert [len(t) for t in out.tokens] == [4] * 3
+    # 2 layers x 2 heads x (2-bit keys and values, a float16 scale and zero per
+    # channel per 32 tokens for keys, per 2 channels for values) of head_dim 8
+    assert out.stats["kv_cache"]["bytes_per_token"] == 2 * 2 * (2 * 8 / 4 + 4 * 8 / 32 + 4 * 8 / 2)
+    with pytest.raises(GenerationError, match="page_size 16 is not a multiple of it"):
+        Generator(model, BYTES, settings(kv_cache="kivi2", paged=True, page_size=16))
+
+
 def test_stop_string_and_stream(model):
     g = Generator(model, BYTES, settings(temperature=0, max_new_tokens=12))
     text = g.generate(PROMPTS[0], ignore_eos=True).text

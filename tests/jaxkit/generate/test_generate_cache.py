@@ -1,13 +1,14 @@
 """KV cache slots (the ring rule), writes, the page allocator and memory
 accounting."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxkit.generate.cache import KVCache, bytes_per_token, empty_caches, storage
 from jaxkit.generate.pages import OutOfPages, PageAllocator, assign_pages
-from pallas_kernels.decode_attention import QuantizedKV, dequantize_kv
-from pallas_kernels.decode_attention.reference import logical_cache
+from pallas_kernels.decode_attention import QuantizedKV, dequantize_kv, kivi2_append
+from pallas_kernels.decode_attention.reference import decode_attention_reference, logical_cache
 
 H, D = 2, 4
 
@@ -87,3 +88,31 @@ def test_memory_per_token():
     assert bytes_per_token("int8", 2, 2, 64) == bytes_per_token("fp8", 2, 2, 64) == 2 * 2 * 2 * 68
     cache = empty_caches(1, (3, 10), 2, 64, "int8")[0]
     assert isinstance(cache, KVCache) and cache.k.data.nbytes == 3 * 10 * 2 * 64
+
+
+def test_kivi2_padded_batch_reads_as_each_sequence_alone():
+    """A prefill of right-padded prompts and a decode step in which one
+    sequence has finished leave every sequence's KIVI-2 cache (paged, each
+    sequence's pages holding the padded prompt) reading by decode attention
+    as if its own tokens alone had been appended."""
+    lengths, active = np.array([5, 37, 1]), np.array([True, False, True])
+    rng = np.random.default_rng(0)
+    k, v = (jnp.asarray(rng.standard_normal((3, 41, H, 16)), jnp.float32) for _ in range(2))
+    table = jnp.array([[1, 4], [0, 3], [5, 2]], jnp.int32)
+    cache = empty_caches(1, (6, 32), H, 16, "kivi2", table, residual_dtype=jnp.float32)[0]
+    write = jax.jit(lambda c, k, v, p, m: c.write(k, v, p, m))
+    attend = jax.jit(lambda q, c, n: decode_attention_reference(q, c.k, c.v, n,
+                                                                page_table=c.page_table))
+    positions = jnp.broadcast_to(jnp.arange(40), (3, 40))
+    cache = write(cache, k[:, :40], v[:, :40], positions, positions < lengths[:, None])
+    cache = write(cache, k[np.arange(3), lengths][:, None], v[np.arange(3), lengths][:, None],
+                  jnp.asarray(lengths)[:, None], jnp.asarray(active)[:, None])
+    final = jnp.asarray(lengths + active)
+    q = jnp.asarray(rng.standard_normal((3, 1, 2 * H, 16)), jnp.float32)
+    batch = attend(q, cache, final)
+    for b in range(3):
+        alone = empty_caches(1, (1, 64), H, 16, "kivi2", residual_dtype=jnp.float32)[0]
+        n = int(final[b])
+        keys, values = kivi2_append(alone.k, alone.v, k[b:b + 1, :n], v[b:b + 1, :n], [0])
+        want = attend(q[b:b + 1], KVCache(keys, values), final[b:b + 1])
+        np.testing.assert_allclose(batch[b], want[0], atol=1e-6, err_msg=f"sequence {b}")

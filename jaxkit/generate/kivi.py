@@ -4,11 +4,13 @@ batch being generated.
 kivi2_append takes every token it is handed, while a batch's prefill also
 holds the padding after each prompt and a decode step the token of each
 sequence that has finished. Those tokens land in their own sequence's
-residual and slots only: the residual rows they overwrite are put back
-here; the groups they complete go to slots of positions the sequence has not
-reached, which the reader never sees as long as the padded prompt fits the
-cache without wrapping (so a KIVI-2 cache keeps every position, with no
-sliding-window ring, and a paged one holds pages for the padded prompt).
+residual and slots only, at positions past its valid ones: the residual
+rows they overwrite are put back here; the groups they complete go to slots
+of positions the sequence has not reached (or to the group still filling,
+which is read from the residual), which the reader never sees as long as
+the padded prompt fits the cache without wrapping (so a KIVI-2 cache keeps
+every position, with no sliding-window ring, and a paged one holds pages
+for the padded prompt).
 """
 from __future__ import annotations
 
@@ -49,8 +51,11 @@ def write(keys, values, k, v, positions, valid, page_table):
     """keys, values after appending k, v [B, T, Hkv, D] at positions [B, T]
     (consecutive in each row) where valid [B, T] (a prefix of each row)."""
     G, T = keys.group, positions.shape[1]
-    new_keys, new_values = kivi2_append(keys, values, k, v, positions[:, 0], page_table)
     length = jnp.max(jnp.where(valid, positions, -1), axis=1) + 1  # 0: nothing valid
+    # A row with nothing valid (a finished sequence) is appended after its
+    # positions: a group it completes there is still read from the residual.
+    start = jnp.where(length > 0, positions[:, 0], positions[:, -1] + 1)
+    new_keys, new_values = kivi2_append(keys, values, k, v, start, page_table)
     rows = jnp.arange(G)
     # the token of this write at each residual row's position in the group still filling
     source = (length - length % G)[:, None] + rows - positions[:, :1]

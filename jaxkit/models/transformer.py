@@ -189,8 +189,8 @@ class Transformer(nnx.Module):
         """A decode step: tokens int [B, T], each sequence's T newest, at
         positions lengths - T + t (lengths [B] counts the cached tokens,
         these included) -> (logits float32 [B, T, vocab], caches). Sequences
-        where active [B] is False write nothing (their logits are
-        meaningless). implementation: decode_attention's."""
+        where active [B] is False change nothing their cache reads back
+        (their logits are meaningless). implementation: decode_attention's."""
         T = tokens.shape[1]
         positions = lengths[:, None] - T + jnp.arange(T)
         valid = jnp.ones(tokens.shape, bool) if active is None \

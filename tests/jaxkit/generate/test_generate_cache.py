@@ -95,7 +95,8 @@ def test_kivi2_padded_batch_reads_as_each_sequence_alone():
     sequence has finished leave every sequence's KIVI-2 cache (paged, each
     sequence's pages holding the padded prompt) reading by decode attention
     as if its own tokens alone had been appended."""
-    lengths, active = np.array([5, 37, 1]), np.array([True, False, True])
+    # sequence 1 ends a group of 32: a write at its last position would quantize the group again
+    lengths, active = np.array([5, 32, 1]), np.array([True, False, True])
     rng = np.random.default_rng(0)
     k, v = (jnp.asarray(rng.standard_normal((3, 41, H, 16)), jnp.float32) for _ in range(2))
     table = jnp.array([[1, 4], [0, 3], [5, 2]], jnp.int32)
@@ -105,8 +106,10 @@ def test_kivi2_padded_batch_reads_as_each_sequence_alone():
                                                                 page_table=c.page_table))
     positions = jnp.broadcast_to(jnp.arange(40), (3, 40))
     cache = write(cache, k[:, :40], v[:, :40], positions, positions < lengths[:, None])
+    # as Transformer.decode feeds it: a finished sequence's token sits at its last position
     cache = write(cache, k[np.arange(3), lengths][:, None], v[np.arange(3), lengths][:, None],
-                  jnp.asarray(lengths)[:, None], jnp.asarray(active)[:, None])
+                  jnp.asarray(np.where(active, lengths, lengths - 1))[:, None],
+                  jnp.asarray(active)[:, None])
     final = jnp.asarray(lengths + active)
     q = jnp.asarray(rng.standard_normal((3, 1, 2 * H, 16)), jnp.float32)
     batch = attend(q, cache, final)

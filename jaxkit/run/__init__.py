@@ -9,7 +9,8 @@
     quantize  post-training quantisation of a run (`jaxkit quantize`)
     generate  text from a run, its exported or its quantised parameters
               (`jaxkit generate`, load_generator for notebooks)
-    decode_speed  generation speed of a config at several batch sizes
+    decode_speed  generation speed of a config at several batch sizes, with
+              bf16 or quantised weights, against the weight-bandwidth roofline
     bench     training-loop throughput on 1, 2, ... devices
     cli       the `jaxkit` command
 

@@ -1,0 +1,173 @@
+"""`jaxkit convert`: a Hugging Face model directory (Llama, Mistral or
+Mixtral: config.json, safetensors weights, tokenizer.json) to a jaxkit
+model directory, and a jaxkit run or exported parameters to a Hugging Face
+model directory.
+
+    jaxkit convert hf-to-jaxkit HF_DIR --out DIR
+        DIR/config.yaml     its model section from config.json; data.path is
+                            DIR, whose tokenizer.json generation reads
+        DIR/params/         the parameters, as `jaxkit export` writes them
+        DIR/tokenizer.json  copied from HF_DIR
+    jaxkit generate DIR/config.yaml --params DIR/params --prompt ...
+    jaxkit convert jaxkit-to-hf CONFIG [--run-dir RUN | --params DIR] --out HF_DIR
+        config.json, model.safetensors, and the run's tokenizer as
+        tokenizer.json + tokenizer_config.json
+
+Inputs are read and checked, and the output is computed, before anything is
+written; the output goes to a temporary directory beside --out, renamed to
+--out at the end, so a failed conversion leaves nothing behind. An
+existing --out is refused."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from jaxkit.checkpoint import export_params
+from jaxkit.config import Config, DataConfig, ModelConfig, save_config, validate
+from jaxkit.data import ByteTokenizer, DataError, HFTokenizer, load_tokenizer
+from jaxkit.interop import (ConversionError, hf_config_from_model, hf_from_params,
+                            model_config_from_hf, params_from_hf, read_hf_dir, write_hf_dir)
+from jaxkit.interop.hf_config import model_type_of
+from jaxkit.interop.hf_files import TOKENIZER, TOKENIZER_CONFIG
+from jaxkit.interop.hf_tokenizer import byte_tokenizer_json, tokenizer_config
+from jaxkit.models import Transformer, count_params, unscan_layers
+from jaxkit.run.generate import load_model
+
+CONFIG_FILE = "config.yaml"
+PARAMS_DIR = "params"
+
+
+def refuse_existing(out: Path) -> None:
+    if out.exists():
+        raise FileExistsError(f"output directory {str(out)!r} already exists; name a new one")
+
+
+@contextlib.contextmanager
+def staged_output(out: Path):
+    """A new directory beside `out` to write into, renamed to `out` when the
+    block ends without an error and removed when it raises."""
+    refuse_existing(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.converting-{os.getpid()}"
+    staging.mkdir()
+    try:
+        yield staging
+        refuse_existing(out)  # created by someone else meanwhile
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _param_state(m: ModelConfig, params: dict) -> nnx.State:
+    """The nnx parameter state of m's Transformer holding `params` (flat
+    paths -> numpy arrays), as export_params writes it."""
+    state = nnx.state(nnx.eval_shape(lambda: Transformer(m, rngs=nnx.Rngs(0))), nnx.Param)
+    flat = nnx.to_flat_state(state)
+    if {path for path, _ in flat} != set(params):
+        raise ConversionError("the converted parameters do not match the model the config "
+                              "describes")  # the table and the model disagree: a bug
+    for path, var in flat:
+        var.set_value(params[path])
+    return state
+
+
+def _hf_tokenizer(path: Path | None, vocab_size: int) -> HFTokenizer | None:
+    """The HF directory's tokenizer, checked to be readable by jaxkit and to
+    fit the model's vocabulary."""
+    if path is None:
+        return None
+    try:
+        tokenizer = HFTokenizer.from_file(path)
+    except (DataError, ImportError) as e:
+        raise ConversionError(f"tokenizer {str(path)!r}: {e}") from None
+    if tokenizer.vocab_size > vocab_size:
+        raise ConversionError(f"tokenizer {str(path)!r} has {tokenizer.vocab_size} tokens, more "
+                              f"than the model's vocab_size {vocab_size}")
+    return tokenizer
+
+
+def convert_hf_to_jaxkit(hf_dir: str | Path, out: str | Path) -> dict:
+    """Writes the jaxkit model directory of the HF model in hf_dir to out
+    (see the module docstring); returns a summary."""
+    out = Path(out).absolute()
+    refuse_existing(out)
+    hf_config, tensors, tokenizer_path = read_hf_dir(hf_dir)
+    model_type_of(hf_config)  # an unsupported architecture before anything else
+    embed = tensors.get("model.embed_tokens.weight")
+    if embed is None:
+        raise ConversionError(f"the weights in {str(hf_dir)!r} lack 'model.embed_tokens.weight'")
+    model_cfg = model_config_from_hf(hf_config, embed.dtype.name)
+    params = params_from_hf(tensors, model_cfg)
+    del tensors
+    tokenizer = _hf_tokenizer(tokenizer_path, model_cfg.vocab_size)
+    # data.path: where generation finds the tokenizer (token files to train or
+    # evaluate on go elsewhere: --set data.path=...)
+    cfg = Config(model=model_cfg, data=DataConfig(
+        path=DataConfig.path if tokenizer is None else str(out),
+        seq_len=min(DataConfig.seq_len, model_cfg.max_seq_len)))
+    validate(cfg)
+    state = _param_state(model_cfg, params)
+    with staged_output(out) as staging:
+        save_config(cfg, staging / CONFIG_FILE)
+        export_params(state, staging / PARAMS_DIR)
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, staging / TOKENIZER)
+    return {"architecture": hf_config["architectures"][0],
+            "parameters": int(sum(v.size for v in params.values())),
+            "config": str(out / CONFIG_FILE), "params": str(out / PARAMS_DIR),
+            "tokenizer": None if tokenizer is None else str(out / TOKENIZER)}
+
+
+def _run_tokenizer(cfg: Config) -> tuple[ByteTokenizer | HFTokenizer | None, str | None, str]:
+    """(the run's tokenizer, its tokenizer.json text, why none is written):
+    the tokenizer of cfg's token files, if it has any."""
+    if cfg.data.kind != "tokens":
+        return None, None, f"data.kind {cfg.data.kind!r} has no tokenizer"
+    try:
+        tokenizer = load_tokenizer(cfg.data.path)
+    except FileNotFoundError:
+        return None, None, f"data.path {cfg.data.path!r} holds no token files or tokenizer.json"
+    except DataError as e:
+        raise ConversionError(f"data.path {cfg.data.path!r}: {e}") from None
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConversionError(f"the {tokenizer.name} tokenizer of data.path {cfg.data.path!r} has "
+                              f"{tokenizer.vocab_size} tokens, more than model.vocab_size "
+                              f"{cfg.model.vocab_size}")
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer, tokenizer.path.read_text(), ""
+    try:
+        return tokenizer, byte_tokenizer_json(), ""
+    except ImportError:
+        return None, None, ("the byte-level tokenizer is written as a tokenizer.json by the "
+                            "'tokenizers' package, which is not installed")
+
+
+def convert_jaxkit_to_hf(cfg: Config, out: str | Path, *, run_dir: str | Path | None = None,
+                         params: str | Path | None = None) -> dict:
+    """Writes the HF model directory of the latest intact checkpoint in
+    run_dir, or of `params` (a `jaxkit export` directory), to out; returns a
+    summary (its "tokenizer" is None, with the reason, when none is written)."""
+    out = Path(out).absolute()
+    refuse_existing(out)
+    tokenizer, tokenizer_json, no_tokenizer = _run_tokenizer(cfg)
+    hf_config = hf_config_from_model(cfg.model, tokenizer and tokenizer.special_ids)
+    model = unscan_layers(load_model(cfg, run_dir=run_dir, params=params))
+    flat = {path: np.asarray(var[...])
+            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    tensors = hf_from_params(flat, cfg.model)
+    with staged_output(out) as staging:
+        write_hf_dir(staging, hf_config, tensors)
+        if tokenizer_json is not None:
+            (staging / TOKENIZER).write_text(tokenizer_json)
+            (staging / TOKENIZER_CONFIG).write_text(json.dumps(
+                tokenizer_config(tokenizer_json, tokenizer.special_ids), indent=2) + "\n")
+    summary = {"architecture": hf_config["architectures"][0], "parameters": count_params(model),
+               "out": str(out), "tokenizer": None if tokenizer_json is None else str(out / TOKENIZER)}
+    return summary | ({"no_tokenizer": no_tokenizer} if tokenizer_json is None else {})

@@ -210,9 +210,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path, *, progress: bool = T
 
 def load_tokenizer(data_dir) -> ByteTokenizer | HFTokenizer:
     """The tokenizer that made the token files in `data_dir` (train and val
-    must agree), as their headers describe it."""
+    must agree), as their headers describe it; in a directory with no token
+    files, its tokenizer.json (a model converted from Hugging Face)."""
     from jaxkit.data.token_file import read_header  # token_file stays free of tokenizers
     data_dir = Path(data_dir)
+    if not (data_dir / "train.json").exists() and (data_dir / TOKENIZER_FILE).is_file():
+        return HFTokenizer.from_file(data_dir / TOKENIZER_FILE)
     headers = [read_header(data_dir / split) for split in ("train", "val")]
     keys = ("tokenizer", "vocab_size", "special_ids", "tokenizer_file")
     described = [{k: h.get(k) for k in keys} for h in headers]

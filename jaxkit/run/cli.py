@@ -1,5 +1,5 @@
 """Command line: `jaxkit train`, `jaxkit eval`, `jaxkit export`, `jaxkit quantize`,
-`jaxkit generate`, `jaxkit data prepare`."""
+`jaxkit generate`, `jaxkit convert`, `jaxkit data prepare`."""
 from __future__ import annotations
 
 import argparse
@@ -133,6 +133,41 @@ def cmd_generate(args) -> None:
         raise SystemExit(f"generate: {e}") from None
 
 
+def cmd_convert(args) -> None:
+    cfg = _load(args) if args.convert_command == "jaxkit-to-hf" else None
+    from jaxkit.interop import ConversionError
+    from jaxkit.run.convert import convert_hf_to_jaxkit, convert_jaxkit_to_hf
+    try:
+        if cfg is None:
+            result = convert_hf_to_jaxkit(args.hf_dir, args.out)
+        else:
+            run_dir = None if args.params else _run_dir(cfg, args)
+            result = convert_jaxkit_to_hf(cfg, args.out, run_dir=run_dir, params=args.params)
+    except ConversionError as e:
+        if args.debug:
+            raise
+        raise SystemExit(f"convert: {e}") from None
+    print(json.dumps(result))
+
+
+def _add_convert_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="convert_command", required=True)
+    c = sub.add_parser("hf-to-jaxkit", help="a Hugging Face model directory to OUT/config.yaml, "
+                       "OUT/params (as jaxkit export writes) and OUT/tokenizer.json")
+    c.add_argument("hf_dir", help="directory with config.json, model.safetensors (or its index "
+                   "and shards) and optionally tokenizer.json")
+    c.add_argument("--out", required=True, help="new directory to write")
+    c.set_defaults(func=cmd_convert)
+    c = sub.add_parser("jaxkit-to-hf", help="a run's latest intact checkpoint or exported "
+                       "parameters to a Hugging Face model directory")
+    _add_config_args(c)
+    source = c.add_mutually_exclusive_group()
+    source.add_argument("--run-dir", help="run directory (default: train.out_dir/<config name>)")
+    source.add_argument("--params", metavar="DIR", help="a `jaxkit export` directory")
+    c.add_argument("--out", required=True, help="new directory to write")
+    c.set_defaults(func=cmd_convert)
+
+
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--run-dir", help="run directory whose latest intact checkpoint to use "
@@ -212,6 +247,10 @@ def build_parser(data_tools: bool = True) -> argparse.ArgumentParser:
     _add_config_args(p)
     _add_generate_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert", help="convert between Hugging Face model directories (Llama, "
+                       "Mistral, Mixtral) and jaxkit configs and parameters")
+    _add_convert_args(p)
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)

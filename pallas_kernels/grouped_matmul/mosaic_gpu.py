@@ -37,17 +37,59 @@ DEFAULT_TGMM_TILING = (64, 128, 128)   # tgmm: (rows, K, N); best of a sweep on 
 SMEM_BYTES = mc.SMEM_PER_BLOCK - 7 * 1024  # slack below the block limit
 
 
-def _launch(body, out_type, out_smem, interpret):
-    """Persistent launch: one program per SM, or two programs under the GPU
-    interpreter (enough to exercise the strided work split, and fast).
-    out_smem, the output staging tile, is reused by every work item; its TMA
-    store overlaps the next item's pipeline."""
-    if interpret:
-        programs, extra = 2, dict(interpret=compat.mosaic_gpu_interpret_params())
-    else:
-        programs, extra = compat.sm_count(), {}
-    return plgpu.kernel(body, out_type=out_type, scratch_types=[out_smem], grid=(programs,),
-                        grid_names=("sm",), compiler_params=_params(), **extra)
+def programs(interpret) -> int:
+    """Programs of a persistent launch: one per SM, or two under the GPU
+    interpreter (enough to exercise the strided work split, and fast)."""
+    return 2 if interpret else compat.sm_count()
+
+
+def launch(body, out_type, scratch, interpret, **threads):
+    """Persistent launch (``programs``) on the grid axis "sm". The scratch's
+    output staging tile is reused by every work item; its TMA store overlaps
+    the next item's pipeline. ``threads``: plgpu.kernel's num_threads and
+    thread_name, for a kernel of several warpgroups."""
+    extra = dict(interpret=compat.mosaic_gpu_interpret_params()) if interpret else {}
+    return plgpu.kernel(body, out_type=out_type, scratch_types=scratch,
+                        grid=(programs(interpret),), grid_names=("sm",),
+                        compiler_params=_params(), **threads, **extra)
+
+
+def store_rows(smem, dst, lo, hi, offset, max_rows):
+    """TMA-store rows [offset, offset + hi - lo) of the staging tile ``smem``
+    to ``dst(offset, rows)`` (a GMEM ref of ``rows`` rows). The row count is
+    dynamic but a TMA store needs a static shape, so the rows go out as a sum
+    of power-of-two row blocks of at most ``max_rows`` rows, each issued only
+    when its bit is set in hi - lo."""
+    for rows in [1 << b for b in reversed(range(max_rows.bit_length()))]:
+        bit = (hi - lo) & rows
+
+        @pl.when(bit != 0)
+        def _():
+            plgpu.copy_smem_to_gmem(smem.at[pl.ds(offset, rows)], dst(offset, rows))
+
+        offset = offset + bit
+
+
+def group_tiles(group_sizes, m, tr):
+    """tgmm's row walk: each group's first and end row, its first row tile of
+    tr rows and how many tiles hold its rows (0 for an empty group)."""
+    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), m)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    first_tile = starts // tr
+    tile_count = jnp.where(ends > starts, pl.cdiv(ends, tr) - first_tile, 0)
+    return starts, ends, first_tile, tile_count
+
+
+def zero_other_groups(lhs_smem, row0, start, end):
+    """Zero, in shared memory, the rows of an lhs tile (first row row0) that
+    lie outside the group's rows [start, end). Zeroing one operand suffices
+    if the other is finite there: it holds rows of other groups or TMA's
+    zero fill past M."""
+    rows = row0 + plgpu.layout_cast(
+        jax.lax.broadcasted_iota(jnp.int32, lhs_smem.shape, 0), plgpu.Layout.WGMMA)
+    keep = (rows >= start) & (rows < end)
+    lhs_smem[...] = jnp.where(keep, lhs_smem[...], 0).astype(lhs_smem.dtype)
+    plgpu.commit_smem()
 
 
 def unsupported(dtype, tiling=None) -> str | None:
@@ -70,10 +112,12 @@ def check(lhs, other, tiling):
         raise ValueError(f"the Mosaic GPU kernel {problem}")
 
 
-def _stages(tiling, out_bytes):
+def stages(tiling, out_bytes, budget=SMEM_BYTES):
+    """Ring depth for (rows, K, N) tiles: as many (at most 4) as fit beside
+    the output staging tile in ``budget`` bytes."""
     tm, tk, tn = tiling
     per_stage = (tm * tk + tk * tn) * 2
-    stages = min(4, (SMEM_BYTES - tm * tn * out_bytes) // per_stage)
+    stages = min(4, (budget - tm * tn * out_bytes) // per_stage)
     if stages < 2:
         raise ValueError(f"tiling {tiling} does not fit in shared memory")
     return stages
@@ -83,21 +127,25 @@ def _params():
     return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
 
+def aligned(x):
+    """x zero-padded for swizzled TMA: its minor dimension to a multiple of 64,
+    the one before to a multiple of 8 (rhs [G, K, N]: both to 64)."""
+    return pad_axis_to_multiple(pad_axis_to_multiple(x, x.ndim - 2, 8 if x.ndim == 2 else 64),
+                                x.ndim - 1, 64)
+
+
 def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT_TILING,
          interpret=False):
     check(lhs, rhs, tiling)
     m, n = lhs.shape[0], rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    lhs = pad_axis_to_multiple(pad_axis_to_multiple(lhs, 0, 8), 1, 64)
-    rhs = pad_axis_to_multiple(pad_axis_to_multiple(rhs, 1, 64), 2, 64)
+    lhs, rhs = aligned(lhs), aligned(rhs)
     (m_pad, k), g = lhs.shape, rhs.shape[0]
     n_pad = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tm, tk, tn = tiling
-    stages = _stages(tiling, jnp.dtype(out_dtype).itemsize)
+    depth = stages(tiling, jnp.dtype(out_dtype).itemsize)
     n_tiles, k_tiles = pl.cdiv(n_pad, tn), pl.cdiv(k, tk)
     items = num_steps(m_pad, tm, g + 1) * n_tiles
     sched = make_schedule(group_sizes, m_pad, tm, zero_tail=True)
-    # Power-of-two row blocks whose sizes add up to at least tm.
-    row_blocks = [1 << b for b in reversed(range(tm.bit_length()))]
 
     def grouped_matmul(group_ref, tile_ref, lo_ref, hi_ref, first_ref, lhs_ref, rhs_ref,
                        out_ref, out_smem):
@@ -126,7 +174,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT
                                             (lambda kk: (j, kk)) if transpose_rhs
                                             else (lambda kk: (kk, j)), delay_release=1),
                         ],
-                        max_concurrent_steps=stages,
+                        max_concurrent_steps=depth,
                     )(lhs_ref, rhs_ref.at[group])
                 return acc_ref[...]
 
@@ -137,22 +185,13 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 out_smem[...] = acc.astype(out_dtype)
                 plgpu.commit_smem()
-                offset = lo - tile * tm
-                for rows in row_blocks:
-                    bit = (hi - lo) & rows
-
-                    @pl.when(bit != 0)
-                    def _():
-                        plgpu.copy_smem_to_gmem(
-                            out_smem.at[pl.ds(offset, rows)],
-                            out_ref.at[pl.ds(tile * tm + offset, rows), pl.ds(j * tn, tn)])
-
-                    offset = offset + bit
+                store_rows(out_smem, lambda offset, rows: out_ref.at[
+                    pl.ds(tile * tm + offset, rows), pl.ds(j * tn, tn)], lo, hi, lo - tile * tm, tm)
 
         plgpu.wait_smem_to_gmem(0)
 
-    out = _launch(grouped_matmul, jax.ShapeDtypeStruct((m_pad, n_pad), out_dtype),
-                  plgpu.SMEM((tm, tn), out_dtype), interpret)(*sched, lhs, rhs)
+    out = launch(grouped_matmul, jax.ShapeDtypeStruct((m_pad, n_pad), out_dtype),
+                 [plgpu.SMEM((tm, tn), out_dtype)], interpret)(*sched, lhs, rhs)
     return out[:m, :n]
 
 
@@ -161,16 +200,12 @@ def tgmm(lhs, dout, group_sizes, *, out_dtype, tiling=DEFAULT_TGMM_TILING,
     """out[g] = lhs[rows_g]^T @ dout[rows_g]. tiling = (row tile, K tile, N tile)."""
     check(lhs, dout, tiling)
     (m, k), n, g = lhs.shape, dout.shape[1], group_sizes.shape[0]
-    lhs = pad_axis_to_multiple(pad_axis_to_multiple(lhs, 0, 8), 1, 64)
-    dout = pad_axis_to_multiple(pad_axis_to_multiple(dout, 0, 8), 1, 64)
+    lhs, dout = aligned(lhs), aligned(dout)
     k_pad, n_pad = lhs.shape[1], dout.shape[1]
     tr, tk, tn = tiling
-    stages = _stages((tk, tr, tn), jnp.dtype(out_dtype).itemsize)
+    depth = stages((tk, tr, tn), jnp.dtype(out_dtype).itemsize)
     k_tiles, n_tiles = pl.cdiv(k_pad, tk), pl.cdiv(n_pad, tn)
-    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), m)
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
-    first_tile = starts // tr
-    tile_count = jnp.where(ends > starts, pl.cdiv(ends, tr) - first_tile, 0)
+    starts, ends, first_tile, tile_count = group_tiles(group_sizes, m, tr)
 
     def transposed_grouped_matmul(start_ref, end_ref, first_ref, count_ref, lhs_ref, dout_ref,
                                   out_ref, out_smem):
@@ -186,16 +221,10 @@ def tgmm(lhs, dout, group_sizes, *, out_dtype, tiling=DEFAULT_TGMM_TILING,
                 t = idx[0]
 
                 # Rows of the group's first and last tile that belong to other
-                # groups are zeroed before use. Zeroing one operand suffices if
-                # the other is finite there: it holds rows of other groups or
-                # TMA's zero fill past M.
+                # groups are zeroed before use.
                 @pl.when((t == 0) | (t == count - 1))
                 def _():
-                    rows = (first + t) * tr + plgpu.layout_cast(
-                        jax.lax.broadcasted_iota(jnp.int32, (tr, tk), 0), plgpu.Layout.WGMMA)
-                    keep = (rows >= start) & (rows < end)
-                    lhs_smem[...] = jnp.where(keep, lhs_smem[...], 0).astype(lhs_smem.dtype)
-                    plgpu.commit_smem()
+                    zero_other_groups(lhs_smem, (first + t) * tr, start, end)
 
                 plgpu.wgmma(acc_ref, lhs_smem.transpose((1, 0)), dout_smem)
                 return acc_ref
@@ -210,7 +239,7 @@ def tgmm(lhs, dout, group_sizes, *, out_dtype, tiling=DEFAULT_TGMM_TILING,
                             plgpu.BlockSpec((tr, tk), lambda t: (first + t, ki), delay_release=1),
                             plgpu.BlockSpec((tr, tn), lambda t: (first + t, ni), delay_release=1),
                         ],
-                        max_concurrent_steps=stages,
+                        max_concurrent_steps=depth,
                     )(lhs_ref, dout_ref)
                 return acc_ref[...]
 
@@ -224,8 +253,8 @@ def tgmm(lhs, dout, group_sizes, *, out_dtype, tiling=DEFAULT_TGMM_TILING,
 
         plgpu.wait_smem_to_gmem(0)
 
-    out = _launch(transposed_grouped_matmul,
-                  jax.ShapeDtypeStruct((g, k_pad, n_pad), out_dtype),
-                  plgpu.SMEM((tk, tn), out_dtype), interpret)(
+    out = launch(transposed_grouped_matmul,
+                 jax.ShapeDtypeStruct((g, k_pad, n_pad), out_dtype),
+                 [plgpu.SMEM((tk, tn), out_dtype)], interpret)(
         starts, ends, first_tile, tile_count, lhs, dout)
     return out[:, :k, :n]

@@ -28,7 +28,12 @@ cannot be checked and are defined instead, for every implementation:
 negative sizes count as 0 and groups reaching past M are cut at M (``clamp``),
 so rows past the clamped sum come out zero in gmm and are ignored by tgmm.
 tiling=(tm, tk, tn): positive ints, the row, contraction and column tile of
-the Pallas kernels (for tgmm: row tile, K tile, N tile).
+the Pallas kernels (for tgmm: row tile, K tile, N tile); through gmm's VJP
+the same tiling reaches its d-lhs gmm and d-rhs tgmm.
+consumers (1 or 2, 'mosaic_gpu' only): 2 runs the Hopper kernels of
+two_consumers.py, a producer warpgroup and two consumer warpgroups that
+split each output tile (gmm: its rows, tgmm: its K rows, each 128 or 256);
+tiling None then means their own defaults. An opt-in: 1 is the default.
 """
 from __future__ import annotations
 
@@ -40,29 +45,48 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import dispatch
-from pallas_kernels.grouped_matmul import blockspec, mosaic_gpu
+from pallas_kernels.grouped_matmul import blockspec, mosaic_gpu, two_consumers
 from pallas_kernels.grouped_matmul.reference import gmm_reference, tgmm_reference
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 BLOCKSPEC_TILING = (128, 128, 128)
 
 
+def _consumers(args) -> int:
+    """The call's consumers (callers of the table that leave it out mean 1)."""
+    return getattr(args, "consumers", 1)
+
+
+def _one_consumer(args):
+    if _consumers(args) != 1:
+        return (f"takes no consumers (consumers={args.consumers} splits the Mosaic GPU "
+                f"kernels' tiles between warpgroups)")
+    return None
+
+
 def _takes_no_tiling(args):
     if args.tiling is not None:
         return f"takes no tiling (tiling={args.tiling} tiles the Pallas kernels)"
-    return None
+    return _one_consumer(args)
 
 
 def _interpreted_only(args):
     if not args.interpret:
         return "runs interpreted only (its scalar-prefetch grid has no GPU lowering)"
-    return None
+    return _one_consumer(args)
+
+
+def _mosaic_problem(args):
+    problem = mosaic_gpu.unsupported(args.dtype, args.tiling)
+    if problem is None and _consumers(args) == 2:
+        return two_consumers.unsupported(args.tiling, args.op)
+    return problem
 
 
 TABLE = dispatch.Table("grouped matmul", {
     "xla": _takes_no_tiling,
     "ragged_dot": _takes_no_tiling,
-    "mosaic_gpu": lambda args: mosaic_gpu.unsupported(args.dtype, args.tiling),
+    "mosaic_gpu": _mosaic_problem,
     "blockspec": _interpreted_only,
 }, preference=("pallas", "ragged_dot", "xla"))
 IMPLEMENTATIONS = TABLE.names
@@ -73,6 +97,7 @@ class _Config(NamedTuple):
     out_dtype: jnp.dtype
     tiling: tuple | None
     kernel: dispatch.Choice   # 'mosaic_gpu' or 'blockspec'
+    consumers: int = 1        # 2: the kernels of two_consumers.py
     transpose_rhs: bool = False
 
 
@@ -99,7 +124,7 @@ def clamp(group_sizes, rows: int):
     return jnp.diff(ends, prepend=0).astype(jnp.int32)
 
 
-def _check_common(lhs, group_sizes, tiling, preferred_element_type):
+def _check_common(lhs, group_sizes, tiling, preferred_element_type, consumers):
     """-> (lhs, group_sizes as check_group_sizes gives them, tiling as a tuple)."""
     lhs = dispatch.as_array("lhs", lhs)
     if lhs.ndim != 2:
@@ -113,16 +138,19 @@ def _check_common(lhs, group_sizes, tiling, preferred_element_type):
         tiling = dispatch.check_sizes("tiling", tiling, 3)
     if preferred_element_type is not None:
         dispatch.check_dtype("preferred_element_type", preferred_element_type)
+    if dispatch.check_size("consumers", consumers) > 2:
+        raise ValueError(f"consumers must be 1 or 2, got {consumers}")
     return lhs, group_sizes, tiling
 
 
-def _resolve(implementation, dtype, preferred_element_type, tiling, interpret):
+def _resolve(implementation, dtype, preferred_element_type, tiling, interpret, consumers, op):
     """-> (the implementation's name, the Pallas call's settings or None)."""
-    choice = TABLE.resolve(implementation, interpret, dtype=dtype, tiling=tiling)
+    choice = TABLE.resolve(implementation, interpret, dtype=dtype, tiling=tiling,
+                           consumers=int(consumers), op=op)
     if choice.name not in dispatch.PALLAS_KERNELS:
         return choice.name, None
     out_dtype = jnp.dtype(preferred_element_type or dtype)
-    return "pallas", _Config(out_dtype, tiling, choice)
+    return "pallas", _Config(out_dtype, tiling, choice, int(consumers))
 
 
 # The kernel calls are jitted per static configuration: jax lowers a jitted
@@ -134,8 +162,9 @@ def _gmm_kernel(lhs, rhs, group_sizes, cfg: _Config):
         return blockspec.gmm(lhs, rhs, group_sizes, transpose_rhs=cfg.transpose_rhs,
                              out_dtype=cfg.out_dtype, tiling=cfg.tiling or BLOCKSPEC_TILING,
                              interpret=cfg.kernel.interpret)
-    return mosaic_gpu.gmm(lhs, rhs, group_sizes, transpose_rhs=cfg.transpose_rhs,
-                          out_dtype=cfg.out_dtype, tiling=cfg.tiling or mosaic_gpu.DEFAULT_TILING)
+    kernels = two_consumers if cfg.consumers == 2 else mosaic_gpu
+    return kernels.gmm(lhs, rhs, group_sizes, transpose_rhs=cfg.transpose_rhs,
+                       out_dtype=cfg.out_dtype, tiling=cfg.tiling or kernels.DEFAULT_TILING)
 
 
 @functools.partial(jax.jit, static_argnums=3)
@@ -144,8 +173,9 @@ def _tgmm_kernel(lhs, dout, group_sizes, cfg: _Config):
         return blockspec.tgmm(lhs, dout, group_sizes, out_dtype=cfg.out_dtype,
                               tiling=cfg.tiling or BLOCKSPEC_TILING,
                               interpret=cfg.kernel.interpret)
-    return mosaic_gpu.tgmm(lhs, dout, group_sizes, out_dtype=cfg.out_dtype,
-                           tiling=cfg.tiling or mosaic_gpu.DEFAULT_TGMM_TILING)
+    kernels = two_consumers if cfg.consumers == 2 else mosaic_gpu
+    return kernels.tgmm(lhs, dout, group_sizes, out_dtype=cfg.out_dtype,
+                        tiling=cfg.tiling or kernels.DEFAULT_TGMM_TILING)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -174,9 +204,11 @@ _pallas_gmm.defvjp(_pallas_gmm_fwd, _pallas_gmm_bwd)
 
 
 def gmm(lhs, rhs, group_sizes, *, implementation: str = "auto", preferred_element_type=None,
-        tiling=None, interpret: bool | None = None, transpose_rhs: bool = False):
+        tiling=None, interpret: bool | None = None, transpose_rhs: bool = False,
+        consumers: int = 1):
     """Grouped matmul lhs [M,K] x rhs [G,K,N] -> [M,N] (see module docstring)."""
-    lhs, group_sizes, tiling = _check_common(lhs, group_sizes, tiling, preferred_element_type)
+    lhs, group_sizes, tiling = _check_common(lhs, group_sizes, tiling, preferred_element_type,
+                                             consumers)
     rhs = dispatch.as_array("rhs", rhs)
     if rhs.ndim != 3:
         raise ValueError(f"rhs must be [G, K, N]; got shape {rhs.shape}")
@@ -188,7 +220,8 @@ def gmm(lhs, rhs, group_sizes, *, implementation: str = "auto", preferred_elemen
         raise ValueError(f"group_sizes has {group_sizes.shape[0]} groups but rhs has {g}")
     if rhs.dtype != lhs.dtype:
         raise ValueError(f"lhs and rhs dtypes differ: {lhs.dtype} vs {rhs.dtype}")
-    impl, cfg = _resolve(implementation, lhs.dtype, preferred_element_type, tiling, interpret)
+    impl, cfg = _resolve(implementation, lhs.dtype, preferred_element_type, tiling, interpret,
+                         consumers, "gmm")
     if impl == "xla":
         return gmm_reference(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
                              preferred_element_type=preferred_element_type)
@@ -207,16 +240,18 @@ def _zero_tail(out, group_sizes):
 
 
 def tgmm(lhs, dout, group_sizes, *, implementation: str = "auto", preferred_element_type=None,
-         tiling=None, interpret: bool | None = None):
+         tiling=None, interpret: bool | None = None, consumers: int = 1):
     """Per-group lhs[rows_g]^T @ dout[rows_g]: [M,K] x [M,N] -> [G,K,N]."""
-    lhs, group_sizes, tiling = _check_common(lhs, group_sizes, tiling, preferred_element_type)
+    lhs, group_sizes, tiling = _check_common(lhs, group_sizes, tiling, preferred_element_type,
+                                             consumers)
     dout = dispatch.as_array("dout", dout)
     if dout.ndim != 2 or dout.shape[0] != lhs.shape[0]:
         raise ValueError(f"dout must be [M, N] with the M={lhs.shape[0]} rows of lhs; "
                          f"got shape {dout.shape}")
     if dout.dtype != lhs.dtype:
         raise ValueError(f"lhs and dout dtypes differ: {lhs.dtype} vs {dout.dtype}")
-    impl, cfg = _resolve(implementation, lhs.dtype, preferred_element_type, tiling, interpret)
+    impl, cfg = _resolve(implementation, lhs.dtype, preferred_element_type, tiling, interpret,
+                         consumers, "tgmm")
     if impl == "xla":
         return tgmm_reference(lhs, dout, group_sizes,
                               preferred_element_type=preferred_element_type)

@@ -8,6 +8,8 @@ no GPU lowering) and the Mosaic GPU kernel ('mosaic_gpu', compiled on a
 GPU), each taking the cases its table entry accepts (``problem``): the
 Mosaic kernel, for one, takes 16-bit inputs only. The Mosaic kernel also
 runs, by itself, in JAX's GPU interpreter on CPU, on the cases marked for it.
+Cases with ``consumers=2`` run the two-consumer-warpgroup Mosaic kernels
+(two_consumers.py), which only the Mosaic implementation takes.
 
 A run checks gmm's output and its gradients (d-lhs, d-rhs through jax.vjp
 with a random cotangent) and tgmm against a group-by-group float64 NumPy
@@ -54,6 +56,7 @@ class Case:
     groups: int = 5
     blockspec_tiling: tuple[int, int, int] = (16, 16, 16)
     mosaic_tiling: tuple[int, int, int] | None = None  # None: the kernel's defaults
+    consumers: int = 1  # 2: the Mosaic kernels of two_consumers.py
     # Small enough for the Mosaic kernel in JAX's GPU interpreter (seconds a call).
     gpu_interpreter: bool = False
 
@@ -92,6 +95,14 @@ MOSAIC_SIZED = dict(m=333, k=200, n=136, dtype=BF16, blockspec_tiling=(64, 64, 6
 GPU_INTERPRETED = dict(m=203, k=128, n=128, routing=(70, 0, 59, 40), groups=4, dtype=BF16,
                        out_dtype=jnp.float32, blockspec_tiling=(64, 64, 64),
                        mosaic_tiling=(64, 64, 64), gpu_interpreter=True)
+# The two-consumer kernels at their default tilings (gmm (128, 64, 256), tgmm
+# (64, 128, 256)) and at (256, 128, 64), a tiling both take (gmm: 128 rows a
+# warpgroup; tgmm: 64 K rows a warpgroup); in the interpreter 128-row tiles
+# with groups that end inside a warpgroup's rows, so one warpgroup of a step
+# has no rows (it only frees the ring's slots), and a zero tail.
+TWO_CONSUMERS = dict(consumers=2, **MOSAIC_SIZED)
+TWO_CONSUMERS_INTERPRETED = dict(GPU_INTERPRETED, m=270, k=256, n=256, routing=(100, 0, 90, 50),
+                                 mosaic_tiling=(128, 128, 128), consumers=2)
 # transpose_rhs alternates over the routings, so both gradient layouts run.
 CASES = {
     # float32: the tight tolerance (the Mosaic kernel takes 16-bit inputs only).
@@ -108,15 +119,26 @@ CASES = {
                                     out_dtype=jnp.float32, **MOSAIC_SIZED),
     # An empty group and 34 rows past the groups; N a multiple of the tile.
     "gpu_interpreted": Case(**GPU_INTERPRETED),
+    "two_consumers_random": Case(routing="random", **TWO_CONSUMERS),
+    "two_consumers_empty_groups_transposed": Case(routing="empty_groups", transpose_rhs=True,
+                                                  **TWO_CONSUMERS),
+    "two_consumers_f32_out": Case(routing="rows_past_groups", out_dtype=jnp.float32,
+                                  **TWO_CONSUMERS),
+    "two_consumers_256_rows_transposed": Case(routing="rows_past_groups", transpose_rhs=True,
+                                              mosaic_tiling=(256, 128, 64), **TWO_CONSUMERS),
+    "two_consumers_interpreted": Case(**TWO_CONSUMERS_INTERPRETED),
 }
 
 
 def problem(case, implementation, interpret):
-    """Why ``implementation`` (run with ``interpret``) cannot take the case:
-    its entry in the op's dispatch table says; None when it can."""
-    return TABLE.supports[implementation](SimpleNamespace(
+    """Why ``implementation`` (run with ``interpret``) cannot take the case
+    (its gmm or its tgmm): its entry in the op's dispatch table says; None
+    when it can."""
+    supports = TABLE.supports[implementation]
+    return next(filter(None, (supports(SimpleNamespace(
         dtype=jnp.dtype(case.dtype), tiling=case.tiling(implementation),
-        interpret=bool(interpret)))
+        interpret=bool(interpret), consumers=case.consumers, op=op))
+        for op in ("gmm", "tgmm"))), None)
 
 
 def gpu_interpreter_problem(case, op):
@@ -209,10 +231,11 @@ def api_gmm(name, implementation, interpret):
     return functools.partial(gmm, implementation=implementation, interpret=interpret,
                              tiling=case.tiling(implementation),
                              transpose_rhs=case.transpose_rhs,
-                             preferred_element_type=case.out_dtype)
+                             preferred_element_type=case.out_dtype, consumers=case.consumers)
 
 
 def api_tgmm(name, implementation, interpret):
     """tgmm through the public API with the case's settings."""
+    case = CASES[name]
     return functools.partial(tgmm, implementation=implementation, interpret=interpret,
-                             tiling=CASES[name].tiling(implementation))
+                             tiling=case.tiling(implementation), consumers=case.consumers)

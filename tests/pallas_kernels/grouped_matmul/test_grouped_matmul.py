@@ -2,6 +2,7 @@
 the shared case table (grouped_matmul_cases.py), the cases an
 implementation's dispatch entry refuses raising its reason, and the
 argument checks."""
+import functools
 import re
 
 import jax
@@ -12,7 +13,7 @@ from case_table import case_params, refusals
 from grouped_matmul_cases import (CASES, GPU_INTERPRETER_OPS, ROUTINGS, api_gmm, api_tgmm, check,
                                   gpu_interpreter_problem, inputs, problem)
 
-from pallas_kernels.grouped_matmul import gmm, mosaic_gpu, tgmm
+from pallas_kernels.grouped_matmul import gmm, mosaic_gpu, tgmm, two_consumers
 from pallas_kernels.grouped_matmul.api import TABLE
 from pallas_kernels.grouped_matmul.reference import gmm_reference, tgmm_reference
 
@@ -35,37 +36,41 @@ def test_implementation_matches_reference(name, implementation, interpret):
     CASES, [pytest.param(op, id=op) for op in GPU_INTERPRETER_OPS], gpu_interpreter_problem))
 def test_mosaic_kernel_in_gpu_interpreter(name, op):
     case = CASES[name]
+    kernels = two_consumers if case.consumers == 2 else mosaic_gpu
     kw = dict(tiling=case.mosaic_tiling, interpret=True)
     if op == "tgmm":
-        check(name, tgmm_fn=lambda lhs, dout, sizes: mosaic_gpu.tgmm(
+        check(name, tgmm_fn=lambda lhs, dout, sizes: kernels.tgmm(
             lhs, dout, sizes, out_dtype=case.dtype, **kw))
         return
     swap = op == "gmm_transposed_rhs"
 
     def kernel(lhs, rhs, sizes):
-        return mosaic_gpu.gmm(lhs, rhs.swapaxes(1, 2) if swap else rhs, sizes,
-                              transpose_rhs=case.transpose_rhs != swap,
-                              out_dtype=case.out_dtype or case.dtype, **kw)
+        return kernels.gmm(lhs, rhs.swapaxes(1, 2) if swap else rhs, sizes,
+                           transpose_rhs=case.transpose_rhs != swap,
+                           out_dtype=case.out_dtype or case.dtype, **kw)
     check(name, kernel, gradients=False)  # the kernel alone has no VJP
 
 
 def test_case_table_coverage():
     """Every implementation of the table runs every routing and both rhs
     layouts; the cases one leaves out are the ones its dispatch entry
-    refuses (the Mosaic kernel: float32), and through the API those raise
-    that reason."""
+    refuses (the Mosaic kernel: float32; the others: consumers=2), and
+    through the API those raise that reason."""
     assert sorted(run.values[0] for run in RUNS) == sorted(TABLE.supports)
     refused = refusals(CASES, RUNS, problem)
     for run in RUNS:
         taken = [c for n, c in CASES.items() if (n, run.id) not in refused]
         assert {c.routing for c in taken} >= set(ROUTINGS), run.id
         assert {c.transpose_rhs for c in taken} == {False, True}, run.id
-    assert sorted(refused) == sorted((n, "mosaic_gpu-compiled") for n, c in CASES.items()
-                                     if c.dtype == jnp.float32)
-    for (name, _), reason in refused.items():
+    assert sorted(refused) == sorted(
+        [(n, "mosaic_gpu-compiled") for n, c in CASES.items() if c.dtype == jnp.float32]
+        + [(n, run.id) for n, c in CASES.items() if c.consumers == 2 for run in RUNS
+           if run.id != "mosaic_gpu-compiled"])
+    runs = {run.id: run.values for run in RUNS}
+    for (name, run_id), reason in refused.items():
         lhs, rhs, sizes, _ = inputs(name)
         with pytest.raises(ValueError, match=re.escape(reason)):
-            api_gmm(name, "mosaic_gpu", False)(lhs, rhs, sizes)
+            api_gmm(name, *runs[run_id])(lhs, rhs, sizes)
     assert any(gpu_interpreter_problem(c, "gmm") is None for c in CASES.values())
 
 
@@ -80,6 +85,13 @@ def test_case_table_coverage():
     (dict(lhs_dtype=jnp.int32, rhs_dtype=jnp.int32), "unsupported dtype"),
     (dict(implementation="cuda"), "unknown grouped matmul implementation"),
     (dict(implementation="xla", tiling=(8, 8, 8)), "takes no tiling"),
+    (dict(implementation="xla", consumers=2), "takes no consumers"),
+    (dict(consumers=3), "consumers must be 1 or 2, got 3"),
+    (dict(implementation="mosaic_gpu", lhs_dtype=jnp.bfloat16, rhs_dtype=jnp.bfloat16,
+          rhs=(G, 8, 64), consumers=2, tiling=(64, 64, 128)), "must be 128 or 256"),
+    (dict(implementation="mosaic_gpu", lhs_dtype=jnp.bfloat16, rhs_dtype=jnp.bfloat16,
+          rhs=(G, 8, 64), consumers=2, tiling=(256, 64, 256)),
+     "needs 256 float32 accumulator registers a thread; at most 128 fit"),
 ])
 def test_gmm_rejects_bad_input(bad, match):
     lhs = jnp.ones(bad.get("lhs", (12, 8)), bad.get("lhs_dtype", jnp.float32))
@@ -87,7 +99,7 @@ def test_gmm_rejects_bad_input(bad, match):
     sizes = jnp.asarray(bad.get("sizes", [2] * G))
     with pytest.raises(ValueError, match=match):
         gmm(lhs, rhs, sizes, implementation=bad.get("implementation", "pallas"),
-            tiling=bad.get("tiling"))
+            tiling=bad.get("tiling"), consumers=bad.get("consumers", 1))
 
 
 def test_tgmm_rejects_bad_input():
@@ -104,6 +116,33 @@ def test_mosaic_kernel_rejects_what_it_cannot_do():
                         sizes, out_dtype=jnp.bfloat16, tiling=(32, 64, 64))
     with pytest.raises(ValueError, match="float32"):
         mosaic_gpu.gmm(jnp.ones((12, 64)), jnp.ones((G, 64, 64)), sizes, out_dtype=jnp.float32)
+    x = jnp.ones((12, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"tgmm K tile .* got tiling \(128, 64, 128\)"):
+        two_consumers.tgmm(x, x, sizes, out_dtype=jnp.bfloat16, tiling=(128, 64, 128))
+    with pytest.raises(ValueError, match="does not fit in shared memory"):
+        two_consumers.gmm(x, jnp.ones((G, 64, 64), jnp.bfloat16), sizes, out_dtype=jnp.float32,
+                          tiling=(256, 128, 128))
+
+
+# The two-consumer kernels at moe_1b's expert shapes (K=1024, N=1280 and
+# K=640, N=1024; fewer rows), lowered for CUDA: the ring and staging tiles
+# fit the block's shared memory (the lowering checks it exactly).
+@pytest.mark.parametrize("op", ["gmm", "gmm_transposed_rhs", "tgmm"])
+@pytest.mark.parametrize("k,n", [(1024, 1280), (640, 1024)])
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
+def test_two_consumer_kernels_lower_for_cuda(op, k, n, out_dtype):
+    m, g = 1000, 8
+    lhs = jnp.ones((m, k), jnp.bfloat16)
+    sizes = jnp.full((g,), m // g, jnp.int32)
+    if op == "tgmm":
+        fn = functools.partial(two_consumers.tgmm, out_dtype=out_dtype)
+        operands = (lhs, jnp.ones((m, n), jnp.bfloat16), sizes)
+    else:
+        transpose = op == "gmm_transposed_rhs"
+        fn = functools.partial(two_consumers.gmm, transpose_rhs=transpose, out_dtype=out_dtype)
+        operands = (lhs, jnp.ones((g, n, k) if transpose else (g, k, n), jnp.bfloat16), sizes)
+    text = jax.jit(fn).trace(*operands).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
 
 
 @pytest.mark.parametrize("implementation,interpret",

@@ -79,9 +79,24 @@ def _decode_case(T, H, KH, D, S, fmt=None, page_size=None, **kwargs):
             (q, k, lengths, table))
 
 
+def _grouped_matmul_case(kernels):
+    """gmm, gmm with a transposed rhs (its d-lhs) and tgmm (its d-rhs) of a
+    grouped-matmul kernel module, at their default tilings, bf16."""
+    lhs, rhs = jnp.ones((300, 200), jnp.bfloat16), jnp.ones((4, 200, 136), jnp.bfloat16)
+    sizes, dout = jnp.asarray([100, 0, 150, 20], jnp.int32), jnp.ones((300, 136), jnp.bfloat16)
+
+    def gmm_and_gradients(lhs, rhs, sizes, dout):
+        return (kernels.gmm(lhs, rhs, sizes, out_dtype=jnp.bfloat16),
+                kernels.gmm(dout, rhs, sizes, transpose_rhs=True, out_dtype=jnp.bfloat16),
+                kernels.tgmm(lhs, dout, sizes, out_dtype=jnp.bfloat16))
+    return gmm_and_gradients, (lhs, rhs, sizes, dout)
+
+
 def _cases():
     """name -> (fn, args): every Hopper kernel variant of the repository."""
     from pallas_kernels.attention import tuning
+    from pallas_kernels.grouped_matmul import mosaic_gpu as gmm_kernels
+    from pallas_kernels.grouped_matmul import two_consumers
     from pallas_kernels.quant_matmul import int4_mosaic_gpu, mosaic_gpu
     from pallas_kernels.quant_matmul.packing import pack_int4
     ids = jnp.zeros((1, 300), jnp.int32)
@@ -123,6 +138,8 @@ def _cases():
         "decode int8 paged d128": _decode_case(1, 32, 8, 128, 4096, "int8", page_size=16),
         "decode fp8 d128 t2": _decode_case(2, 16, 2, 128, 4096, "fp8"),
         "decode bf16 d128 block 128": _decode_case(1, 32, 8, 128, 4096, block_kv=128),
+        "grouped matmul": _grouped_matmul_case(gmm_kernels),
+        "grouped matmul two consumers": _grouped_matmul_case(two_consumers),
     }
 
 

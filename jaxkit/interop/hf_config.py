@@ -175,12 +175,14 @@ def hf_config_from_model(m: ModelConfig, special_ids: dict | None = None) -> dic
         "vocab_size": m.vocab_size, "hidden_size": m.d_model,
         "intermediate_size": m.moe.expert_hidden if m.moe.num_experts else m.mlp_hidden,
         "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
-        "num_key_value_heads": m.kv_heads, "head_dim": m.dim_per_head,
+        "num_key_value_heads": m.kv_heads,
         "hidden_act": "silu", "max_position_embeddings": m.max_seq_len,
         "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta, "rope_scaling": None,
         "tie_word_embeddings": m.tie_embeddings, "attention_bias": False, "mlp_bias": False,
         "attention_dropout": 0.0, "torch_dtype": m.param_dtype,
     }
+    if m.head_dim is not None:  # else hidden_size / num_attention_heads, as in jaxkit
+        hf["head_dim"] = m.head_dim
     if arch != "LlamaForCausalLM":
         hf["sliding_window"] = m.attention.sliding_window
     if m.moe.num_experts:

@@ -1,6 +1,7 @@
 """Grouped-matmul benchmark: TFLOP/s of gmm forward+backward, one run, same GPU.
 
     python -m pallas_kernels.grouped_matmul.bench [--json PATH] [--tune]
+    python -m pallas_kernels.grouped_matmul.bench --consumers [--json PATH]
 
 Problem (an MoE expert layer): T=16384 tokens routed top_k=2, so M = T*top_k
 = 32768 rows, K = d_model = 2048, N = expert hidden = 1408, G = 64 experts.
@@ -15,6 +16,15 @@ Measured in the same run: 'pallas' (our Mosaic GPU kernels), 'ragged_dot'
 Every implementation is first checked against the float32 reference on a
 smaller ragged problem (empty groups, rows past the groups); a failure is
 printed in the table and that implementation is not timed.
+
+--consumers: at configs/moe_1b.yaml's expert shapes (32768 tokens top-4, so
+M = 131072 rows, G = 32, Dirichlet(4) group sizes; gate and up in one matmul
+K=1024, N=1280, and the down projection K=640, N=1024) each Mosaic kernel
+(gmm, gmm for d-lhs, tgmm for d-rhs) at its one-consumer default and the
+two-consumer kernels (two_consumers.py) at TUNE_TWO_CONSUMERS; gmm
+forward+backward through the API with consumers=1 and 2; and the dense
+batched einsum of the same FLOPs (forward, and forward+backward). The
+two-consumer kernels are checked first like the implementations above.
 """
 from __future__ import annotations
 
@@ -26,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.benchmarking import rel_err, time_fn, write_rows
-from pallas_kernels.grouped_matmul import mosaic_gpu
+from pallas_kernels.grouped_matmul import mosaic_gpu, two_consumers
 from pallas_kernels.grouped_matmul.api import gmm
 from pallas_kernels.grouped_matmul.reference import gmm_flops, gmm_reference
 
@@ -34,6 +44,10 @@ TOKENS, TOP_K, D_MODEL, D_EXPERT, EXPERTS = 16384, 2, 2048, 1408, 64
 ROUTINGS = (("dirichlet1.0", 1.0), ("dirichlet0.3", 0.3), ("balanced", None))
 TUNE_GMM = [(128, 64, 128), (64, 64, 256), (128, 128, 128), (64, 64, 128)]
 TUNE_TGMM = [(128, 64, 128), (64, 128, 128), (128, 128, 128), (64, 64, 256)]
+MOE_1B = dict(m=32768 * 4, g=32, alpha=4.0, shapes=(("gate_up", 1024, 1280), ("down", 640, 1024)))
+TUNE_TWO_CONSUMERS = {"gmm": [(128, 64, 256), (256, 64, 128), (128, 128, 128)],
+                      "tgmm": [(64, 128, 256), (64, 256, 128), (128, 128, 128)]}
+KERNELS = ("gmm", "gmm_dlhs", "tgmm")
 DTYPE = jnp.bfloat16
 
 
@@ -47,19 +61,37 @@ def group_sizes(m, g, alpha, seed=0):
     return jnp.asarray(sizes, jnp.int32)
 
 
-def fwd_bwd(implementation):
+def fwd_bwd(implementation, consumers=1):
     def f(lhs, rhs, sizes, cot):
-        out, vjp = jax.vjp(lambda a, b: gmm(a, b, sizes, implementation=implementation), lhs, rhs)
+        out, vjp = jax.vjp(lambda a, b: gmm(a, b, sizes, implementation=implementation,
+                                            consumers=consumers), lhs, rhs)
         return (out, *vjp(cot))
     return jax.jit(f)
 
 
+def dense(lhs, rhs):
+    """The batched einsum over equal groups: [G, M/G, K] x [G, K, N] -> [M, N]."""
+    g = rhs.shape[0]
+    return jnp.einsum("gmk,gkn->gmn", lhs.reshape(g, -1, lhs.shape[1]), rhs).reshape(-1, rhs.shape[2])
+
+
 @jax.jit
 def dense_fwd_bwd(lhs, rhs, cot):
-    g = rhs.shape[0]
-    f = lambda a, b: jnp.einsum("gmk,gkn->gmn", a.reshape(g, -1, a.shape[1]), b).reshape(-1, b.shape[2])
-    out, vjp = jax.vjp(f, lhs, rhs)
+    out, vjp = jax.vjp(dense, lhs, rhs)
     return (out, *vjp(cot))
+
+
+def kernel_fn(name, kernels, tiling):
+    """One Mosaic kernel (``KERNELS``) of ``kernels`` (mosaic_gpu or
+    two_consumers), jitted; its operands are ``kernel_args``."""
+    if name == "tgmm":
+        return jax.jit(lambda a, b, s: kernels.tgmm(a, b, s, out_dtype=DTYPE, tiling=tiling))
+    return jax.jit(lambda a, b, s: kernels.gmm(a, b, s, transpose_rhs=name == "gmm_dlhs",
+                                               out_dtype=DTYPE, tiling=tiling))
+
+
+def kernel_args(name, lhs, rhs, cot, sizes):
+    return {"gmm": (lhs, rhs, sizes), "gmm_dlhs": (cot, rhs, sizes), "tgmm": (lhs, cot, sizes)}[name]
 
 
 def inputs(m, k, n, g, seed):
@@ -69,47 +101,106 @@ def inputs(m, k, n, g, seed):
             jax.random.normal(ks[2], (m, n), jnp.float32).astype(DTYPE))
 
 
-def check(implementation):
+def check(implementation, consumers=1):
     """Max relative error of out, d-lhs, d-rhs against the float32 reference on
     a ragged problem (empty groups, 100 rows past the groups)."""
     m, k, n, g = 4096, 512, 384, 8
     sizes = jnp.asarray([900, 0, 1200, 300, 0, 1, 1500, 95], jnp.int32)
     lhs, rhs, cot = inputs(m, k, n, g, seed=1)
-    got = fwd_bwd(implementation)(lhs, rhs, sizes, cot)
+    got = fwd_bwd(implementation, consumers)(lhs, rhs, sizes, cot)
     up = lambda x: x.astype(jnp.float32)
     ref_out, vjp = jax.vjp(lambda a, b: gmm_reference(a, b, sizes), up(lhs), up(rhs))
     want = (ref_out, *vjp(up(cot)))
     return max(rel_err(a, b) for a, b in zip(got, want))
 
 
+def timed(row, flops, f, *args):
+    """row with the median ms and TFLOP/s of f(*args), or the error it raised
+    (a tiling may not fit shared memory)."""
+    try:
+        row["ms"] = time_fn(f, *args, iters=8) * 1e3
+        row["tflops"] = flops / row["ms"] / 1e9
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
+    print(row, flush=True)
+    return row
+
+
 def tune(lhs, rhs, cot, sizes, rows):
     """TFLOP/s of each Mosaic kernel alone under a few tilings."""
     m, k = lhs.shape
-    n = rhs.shape[2]
-    flops = gmm_flops(m, k, n)
-    kernels = {
-        "gmm": lambda t: jax.jit(lambda a, b, s: mosaic_gpu.gmm(a, b, s, out_dtype=DTYPE, tiling=t)),
-        "gmm_dlhs": lambda t: jax.jit(lambda a, b, s: mosaic_gpu.gmm(a, b, s, transpose_rhs=True,
-                                                                      out_dtype=DTYPE, tiling=t)),
-        "tgmm": lambda t: jax.jit(lambda a, b, s: mosaic_gpu.tgmm(a, b, s, out_dtype=DTYPE, tiling=t)),
-    }
-    args = {"gmm": (lhs, rhs, sizes), "gmm_dlhs": (cot, rhs, sizes), "tgmm": (lhs, cot, sizes)}
-    for name, make in kernels.items():
+    flops = gmm_flops(m, k, rhs.shape[2])
+    for name in KERNELS:
         for tiling in (TUNE_TGMM if name == "tgmm" else TUNE_GMM):
-            row = dict(kind="tune", kernel=name, tiling=tiling)
-            try:
-                row["tflops"] = flops / time_fn(make(tiling), *args[name], iters=8) / 1e12
-            except Exception as e:  # a tiling may not fit shared memory
-                row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
-            rows.append(row)
-            print(row, flush=True)
+            rows.append(timed(dict(kind="tune", kernel=name, tiling=tiling), flops,
+                              kernel_fn(name, mosaic_gpu, tiling),
+                              *kernel_args(name, lhs, rhs, cot, sizes)))
+
+
+def compare_consumers(json_path):
+    """--consumers: one- against two-consumer kernels and the dense product
+    at moe_1b's expert shapes (see the module docstring)."""
+    m, g = MOE_1B["m"], MOE_1B["g"]
+    rows = []
+    try:
+        err = check("mosaic_gpu", consumers=2)
+        ok = err < 2e-2
+        rows.append(dict(kind="check", consumers=2, rel_err=err, ok=ok))
+    except Exception:
+        ok = False
+        rows.append(dict(kind="check", consumers=2, error=traceback.format_exc()[-400:]))
+    print(rows[-1], flush=True)
+    header = (f"{jax.devices()[0].device_kind}, jax {jax.__version__}, bf16, M={m}, G={g}, "
+              f"Dirichlet({MOE_1B['alpha']}) group sizes; TFLOP/s = 2*M*K*N a kernel "
+              f"(3x that forward+backward)")
+    for label, k, n in MOE_1B["shapes"]:
+        lhs, rhs, cot = inputs(m, k, n, g, seed=0)
+        sizes = group_sizes(m, g, MOE_1B["alpha"])
+        flops = gmm_flops(m, k, n)
+        shape = dict(kind="consumers", shape=f"{label} K={k} N={n}")
+        rows.append(timed(dict(shape, kernel="dense einsum", variant="XLA"), flops,
+                          jax.jit(dense), lhs, rhs))
+        for name in KERNELS:
+            default = mosaic_gpu.DEFAULT_TGMM_TILING if name == "tgmm" else mosaic_gpu.DEFAULT_TILING
+            variants = [("1 consumer", mosaic_gpu, default)] + [
+                ("2 consumers", two_consumers, t)
+                for t in (TUNE_TWO_CONSUMERS["tgmm" if name == "tgmm" else "gmm"] if ok else ())]
+            for variant, kernels, tiling in variants:
+                rows.append(timed(dict(shape, kernel=name, variant=variant, tiling=tiling), flops,
+                                  kernel_fn(name, kernels, tiling),
+                                  *kernel_args(name, lhs, rhs, cot, sizes)))
+        rows.append(timed(dict(shape, kernel="fwd+bwd", variant="dense einsum"), 3 * flops,
+                          dense_fwd_bwd, lhs, rhs, cot))
+        for consumers in (1, 2) if ok else (1,):
+            rows.append(timed(dict(shape, kernel="fwd+bwd", variant=f"API consumers={consumers}"),
+                              3 * flops, fwd_bwd("mosaic_gpu", consumers), lhs, rhs, sizes, cot))
+        if json_path:
+            write_rows(json_path, header, rows)
+    print("\n" + header + "; % dense: of the dense einsum's TFLOP/s (forward, or forward+backward)")
+    print(f"{'shape':20s} {'kernel':13s} {'variant':20s} {'tiling':16s} {'ms':>8s} {'TFLOP/s':>8s} "
+          f"{'% dense':>8s}")
+    dense_tflops = {(r["shape"], r["kernel"] == "fwd+bwd"): r.get("tflops") for r in rows
+                    if r.get("variant") in ("XLA", "dense einsum")}
+    for r in rows:
+        if r["kind"] == "consumers":
+            dense_tf = dense_tflops[r["shape"], r["kernel"] == "fwd+bwd"]
+            result = (f"{r['ms']:8.3f} {r['tflops']:8.1f} "
+                      f"{100 * r['tflops'] / dense_tf if dense_tf else float('nan'):8.0f}"
+                      if "ms" in r else f"failed: {r['error'][:60]}")
+            print(f"{r['shape']:20s} {r['kernel']:13s} {r['variant']:20s} "
+                  f"{str(r.get('tiling', '')):16s} {result}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="write results here")
     parser.add_argument("--tune", action="store_true", help="also time each kernel per tiling")
+    parser.add_argument("--consumers", action="store_true",
+                        help="only compare the one- and two-consumer kernels at moe_1b's shapes")
     args = parser.parse_args()
+    if args.consumers:
+        compare_consumers(args.json)
+        return
     m, k, n, g = TOKENS * TOP_K, D_MODEL, D_EXPERT, EXPERTS
     flops = 3 * gmm_flops(m, k, n)
     rows, ok = [], {}

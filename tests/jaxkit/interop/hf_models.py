@@ -58,6 +58,6 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
 
 
 def load_hf_model(directory):
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        directory, dtype=torch.float32, attn_implementation="eager")
-    return model.eval()
+    # float32: the dtype the converted config.json names
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        directory, attn_implementation="eager").eval()

@@ -72,7 +72,8 @@ def fwd_bwd(implementation, consumers=1):
 def dense(lhs, rhs):
     """The batched einsum over equal groups: [G, M/G, K] x [G, K, N] -> [M, N]."""
     g = rhs.shape[0]
-    return jnp.einsum("gmk,gkn->gmn", lhs.reshape(g, -1, lhs.shape[1]), rhs).reshape(-1, rhs.shape[2])
+    out = jnp.einsum("gmk,gkn->gmn", lhs.reshape(g, -1, lhs.shape[1]), rhs)
+    return out.reshape(-1, rhs.shape[2])
 
 
 @jax.jit
@@ -91,7 +92,8 @@ def kernel_fn(name, kernels, tiling):
 
 
 def kernel_args(name, lhs, rhs, cot, sizes):
-    return {"gmm": (lhs, rhs, sizes), "gmm_dlhs": (cot, rhs, sizes), "tgmm": (lhs, cot, sizes)}[name]
+    return {"gmm": (lhs, rhs, sizes), "gmm_dlhs": (cot, rhs, sizes),
+            "tgmm": (lhs, cot, sizes)}[name]
 
 
 def inputs(m, k, n, g, seed):
@@ -161,7 +163,8 @@ def compare_consumers(json_path):
         rows.append(timed(dict(shape, kernel="dense einsum", variant="XLA"), flops,
                           jax.jit(dense), lhs, rhs))
         for name in KERNELS:
-            default = mosaic_gpu.DEFAULT_TGMM_TILING if name == "tgmm" else mosaic_gpu.DEFAULT_TILING
+            default = (mosaic_gpu.DEFAULT_TGMM_TILING if name == "tgmm"
+                       else mosaic_gpu.DEFAULT_TILING)
             variants = [("1 consumer", mosaic_gpu, default)] + [
                 ("2 consumers", two_consumers, t)
                 for t in (TUNE_TWO_CONSUMERS["tgmm" if name == "tgmm" else "gmm"] if ok else ())]

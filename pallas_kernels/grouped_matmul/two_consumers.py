@@ -96,6 +96,65 @@ def drain(free, depth, total):
         plgpu.barrier_wait(free.at[lax.rem(t, depth)])
 
 
+def produce(free, depth, t, steps, issue):
+    """Producer: ring steps t .. t + steps - 1; for each, wait until both
+    consumers freed its slot's previous use, then ``issue(slot, s)`` its TMA
+    copies (s = step - t). -> the next step."""
+    @pl.loop(0, steps)
+    def _(s):
+        slot = lax.rem(t + s, depth)
+
+        @pl.when(t + s >= depth)
+        def _():
+            plgpu.barrier_wait(free.at[slot])
+        issue(slot, s)
+    return t + steps
+
+
+def consume(ready, free, depth, t, steps, shape, mma):
+    """A consumer's walk over ring steps t .. t + steps - 1: wait for each
+    step's slot, ``mma(acc_ref, slot, s)`` issues its wgmma, one stays in
+    flight while the previous step's slot is freed. -> the float32
+    accumulator of ``shape`` (zeros for no steps)."""
+    def walk(acc_ref):
+        @pl.loop(0, steps)
+        def _(s):
+            slot = lax.rem(t + s, depth)
+            plgpu.barrier_wait(ready.at[slot])
+            mma(acc_ref, slot, s)
+            plgpu.wgmma_wait(1)  # the previous step's product is done
+
+            @pl.when(s > 0)
+            def _():
+                plgpu.barrier_arrive(free.at[lax.rem(t + s - 1, depth)])
+        plgpu.wgmma_wait(0)
+
+        @pl.when(steps > 0)
+        def _():
+            plgpu.barrier_arrive(free.at[lax.rem(t + steps - 1, depth)])
+        return acc_ref[...]
+    return pl.run_scoped(walk, plgpu.ACC(shape))
+
+
+def release(ready, free, depth, t, steps):
+    """A consumer that has no rows in an item frees its ring steps without
+    reading them. It waits for each slot's fill first, so its arrival counts
+    for that use of the slot (the fill waited for both frees of the last)."""
+    @pl.loop(0, steps)
+    def _(s):
+        slot = lax.rem(t + s, depth)
+        plgpu.barrier_wait(ready.at[slot])
+        plgpu.barrier_arrive(free.at[slot])
+
+
+def stage(tile, acc):
+    """acc into this consumer's staging tile, once its previous stores have
+    read the tile."""
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    tile[...] = acc.astype(tile.dtype)
+    plgpu.commit_smem()
+
+
 def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT_TILING,
         interpret=False):
     _check(lhs, rhs, tiling, "gmm")
@@ -133,13 +192,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT
             def fill(i, t):
                 group, tile, _, _, j, steps = item(i)
 
-                @pl.loop(0, steps)
-                def _(kk):
-                    slot = lax.rem(t + kk, depth)
-
-                    @pl.when(t + kk >= depth)
-                    def _():
-                        plgpu.barrier_wait(free.at[slot])
+                def issue(slot, kk):
                     cols = pl.ds(kk * tk, tk)
                     for c in range(CONSUMERS):
                         plgpu.copy_gmem_to_smem(lhs_ref.at[pl.ds(tile * tm + c * rows, rows), cols],
@@ -147,7 +200,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT
                     w = (rhs_ref.at[group, pl.ds(j * tn, tn), cols] if transpose_rhs
                          else rhs_ref.at[group, cols, pl.ds(j * tn, tn)])
                     plgpu.copy_gmem_to_smem(w, rhs_smem.at[slot], ready.at[slot])
-                return t + steps
+                return produce(free, depth, t, steps, issue)
 
             drain(free, depth, lax.fori_loop(0, my_items, fill, jnp.int32(0)))
 
@@ -164,49 +217,21 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT
 
                 @pl.when(my_hi > my_lo)
                 def _():
-                    def walk(acc_ref):
-                        @pl.loop(0, steps)
-                        def _(kk):
-                            slot = lax.rem(t + kk, depth)
-                            plgpu.barrier_wait(ready.at[slot])
-                            w = rhs_smem.at[slot]
-                            plgpu.wgmma(acc_ref, lhs_smem.at[slot, wg],
-                                        w.transpose((1, 0)) if transpose_rhs else w)
-                            plgpu.wgmma_wait(1)  # the previous step's product is done
-
-                            @pl.when(kk > 0)
-                            def _():
-                                plgpu.barrier_arrive(free.at[lax.rem(t + kk - 1, depth)])
-                        plgpu.wgmma_wait(0)
-
-                        @pl.when(steps > 0)
-                        def _():
-                            plgpu.barrier_arrive(free.at[lax.rem(t + steps - 1, depth)])
-                        return acc_ref[...]
+                    def mma(acc_ref, slot, _):
+                        w = rhs_smem.at[slot]
+                        plgpu.wgmma(acc_ref, lhs_smem.at[slot, wg],
+                                    w.transpose((1, 0)) if transpose_rhs else w)
 
                     # The zero tail (no steps) stores the untouched zero accumulator.
-                    acc = pl.run_scoped(walk, plgpu.ACC((rows, tn)))
-                    # This consumer's previous stores may still be reading its tile.
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     mine = out_smem.at[wg]
-                    mine[...] = acc.astype(out_dtype)
-                    plgpu.commit_smem()
+                    stage(mine, consume(ready, free, depth, t, steps, (rows, tn), mma))
                     mosaic_gpu.store_rows(mine, lambda offset, r: out_ref.at[
                         pl.ds(row0 + offset, r), pl.ds(j * tn, tn)], my_lo, my_hi, my_lo, rows)
 
                 @pl.when(my_hi <= my_lo)
-                def _():
-                    release(steps, t)
+                def _():  # the other consumer's rows hold all of the step's
+                    release(ready, free, depth, t, steps)
                 return t + steps
-
-            def release(steps, t):
-                """Free the item's slots without reading them: the other
-                consumer's rows hold all of the step's."""
-                @pl.loop(0, steps)
-                def _(kk):
-                    slot = lax.rem(t + kk, depth)
-                    plgpu.barrier_wait(ready.at[slot])
-                    plgpu.barrier_arrive(free.at[slot])
 
             lax.fori_loop(0, my_items, run, jnp.int32(0))
             mc.wait_stores_before_exit()
@@ -250,22 +275,16 @@ def tgmm(lhs, dout, group_sizes, *, out_dtype, tiling=DEFAULT_TGMM_TILING, inter
 
             def fill(i, t):
                 grp, ki, ni = item(i)
-                first, count = first_ref[grp], count_ref[grp]
+                first = first_ref[grp]
 
-                @pl.loop(0, count)
-                def _(tt):
-                    slot = lax.rem(t + tt, depth)
-
-                    @pl.when(t + tt >= depth)
-                    def _():
-                        plgpu.barrier_wait(free.at[slot])
+                def issue(slot, tt):
                     rows = pl.ds((first + tt) * tr, tr)
                     for c in range(CONSUMERS):
                         plgpu.copy_gmem_to_smem(lhs_ref.at[rows, pl.ds(ki * tk + c * half, half)],
                                                 lhs_smem.at[slot, c], ready.at[slot])
                     plgpu.copy_gmem_to_smem(dout_ref.at[rows, pl.ds(ni * tn, tn)],
                                             dout_smem.at[slot], ready.at[slot])
-                return t + count
+                return produce(free, depth, t, count_ref[grp], issue)
 
             drain(free, depth, lax.fori_loop(0, my_items, fill, jnp.int32(0)))
 
@@ -278,38 +297,19 @@ def tgmm(lhs, dout, group_sizes, *, out_dtype, tiling=DEFAULT_TGMM_TILING, inter
                 start, end = start_ref[grp], end_ref[grp]
                 first, count = first_ref[grp], count_ref[grp]
 
-                def walk(acc_ref):
-                    @pl.loop(0, count)
-                    def _(tt):
-                        slot = lax.rem(t + tt, depth)
-                        plgpu.barrier_wait(ready.at[slot])
-                        mine = lhs_smem.at[slot, wg]
+                def mma(acc_ref, slot, tt):
+                    mine = lhs_smem.at[slot, wg]
 
-                        # Rows of the group's first and last tile that belong
-                        # to other groups are zeroed before use.
-                        @pl.when((tt == 0) | (tt == count - 1))
-                        def _():
-                            mosaic_gpu.zero_other_groups(mine, (first + tt) * tr, start, end)
-
-                        plgpu.wgmma(acc_ref, mine.transpose((1, 0)), dout_smem.at[slot])
-                        plgpu.wgmma_wait(1)  # the previous step's product is done
-
-                        @pl.when(tt > 0)
-                        def _():
-                            plgpu.barrier_arrive(free.at[lax.rem(t + tt - 1, depth)])
-                    plgpu.wgmma_wait(0)
-
-                    @pl.when(count > 0)
+                    # Rows of the group's first and last tile that belong to
+                    # other groups are zeroed before use.
+                    @pl.when((tt == 0) | (tt == count - 1))
                     def _():
-                        plgpu.barrier_arrive(free.at[lax.rem(t + count - 1, depth)])
-                    return acc_ref[...]
+                        mosaic_gpu.zero_other_groups(mine, (first + tt) * tr, start, end)
+
+                    plgpu.wgmma(acc_ref, mine.transpose((1, 0)), dout_smem.at[slot])
 
                 # An empty group (no steps) stores the untouched zero accumulator.
-                acc = pl.run_scoped(walk, plgpu.ACC((half, tn)))
-                # This consumer's previous store may still be reading its tile.
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                out_smem.at[wg][...] = acc.astype(out_dtype)
-                plgpu.commit_smem()
+                stage(out_smem.at[wg], consume(ready, free, depth, t, count, (half, tn), mma))
                 plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[
                     grp, pl.ds(ki * tk + wg * half, half), pl.ds(ni * tn, tn)])
                 return t + count

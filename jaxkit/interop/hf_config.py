@@ -10,6 +10,8 @@ is refused, naming the key. Both directions are pure functions of dicts and
 configs."""
 from __future__ import annotations
 
+import dataclasses
+
 from jaxkit.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig, check_ranges
 from jaxkit.interop.errors import ConversionError
 
@@ -93,16 +95,13 @@ def _refuse_features(hf: dict) -> None:
                               "jaxkit attends alike in every layer")
 
 
-def model_config_from_hf(hf: dict, weight_dtype: str) -> ModelConfig:
-    """The ModelConfig of a config.json whose weights are stored in
-    weight_dtype ('float32', 'bfloat16' or 'float16')."""
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    """The ModelConfig of a config.json, for float32 weights (see
+    with_weight_dtype)."""
     model_type = model_type_of(hf)
     missing = [k for k in REQUIRED_KEYS if hf.get(k) is None]
     if missing:
         raise ConversionError(f"config.json lacks {', '.join(missing)}")
-    if weight_dtype not in DTYPES:
-        raise ConversionError(f"weights stored as {weight_dtype} are not supported (supported: "
-                              f"{', '.join(DTYPES)})")
     _refuse_features(hf)
     d = DEFAULTS[model_type]
     get = lambda key: hf[key] if hf.get(key) is not None else d.get(key)
@@ -115,15 +114,14 @@ def model_config_from_hf(hf: dict, weight_dtype: str) -> ModelConfig:
         moe = MoEConfig(num_experts=get("num_local_experts"), top_k=get("num_experts_per_tok"),
                         expert_hidden=hf["intermediate_size"], router="topk_softmax",
                         renormalize=True, num_shared_experts=0, first_layer=0, every=1)
-    param_dtype, compute_dtype = DTYPES[weight_dtype]
     cfg = ModelConfig(
         vocab_size=hf["vocab_size"], d_model=d_model, num_layers=hf["num_hidden_layers"],
         num_heads=heads, num_kv_heads=kv_heads,
-        head_dim=None if head_dim in (None, d_model // heads) else head_dim,
+        head_dim=None if head_dim is None or head_dim * heads == d_model else head_dim,
         mlp_hidden=hf["intermediate_size"], max_seq_len=get("max_position_embeddings"),
         rope_theta=_rope_theta(hf, d["rope_theta"]), norm_eps=float(get("rms_norm_eps")),
-        tie_embeddings=bool(get("tie_word_embeddings")), param_dtype=param_dtype,
-        compute_dtype=compute_dtype, attention=AttentionConfig(sliding_window=window), moe=moe)
+        tie_embeddings=bool(get("tie_word_embeddings")), param_dtype="float32",
+        compute_dtype="float32", attention=AttentionConfig(sliding_window=window), moe=moe)
     try:
         check_ranges(cfg, "model.")
     except ConfigError as e:
@@ -137,6 +135,15 @@ def model_config_from_hf(hf: dict, weight_dtype: str) -> ModelConfig:
         raise ConversionError(f"config.json: num_experts_per_tok ({moe.top_k}) exceeds "
                               f"num_local_experts ({moe.num_experts})")
     return cfg
+
+
+def with_weight_dtype(m: ModelConfig, weight_dtype: str) -> ModelConfig:
+    """m for weights stored in weight_dtype (a numpy dtype name)."""
+    if weight_dtype not in DTYPES:
+        raise ConversionError(f"weights stored as {weight_dtype} are not supported (supported: "
+                              f"{', '.join(DTYPES)})")
+    param_dtype, compute_dtype = DTYPES[weight_dtype]
+    return dataclasses.replace(m, param_dtype=param_dtype, compute_dtype=compute_dtype)
 
 
 def _check_exportable(m: ModelConfig) -> None:

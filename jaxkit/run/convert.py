@@ -32,8 +32,9 @@ from jaxkit.checkpoint import export_params
 from jaxkit.config import Config, DataConfig, ModelConfig, save_config, validate
 from jaxkit.data import ByteTokenizer, DataError, HFTokenizer, load_tokenizer
 from jaxkit.interop import (ConversionError, hf_config_from_model, hf_from_params,
-                            model_config_from_hf, params_from_hf, read_hf_dir, write_hf_dir)
-from jaxkit.interop.hf_config import model_type_of
+                            model_config_from_hf, params_from_hf, read_hf_config, read_weights,
+                            stored_dtype, write_hf_dir)
+from jaxkit.interop.hf_config import with_weight_dtype
 from jaxkit.interop.hf_files import TOKENIZER, TOKENIZER_CONFIG
 from jaxkit.interop.hf_tokenizer import byte_tokenizer_json, tokenizer_config
 from jaxkit.models import Transformer, count_params, unscan_layers
@@ -98,15 +99,12 @@ def convert_hf_to_jaxkit(hf_dir: str | Path, out: str | Path) -> dict:
     (see the module docstring); returns a summary."""
     out = Path(out).absolute()
     refuse_existing(out)
-    hf_config, tensors, tokenizer_path = read_hf_dir(hf_dir)
-    model_type_of(hf_config)  # an unsupported architecture before anything else
-    embed = tensors.get("model.embed_tokens.weight")
-    if embed is None:
-        raise ConversionError(f"the weights in {str(hf_dir)!r} lack 'model.embed_tokens.weight'")
-    model_cfg = model_config_from_hf(hf_config, embed.dtype.name)
-    params = params_from_hf(tensors, model_cfg)
-    del tensors
+    hf_config, tokenizer_path = read_hf_config(hf_dir)
+    # the config checked whole before any weights are read
+    model_cfg = with_weight_dtype(model_config_from_hf(hf_config),
+                                  stored_dtype(hf_dir, "model.embed_tokens.weight"))
     tokenizer = _hf_tokenizer(tokenizer_path, model_cfg.vocab_size)
+    params = params_from_hf(read_weights(hf_dir), model_cfg)
     # data.path: where generation finds the tokenizer (token files to train or
     # evaluate on go elsewhere: --set data.path=...)
     cfg = Config(model=model_cfg, data=DataConfig(

@@ -3,36 +3,18 @@ anything, and a conversion that fails while writing leaves nothing behind.
 The Hugging Face directories here are written with numpy (no torch)."""
 import json
 
+import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
+from hf_dirs import SMALL, write_hf_model
 
 from jaxkit.checkpoint import export_params
 from jaxkit.config import ConfigError, load_config
-from jaxkit.interop import ConversionError, hf_config_from_model, write_hf_dir
-from jaxkit.interop.hf_tokenizer import byte_tokenizer_json
-from jaxkit.interop.hf_weights import tensor_table
+from jaxkit.interop import ConversionError
 from jaxkit.run import convert
 from jaxkit.run.build import build_model
 from jaxkit.run.cli import main
-
-SMALL = ["model.vocab_size=260", "model.d_model=32", "model.num_layers=1", "model.num_heads=2",
-         "model.mlp_hidden=48", "model.max_seq_len=32", "data.seq_len=32"]
-
-
-def _hf_dir(path, overrides=()):
-    """A Hugging Face directory of a random model (config.json,
-    model.safetensors, tokenizer.json); returns its config.json dict."""
-    m = load_config(None, SMALL + list(overrides)).model
-    rng = np.random.default_rng(0)
-    tensors = {e.hf_name: rng.standard_normal(e.hf_shape).astype(np.float32)
-               for e in tensor_table(m)}
-    path.mkdir()
-    config = hf_config_from_model(m)
-    write_hf_dir(path, config, tensors)
-    (path / "tokenizer.json").write_text(byte_tokenizer_json())
-    return config
-
 
 def _rewrite_config(path, **changes):
     config = json.loads((path / "config.json").read_text()) | changes
@@ -96,12 +78,19 @@ BAD_HF = {
     "missing weights": (
         lambda p: (p / "model.safetensors").unlink(),
         "no model.safetensors or model.safetensors.index.json in"),
+    "unreadable weights": (
+        lambda p: (p / "model.safetensors").write_bytes(b"\x10\x00"),
+        "model.safetensors' is not a readable safetensors file"),
+    "float8 weights": (
+        lambda p: _drop_tensor(p, "model.embed_tokens.weight", {
+            "model.embed_tokens.weight": np.zeros((260, 32), ml_dtypes.float8_e4m3fn)}),
+        "weights stored as float8_e4m3fn are not supported"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_HF))
 def test_bad_hf_input_is_refused_before_writing(case, tmp_path):
-    _hf_dir(tmp_path / "hf", ["model.tie_embeddings=false"])
+    write_hf_model(tmp_path / "hf", ["model.tie_embeddings=false"])
     damage, message = BAD_HF[case]
     damage(tmp_path / "hf")
     with pytest.raises(ConversionError) as err:
@@ -115,7 +104,7 @@ def test_bad_hf_input_is_refused_before_writing(case, tmp_path):
 
 
 def test_existing_out_is_refused(tmp_path):
-    _hf_dir(tmp_path / "hf")
+    write_hf_model(tmp_path / "hf")
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="output directory .* already exists"):
         convert.convert_hf_to_jaxkit(tmp_path / "hf", tmp_path / "out")
@@ -123,7 +112,7 @@ def test_existing_out_is_refused(tmp_path):
 
 
 def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
-    _hf_dir(tmp_path / "hf")
+    write_hf_model(tmp_path / "hf")
 
     def fail(state, directory):
         directory.mkdir()

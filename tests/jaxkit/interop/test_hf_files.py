@@ -1,0 +1,66 @@
+"""Hugging Face directories as checkpoints come: weights in shards listed by
+model.safetensors.index.json, bfloat16 and float16 weights; config.json is
+checked before any weights are read."""
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hf_dirs import write_hf_model
+from safetensors.numpy import load_file, save_file
+
+from jaxkit.config import load_config
+from jaxkit.interop import ConversionError
+from jaxkit.run.convert import convert_hf_to_jaxkit, convert_jaxkit_to_hf
+
+
+def _shard(directory) -> None:
+    """model.safetensors split into two shards and an index, as
+    transformers writes large models."""
+    tensors = load_file(directory / "model.safetensors")
+    (directory / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2],
+              "model-00002-of-00002.safetensors": names[1::2]}
+    for file, shard in shards.items():
+        save_file({n: tensors[n] for n in shard}, directory / file, metadata={"format": "pt"})
+    weight_map = {n: file for file, shard in shards.items() for n in shard}
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("dtype, param_dtype, compute_dtype, back", [
+    (ml_dtypes.bfloat16, "bfloat16", "bfloat16", ml_dtypes.bfloat16),
+    (np.float16, "float32", "float16", np.float32)])
+def test_sharded_low_precision_weights_convert_and_come_back(dtype, param_dtype, compute_dtype,
+                                                             back, tmp_path):
+    tensors = write_hf_model(tmp_path / "hf", ["model.tie_embeddings=false"], dtype)
+    _shard(tmp_path / "hf")
+    summary = convert_hf_to_jaxkit(tmp_path / "hf", tmp_path / "jk")
+    cfg = load_config(summary["config"])
+    assert (cfg.model.param_dtype, cfg.model.compute_dtype) == (param_dtype, compute_dtype)
+    convert_jaxkit_to_hf(cfg, tmp_path / "back", params=summary["params"])
+    again = load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(again) == sorted(tensors)
+    for name, value in tensors.items():  # float16 -> float32 is exact
+        assert again[name].dtype == back and np.array_equal(again[name], value.astype(back)), name
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config["torch_dtype"] == param_dtype
+
+
+def test_missing_shard_is_named(tmp_path):
+    write_hf_model(tmp_path / "hf")
+    _shard(tmp_path / "hf")
+    (tmp_path / "hf" / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ConversionError, match="weight file .*model-00002-of-00002.safetensors' "
+                       "listed in model.safetensors.index.json is missing"):
+        convert_hf_to_jaxkit(tmp_path / "hf", tmp_path / "out")
+
+
+def test_config_is_checked_before_the_weights_are_read(tmp_path):
+    write_hf_model(tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"not safetensors")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config | {"mlp_bias": True}))
+    with pytest.raises(ConversionError, match="mlp_bias true is not supported"):
+        convert_hf_to_jaxkit(tmp_path / "hf", tmp_path / "out")

@@ -1,6 +1,6 @@
 """Hugging Face directories as checkpoints come: weights in shards listed by
 model.safetensors.index.json, bfloat16 and float16 weights; config.json is
-checked before any weights are read."""
+checked before any weights are read; the command both ways."""
 import json
 
 import ml_dtypes
@@ -11,6 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 from jaxkit.config import load_config
 from jaxkit.interop import ConversionError
+from jaxkit.run.cli import main
 from jaxkit.run.convert import convert_hf_to_jaxkit, convert_jaxkit_to_hf
 
 
@@ -64,3 +65,16 @@ def test_config_is_checked_before_the_weights_are_read(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config | {"mlp_bias": True}))
     with pytest.raises(ConversionError, match="mlp_bias true is not supported"):
         convert_hf_to_jaxkit(tmp_path / "hf", tmp_path / "out")
+
+
+def test_command_converts_both_ways(tmp_path, capsys):
+    tensors = write_hf_model(tmp_path / "hf", ["model.num_kv_heads=1"])
+    main(["convert", "hf-to-jaxkit", str(tmp_path / "hf"), "--out", str(tmp_path / "jk")])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["params"] == str(tmp_path / "jk" / "params")
+    main(["convert", "jaxkit-to-hf", summary["config"], "--params", summary["params"],
+          "--out", str(tmp_path / "back")])
+    assert json.loads(capsys.readouterr().out)["architecture"] == "LlamaForCausalLM"
+    again = load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(again) == sorted(tensors)
+    assert all(np.array_equal(again[name], value) for name, value in tensors.items())

@@ -15,8 +15,8 @@ output head and the embedding stay in the compute dtype):
   w8a8  int8 weights per output channel and int8 activations per token
         (quant_matmul.w8a8_matmul);
   int4  int4 weights in groups of 128 along K, bf16 activations
-        (quant_matmul.int4_weight_only_matmul; on Hopper its Mosaic decode
-        kernel);
+        (quant_matmul.int4_weight_only_matmul: on Hopper its Mosaic decode
+        kernel up to 64 rows, the portable kernel for longer prefills);
   fp8   e4m3 weights in 128x128 blocks, e4m3 activations in 1x128 blocks
         (quant_matmul.fp8_blockwise_matmul).
 Every format is converted before anything compiles, so one that cannot

@@ -124,8 +124,8 @@ def convert_hf_to_jaxkit(hf_dir: str | Path, out: str | Path) -> dict:
 
 
 def _run_tokenizer(cfg: Config) -> tuple[ByteTokenizer | HFTokenizer | None, str | None, str]:
-    """(the run's tokenizer, its tokenizer.json text, why none is written):
-    the tokenizer of cfg's token files, if it has any."""
+    """(the run's tokenizer, its tokenizer.json text, why no text): the
+    tokenizer of cfg's token files, if it has any."""
     if cfg.data.kind != "tokens":
         return None, None, f"data.kind {cfg.data.kind!r} has no tokenizer"
     try:
@@ -143,8 +143,8 @@ def _run_tokenizer(cfg: Config) -> tuple[ByteTokenizer | HFTokenizer | None, str
     try:
         return tokenizer, byte_tokenizer_json(), ""
     except ImportError:
-        return None, None, ("the byte-level tokenizer is written as a tokenizer.json by the "
-                            "'tokenizers' package, which is not installed")
+        return tokenizer, None, ("the byte-level tokenizer is written as a tokenizer.json by the "
+                                 "'tokenizers' package, which is not installed")
 
 
 def convert_jaxkit_to_hf(cfg: Config, out: str | Path, *, run_dir: str | Path | None = None,

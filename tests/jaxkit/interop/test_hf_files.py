@@ -1,16 +1,20 @@
 """Hugging Face directories as checkpoints come: weights in shards listed by
 model.safetensors.index.json, bfloat16 and float16 weights; config.json is
-checked before any weights are read; the command both ways."""
+checked before any weights are read; the command both ways; a run without
+a tokenizer."""
 import json
 
 import ml_dtypes
 import numpy as np
 import pytest
-from hf_dirs import write_hf_model
+from flax import nnx
+from hf_dirs import SMALL, write_hf_model
 from safetensors.numpy import load_file, save_file
 
+from jaxkit.checkpoint import export_params
 from jaxkit.config import load_config
 from jaxkit.interop import ConversionError
+from jaxkit.run.build import build_model
 from jaxkit.run.cli import main
 from jaxkit.run.convert import convert_hf_to_jaxkit, convert_jaxkit_to_hf
 
@@ -78,3 +82,14 @@ def test_command_converts_both_ways(tmp_path, capsys):
     again = load_file(tmp_path / "back" / "model.safetensors")
     assert sorted(again) == sorted(tensors)
     assert all(np.array_equal(again[name], value) for name, value in tensors.items())
+
+
+def test_run_without_tokenizer_converts_and_says_so(tmp_path):
+    cfg = load_config(None, SMALL + [f"data.path={tmp_path / 'no_data'}"])
+    export_params(nnx.state(build_model(cfg), nnx.Param), tmp_path / "params")
+    summary = convert_jaxkit_to_hf(cfg, tmp_path / "hf", params=tmp_path / "params")
+    assert summary["tokenizer"] is None
+    assert summary["no_tokenizer"] == f"data.path '{tmp_path / 'no_data'}' holds no token files " \
+        "or tokenizer.json"
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json",
+                                                                   "model.safetensors"]

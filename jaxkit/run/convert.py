@@ -167,5 +167,7 @@ def convert_jaxkit_to_hf(cfg: Config, out: str | Path, *, run_dir: str | Path | 
             (staging / TOKENIZER_CONFIG).write_text(json.dumps(
                 tokenizer_config(tokenizer_json, tokenizer.special_ids), indent=2) + "\n")
     summary = {"architecture": hf_config["architectures"][0], "parameters": count_params(model),
-               "out": str(out), "tokenizer": None if tokenizer_json is None else str(out / TOKENIZER)}
-    return summary | ({"no_tokenizer": no_tokenizer} if tokenizer_json is None else {})
+               "out": str(out)}
+    if tokenizer_json is None:
+        return summary | {"tokenizer": None, "no_tokenizer": no_tokenizer}
+    return summary | {"tokenizer": str(out / TOKENIZER)}

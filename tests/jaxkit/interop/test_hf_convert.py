@@ -131,5 +131,6 @@ def test_byte_tokenizer_becomes_an_equal_hf_tokenizer(tmp_path):
     assert auto.decode(expected + [258]) == text + "<|eos|>"
     jaxkit_side = load_tokenizer(tmp_path / "hf")  # no token files: the tokenizer.json
     special_text = text + "<|eos|>"  # jaxkit encodes special-token text as text
-    assert jaxkit_side.encode(special_text).tolist() == ByteTokenizer().encode(special_text).tolist()
+    assert jaxkit_side.encode(special_text).tolist() == \
+        ByteTokenizer().encode(special_text).tolist()
     assert jaxkit_side.special_ids == ByteTokenizer().special_ids

@@ -37,7 +37,7 @@ from experiments.kv_cache_quality.report import write_markdown
 from jaxkit.config import load_config
 from jaxkit.data import TokenBatcher, TokenFile
 from jaxkit.generate import Engine
-from jaxkit.run.generate import load_model
+from jaxkit.run.load import load_model
 from jaxkit.run.trainer import train
 
 CONFIG = "configs/quickstart.yaml"

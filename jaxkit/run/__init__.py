@@ -3,7 +3,8 @@
     build     config -> mesh, model, optimizer, train state, data (and the
               config checks that need the other packages)
     trainer   the training loop
-    load      a run's checkpoint restored onto a mesh (eval, export, quantize)
+    load      a run's checkpoint restored onto a mesh (eval, export, quantize);
+              a model from a run, exported or quantised parameters on one device
     evaluate  mean eval metrics of a model or a run
     export    a run's parameters alone, for inference
     quantize  post-training quantisation of a run (`jaxkit quantize`)

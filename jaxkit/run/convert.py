@@ -38,7 +38,7 @@ from jaxkit.interop.hf_config import with_weight_dtype
 from jaxkit.interop.hf_files import TOKENIZER, TOKENIZER_CONFIG
 from jaxkit.interop.hf_tokenizer import byte_tokenizer_json, tokenizer_config
 from jaxkit.models import Transformer, count_params, unscan_layers
-from jaxkit.run.generate import load_model
+from jaxkit.run.load import load_model
 
 CONFIG_FILE = "config.yaml"
 PARAMS_DIR = "params"

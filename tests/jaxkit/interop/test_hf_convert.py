@@ -16,7 +16,8 @@ from jaxkit.config import load_config
 from jaxkit.data import ByteTokenizer, load_tokenizer, write_token_file
 from jaxkit.run.build import build_model
 from jaxkit.run.convert import convert_hf_to_jaxkit, convert_jaxkit_to_hf
-from jaxkit.run.generate import load_generator, load_model
+from jaxkit.run.generate import load_generator
+from jaxkit.run.load import load_model
 
 ATOL = 1e-4  # float32 logits of size ~4; measured differences are ~3e-6
 # what a config.json says about the computation (as transformers reads it)

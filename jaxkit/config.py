@@ -226,6 +226,26 @@ class GenerateConfig:
     attention_implementation: Literal["auto", "xla", "pallas", "mosaic_gpu", "blockspec"] = "auto"
 
 
+# q, k, v, o: attention; gate, up, down: the MLP's (and MoE shared experts')
+LoRATarget = Literal["q", "k", "v", "o", "gate", "up", "down"]
+LORA_TARGETS = typing.get_args(LoRATarget)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA fine-tuning: low-rank adapters on the named projections of a
+    frozen model, the only weights trained (jaxkit.lora)."""
+    # The frozen model: a training run directory (its latest intact
+    # checkpoint), a `jaxkit export` directory, or, with model.quant.mode
+    # 'int' (QLoRA), a `jaxkit quantize --out` directory. null: no LoRA.
+    base: str | None = None
+    rank: int = ranged(8, ">= 1")
+    alpha: float = ranged(16.0, "> 0")  # an adapter adds (alpha / rank) * (x @ A) @ B
+    dropout: float = ranged(0.0, "[0, 1)")  # on the adapters' input, in training only
+    targets: tuple[LoRATarget, ...] = LORA_TARGETS
+    init: Literal["kaiming", "gaussian"] = "kaiming"  # A's initialisation; B starts at zero
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -235,6 +255,7 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
 
 
 # ---------------------------------------------------------------- loading
@@ -477,6 +498,29 @@ def validate(cfg: Config) -> None:
              f"train.grad_accum ({t.grad_accum}) must divide data.batch_size ({d.batch_size})")
     _require(sum(getattr(cfg.mesh, a) == -1 for a in ("data", "fsdp", "tensor", "expert", "sequence")) <= 1,
              "at most one mesh axis may be -1")
+    _validate_lora(cfg)
+
+
+def _validate_lora(cfg: Config) -> None:
+    lora, m = cfg.lora, cfg.model
+    if lora.base is None:
+        given = [f"lora.{f.name}" for f in dataclasses.fields(lora)
+                 if getattr(lora, f.name) != getattr(LoRAConfig(), f.name)]
+        _require(not given, f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} set but "
+                 "lora.base is not: LoRA needs the frozen model to adapt (a run directory, a "
+                 "`jaxkit export` or a `jaxkit quantize --out` directory)")
+        return
+    _require(bool(lora.targets), "lora.targets is empty: name the projections to adapt, "
+             f"among {list(LORA_TARGETS)}")
+    twice = sorted({t for t in lora.targets if lora.targets.count(t) > 1})
+    _require(not twice, f"lora.targets names {', '.join(map(repr, twice))} more than once")
+    _require(not m.scan_layers, "lora needs model.scan_layers=false: adapters are per layer "
+             "(a base trained with scanned layers is loaded unrolled)")
+    _require(m.quant.mode in ("none", "int"), "lora needs model.quant.mode 'none' (a float base) "
+             f"or 'int' (QLoRA on a `jaxkit quantize --out` directory), got {m.quant.mode!r}")
+    _require(not m.moe.num_experts or m.moe.router != "sigmoid_bias",
+             "lora keeps the base frozen, but router 'sigmoid_bias' updates its balancing bias "
+             "in training: use another model.moe.router, or train the whole model")
 
 
 def reference_markdown() -> str:

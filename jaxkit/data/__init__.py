@@ -1,5 +1,7 @@
-"""Data: tokenizers (byte-level, BPE, tokenizer.json files), token files,
-corpus preparation, deterministic batches and the MQAR synthetic task."""
+"""Data: tokenizers (byte-level, BPE, tokenizer.json files), token files
+(streams of documents, or rows packed with segment ids), preparation from
+text, JSONL and parquet files, deterministic batches and the MQAR synthetic
+task."""
 from jaxkit.data.batches import TokenBatcher
 from jaxkit.data.errors import DataError
 from jaxkit.data.mqar import MQARTask, mqar_accuracy

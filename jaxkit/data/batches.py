@@ -1,4 +1,5 @@
-"""Deterministic next-token batches from a token file.
+"""Deterministic next-token batches from a token file: windows at random
+offsets of a stream of documents, or random rows of a packed file.
 
 A batch is a pure function of (seed, step): a resumed run sees exactly the
 stream a fresh run would, and every process draws the same global batch and
@@ -9,6 +10,7 @@ from typing import Iterator
 
 import numpy as np
 
+from jaxkit.data.errors import DataError
 from jaxkit.data.token_file import TokenFile
 
 
@@ -30,24 +32,44 @@ def process_slice(global_batch_size: int, process_index: int, process_count: int
     return slice(process_index * per_process, (process_index + 1) * per_process)
 
 
+def _positions(starts: np.ndarray) -> np.ndarray:
+    """[B, S] positions that restart at 0 where `starts` is true."""
+    index = np.arange(starts.shape[1], dtype=np.int32)
+    return index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+
+
 def document_segments(inputs: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(segment ids, positions) [B, S] of windows of concatenated documents,
     each ending in eos_id: a document starts after each EOS, its ids count
     the EOS tokens before it and its positions restart at 0."""
-    rows, length = inputs.shape
     ends = inputs == eos_id
-    starts = np.concatenate([np.ones((rows, 1), bool), ends[:, :-1]], axis=1)
-    segment_ids = np.cumsum(starts, axis=1, dtype=np.int32) - 1
-    index = np.arange(length, dtype=np.int32)
-    first = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
-    return segment_ids, index - first
+    starts = np.concatenate([np.ones((inputs.shape[0], 1), bool), ends[:, :-1]], axis=1)
+    return np.cumsum(starts, axis=1, dtype=np.int32) - 1, _positions(starts)
+
+
+def packed_batch(tokens: np.ndarray, segments: np.ndarray, document_mask: bool) -> dict:
+    """The batch of packed rows [B, seq_len + 1] and their segment ids: the
+    loss counts the targets in their input's document (no padding, no first
+    token of the next document); with document_mask, the segment ids and
+    per-document positions too."""
+    seg_in, seg_out = segments[:, :-1], segments[:, 1:]
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+             "loss_mask": ((seg_out == seg_in) & (seg_out != 0)).astype(np.float32)}
+    if document_mask:
+        starts = np.concatenate([np.ones((len(seg_in), 1), bool),
+                                 seg_in[:, 1:] != seg_in[:, :-1]], axis=1)
+        batch["segment_ids"], batch["positions"] = seg_in, _positions(starts)
+    return batch
 
 
 class TokenBatcher:
-    """Windows of seq_len + 1 tokens at random offsets: inputs are the first
-    seq_len tokens, targets the last seq_len (inputs shifted by one). With
-    eos_id, batches also carry per-document segment ids and positions
-    (document_segments), so attention stays inside each document."""
+    """Windows of seq_len + 1 tokens: inputs are the first seq_len tokens,
+    targets the last seq_len (inputs shifted by one). A stream of documents
+    gives windows at random offsets; with eos_id, batches also carry
+    per-document segment ids and positions (document_segments), so attention
+    stays inside each document. A packed file (rows of seq_len + 1 tokens)
+    gives random rows as packed_batch does, with eos_id standing for
+    data.document_mask (the stored segment ids mark the documents)."""
 
     def __init__(self, token_file: TokenFile | str, seq_len: int, global_batch_size: int,
                  seed: int, eos_id: int | None = None):
@@ -56,6 +78,11 @@ class TokenBatcher:
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         _check_non_negative("seed", seed)
+        row_len = self.token_file.row_len
+        if row_len is not None and row_len != seq_len + 1:
+            raise DataError(f"{self.token_file.bin_path} holds rows packed for seq_len "
+                            f"{row_len - 1}, not {seq_len}: set data.seq_len={row_len - 1} or "
+                            f"prepare the data with --seq-len {seq_len}")
         if self.token_file.num_tokens < seq_len + 1:
             raise ValueError(f"{self.token_file.bin_path} holds {self.token_file.num_tokens} tokens, "
                              f"fewer than one window of seq_len + 1 = {seq_len + 1}")
@@ -64,12 +91,18 @@ class TokenBatcher:
 
     @property
     def num_offsets(self) -> int:
-        """Number of distinct window start positions."""
+        """Number of distinct windows: start positions of a stream, or rows."""
+        if self.token_file.row_len is not None:
+            return self.token_file.num_tokens // self.token_file.row_len
         return self.token_file.num_tokens - self.seq_len
 
     def _windows(self, offsets: np.ndarray) -> dict:
+        tf = self.token_file
+        if tf.row_len is not None:
+            rows = lambda a: a.reshape(-1, tf.row_len)[offsets].astype(np.int32)
+            return packed_batch(rows(tf.tokens), rows(tf.segment_ids), self.eos_id is not None)
         idx = offsets[:, None] + np.arange(self.seq_len + 1)
-        window = self.token_file.tokens[idx].astype(np.int32)
+        window = tf.tokens[idx].astype(np.int32)
         batch = {"inputs": window[:, :-1], "targets": window[:, 1:]}
         if self.eos_id is not None:
             batch["segment_ids"], batch["positions"] = document_segments(batch["inputs"],

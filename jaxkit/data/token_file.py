@@ -4,7 +4,14 @@ data file is complete; readers memory-map the data instead of loading it.
 
 The header names the tokenizer and its vocabulary size and, optionally, its
 special ids ({"pad", "bos", "eos"}, each an id or null) and the file that
-holds it, relative to the header's directory (`tokenizer_file`)."""
+holds it, relative to the header's directory (`tokenizer_file`).
+
+Packed token files (jaxkit.data.packing) hold rows of `row_len` tokens, with
+a segment id for every token in `<stem>.segments.bin` (0: padding; 1, 2,
+... the documents of a row); their header adds `row_len`, `document_tokens`
+(the tokens that are not padding) and `pad_fraction`. Files without
+`row_len` are one stream of documents, each ending in EOS. `sources` counts
+the documents a file holds."""
 from __future__ import annotations
 
 import json
@@ -35,6 +42,22 @@ def _paths(path_stem) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".bin"), stem.with_name(stem.name + ".json")
 
 
+def segments_path(path_stem) -> Path:
+    stem = Path(path_stem)
+    return stem.with_name(stem.name + ".segments.bin")
+
+
+def _segment_dtype(row_len: int) -> np.dtype:
+    """Segment ids of a row lie in [0, row_len]."""
+    return _DTYPES[dtype_for_vocab(row_len + 1)]
+
+
+def _replace_file(array: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    array.tofile(tmp)
+    os.replace(tmp, path)
+
+
 def _special_ids_problem(special_ids, vocab_size: int) -> str | None:
     if not isinstance(special_ids, dict) or sorted(special_ids) != sorted(_SPECIAL_ROLES):
         return f"must be an object with keys {list(_SPECIAL_ROLES)}"
@@ -47,11 +70,21 @@ def _special_ids_problem(special_ids, vocab_size: int) -> str | None:
 
 def write_token_file(path_stem, tokens, vocab_size: int, *, tokenizer: str = "byte",
                      special_ids: dict | None = None, tokenizer_file: str | None = None,
-                     sources: int = 1) -> Path:
-    """Writes `<stem>.bin` and `<stem>.json`; returns the .bin path."""
+                     sources: int = 1, segment_ids=None) -> Path:
+    """Writes `<stem>.bin` and `<stem>.json`; returns the .bin path. With
+    segment_ids, tokens and segment_ids are packed rows [rows, row_len],
+    and `<stem>.segments.bin` is written too."""
     tokens = np.asarray(tokens)
-    if tokens.ndim != 1:
+    if segment_ids is None and tokens.ndim != 1:
         raise DataError(f"tokens must be 1-D, got shape {tokens.shape}")
+    if segment_ids is not None:
+        segment_ids = np.asarray(segment_ids)
+        if tokens.ndim != 2 or tokens.shape[1] < 2 or segment_ids.shape != tokens.shape:
+            raise DataError(f"packed tokens and segment_ids must both be [rows, row_len >= 2], "
+                            f"got shapes {tokens.shape} and {segment_ids.shape}")
+        if segment_ids.size and (segment_ids.min() < 0 or segment_ids.max() > tokens.shape[1]):
+            raise DataError(f"segment ids span [{segment_ids.min()}, {segment_ids.max()}], "
+                            f"outside [0, row_len={tokens.shape[1]}]")
     if tokens.size and not np.issubdtype(tokens.dtype, np.integer):
         raise DataError(f"tokens must be integers, got dtype {tokens.dtype}")
     dtype = dtype_for_vocab(vocab_size)
@@ -70,12 +103,17 @@ def write_token_file(path_stem, tokens, vocab_size: int, *, tokenizer: str = "by
         header["special_ids"] = dict(special_ids)
     if tokenizer_file is not None:
         header["tokenizer_file"] = str(tokenizer_file)
+    if segment_ids is not None:
+        document_tokens = int(np.count_nonzero(segment_ids))
+        header |= {"row_len": int(tokens.shape[1]), "document_tokens": document_tokens,
+                   "pad_fraction": round(1 - document_tokens / max(tokens.size, 1), 6)}
     # Drop any old header first: a crash mid-write must not leave a stale
     # header describing a new, partial data file.
     json_path.unlink(missing_ok=True)
-    tmp = bin_path.with_name(bin_path.name + ".tmp")
-    tokens.astype(_DTYPES[dtype]).tofile(tmp)
-    os.replace(tmp, bin_path)
+    _replace_file(tokens.astype(_DTYPES[dtype]).reshape(-1), bin_path)
+    if segment_ids is not None:
+        _replace_file(segment_ids.astype(_segment_dtype(tokens.shape[1])).reshape(-1),
+                      segments_path(path_stem))
     json_path.write_text(json.dumps(header, indent=1) + "\n")
     return bin_path
 
@@ -117,7 +155,17 @@ def read_header(path_stem) -> dict:
                                        or "special_ids" not in header):
         raise DataError(f"token file header {json_path} has tokenizer_file="
                         f"{header['tokenizer_file']!r}; expected a file name, with special_ids")
+    row_len = header.get("row_len")
+    if row_len is not None and (not isinstance(row_len, int) or isinstance(row_len, bool)
+                                or row_len < 2 or header["num_tokens"] % row_len):
+        raise DataError(f"token file header {json_path} has row_len={row_len!r}; expected an "
+                        f"integer >= 2 dividing num_tokens={header['num_tokens']}")
     return header
+
+
+def _memory_map(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
+    # np.memmap refuses empty files
+    return np.memmap(path, dtype=dtype, mode="r") if count else np.zeros(0, dtype)
 
 
 class TokenFile:
@@ -136,9 +184,7 @@ class TokenFile:
             raise DataError(f"token data {self.bin_path} holds {actual} bytes but its header "
                             f"promises {header['num_tokens']} {header['dtype']} tokens "
                             f"({expected} bytes)")
-        # np.memmap refuses empty files.
-        self.tokens = (np.memmap(self.bin_path, dtype=dtype, mode="r") if expected
-                       else np.zeros(0, dtype))
+        self.tokens = _memory_map(self.bin_path, dtype, header["num_tokens"])
         # Ids beyond the vocabulary index past the embedding table, which jax
         # clamps or fills silently: training goes wrong without an error.
         if self.tokens.size and (top := _max_token_id(self.tokens)) >= header["vocab_size"]:
@@ -146,6 +192,17 @@ class TokenFile:
                             f"vocabulary [0, {header['vocab_size']}) of its header "
                             f"{self.json_path}: the data is corrupt or the header understates "
                             f"the vocabulary")
+        self.segment_ids = None if self.row_len is None else self._open_segments(path_stem)
+
+    def _open_segments(self, path_stem) -> np.ndarray:
+        path, dtype = segments_path(path_stem), _segment_dtype(self.row_len)
+        if not path.exists():
+            raise FileNotFoundError(f"segment ids {path} not found (its header {self.json_path} "
+                                    f"describes packed rows)")
+        if path.stat().st_size != self.num_tokens * dtype.itemsize:
+            raise DataError(f"segment ids {path} hold {path.stat().st_size} bytes, not one "
+                            f"{dtype.name} per token of {self.bin_path}")
+        return _memory_map(path, dtype, self.num_tokens)
 
     @property
     def num_tokens(self) -> int:
@@ -158,6 +215,11 @@ class TokenFile:
     @property
     def tokenizer(self) -> str:
         return self.header["tokenizer"]
+
+    @property
+    def row_len(self) -> int | None:
+        """The length of packed rows; None for a stream of documents."""
+        return self.header.get("row_len")
 
     def __repr__(self) -> str:
         return (f"TokenFile({str(self.bin_path)!r}, num_tokens={self.num_tokens}, "
@@ -176,8 +238,11 @@ def unigram_entropy(token_file, unit: str = "nats") -> float:
     counts = np.zeros(tf.vocab_size, np.int64)
     chunk = 1 << 24  # bounds the int64 copy bincount makes
     for start in range(0, tf.num_tokens, chunk):
+        ids = tf.tokens[start:start + chunk]
+        if tf.segment_ids is not None:  # padding is no text
+            ids = ids[tf.segment_ids[start:start + chunk] != 0]
         # TokenFile has checked every id against the vocabulary
-        counts += np.bincount(tf.tokens[start:start + chunk], minlength=tf.vocab_size)
-    p = counts[counts > 0] / tf.num_tokens
+        counts += np.bincount(ids, minlength=tf.vocab_size)
+    p = counts[counts > 0] / counts.sum()
     nats = float(-(p * np.log(p)).sum())
     return nats if unit == "nats" else nats / np.log(2.0)

@@ -117,7 +117,14 @@ def _describe(hf, path: Path) -> dict:
     if ids["eos"] is None:
         raise DataError(f"tokenizer {str(path)!r} has no end-of-text special token (one of "
                         f"{list(_KNOWN_SPECIALS['eos'])}); its specials are {sorted(specials)}")
-    return {"kind": type(hf.model).__name__.lower(), "vocab_size": hf.get_vocab_size(with_added_tokens=True),
+    vocab_size = hf.get_vocab_size(with_added_tokens=True)
+    # token files and embeddings are sized by the vocabulary: an id beyond it
+    # would not fit them
+    top = max(hf.get_vocab(with_added_tokens=True).values(), default=-1)
+    if top >= vocab_size:
+        raise DataError(f"tokenizer {str(path)!r} has token id {top}, beyond its vocabulary "
+                        f"of {vocab_size} ids")
+    return {"kind": type(hf.model).__name__.lower(), "vocab_size": vocab_size,
             "special_ids": ids}
 
 

@@ -128,7 +128,7 @@ def test_prepare_splits_documents(tmp_path):
     assert (s["train_docs"], s["val_docs"]) == (15, 4)
     train, val = _documents(tmp_path / "out" / "train"), _documents(tmp_path / "out" / "val")
     assert sorted(train + val) == sorted(texts.values())
-    assert sorted(val) == sorted(texts[Path(p)] for p in s["val_files"])
+    assert sorted(val) == sorted(texts[Path(p)] for p in s["val_sources"])
     header = TokenFile(tmp_path / "out" / "train").header
     assert header["sources"] == 15 and header["tokenizer"] == "byte"
     assert header["special_ids"] == {"pad": 256, "bos": 257, "eos": 258}
@@ -140,7 +140,7 @@ def test_prepare_splits_documents(tmp_path):
 def test_prepare_is_deterministic(tmp_path):
     _corpus(tmp_path / "corpus")
     runs = [prepare([tmp_path / "corpus"], tmp_path / f"out{i}", val_fraction=0.25, seed=seed,
-                    progress=False)["val_files"] for i, seed in enumerate([0, 0, 1, 2])]
+                    progress=False)["val_sources"] for i, seed in enumerate([0, 0, 1, 2])]
     assert runs[0] == runs[1]
     assert (tmp_path / "out0" / "train.bin").read_bytes() == (tmp_path / "out1" / "train.bin").read_bytes()
     assert runs[0] != runs[2] or runs[0] != runs[3]

@@ -112,6 +112,28 @@ def test_deleted_files(stem):
     assert "jaxkit data prepare" in message
 
 
+def test_damaged_packed_rows(tmp_path):
+    """Rows of 10 tokens with their segment ids: the segment file must be
+    there, one id per token, and row_len must divide the tokens."""
+    stem = tmp_path / "packed"
+    tokens = np.arange(40).reshape(4, 10)
+    write_token_file(stem, tokens, VOCAB, segment_ids=np.ones((4, 10), np.int32))
+    assert TokenFile(stem).row_len == 10
+    segments = stem.with_name("packed.segments.bin")
+    sound = segments.read_bytes()
+    segments.write_bytes(sound[:-2])
+    assert f"segment ids {segments} hold 78 bytes, not one uint16 per token" in refused(stem)
+    segments.unlink()
+    assert f"segment ids {segments} not found" in refused(stem, FileNotFoundError)
+    segments.write_bytes(sound)
+    rewrite_header(stem, row_len=12)
+    assert "row_len=12; expected an integer >= 2 dividing num_tokens=40" in refused(stem)
+    for bad, expected in [(dict(segment_ids=np.ones((4, 9))), "must both be [rows, row_len >= 2]"),
+                          (dict(segment_ids=np.full((4, 10), 11)), "outside [0, row_len=10]")]:
+        with pytest.raises(DataError, match=expected.replace("[", r"\[")):
+            write_token_file(stem, tokens, VOCAB, **bad)
+
+
 def test_splits_that_disagree_on_their_tokenizer(stem):
     write_token_file(stem.with_name("val"), np.arange(10), 300)
     with pytest.raises(DataError, match="disagree on their tokenizer"):

@@ -129,7 +129,7 @@ def test_bpe_learns_from_the_train_split_only(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules["jaxkit.data.prepare"], "train_bpe", recording_train_bpe)
     summary = prepare([tmp_path / "corpus"], tmp_path / "out", val_fraction=0.25, seed=2,
                       tokenizer="bpe", vocab_size=VOCAB, progress=False)
-    val_paths = {p for p in texts if str(p) in summary["val_files"]}
+    val_paths = {p for p in texts if str(p) in summary["val_sources"]}
     assert len(val_paths) == 5
     assert sorted(seen) == sorted(t for p, t in texts.items() if p not in val_paths)
     # No merge spells a word that occurs only in validation documents.

@@ -59,16 +59,18 @@ def split_model(model):
     return graphdef, eval_graphdef, params, model_state
 
 
-def build_train_state(cfg: Config, optimizer, mesh, rules):
+def build_train_state(cfg: Config, optimizer, mesh, rules, model=None):
     """(graphdef, eval_graphdef, state, shardings): the train state
-    {params, opt_state, model_state, step} placed in its shardings on `mesh`,
-    and those shardings. Raises ConfigError before compiling when a dimension
-    does not divide its mesh axes.
+    {params, opt_state, model_state, step} of `model` (default: a fresh
+    build_model(cfg); its nnx.Param are what trains) placed in its shardings
+    on `mesh`, and those shardings. Raises ConfigError before compiling when
+    a dimension does not divide its mesh axes.
 
     Parameters are initialised eagerly (op by op) and then placed: XLA takes
     minutes to compile a jitted initialiser of a 100M-parameter model on GPU.
     The optimizer state is created directly in its shardings."""
-    graphdef, eval_graphdef, params, model_state = split_model(build_model(cfg))
+    graphdef, eval_graphdef, params, model_state = split_model(
+        build_model(cfg) if model is None else model)
     step = jnp.zeros((), jnp.int32)
     abstract = jax.eval_shape(lambda p, m: dict(params=p, opt_state=optimizer.init(p),
                                                 model_state=m, step=step), params, model_state)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
@@ -24,9 +25,11 @@ from jaxkit import sharding
 from jaxkit.checkpoint import Checkpointer
 from jaxkit.checkpoint.run_dir import check_fresh, check_resume, clear_run
 from jaxkit.config import Config, save_config
+from jaxkit.lora import adapter_state
 from jaxkit.run import evaluate as evaluation
 from jaxkit.run import profile as profiling
 from jaxkit.run.build import Batches, build_mesh, build_optimizer, build_train_state
+from jaxkit.run.lora import build_lora_model
 from jaxkit.train import flops
 from jaxkit.train.metrics_log import MetricsLogger
 from jaxkit.train.step import (NonFiniteLoss, all_finite, make_train_step, nonfinite_record,
@@ -92,8 +95,9 @@ class Trainer:
         self.batches = Batches(cfg, self.mesh, self.rules, sources)
         self.optimizer, self.schedule = build_optimizer(cfg)
         with self.on_mesh():
+            model = None if cfg.lora.base is None else build_lora_model(cfg, devices)
             self.graphdef, self.eval_graphdef, self.state, state_sh = build_train_state(
-                cfg, self.optimizer, self.mesh, self.rules)
+                cfg, self.optimizer, self.mesh, self.rules, model)
         self.num_params = sum(x.size for x in jax.tree.leaves(self.state["params"]))
         batch_sh = sharding.batch_sharding(self.mesh, self.rules)
         replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -116,6 +120,14 @@ class Trainer:
         return sharding.activate(self.mesh, self.rules)
 
     # ------------------------------------------------------------- state I/O
+    def checkpointed(self, state: dict) -> dict:
+        """What a checkpoint holds of the train state: all of it, but of a
+        LoRA run's model state only the adapters' (the frozen base is loaded
+        from lora.base)."""
+        if self.cfg.lora.base is None:
+            return state
+        return dict(state, model_state=adapter_state(state["model_state"]))
+
     def restore_latest(self) -> int:
         """Loads the newest verified checkpoint, if any (newer damaged ones are
         skipped with a warning); returns its step."""
@@ -123,13 +135,18 @@ class Trainer:
         if step is None:
             return 0
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                               sharding=x.sharding), self.state)
-        self.state = self.checkpointer.restore(step, abstract)
+                                                               sharding=x.sharding),
+                                self.checkpointed(self.state))
+        restored = self.checkpointer.restore(step, abstract)
+        if self.cfg.lora.base is not None:
+            restored["model_state"] = nnx.merge_state(self.state["model_state"],
+                                                      restored["model_state"])
+        self.state = restored
         return step
 
     def save(self, step: int) -> None:
         if self.checkpointer is not None:
-            self.checkpointer.save(step, self.state)
+            self.checkpointer.save(step, self.checkpointed(self.state))
 
     def _stop_agreed(self, stop: StopRequest, step: int) -> bool:
         """Whether to stop after `step`. Saving is collective, so with several

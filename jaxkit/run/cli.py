@@ -49,6 +49,12 @@ def _load(args):
         given["stop"] = tuple(given.get("stop", cfg.generate.stop))
         cfg = dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, **given))
         check_ranges(cfg.generate, "generate.")
+    if getattr(args, "data", None) is not None:  # jaxkit eval --data
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=args.data))
+    if getattr(args, "batches", None) is not None:  # jaxkit eval --batches
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                                 eval_batches=args.batches))
+        check_ranges(cfg.train, "train.")
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         sys.exit(0)
@@ -95,12 +101,16 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     cfg = _load(args)
     _join(args)
-    from jaxkit.run.evaluate import evaluate_run
-    step, metrics = evaluate_run(cfg, _run_dir(cfg, args))
+    from jaxkit.run.evaluate import evaluate_params, evaluate_run
+    if args.params is None:
+        step, metrics = evaluate_run(cfg, _run_dir(cfg, args))
+        source = {"step": step}
+    else:
+        metrics, source = evaluate_params(cfg, args.params), {"params": args.params}
     if _is_logger():
-        print(json.dumps({"step": step, "loss": float(metrics["ce"]),
-                          "perplexity": float(metrics["perplexity"]),
-                          "accuracy": float(metrics["accuracy"])}))
+        print(json.dumps(source | {"loss": float(metrics["ce"]),
+                                   "perplexity": float(metrics["perplexity"]),
+                                   "accuracy": float(metrics["accuracy"])}))
 
 
 def cmd_export(args) -> None:
@@ -220,9 +230,17 @@ def build_parser(data_tools: bool = True) -> argparse.ArgumentParser:
     _add_distributed_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate the latest checkpoint of a run")
+    p = sub.add_parser("eval", help="loss and perplexity of the latest checkpoint of a run, or "
+                       "of exported or converted parameters, on the validation split")
     _add_config_args(p)
-    p.add_argument("--run-dir", help="run directory (default: train.out_dir/<config name>)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--run-dir", help="run directory (default: train.out_dir/<config name>)")
+    source.add_argument("--params", metavar="DIR", help="a `jaxkit export` directory or a "
+                        "converted model's params (evaluated on one device)")
+    p.add_argument("--data", metavar="DIR", help="prepared token files to evaluate on (sets "
+                   "data.path; their val split is used)")
+    p.add_argument("--batches", type=int, metavar="N",
+                   help="number of eval batches (sets train.eval_batches)")
     _add_distributed_args(p)
     p.set_defaults(func=cmd_eval)
 

@@ -272,7 +272,8 @@ def build_parser(data_tools: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
-    prep = data_sub.add_parser("prepare", help="tokenize text files into train/val token files")
+    prep = data_sub.add_parser("prepare", help="tokenize text, JSONL or parquet files into "
+                               "train/val token files, optionally packed into rows")
     if data_tools:
         from jaxkit.data.prepare import add_prepare_args, run_prepare  # imports jax
         add_prepare_args(prep)

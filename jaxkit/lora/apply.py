@@ -55,4 +55,4 @@ def apply_lora(model: nnx.Module, cfg: LoRAConfig, *, rngs: nnx.Rngs) -> int:
 def adapter_state(model_state: nnx.State) -> nnx.State:
     """The part of a LoRA model's non-parameter state that training changes
     (the adapters' dropout keys): with the adapters, what a checkpoint holds."""
-    return model_state.filter(LoRARng)
+    return nnx.filter_state(model_state, LoRARng)

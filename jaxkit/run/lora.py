@@ -33,11 +33,12 @@ def _from_run(cfg: Config, base: Path, devices) -> Transformer:
         raise ConfigError(f"lora.base {str(base)!r} is a training run, whose weights are float: "
                           "model.quant.mode 'int' (QLoRA) needs a `jaxkit quantize --out` "
                           "directory, or set model.quant.mode=none")
-    saved = (yaml.safe_load((base / CONFIG).read_text()) if (base / CONFIG).is_file() else None) or {}
+    saved_path = base / CONFIG
+    saved = (yaml.safe_load(saved_path.read_text()) if saved_path.is_file() else None) or {}
     scanned = bool(saved.get("model", {}).get("scan_layers", False))
     model_cfg = dataclasses.replace(cfg.model, scan_layers=scanned)
-    differences = [d for d in structural_differences(saved, dataclasses.replace(cfg, model=model_cfg))
-                   if d.startswith("model.")]
+    described = dataclasses.replace(cfg, model=model_cfg)
+    differences = [d for d in structural_differences(saved, described) if d.startswith("model.")]
     if saved and differences:
         raise ConfigError(f"lora.base {str(base)!r} was trained with a different "
                           + ", ".join(differences) + ": the model section must describe the base")

@@ -15,6 +15,7 @@ from lora_runs import (LORA, config, fit, flat_values, logits, lora_config, mode
 
 from jaxkit.config import ConfigError
 from jaxkit.lora import Frozen
+from jaxkit.models import unscan_layers
 from jaxkit.run.convert import convert_jaxkit_to_hf
 from jaxkit.run.export import export_run
 from jaxkit.run.generate import load_model
@@ -125,6 +126,13 @@ def test_a_jaxkit_export_directory_is_a_base(runs, tmp_path):
         cfg, lora=dataclasses.replace(cfg.lora, base=str(tmp_path / "base_params"))))
     np.testing.assert_array_equal(logits(from_export),
                                   logits(load_run(base_cfg, tmp / "base").model()))
+
+
+def test_a_base_run_with_scanned_layers_loads_unrolled(tmp_path):
+    scanned = config("train.steps=1", "model.scan_layers=true")
+    fit(scanned, tmp_path / "base")
+    want = logits(unscan_layers(load_run(scanned, tmp_path / "base").model()))
+    np.testing.assert_array_equal(logits(build_lora_model(lora_config(tmp_path / "base"))), want)
 
 
 def test_a_base_that_does_not_fit_is_one_line(runs, tmp_path):

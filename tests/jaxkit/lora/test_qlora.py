@@ -7,7 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 from flax import nnx
-from lora_runs import QUANT, config, fit, flat_values, logits, lora_config, model_state_of, train_losses
+from lora_runs import (QUANT, config, fit, flat_values, logits, lora_config, model_state_of,
+                       train_losses)
 
 from jaxkit.config import QuantConfig
 from jaxkit.quant import QuantWeight
@@ -41,7 +42,8 @@ def test_qlora_trains_and_its_base_stays_low_bit(quantized, fmt, tmp_path):
     trainer = fit(cfg, tmp_path / "run", one_batch=True)
     losses = train_losses(tmp_path / "run")
     assert losses[-1] < 0.7 * losses[0], losses
-    stored, written = model_state_of(trainer, QuantWeight), flat_values(nnx.state(base, QuantWeight))
+    stored = model_state_of(trainer, QuantWeight)
+    written = flat_values(nnx.state(base, QuantWeight))
     # every projection's codes and scales, under its LoRALinear's "base"
     assert len(stored) == len(written) >= 2 * 7 * 2
     assert {tuple(k for k in path if k != "base") for path in stored} == written.keys()

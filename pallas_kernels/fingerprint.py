@@ -126,8 +126,9 @@ def _cases():
             lambda x, p, s: int4_mosaic_gpu.int4_weight_only_mosaic(x, p, s, group_size=128,
                                                                     split_k=1),
             (x, packed, jnp.ones((8, 512), jnp.float32))),
-        "int4 weight-only K split 2": (  # the default at this size: 8 slices of N
-            lambda x, p, s: int4_mosaic_gpu.int4_weight_only_mosaic(x, p, s, group_size=128),
+        "int4 weight-only K split 2": (
+            lambda x, p, s: int4_mosaic_gpu.int4_weight_only_mosaic(x, p, s, group_size=128,
+                                                                    split_k=2),
             (x, packed, jnp.ones((8, 512), jnp.float32))),
         "w8a8": (mosaic_gpu.w8a8_mosaic, (xq, jnp.ones((256,)), wq, jnp.ones((384,)))),
         "fp8 blockwise": (mosaic_gpu.fp8_blockwise_mosaic,

@@ -259,8 +259,9 @@ def _int4_weights(K, N):
 def _int4_kernels(K, N, M):
     """{name: [(config label, jitted fn(x, packed, scales))]} of the int4
     kernels of an M x K x N problem, each one's default first: the Mosaic
-    kernel (Hopper only) at its default K split ("default") and at each other
-    valid split of INT4_MOSAIC_SPLITS ("split<n>"), the portable kernel at
+    kernel (Hopper only) unsplit, its default ("default"), and at
+    default_split_k's proposal and each other valid split of INT4_MOSAIC_SPLITS
+    ("split<n>"), the portable kernel at
     INT4_CONFIGS, and XLA's dequantise-then-dot."""
     g = INT4_GROUP
     kernels = {"int4_pallas": [
@@ -271,8 +272,8 @@ def _int4_kernels(K, N, M):
     if compat.is_hopper() and not SKIP_MOSAIC:
         kt = int4_mosaic_gpu.default_block_k(K, g)
         default = int4_mosaic_gpu.default_split_k(M, N, K, g)
-        splits = [None] + [s for s in INT4_MOSAIC_SPLITS
-                           if s != default and int4_mosaic_gpu.split_problem(K, kt, s) is None]
+        splits = [None] + [s for s in sorted({default, *INT4_MOSAIC_SPLITS}) if s != 1
+                           and int4_mosaic_gpu.split_problem(K, kt, s) is None]
         kernels["int4_mosaic"] = [
             ("default" if split is None else f"split{split}", jax.jit(
                 lambda x, p, s, split=split: int4_mosaic_gpu.int4_weight_only_mosaic(
@@ -320,8 +321,7 @@ def _int4_problem(K, N, weights, bw):
             entry[_timing(square, gpu)] = entry.pop("seconds")
             fn = dict(variants)[best[0]]
             if name == "int4_mosaic":
-                entry["split_k"] = int4_mosaic_gpu.default_split_k(M, N, K, INT4_GROUP) \
-                    if best[0] == "default" else int(best[0][len("split"):])
+                entry["split_k"] = 1 if best[0] == "default" else int(best[0][len("split"):])
                 if square:
                     entry["independent_seconds"] = rotated_time(fn, sets)
             if square and gpu:

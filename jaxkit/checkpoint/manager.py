@@ -121,6 +121,18 @@ class Checkpointer:
                                          + "; ".join(damage) + ")")
         return None
 
+    def intact_step(self, step: int | None = None) -> int:
+        """`step` once verified (DamagedCheckpointError if damaged), or for
+        None the latest intact step: what a command that reads a run
+        restores. FileNotFoundError when there is none."""
+        if step is not None:
+            self.verify(step)
+            return step
+        latest = self.latest_verified_step()
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint under {self.directory}")
+        return latest
+
     def restore(self, step: int, abstract_state):
         """Restores onto the shardings of `abstract_state` (jax.ShapeDtypeStruct leaves
         with .sharding), so a checkpoint saved on one mesh loads onto another."""

@@ -52,12 +52,7 @@ def load_run(cfg: Config, run_dir: str | Path, step: int | None = None, *,
         raise FileNotFoundError(f"no checkpoint under {directory}")
     checkpointer = Checkpointer(directory, CheckpointConfig(async_save=False), read_only=True)
     try:
-        if step is None:
-            step = checkpointer.latest_verified_step()
-            if step is None:
-                raise FileNotFoundError(f"no checkpoint under {directory}")
-        else:
-            checkpointer.verify(step)
+        step = checkpointer.intact_step(step)
         with sharding.activate(mesh, rules):
             _, graphdef, params, model_state = split_model(nnx.eval_shape(lambda: build_model(cfg)))
         place = lambda tree, required: sharding.abstract_state(

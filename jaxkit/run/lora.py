@@ -8,18 +8,15 @@ import dataclasses
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import yaml
 from flax import nnx
 
-from jaxkit.checkpoint import Checkpointer, load_params
+from jaxkit.checkpoint import Checkpointer
 from jaxkit.checkpoint.run_dir import CONFIG, structural_differences
 from jaxkit.config import CheckpointConfig, Config, ConfigError, LoRAConfig
 from jaxkit.lora import adapter_state, apply_lora, freeze
 from jaxkit.models import Transformer, unscan_layers
-from jaxkit.quant.model import attach_quantizers, calibrate, quantize_model
-from jaxkit.run.build import build_model
-from jaxkit.run.load import load_run
+from jaxkit.run.load import load_model, load_run
 
 
 def _base_config(cfg: Config) -> Config:
@@ -46,41 +43,22 @@ def _from_run(cfg: Config, base: Path, devices) -> Transformer:
     return unscan_layers(run.model())
 
 
-def _quantized_layout(cfg: Config) -> Transformer:
-    """A model of cfg laid out as `jaxkit quantize` with cfg.model.quant
-    leaves one (quantizers calibrated, here on a zero batch, and converted):
-    the place its saved state loads into."""
-    q = cfg.model.quant
-    model = build_model(dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, quant=dataclasses.replace(q, mode="none"))))
-    if attach_quantizers(model, dataclasses.replace(q, mode="ptq"), rngs=nnx.Rngs(0)):
-        calibrate(model, [jnp.zeros((1, min(8, cfg.model.max_seq_len)), jnp.int32)])
-    quantize_model(model, q)
-    return model
-
-
 def load_base(cfg: Config, devices=None) -> Transformer:
-    """The model lora.base holds, unrolled: a run's latest intact checkpoint,
-    a `jaxkit export` directory, or (model.quant.mode 'int') a `jaxkit
-    quantize --out` directory. ConfigError when it is missing or its arrays do
-    not fit cfg's model section."""
+    """The model lora.base holds, unrolled: a run's latest intact checkpoint
+    (on cfg's mesh over `devices`), a `jaxkit export` directory, or
+    (model.quant.mode 'int') a `jaxkit quantize --out` directory (both on the
+    first device). ConfigError when it is missing or its arrays do not fit
+    cfg's model section."""
     base = Path(cfg.lora.base)
     if not base.is_dir():
         raise ConfigError(f"lora.base {str(base)!r} "
                           f"{'is not a directory' if base.exists() else 'does not exist'}")
     if (base / "checkpoints").is_dir():
         return _from_run(cfg, base, devices)
-    quantized = cfg.model.quant.mode == "int"
-    plain = _base_config(cfg)
-    model = _quantized_layout(plain) if quantized else build_model(plain)
     try:
-        return load_params(base, model, nnx.Variable if quantized else nnx.Param)
-    except ValueError as e:  # orbax: the saved tree or shapes differ from the model's
-        what = "`jaxkit quantize --out` directory made with model.quant as set" if quantized \
-            else "`jaxkit export` directory of a model as described (model.quant.mode 'int' " \
-                 "reads a `jaxkit quantize --out` directory)"
-        raise ConfigError(f"lora.base {str(base)!r} is no {what}: "
-                          f"{str(e).splitlines()[0]}") from None
+        return load_model(_base_config(cfg), params=base)
+    except ConfigError as e:
+        raise ConfigError(f"lora.base: {e}") from None
 
 
 def build_lora_model(cfg: Config, devices=None) -> Transformer:
@@ -106,12 +84,7 @@ def load_lora_run(cfg: Config, run_dir: str | Path, step: int | None = None, *,
                             saved)
     checkpointer = Checkpointer(directory, CheckpointConfig(async_save=False), read_only=True)
     try:
-        if step is None:
-            step = checkpointer.latest_verified_step()
-            if step is None:
-                raise FileNotFoundError(f"no checkpoint under {directory}")
-        else:
-            checkpointer.verify(step)
+        step = checkpointer.intact_step(step)
         restored = checkpointer.restore_subset(step, abstract)
     finally:
         checkpointer.close()

@@ -147,7 +147,7 @@ def test_a_base_that_does_not_fit_is_one_line(runs, tmp_path):
     ]
     export_run(base_cfg, tmp / "base", tmp_path / "base_params")
     cases.append((lora_config(tmp_path / "base_params", "model.d_model=64"),
-                  r"lora.base '.*base_params' is no `jaxkit export` directory"))
+                  r"lora.base: the arrays in .*base_params do not fit the model the config "))
     for cfg, message in cases:
         with pytest.raises(ConfigError, match=message) as err:
             build_lora_model(cfg)

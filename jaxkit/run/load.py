@@ -46,6 +46,10 @@ def load_run(cfg: Config, run_dir: str | Path, step: int | None = None, *,
     FileNotFoundError when there is no such checkpoint, or (its subclass
     DamagedCheckpointError) when it is damaged; the latest is the newest
     intact one, newer damaged ones skipped with a warning."""
+    if cfg.lora.base is not None:
+        raise ConfigError(f"{run_dir} holds a LoRA run (lora.base is set), whose checkpoints hold "
+                          "the adapters alone: `jaxkit export` merges them into parameters that "
+                          "--params reads")
     mesh, rules = build_mesh(cfg, devices)
     directory = Path(run_dir) / "checkpoints"
     if not directory.is_dir():

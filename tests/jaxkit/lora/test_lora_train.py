@@ -10,16 +10,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from lora_runs import (LORA, config, fit, flat_values, logits, lora_config, model_state_of,
+from lora_runs import (config, fit, flat_values, logits, lora_config, model_state_of,
                        train_losses)
 
 from jaxkit.config import ConfigError
 from jaxkit.lora import Frozen
 from jaxkit.models import unscan_layers
 from jaxkit.run.convert import convert_jaxkit_to_hf
+from jaxkit.run.evaluate import evaluate_run
 from jaxkit.run.export import export_run
-from jaxkit.run.generate import load_model
-from jaxkit.run.load import load_run
+from jaxkit.run.load import load_model, load_run
 from jaxkit.run.lora import build_lora_model, load_lora_run
 
 STEPS = 8
@@ -126,6 +126,14 @@ def test_a_jaxkit_export_directory_is_a_base(runs, tmp_path):
         cfg, lora=dataclasses.replace(cfg.lora, base=str(tmp_path / "base_params"))))
     np.testing.assert_array_equal(logits(from_export),
                                   logits(load_run(base_cfg, tmp / "base").model()))
+
+
+def test_commands_that_read_whole_checkpoints_refuse_a_lora_run(runs):
+    tmp, _, cfg, _ = runs
+    for read in (lambda: evaluate_run(cfg, tmp / "lora"), lambda: load_run(cfg, tmp / "lora")):
+        with pytest.raises(ConfigError, match=r"holds a LoRA run \(lora.base is set\)") as err:
+            read()
+        assert "\n" not in str(err.value)
 
 
 def test_a_base_run_with_scanned_layers_loads_unrolled(tmp_path):

@@ -13,7 +13,7 @@ from lora_runs import (QUANT, config, fit, flat_values, logits, lora_config, mod
 from jaxkit.config import QuantConfig
 from jaxkit.quant import QuantWeight
 from jaxkit.run.export import export_run
-from jaxkit.run.generate import load_model
+from jaxkit.run.load import load_model
 from jaxkit.run.lora import build_lora_model, load_base, load_lora_run
 from jaxkit.run.quantize import quantize_run
 

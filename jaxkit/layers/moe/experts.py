@@ -44,17 +44,15 @@ def _ffn(x, w: ExpertWeights, mm, quant):
     """SwiGLU of x with matmul mm(a, b) -> a.dtype; quant (or None) is a
     jaxkit.quant.ExpertQuant applied to the weights and around each matmul."""
     cd = x.dtype
-    if quant is None and not isinstance(w.gate, LowBitExperts):
-        # One matmul for gate and up: twice the columns per expert keeps the
-        # grouped matmul's tiles fuller, reads the rows once and its backward
-        # yields dx in one product instead of a sum of two.
-        H = w.gate.shape[-1]
-        gate_up = mm(x, jnp.concatenate([w.gate, w.up], axis=-1))
-        h = _swiglu(gate_up[..., :H], gate_up[..., H:])
-        return mm(h.astype(cd), w.down)
     if quant is None:
-        h = _swiglu(mm(x, w.gate), mm(x, w.up))
-        return mm(h.astype(cd), w.down)
+        if isinstance(w.gate, LowBitExperts):
+            gate, up = mm(x, w.gate), mm(x, w.up)
+        else:
+            # One matmul for gate and up: twice the columns per expert keeps the
+            # grouped matmul's tiles fuller, reads the rows once and its backward
+            # yields dx in one product instead of a sum of two.
+            gate, up = jnp.split(mm(x, jnp.concatenate([w.gate, w.up], axis=-1)), 2, axis=-1)
+        return mm(_swiglu(gate, up).astype(cd), w.down)
     w = quant.weights(w)
     qmm = lambda a, b: quant.outputs(mm(a, b))
     x = quant.inputs(x).astype(cd)

@@ -71,6 +71,9 @@ class Checkpointer:
         that writes the run's files)."""
         self.manager.wait_until_finished()
         if jax.process_index() == 0 and self._unsummed:
+            for job in self._hashing:
+                if job.done():
+                    job.result()  # a failed earlier write is raised here, not dropped
             self._hashing = [f for f in self._hashing if not f.done()]
             self._hashing.append(self._hasher.submit(self._write_checksums,
                                                      list(self._unsummed)))

@@ -85,6 +85,9 @@ class MoEConfig:
     aux_loss_weight: float = ranged(0.01, ">= 0")
     router_z_loss_weight: float = ranged(0.001, ">= 0")
     bias_update_rate: float = ranged(0.001, ">= 0")  # aux-loss-free balancing (sigmoid_bias)
+    # Route from the input minus its batch mean (a running mean outside
+    # training), so the routing is balanced from the first step.
+    center_router_input: bool = False
     gmm_implementation: Literal["auto", "xla", "ragged_dot", "pallas", "mosaic_gpu",
                                 "blockspec"] = "auto"
 
@@ -95,6 +98,9 @@ class QuantConfig:
     weight_format: str | None = None  # e.g. int8, int4, fp8_e4m3, mxfp4, nvfp4
     activation_format: str | None = None
     gradient_format: str | None = None
+    # how gradient_format rounds the output gradient: to nearest, or
+    # stochastically (unbiased; a PRNG key per layer advanced every training step)
+    gradient_rounding: Literal["nearest", "stochastic"] = "nearest"
     # None: the format's own groups (per-channel weights and per-token
     # activations for scalar formats, the fixed blocks of MX/NV formats)
     granularity: Literal["tensor", "channel", "token", "block"] | None = None
@@ -105,6 +111,23 @@ class QuantConfig:
     hadamard: bool = False
     smoothquant_alpha: float | None = ranged(None, "[0, 1]")
     calibration_batches: int = ranged(4, ">= 1")
+
+
+# the Linear targets N:M sparsity applies to (as model.quant.targets; a MoE
+# layer's routed and shared experts are never pruned)
+SparsityTarget = Literal["q", "k", "v", "o", "mlp", "head"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityConfig:
+    """N:M structured sparsity trained from scratch with SR-STE (jaxkit.sparsity):
+    in every group of m consecutive input features of a target's weight the n
+    largest magnitudes are kept, the mask recomputed every step."""
+    enabled: bool = False
+    n: int = ranged(2, ">= 1")
+    m: int = ranged(4, ">= 2")
+    targets: tuple[SparsityTarget, ...] = ("q", "k", "v", "o", "mlp")
+    srste_decay: float = ranged(2e-4, ">= 0")  # lambda of the term added to pruned weights' gradients
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +150,7 @@ class ModelConfig:
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
     quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
+    sparsity: SparsityConfig = dataclasses.field(default_factory=SparsityConfig)
 
     @property
     def kv_heads(self) -> int:
@@ -498,7 +522,32 @@ def validate(cfg: Config) -> None:
              f"train.grad_accum ({t.grad_accum}) must divide data.batch_size ({d.batch_size})")
     _require(sum(getattr(cfg.mesh, a) == -1 for a in ("data", "fsdp", "tensor", "expert", "sequence")) <= 1,
              "at most one mesh axis may be -1")
+    _validate_sparsity(cfg)
     _validate_lora(cfg)
+
+
+def _validate_sparsity(cfg: Config) -> None:
+    sp, m = cfg.model.sparsity, cfg.model
+    if not sp.enabled:
+        return
+    _require(sp.n < sp.m, f"model.sparsity.n ({sp.n}) must be < model.sparsity.m ({sp.m})")
+    _require(bool(sp.targets), "model.sparsity.targets is empty: name the projections to prune, "
+             f"among {list(typing.get_args(SparsityTarget))}")
+    # the input (grouped) dimension of each target's weights
+    inputs = {"q": [m.d_model], "k": [m.d_model], "v": [m.d_model],
+              "o": [m.num_heads * m.dim_per_head], "mlp": [m.d_model, m.mlp_hidden],
+              "head": [m.d_model]}
+    for target in sp.targets:
+        for size in inputs[target]:
+            _require(size % sp.m == 0, f"model.sparsity.m ({sp.m}) must divide the input dimension "
+                     f"{size} of target {target!r}")
+    _require(m.quant.mode in ("none", "qat"), "model.sparsity trains from scratch: it needs "
+             f"model.quant.mode 'none' or 'qat', got {m.quant.mode!r}")
+    _require(not m.quant.hadamard or m.quant.mode == "none",
+             "model.sparsity with model.quant.hadamard: the rotated weights are not N:M sparse; "
+             "set model.quant.hadamard=false")
+    _require(cfg.lora.base is None, "model.sparsity trains the whole model from scratch; it "
+             "cannot be combined with lora.base")
 
 
 def _validate_lora(cfg: Config) -> None:

@@ -82,10 +82,11 @@ def _reshard(x, spec, mesh):
                      f"{dict(zip(mesh.axis_names, mesh.axis_types))}")
 
 
-def sharded_moe(body, x, router_kernel, bias, weights: ExpertWeights, *, mesh, rules,
+def sharded_moe(body, x, router_kernel, bias, shift, weights: ExpertWeights, *, mesh, rules,
                 implementation, quant=None):
-    """Runs body(x2d, router_kernel, bias, experts) -> (y2d, RoutingStats) per
-    device inside shard_map; returns (y [B, S, D] float32, summed stats).
+    """Runs body(x2d, router_kernel, bias, shift, experts) -> (y2d, RoutingStats)
+    per device inside shard_map; returns (y [B, S, D] float32, summed stats).
+    bias and shift: replicated per-expert arrays, or None.
     rules: the logical-axis rules that place tokens and experts on `mesh`.
     quant: the experts' jaxkit.quant.ExpertQuant (replicated), or None."""
     B, S, D = x.shape
@@ -101,10 +102,12 @@ def sharded_moe(body, x, router_kernel, bias, weights: ExpertWeights, *, mesh, r
     token_axes = batch + seq
     x_spec = P(batch or None, seq or None, None)
     w_spec = P(exp or None, None, None)
-    args = {"x": x, "router": router_kernel, "weights": weights, "bias": bias, "quant": quant}
+    args = {"x": x, "router": router_kernel, "weights": weights, "bias": bias, "shift": shift,
+            "quant": quant}
     # every weight array (float, or low-bit codes/scales) leads with the expert axis
     specs = {"x": x_spec, "router": P(), "weights": jax.tree.map(lambda _: w_spec, weights),
-             "bias": None if bias is None else P(), "quant": jax.tree.map(lambda _: P(), quant)}
+             "bias": None if bias is None else P(), "shift": None if shift is None else P(),
+             "quant": jax.tree.map(lambda _: P(), quant)}
     args = jax.tree.map(lambda s, a: _reshard(a, s, mesh), specs, args,
                         is_leaf=lambda s: isinstance(s, P))
 
@@ -113,7 +116,8 @@ def sharded_moe(body, x, router_kernel, bias, weights: ExpertWeights, *, mesh, r
         if ep > 1:
             experts = ShardedExperts(experts, exp, ep)
         b, s, _ = args["x"].shape
-        y, stats = body(args["x"].reshape(b * s, D), args["router"], args["bias"], experts)
+        y, stats = body(args["x"].reshape(b * s, D), args["router"], args["bias"], args["shift"],
+                        experts)
         if token_axes:
             stats = jax.lax.psum(stats, token_axes)
         return y.reshape(b, s, D), stats

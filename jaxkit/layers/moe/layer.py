@@ -1,6 +1,7 @@
 """The mixture-of-experts feed-forward layer."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -21,11 +22,25 @@ class RouterBias(nnx.Variable):
     updated by the forward pass, not a parameter the optimizer sees."""
 
 
-def moe_tokens(x, router_kernel, bias, experts, cfg: MoEConfig):
+class RouterCenter(nnx.Variable):
+    """Running mean of the router input (and the number of updates), used in
+    place of the batch mean outside training: model state, not a parameter."""
+
+
+# Weight of the previous running mean in each training-step update; the mean
+# is bias-corrected by the number of updates (as Adam's moments are), so it
+# is the batch mean itself after the first step.
+CENTER_MOMENTUM = 0.99
+
+
+def moe_tokens(x, router_kernel, bias, experts, cfg: MoEConfig, logit_shift=None):
     """Routes, dispatches and combines the tokens x [T, D] at hand.
+    logit_shift [E] (or None) is subtracted from every token's router logits.
     Returns (y [T, D] float32, RoutingStats of these tokens)."""
     T, E, k = x.shape[0], cfg.num_experts, cfg.top_k
     logits = jnp.dot(x.astype(jnp.float32), router_kernel.astype(jnp.float32))
+    if logit_shift is not None:
+        logits = logits - logit_shift
     if cfg.router == "expert_choice":
         route = routers.expert_choice(logits, routers.expert_capacity(T, E, k, cfg.capacity_factor))
         y, unchosen = dispatch.chosen_by_experts(x, route, experts)
@@ -82,6 +97,8 @@ class MoE(nnx.Module):
                           std=H ** -0.5 if out_std is None else out_std, dtype=pd)
         self.bias = RouterBias(jnp.zeros((E,), jnp.float32), logical_axes=(None,)) \
             if m.router == "sigmoid_bias" else None
+        self.center = RouterCenter(jnp.zeros((D + 1,), jnp.float32), logical_axes=(None,)) \
+            if m.center_router_input else None
         self.shared = SwiGLU(D, m.num_shared_experts * H, rngs=rngs, param_dtype=pd,
                              compute_dtype=cd, out_std=out_std, quant=cfg.quant,
                              target="experts") if m.num_shared_experts else None
@@ -100,15 +117,16 @@ class MoE(nnx.Module):
             weights = ExpertWeights(self.gate[...], self.up[...], self.down[...])
         quant = None if self.quantizer is None else self.quantizer.quant()
         bias = None if self.bias is None else self.bias[...]
-        body = lambda t, r, b, experts: moe_tokens(t, r, b, experts, m)
+        shift = None if self.center is None else self._router_center(xc) @ self.router[...]
+        body = lambda t, r, b, s, experts: moe_tokens(t, r, b, experts, m, s)
         placement = active()  # (mesh, rules) inside jaxkit.sharding.activate
         if placement is None or placement[0].size == 1:
-            y, stats = body(xc.reshape(B * S, D), self.router[...], bias,
+            y, stats = body(xc.reshape(B * S, D), self.router[...], bias, shift,
                             LocalExperts(weights, m.gmm_implementation, quant))
             y = y.reshape(B, S, D)
         else:
             mesh, rules = placement
-            y, stats = sharded_moe(body, xc, self.router[...], bias, weights, mesh=mesh,
+            y, stats = sharded_moe(body, xc, self.router[...], bias, shift, weights, mesh=mesh,
                                    rules=rules, implementation=m.gmm_implementation, quant=quant)
         loss, metrics = summarize(stats, aux_loss_weight=m.aux_loss_weight,
                                   z_loss_weight=m.router_z_loss_weight)
@@ -118,3 +136,19 @@ class MoE(nnx.Module):
         if self.shared is not None:
             y = y + self.shared(xc)
         return y, {"loss": loss, **metrics}
+
+    def _router_center(self, x):
+        """The mean router input to remove [D] (float32, no gradient): the
+        batch mean in training, whose running mean this updates; the running
+        mean otherwise. At initialisation most of every token's MoE input is
+        one shared vector, so uncentred routers send almost all tokens to the
+        same k experts (docs/design/moe-dispatch.md)."""
+        state = self.center[...]
+        if self.deterministic:
+            mean, n = state[:-1], state[-1]
+            return mean / jnp.maximum(1.0 - CENTER_MOMENTUM ** n, 1e-12)
+        batch_mean = jax.lax.stop_gradient(jnp.mean(x.astype(jnp.float32), axis=(0, 1)))
+        self.center[...] = jnp.concatenate([CENTER_MOMENTUM * state[:-1]
+                                            + (1.0 - CENTER_MOMENTUM) * batch_mean,
+                                            state[-1:] + 1.0])
+        return batch_mean

@@ -357,6 +357,30 @@ def test_aux_loss_free_bias_moves_load_toward_balance():
     np.testing.assert_array_equal(layer.bias[...], bias)
 
 
+def test_centered_router_input_balances_a_shared_direction():
+    """Tokens that share one dominant vector all pick the same experts unless
+    the router sees them with the batch mean removed; outside training the
+    running mean (bias-corrected: the batch mean after one step) is removed."""
+    E, k = 16, 2
+    cfg = model_cfg(d_model=32, num_experts=E, top_k=k, center_router_input=True)
+    plain = MoE(model_cfg(d_model=32, num_experts=E, top_k=k), rngs=nnx.Rngs(0))
+    layer = MoE(cfg, rngs=nnx.Rngs(0))
+    shared = 4.0 * jax.random.normal(jax.random.key(3), (32,))
+    x = shared + jax.random.normal(jax.random.key(4), (4, 64, 32))
+    assert float(forward(plain, x)[1]["max_mean_load"]) > 6.0  # nearly all on k of E / k = 8
+    assert not nnx.state(layer, nnx.Param).get("center")  # state, not an optimizer parameter
+    call = nnx.jit(lambda layer, x: layer(x))
+    layer.train()
+    y_train, aux = call(layer, x)
+    assert float(aux["max_mean_load"]) < 2.0
+    np.testing.assert_allclose(layer.center[...][:-1], 0.01 * jnp.mean(x, axis=(0, 1)), rtol=1e-5)
+    layer.eval()
+    state = np.asarray(layer.center[...])
+    y_eval, _ = call(layer, x)
+    np.testing.assert_array_equal(layer.center[...], state)  # eval mode: no update
+    np.testing.assert_allclose(y_eval, y_train, rtol=1e-4, atol=1e-4)  # mean / (1 - 0.99) rounds
+
+
 # ------------------------------------------------------------ config, model
 
 def test_config_rejects_impossible_moe(tmp_path):
@@ -449,6 +473,7 @@ EP_CASES = [  # (mesh axes, explicit sharding, moe config)
     ({"data": 2, "expert": 4}, True, dict(router="topk_softmax", num_shared_experts=1)),
     ({"data": 2, "expert": 4}, True, dict(router="topk_softmax", **EP_QAT)),
     ({"data": 2, "expert": 4}, False, dict(router="sigmoid_bias")),
+    ({"data": 2, "expert": 4}, True, dict(router="sigmoid_bias", center_router_input=True)),
     ({"fsdp": 2, "expert": 2, "sequence": 2}, True, dict(router="grouped", num_groups=2)),
     ({"data": 2, "expert": 4}, True, dict(router="topk_softmax", dispatch="capacity",
                                           capacity_factor=8.0)),

@@ -189,10 +189,10 @@ class OptimizerConfig:
     b2: float = ranged(0.95, "[0, 1)")
     eps: float = ranged(1e-8, "> 0")
     clip_norm: float | None = ranged(1.0, "> 0")
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    schedule: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
     warmup_steps: int = ranged(100, ">= 0")
     decay_fraction: float = ranged(0.2, "(0, 1]")  # wsd: final fraction of steps spent decaying
-    min_lr_ratio: float = ranged(0.1, "[0, 1]")
+    min_lr_ratio: float = ranged(0.1, "[0, 1]")  # where the decays end; linear with 0: D2Z
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,9 @@ from jaxkit.config import OptimizerConfig
 
 
 def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup, then cosine decay, warmup-stable-decay, or constant."""
+    """Linear warmup, then cosine decay, warmup-stable-decay, linear decay, or
+    constant. The decays end at learning_rate * min_lr_ratio; linear with
+    min_lr_ratio 0 is linear decay to zero (D2Z)."""
     peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
@@ -21,6 +23,8 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
         after = optax.join_schedules(
             [optax.constant_schedule(peak), optax.linear_schedule(peak, floor, decay)],
             [rest - decay])
+    elif cfg.schedule == "linear":
+        after = optax.linear_schedule(peak, floor, rest)
     else:
         after = optax.constant_schedule(peak)
     if warmup == 0:

@@ -242,6 +242,9 @@ class GenerateConfig:
     top_p: float = ranged(1.0, "(0, 1]")  # 1: no nucleus filter
     seed: int = ranged(0, "[0, 4294967295]")  # a uint32 PRNG seed
     stop: tuple[str, ...] = ()  # a sequence's text ends before the first of these it produces
+    # prepend the tokenizer's BOS id to every prompt (Llama-family models are
+    # trained with it; `jaxkit convert hf-to-jaxkit` sets it from the tokenizer)
+    add_bos: bool = False
     # KV cache storage: the compute dtype, a float dtype, int8/fp8 codes
     # with a float32 scale per token and head, or KIVI-2 (2-bit codes)
     kv_cache: Literal["compute", "bf16", "fp16", "fp32", "int8", "fp8", "kivi2"] = "compute"

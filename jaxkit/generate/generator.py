@@ -73,8 +73,10 @@ def _settings(base: GenerateConfig, overrides: dict) -> GenerateConfig:
     return settings
 
 
-def encode_prompts(tokenizer, prompts: str | list[str], max_seq_len: int) -> list[np.ndarray]:
-    """The prompts' token ids, each checked to be 1..max_seq_len tokens."""
+def encode_prompts(tokenizer, prompts: str | list[str], max_seq_len: int,
+                   add_bos: bool = False) -> list[np.ndarray]:
+    """The prompts' token ids (each after the tokenizer's BOS id with
+    add_bos), each checked to be 1..max_seq_len tokens."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or not prompts:
@@ -83,7 +85,9 @@ def encode_prompts(tokenizer, prompts: str | list[str], max_seq_len: int) -> lis
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise GenerationError(f"prompt {i} is a {type(p).__name__}, not a string")
-    encoded = tokenizer.encode_batch(list(prompts))
+    if add_bos and tokenizer.bos_id is None:
+        raise GenerationError(f"generate.add_bos: the {tokenizer.name} tokenizer has no BOS token")
+    encoded = tokenizer.encode_batch(list(prompts), add_bos=add_bos)
     for i, ids in enumerate(encoded):
         if len(ids) == 0:
             raise GenerationError(f"prompt {i} is empty")
@@ -118,7 +122,7 @@ class Generator:
         return self.engine.cfg.max_seq_len
 
     def encode(self, prompts: str | list[str]) -> list[np.ndarray]:
-        return encode_prompts(self.tokenizer, prompts, self.max_seq_len)
+        return encode_prompts(self.tokenizer, prompts, self.max_seq_len, self.config.add_bos)
 
     def generate(self, prompts: str | list[str], *, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None,

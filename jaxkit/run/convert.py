@@ -5,7 +5,8 @@ model directory.
 
     jaxkit convert hf-to-jaxkit HF_DIR --out DIR
         DIR/config.yaml     its model section from config.json; data.path is
-                            DIR, whose tokenizer.json generation reads
+                            DIR, whose tokenizer.json generation reads;
+                            generate.add_bos where the HF tokenizer adds BOS
         DIR/params/         the parameters, as `jaxkit export` writes them
         DIR/tokenizer.json  copied from HF_DIR
     jaxkit generate DIR/config.yaml --params DIR/params --prompt ...
@@ -29,14 +30,15 @@ import numpy as np
 from flax import nnx
 
 from jaxkit.checkpoint import export_params
-from jaxkit.config import Config, DataConfig, ModelConfig, save_config, validate
+from jaxkit.config import Config, DataConfig, GenerateConfig, ModelConfig, save_config, validate
 from jaxkit.data import ByteTokenizer, DataError, HFTokenizer, load_tokenizer
 from jaxkit.interop import (ConversionError, hf_config_from_model, hf_from_params,
                             model_config_from_hf, params_from_hf, read_hf_config, read_weights,
                             stored_dtype, write_hf_dir)
 from jaxkit.interop.hf_config import with_weight_dtype
 from jaxkit.interop.hf_files import TOKENIZER, TOKENIZER_CONFIG
-from jaxkit.interop.hf_tokenizer import byte_tokenizer_json, tokenizer_config
+from jaxkit.interop.hf_tokenizer import (adds_bos, byte_tokenizer_json, tokenizer_config,
+                                         with_bos_template)
 from jaxkit.models import Transformer, count_params, unscan_layers
 from jaxkit.run.load import load_model
 
@@ -107,9 +109,14 @@ def convert_hf_to_jaxkit(hf_dir: str | Path, out: str | Path) -> dict:
     params = params_from_hf(read_weights(hf_dir), model_cfg)
     # data.path: where generation finds the tokenizer (token files to train or
     # evaluate on go elsewhere: --set data.path=...)
+    tokenizer_config_path = Path(hf_dir) / TOKENIZER_CONFIG
+    add_bos = tokenizer is not None and adds_bos(
+        tokenizer_path.read_text(),
+        tokenizer_config_path.read_text() if tokenizer_config_path.is_file() else None)
     cfg = Config(model=model_cfg, data=DataConfig(
         path=DataConfig.path if tokenizer is None else str(out),
-        seq_len=min(DataConfig.seq_len, model_cfg.max_seq_len)))
+        seq_len=min(DataConfig.seq_len, model_cfg.max_seq_len)),
+        generate=GenerateConfig(add_bos=add_bos))
     validate(cfg)
     state = _param_state(model_cfg, params)
     with staged_output(out) as staging:
@@ -155,6 +162,11 @@ def convert_jaxkit_to_hf(cfg: Config, out: str | Path, *, run_dir: str | Path | 
     out = Path(out).absolute()
     refuse_existing(out)
     tokenizer, tokenizer_json, no_tokenizer = _run_tokenizer(cfg)
+    if tokenizer_json is not None and cfg.generate.add_bos:
+        if tokenizer.bos_id is None:
+            raise ConversionError(f"generate.add_bos: the {tokenizer.name} tokenizer has no BOS "
+                                  "token")
+        tokenizer_json = with_bos_template(tokenizer_json, tokenizer.bos_id)
     hf_config = hf_config_from_model(cfg.model, tokenizer and tokenizer.special_ids)
     model = unscan_layers(load_model(cfg, run_dir=run_dir, params=params))
     flat = {path: np.asarray(var[...])
@@ -165,7 +177,8 @@ def convert_jaxkit_to_hf(cfg: Config, out: str | Path, *, run_dir: str | Path | 
         if tokenizer_json is not None:
             (staging / TOKENIZER).write_text(tokenizer_json)
             (staging / TOKENIZER_CONFIG).write_text(json.dumps(
-                tokenizer_config(tokenizer_json, tokenizer.special_ids), indent=2) + "\n")
+                tokenizer_config(tokenizer_json, tokenizer.special_ids, cfg.generate.add_bos),
+                indent=2) + "\n")
     summary = {"architecture": hf_config["architectures"][0], "parameters": count_params(model),
                "out": str(out)}
     if tokenizer_json is None:

@@ -69,7 +69,7 @@ def run_generate(cfg: Config, *, config_path: str | None, run_dir: str | None,
     (to `out`, default stdout)."""
     out = sys.stdout if out is None else out
     check_implementation(cfg.generate.attention_implementation)
-    encode_prompts(load_tokenizer_of(cfg), prompts, cfg.model.max_seq_len)
+    encode_prompts(load_tokenizer_of(cfg), prompts, cfg.model.max_seq_len, cfg.generate.add_bos)
     if run_dir is None and params is None:
         run_dir = run_dir_for(cfg, config_path)
     generator = load_generator(cfg, run_dir=run_dir, params=params)

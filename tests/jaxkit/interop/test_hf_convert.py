@@ -72,6 +72,30 @@ def test_converted_model_generates_transformers_greedy_tokens(tmp_path):
     assert out.tokens[0] == ids[0, -8:].tolist()
 
 
+def test_tokenizer_that_adds_bos_makes_generation_add_it(tmp_path):
+    """A Llama tokenizer that starts texts with BOS (tokenizer_config.json's
+    add_bos_token) gives a converted config with generate.add_bos; prompts
+    then start with BOS as transformers' do, and greedy decoding continues
+    them as transformers does among the tokenizer's ids (jaxkit never samples
+    an id the tokenizer cannot decode; this model's vocabulary is larger)."""
+    hf = save_hf_model("llama_gqa_untied", tmp_path / "hf", seed=3)
+    (tmp_path / "hf" / "tokenizer_config.json").write_text('{"add_bos_token": true}')
+    summary = convert_hf_to_jaxkit(tmp_path / "hf", tmp_path / "jk")
+    cfg = load_config(summary["config"])
+    assert cfg.generate.add_bos
+    generator = load_generator(summary["config"], params=summary["params"])
+    out = generator.generate("def main(", max_new_tokens=8, temperature=0, ignore_eos=True)
+    tokenizer = ByteTokenizer()
+    ids = tokenizer.encode("def main(", add_bos=True)[None]
+    for _ in range(8):
+        step = hf_logits(hf, ids)[:, -1, :tokenizer.vocab_size].argmax(-1)
+        ids = np.concatenate([ids, step[:, None]], axis=1)
+    assert out.tokens[0] == ids[0, -8:].tolist()
+    convert_jaxkit_to_hf(cfg, tmp_path / "back", params=summary["params"])
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "back")("a")["input_ids"] == \
+        [tokenizer.bos_id, ord("a")]
+
+
 def _random_norm_scales(model, seed: int) -> None:
     """Norm scales away from their initial ones, so that swapping two norms
     would show."""

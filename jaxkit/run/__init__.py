@@ -13,9 +13,10 @@
     decode_speed  generation speed of a config at several batch sizes, with
               bf16 or quantised weights, against the weight-bandwidth roofline
     bench     training-loop throughput on 1, 2, ... devices
+    sweep     `jaxkit sweep` and `jaxkit report` (jaxkit.sweep's runs and report)
     cli       the `jaxkit` command
 
 Library packages (config, layers, models, quant, sharding, train,
-checkpoint, data) never import this package. Nothing is imported here, so
+checkpoint, data, sweep) never import this package. Nothing is imported here, so
 `import jaxkit.run.cli` starts no jax.
 """

@@ -1,5 +1,6 @@
 """Command line: `jaxkit train`, `jaxkit eval`, `jaxkit export`, `jaxkit quantize`,
-`jaxkit generate`, `jaxkit convert`, `jaxkit data prepare`."""
+`jaxkit generate`, `jaxkit convert`, `jaxkit data prepare`, `jaxkit sweep`,
+`jaxkit report`."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from jaxkit.config import ConfigError, GenerateConfig, check_ranges, load_config, to_dict
+from jaxkit.run.sweep import add_sweep_commands
 
 # Everything that imports jax is imported inside the command that needs it:
 # parsing, --print-config and config errors run without starting jax.
@@ -278,6 +280,7 @@ def build_parser(data_tools: bool = True) -> argparse.ArgumentParser:
         from jaxkit.data.prepare import add_prepare_args, run_prepare  # imports jax
         add_prepare_args(prep)
         prep.set_defaults(func=run_prepare)
+    add_sweep_commands(sub)
     return parser
 
 

@@ -79,6 +79,21 @@ def _decode_case(T, H, KH, D, S, fmt=None, page_size=None, **kwargs):
             (q, k, lengths, table))
 
 
+def _block_sparse_case(S, H, KH, D, list_heads, block_q, block_k, segments=False, **kwargs):
+    """The Hopper block-sparse forward over two listed key blocks a row (the
+    backward is the portable kernels', not Mosaic GPU)."""
+    from pallas_kernels.block_sparse_attention.mosaic_gpu import mosaic_block_sparse_attention
+    q = jnp.ones((1, S, H, D), jnp.bfloat16)
+    k = jnp.ones((1, S, KH, D), jnp.bfloat16)
+    n_q = -(-S // block_q)
+    indices = jnp.zeros((1, list_heads, n_q, 2), jnp.int32).at[..., 1].set(1)
+    counts = jnp.full((1, list_heads, n_q), 2, jnp.int32)
+    ids = (jnp.zeros((1, S), jnp.int32),) * 2 if segments else None
+    return (lambda q, k, indices, counts: mosaic_block_sparse_attention(
+        q, k, k, indices, counts, ids, block_q=block_q, block_k=block_k, **kwargs),
+        (q, k, indices, counts))
+
+
 def _grouped_matmul_case(kernels):
     """gmm, gmm with a transposed rhs (its d-lhs) and tgmm (its d-rhs) of a
     grouped-matmul kernel module, at their default tilings, bf16."""
@@ -141,6 +156,10 @@ def _cases():
         "decode bf16 d128 block 128": _decode_case(1, 32, 8, 128, 4096, block_kv=128),
         "grouped matmul": _grouped_matmul_case(gmm_kernels),
         "grouped matmul two consumers": _grouped_matmul_case(two_consumers),
+        "block-sparse fwd q-head lists d128 causal": _block_sparse_case(
+            300, 4, 2, 128, 4, 128, 128, causal=True),
+        "block-sparse fwd kv-head lists d64 segments": _block_sparse_case(
+            300, 4, 2, 64, 2, 64, 64, segments=True, causal=True),
     }
 
 

@@ -70,6 +70,14 @@ class AttentionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LinearAttentionConfig:
+    """The gated linear attention (GLA) mixer of model.mixer 'linear'."""
+    implementation: Literal["auto", "xla", "pallas", "blockspec"] = "auto"
+    chunk_size: int = ranged(64, ">= 16")  # a power of two
+    decay: Literal["scalar", "per_key"] = "scalar"  # one decay per head, or per key dimension
+
+
+@dataclasses.dataclass(frozen=True)
 class MoEConfig:
     num_experts: int = ranged(0, ">= 0")  # 0: dense MLP everywhere
     every: int = ranged(1, ">= 1")  # an MoE layer replaces the MLP in every k-th layer
@@ -148,6 +156,12 @@ class ModelConfig:
     remat: Literal["none", "full", "save_dots"] = "none"
     scan_layers: bool = False
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+    # the token mixer of every layer; with 'linear', softmax_every k > 0 keeps
+    # softmax attention in every k-th layer (layers k-1, 2k-1, ...)
+    mixer: Literal["softmax", "linear"] = "softmax"
+    softmax_every: int = ranged(0, ">= 0")
+    linear_attention: LinearAttentionConfig = dataclasses.field(
+        default_factory=LinearAttentionConfig)
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
     quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
     sparsity: SparsityConfig = dataclasses.field(default_factory=SparsityConfig)
@@ -159,6 +173,10 @@ class ModelConfig:
     @property
     def dim_per_head(self) -> int:
         return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
+
+    def is_linear_layer(self, layer: int) -> bool:
+        k = self.softmax_every
+        return self.mixer == "linear" and not (k and layer % k == k - 1)
 
     def is_moe_layer(self, layer: int) -> bool:
         m = self.moe
@@ -495,6 +513,7 @@ def validate(cfg: Config) -> None:
              f"model.num_kv_heads ({m.num_kv_heads}) must divide model.num_heads ({m.num_heads})")
     _require(m.dim_per_head % 2 == 0, f"head dim {m.dim_per_head} must be even for rotary embeddings")
     a = m.attention
+    _validate_mixer(cfg)
     e = m.moe
     if e.num_experts:
         _require(e.top_k <= e.num_experts,
@@ -551,6 +570,23 @@ def _validate_sparsity(cfg: Config) -> None:
              "set model.quant.hadamard=false")
     _require(cfg.lora.base is None, "model.sparsity trains the whole model from scratch; it "
              "cannot be combined with lora.base")
+
+
+def _validate_mixer(cfg: Config) -> None:
+    m, la = cfg.model, cfg.model.linear_attention
+    _require(m.softmax_every == 0 or m.mixer == "linear",
+             f"model.softmax_every ({m.softmax_every}) places softmax layers among linear ones: "
+             f"it needs model.mixer 'linear', got {m.mixer!r}")
+    _require(m.softmax_every <= m.num_layers, f"model.softmax_every ({m.softmax_every}) "
+             f"exceeds model.num_layers ({m.num_layers})")
+    _require(la.chunk_size & (la.chunk_size - 1) == 0, "model.linear_attention.chunk_size must "
+             f"be a power of two, got {la.chunk_size}")
+    _require(la.decay == "scalar" or la.implementation in ("auto", "xla"),
+             f"model.linear_attention.decay 'per_key' runs on implementation 'xla' (or 'auto'), "
+             f"not {la.implementation!r}: the Pallas kernel takes a per-head decay")
+    _require(m.mixer == "softmax" or not cfg.data.document_mask,
+             "data.document_mask needs segment ids, which model.mixer 'linear' does not take "
+             "(its state runs across documents)")
 
 
 def _validate_lora(cfg: Config) -> None:

@@ -1,5 +1,5 @@
 """Decoder-only transformer: embeddings, pre-norm blocks of grouped-query
-attention and a SwiGLU MLP (or a mixture of experts), tied or untied head.
+attention (or gated linear attention: model.mixer) and a SwiGLU MLP (or a mixture of experts), tied or untied head.
 
 model.remat recomputes each layer's activations in the backward pass
 (everything, or all but the weight matmuls' outputs); model.scan_layers
@@ -19,6 +19,7 @@ from flax import nnx
 from jaxkit.config import ConfigError, ModelConfig
 from jaxkit.layers import Attention, Linear, RMSNorm, SwiGLU
 from jaxkit.layers.linear import param
+from jaxkit.layers.linear_attention import LinearAttention
 from jaxkit.quant.config_check import check_head_target
 from jaxkit.sharding import RESIDUAL, constrain
 
@@ -34,9 +35,16 @@ class Block(nnx.Module):
         pd, cd = DTYPES[cfg.param_dtype], DTYPES[cfg.compute_dtype]
         out_std = (2 * cfg.num_layers * cfg.d_model) ** -0.5  # keeps the residual stream's scale
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
-        self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head,
-                              cfg=cfg.attention, rope_theta=cfg.rope_theta, rngs=rngs,
-                              param_dtype=pd, compute_dtype=cd, out_std=out_std, quant=cfg.quant)
+        if cfg.is_linear_layer(layer):
+            self.attn = LinearAttention(cfg.d_model, cfg.num_heads, cfg.dim_per_head,
+                                        cfg=cfg.linear_attention, rngs=rngs, param_dtype=pd,
+                                        compute_dtype=cd, norm_eps=cfg.norm_eps, out_std=out_std,
+                                        quant=cfg.quant)
+        else:
+            self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head,
+                                  cfg=cfg.attention, rope_theta=cfg.rope_theta, rngs=rngs,
+                                  param_dtype=pd, compute_dtype=cd, out_std=out_std,
+                                  quant=cfg.quant)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
         self.is_moe = cfg.is_moe_layer(layer)
         if self.is_moe:
@@ -130,8 +138,9 @@ class Transformer(nnx.Module):
             if layout is None:
                 raise ConfigError(
                     "model.scan_layers needs the layers after some unrolled prefix to repeat a "
-                    f"pattern at least twice; the MoE layout (moe.first_layer={cfg.moe.first_layer},"
-                    f" moe.every={cfg.moe.every}, num_layers={cfg.num_layers}) has none: set "
+                    f"pattern at least twice; the layer layout (moe.first_layer={cfg.moe.first_layer},"
+                    f" moe.every={cfg.moe.every}, softmax_every={cfg.softmax_every}, "
+                    f"num_layers={cfg.num_layers}) has none: set "
                     "model.scan_layers=false")
             prefix, p = layout
             self.prefix = nnx.List(blocks[:prefix])  # unrolled, before the scanned repeats
@@ -203,6 +212,10 @@ class Transformer(nnx.Module):
         if self.cfg.scan_layers:
             raise ValueError("generation runs the layers one by one: unroll a model with "
                              "model.scan_layers=true first (jaxkit.models.unscan_layers)")
+        if self.cfg.mixer == "linear":
+            raise ValueError("generation keeps a KV cache per layer; the linear-attention layers "
+                             "of model.mixer 'linear' carry a recurrent state that jaxkit.generate "
+                             "does not cache")
         if len(caches) != len(self.blocks):
             raise ValueError(f"{len(caches)} KV caches for {len(self.blocks)} layers")
         updated = []

@@ -1,0 +1,89 @@
+"""Gated linear attention (GLA) token mixer: the layer of model.mixer
+'linear'. q, k, v and a data-dependent log decay are projections of x; the
+core is pallas_kernels.linear_attention (implementation a config choice);
+its output is normalised per head and gated by swish(x W_gate) as in GLA.
+
+No rotary embeddings: the decay orders the tokens. On a mesh whose
+'length' axis is split, the core runs sequence-parallel (LASP-2: one
+all-gather of per-device state summaries per layer)."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxkit.config import LinearAttentionConfig
+from jaxkit.layers.linear import Linear
+from jaxkit.layers.norm import RMSNorm
+from jaxkit.sharding import active, mesh_axes, per_shard
+from pallas_kernels.linear_attention import linear_attention, sequence_parallel_linear_attention
+
+# GLA's gate temperature: log_decay = log_sigmoid(x W + b) / 16 keeps the
+# decays near 1 (long memory) at initialisation.
+DECAY_TEMPERATURE = 16.0
+
+
+class LinearAttention(nnx.Module):
+    def __init__(self, d_model: int, num_heads: int, head_dim: int, *, cfg: LinearAttentionConfig,
+                 rngs: nnx.Rngs, param_dtype, compute_dtype, norm_eps: float = 1e-6,
+                 out_std: float | None = None, quant=None):
+        kw = dict(rngs=rngs, param_dtype=param_dtype, compute_dtype=compute_dtype)
+        width = num_heads * head_dim
+        self.q = Linear(d_model, width, axes=("embed", "heads"), target="q", quant=quant, **kw)
+        self.k = Linear(d_model, width, axes=("embed", "heads"), target="k", quant=quant, **kw)
+        self.v = Linear(d_model, width, axes=("embed", "heads"), target="v", quant=quant, **kw)
+        self.gate = Linear(d_model, width, axes=("embed", "heads"), **kw)
+        decays = num_heads if cfg.decay == "scalar" else width
+        self.decay = Linear(d_model, decays, axes=("embed", "heads"), **kw)
+        self.decay_bias = nnx.Param(jnp.zeros((decays,), param_dtype), logical_axes=("heads",))
+        self.norm = RMSNorm(head_dim, eps=norm_eps, param_dtype=param_dtype)
+        self.o = Linear(width, d_model, axes=("heads", "embed"), std=out_std, target="o",
+                        quant=quant, **kw)
+        self.num_heads, self.head_dim, self.cfg = num_heads, head_dim, cfg
+
+    def __call__(self, x, positions=None, segment_ids=None):
+        """x [B, S, d_model] -> [B, S, d_model]. positions are not used (the
+        decay orders tokens); segment ids are refused: the state would run
+        across documents."""
+        del positions
+        if segment_ids is not None:
+            raise ValueError("linear attention takes no segment_ids: its state runs across "
+                             "documents (set data.document_mask=false)")
+        B, S, _ = x.shape
+        heads = (B, S, self.num_heads, self.head_dim)
+        q, k, v = (proj(x).reshape(heads) for proj in (self.q, self.k, self.v))
+        logits = self.decay(x).astype(jnp.float32) + self.decay_bias[...].astype(jnp.float32)
+        log_decay = jax.nn.log_sigmoid(logits) / DECAY_TEMPERATURE
+        if self.cfg.decay == "per_key":
+            log_decay = log_decay.reshape(heads)
+        else:
+            log_decay = log_decay.reshape(heads[:3])
+        out = self._mix(q, k, v, log_decay)
+        out = self.norm(out) * jax.nn.silu(self.gate(x).reshape(heads)).astype(out.dtype)
+        return self.o(out.reshape(B, S, self.num_heads * self.head_dim))
+
+    def _mix(self, q, k, v, log_decay):
+        """The linear-attention core, per shard on a mesh: sequence-parallel
+        where the mesh splits 'length', else split over batch and heads."""
+        kw = dict(chunk_size=self.cfg.chunk_size, implementation=self.cfg.implementation)
+        current = active()
+        sequence = () if current is None else mesh_axes("length", current[1], current[0])
+        if sequence:
+            pieces = math.prod(current[0].shape[axis] for axis in sequence)
+            if q.shape[1] % pieces:
+                raise ValueError(f"sequence length {q.shape[1]} is not divisible by the {pieces} "
+                                 f"devices of mesh axes {sequence} that split it")
+            rows = ("batch", "length", "act_heads", None)
+
+            def core(q, k, v, g):
+                return sequence_parallel_linear_attention(q, k, v, g, axis_name=sequence, **kw)[0]
+        else:
+            rows = ("batch", None, "act_heads", None)
+
+            def core(q, k, v, g):
+                return linear_attention(q, k, v, g, **kw)[0]
+        gates = rows[:log_decay.ndim]
+        return per_shard(core, in_axes=(rows, rows, rows, gates), out_axes=rows)(q, k, v,
+                                                                                 log_decay)

@@ -174,7 +174,10 @@ def _find_base(path: Path, base) -> Path:
         raise _fail(path, f"base: expected the path of a config file, got {base!r}")
     for candidate in (path.parent / base, Path(base)):
         if candidate.is_file():
-            return candidate
+            try:  # as short as it can be, for the commands and the plan
+                return candidate.resolve().relative_to(Path.cwd().resolve())
+            except ValueError:
+                return candidate
     raise _fail(path, f"base: {base!r} is neither beside the sweep file nor under the current "
                 "folder")
 

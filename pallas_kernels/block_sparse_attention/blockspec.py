@@ -164,29 +164,25 @@ def _dkdv_kernel(*refs, cfg: _Config):
         def step(t, carry):
             dk, dv = carry
             i = rows_ref[row, t]
-            start = pl.multiple_of(i * bq, bq)
-            q = q_ref[pl.ds(start, bq), g, :]
-            do = do_ref[pl.ds(start, bq), g, :]
-            lse = lse_ref[g, pl.ds(start, bq)]
-            delta = delta_ref[g, pl.ds(start, bq)]
-            q_seg = qs_ref[pl.ds(start, bq)] if cfg.has_segments else None
-            mask = cfg.mask(cfg.q_positions(i), k_pos, q_seg, k_seg)
-            p, ds = _dlogits(q, k, v, do, lse, delta, mask, cfg)
-            dv = dv + _dot(p.astype(do.dtype), do, (0, 0))
-            dk = dk + _dot(ds.astype(q.dtype), q, (0, 0))
-            return dk, dv
+            rows = pl.ds(pl.multiple_of(i * bq, bq), bq)
+            q, do = q_ref[rows, g, :], do_ref[rows, g, :]
+            q_seg = qs_ref[rows] if cfg.has_segments else None
+            p, ds = _dlogits(q, k, v, do, lse_ref[g, rows], delta_ref[g, rows],
+                             cfg.mask(cfg.q_positions(i), k_pos, q_seg, k_seg), cfg)
+            return (dk + _dot(ds.astype(q.dtype), q, (0, 0)),
+                    dv + _dot(p.astype(do.dtype), do, (0, 0)))
         return lax.fori_loop(offs_ref[row, j], offs_ref[row, j + 1], step, carry)
 
-    zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(0, cfg.group, head, (zeros, zeros))
+    dk, dv = lax.fori_loop(0, cfg.group, head, (jnp.zeros(k.shape, jnp.float32),) * 2)
     dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _compiler_params(cfg: _Config, head_dim: int):
-    if cfg.interpret:
-        return None
-    return compat.triton_compiler_params(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+    """Triton launch settings (None interpreted): 8 warps for wide heads."""
+    warps = 4 if head_dim <= 64 else 8
+    return None if cfg.interpret else compat.triton_compiler_params(num_warps=warps,
+                                                                    num_stages=2)
 
 
 def _query_parallel(kernel, name, inputs, row_inputs, out_shape, lists, segs, cfg):

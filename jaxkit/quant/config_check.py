@@ -1,7 +1,7 @@
 """Checks of a QuantConfig that its types alone cannot express."""
 from __future__ import annotations
 
-from jaxkit.quant.core import resolve_grouping
+from jaxkit.quant.core import ROUNDINGS, resolve_grouping
 from jaxkit.quant.formats import get_format
 
 TARGETS = ("q", "k", "v", "o", "mlp", "experts", "head")
@@ -42,6 +42,19 @@ def check_head_target(cfg, tie_embeddings: bool) -> None:
                          "model.tie_embeddings=false, or remove 'head' from model.quant.targets")
 
 
+def check_gradient_rounding(cfg) -> None:
+    """gradient_rounding: a known mode; 'stochastic' rounds a symmetric gradient_format."""
+    if cfg.gradient_rounding not in ROUNDINGS:
+        raise ValueError(f"gradient_rounding {cfg.gradient_rounding!r} is not one of {ROUNDINGS}")
+    if cfg.gradient_rounding == "nearest":
+        return
+    if cfg.gradient_format is None:
+        raise ValueError(f"gradient_rounding {cfg.gradient_rounding!r} needs a gradient_format")
+    if get_format(cfg.gradient_format).asymmetric:
+        raise ValueError(f"gradient_rounding 'stochastic' needs a symmetric gradient_format, "
+                         f"got {cfg.gradient_format!r}")
+
+
 def check_quant_config(cfg) -> None:
     """Raise ValueError naming the first impossible setting of a QuantConfig."""
     if cfg.mode not in MODES:
@@ -65,6 +78,7 @@ def check_quant_config(cfg) -> None:
         raise ValueError(f"quant mode {cfg.mode!r} needs a weight_format or an activation_format")
     if cfg.gradient_format is not None and cfg.mode != "qat":
         raise ValueError(f"gradient_format only applies to mode 'qat', got mode {cfg.mode!r}")
+    check_gradient_rounding(cfg)
     if cfg.smoothquant_alpha is not None:
         if cfg.mode == "qat":
             raise ValueError("smoothquant_alpha needs calibrated activations: use mode 'ptq' or 'int'")

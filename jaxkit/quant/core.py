@@ -17,6 +17,15 @@ Scales are amax / (largest element) (computed as amax * float32(1 / largest));
 scales with a zero statistic are set to 1, so all-zero groups round-trip to
 zeros. E8M0 exponents are clamped to [-126, 127]: float32 holds 2**-127 only
 as a subnormal, which XLA flushes to zero.
+
+Elements round to nearest (ties to even) or, with rounding='stochastic' and a
+PRNG key, stochastically (jaxkit.quant.numerics): unbiased, which low-bit
+gradients need (Quartet, Castro et al. 2025). Stochastic rounding is unbiased
+only where nothing saturates, so it takes absmax scales and rounds the block
+scales up: the E8M0 exponent is the smallest with amax / scale <= the largest
+element (the OCP rule, floor(log2 amax) - emax, lets up to 8/6 of it through
+for FP4; Tseng et al. 2025 scale by 3/4 for the same end) and NV E4M3 block
+scales round up instead of to nearest.
 """
 from __future__ import annotations
 
@@ -32,6 +41,7 @@ from jaxkit.quant.numerics import floor_log2, round_to_element
 
 GRANULARITIES = ("tensor", "channel", "token", "block")
 SCALE_METHODS = ("absmax", "percentile", "mse")
+ROUNDINGS = ("nearest", "stochastic")
 MSE_RATIOS = tuple(float(r) for r in np.linspace(0.2, 1.0, 33))
 
 
@@ -117,10 +127,13 @@ def _recip(c: float) -> np.float32:
     return np.float32(1.0 / c)
 
 
-def _encode(xg, fmt: Format, stat, tensor_amax):
+def _encode(xg, fmt: Format, stat, tensor_amax, noise=None):
     """(codes, scale, zero, tensor_scale) of grouped xg for a per-group statistic:
-    amax for symmetric formats, (lo, hi) for asymmetric ones."""
+    amax for symmetric formats, (lo, hi) for asymmetric ones; noise: uniform
+    [0, 1) of xg's shape for stochastic rounding (symmetric formats), or None."""
     el = fmt.element
+    rounding = "nearest" if noise is None else "stochastic"
+    element = lambda v: round_to_element(v, el, rounding, noise)
     if fmt.asymmetric:
         lo, hi = stat
         scale = (hi - lo) * _recip(el.qmax - el.qmin)
@@ -132,22 +145,27 @@ def _encode(xg, fmt: Format, stat, tensor_amax):
     if fmt.scale_type == "fp32":
         scale = amax * _recip(el.max)
         scale = jnp.where(scale > 0, scale, 1.0)
-        return round_to_element(xg * (1.0 / scale), el), scale, None, None
+        return element(xg * (1.0 / scale)), scale, None, None
     if fmt.scale_type == "e8m0":
         # OCP MX: shared exponent floor(log2(amax)) - emax_elem, clamped to the
         # E8M0 range less 2**-127, which is subnormal in float32 (XLA flushes it).
         pos = amax > 0
-        x_exp = jnp.clip(floor_log2(jnp.where(pos, amax, 1.0)) - el.emax, -126, 127)
+        safe_amax = jnp.where(pos, amax, 1.0)
+        x_exp = floor_log2(safe_amax) - el.emax
+        if noise is not None:  # no saturation: one more where amax / scale > max
+            x_exp = jnp.where(jnp.ldexp(safe_amax, -x_exp) > el.max, x_exp + 1, x_exp)
+        x_exp = jnp.clip(x_exp, -126, 127)
         scale = jnp.ldexp(jnp.float32(1.0), jnp.where(pos, x_exp, 0))
-        return round_to_element(xg * (1.0 / scale), el), scale, None, None
+        return element(xg * (1.0 / scale)), scale, None, None
     # e4m3 block scales under an fp32 tensor scale (NVFP4 recipe): the tensor
     # scale maps the tensor's amax onto the top of the E4M3 x element range.
     ts = tensor_amax * _recip(el.max * E4M3.max)
     ts = jnp.where(ts > 0, ts, 1.0)
-    bs = round_to_element(amax * _recip(el.max) * (1.0 / ts), E4M3)
+    bs = round_to_element(amax * _recip(el.max) * (1.0 / ts), E4M3,
+                          "nearest" if noise is None else "up")
     denom = bs * ts
     safe = jnp.where(denom > 0, denom, 1.0)
-    return jnp.where(denom > 0, round_to_element(xg * (1.0 / safe), el), 0.0), bs, None, ts
+    return jnp.where(denom > 0, element(xg * (1.0 / safe)), 0.0), bs, None, ts
 
 
 def _dequant_groups(codes, scale, zero, ts):
@@ -202,6 +220,25 @@ def _mse_stat(xg, red, fmt, stat, tensor_amax):
     return _scale_stat(stat, best_r)
 
 
+def check_rounding(fmt: Format, rounding: str, key, scale_method: str, amax=None) -> None:
+    """Raise ValueError for a rounding request quantize cannot honour."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; choose one of {ROUNDINGS}")
+    if rounding == "nearest":
+        if key is not None:
+            raise ValueError("a PRNG key is only used with rounding 'stochastic'")
+        return
+    if key is None:
+        raise ValueError("rounding 'stochastic' needs a PRNG key")
+    # unbiased only without clipping: symmetric formats with absmax scales
+    if fmt.asymmetric:
+        raise ValueError(f"rounding 'stochastic' needs a symmetric format, got {fmt.name!r}")
+    if scale_method != "absmax" or amax is not None:
+        clipped = "a precomputed amax" if amax is not None else f"scale_method {scale_method!r}"
+        raise ValueError(f"rounding 'stochastic' is unbiased only without clipping: it needs "
+                         f"scale_method 'absmax' and no precomputed amax, got {clipped}")
+
+
 def _prepare(x, fmt, axis, granularity, block_size, scale_method, percentile):
     fmt = get_format(fmt)
     if scale_method not in SCALE_METHODS:
@@ -238,19 +275,23 @@ def tensor_statistic(x, fmt: str | Format, *, scale_method: str = "absmax",
     return tuple(s.reshape(()) for s in stat) if fmt.asymmetric else stat.reshape(())
 
 
-_STATIC = ("fmt", "axis", "granularity", "block_size", "scale_method", "percentile")
+_STATIC = ("fmt", "axis", "granularity", "block_size", "scale_method", "percentile", "rounding")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def quantize(x, fmt: str | Format, *, axis: int = -1, granularity: str | None = None,
              block_size: int | None = None, scale_method: str = "absmax",
-             percentile: float = 99.9, amax=None) -> QTensor:
+             percentile: float = 99.9, amax=None, rounding: str = "nearest",
+             key=None) -> QTensor:
     """Quantise ``x`` (computed in float32) into ``fmt``.
 
     amax: a precomputed (calibrated) statistic replacing the data's own:
     the absmax for symmetric formats, a (lo, hi) pair for asymmetric ones;
     only with granularity 'tensor' of a scalar format.
+    rounding: 'nearest', or 'stochastic' with ``key`` (a PRNG key) drawing
+    the noise (module docstring).
     """
+    check_rounding(get_format(fmt), rounding, key, scale_method, amax)
     fmt, x, grouping, xg, red, tensor_amax = _prepare(x, fmt, axis, granularity, block_size,
                                                       scale_method, percentile)
     if amax is not None:
@@ -261,7 +302,8 @@ def quantize(x, fmt: str | Format, *, axis: int = -1, granularity: str | None = 
             else jnp.asarray(amax, jnp.float32)
     else:
         stat = _data_stat(xg, red, fmt, scale_method, percentile, tensor_amax)
-    codes, scale, zero, ts = _encode(xg, fmt, stat, tensor_amax)
+    noise = None if key is None else jax.random.uniform(key, xg.shape, jnp.float32)
+    codes, scale, zero, ts = _encode(xg, fmt, stat, tensor_amax, noise)
     return QTensor(codes, scale, zero, ts, fmt, axis % x.ndim, tuple(x.shape))
 
 
@@ -286,14 +328,14 @@ def clip_range(q: QTensor):
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def fake_quant(x, fmt: str | Format, *, axis: int = -1, granularity: str | None = None,
                block_size: int | None = None, scale_method: str = "absmax",
-               percentile: float = 99.9, amax=None):
+               percentile: float = 99.9, amax=None, rounding: str = "nearest", key=None):
     """Quantise-dequantise with a clipped straight-through estimator: the value
     is the dequantised array; the gradient is 1 where x lies inside the
     representable range and 0 where it was clipped. Returns x's dtype.
     Arguments as for quantize."""
     q = quantize(jax.lax.stop_gradient(x), fmt, axis=axis, granularity=granularity,
                  block_size=block_size, scale_method=scale_method, percentile=percentile,
-                 amax=amax)
+                 amax=amax, rounding=rounding, key=key)
     deq = dequantize(q)
     lo, hi = clip_range(q)
     xf = x.astype(jnp.float32)

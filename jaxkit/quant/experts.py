@@ -66,6 +66,9 @@ def check_expert_quant(cfg: QuantConfig) -> None:
     fix = "remove 'experts' from model.quant.targets"
     if cfg.smoothquant_alpha is not None:
         raise ValueError(f"smoothquant_alpha is not supported for MoE experts ({fix})")
+    if cfg.gradient_rounding != "nearest":
+        raise ValueError(f"gradient_rounding {cfg.gradient_rounding!r} is not supported for MoE "
+                         f"experts ({fix}, or use gradient_rounding 'nearest')")
     if cfg.mode in ("ptq", "int") and cfg.activation_format is not None \
             and cfg.granularity == "tensor":
         raise ValueError("MoE experts quantise activations with dynamic scales; static "

@@ -3,7 +3,10 @@
 A Quantizer sits inside a Linear whose target the QuantConfig names. Modes:
 
 * 'qat'  fake-quantise weights/activations every step (clipped straight-
-         through gradients), optionally quantise the output gradient;
+         through gradients), optionally quantise the output gradient, to
+         nearest or (gradient_rounding 'stochastic') stochastically with a
+         PRNG key each layer keeps in its state and advances every training
+         call, so a run (and its resumption) draws the same noise;
 * 'ptq'  the same simulated forward, with static per-tensor activation scales
          and SmoothQuant factors taken from calibration (jaxkit.quant.calibrate);
 * 'int'  after jaxkit.quant.quantize_model: the weight lives as int8, packed
@@ -43,6 +46,11 @@ class QuantWeight(nnx.Variable):
     """Low-bit weight storage and its scales (mode 'int')."""
 
 
+class QuantRng(nnx.Variable):
+    """The raw PRNG key of a layer's stochastic gradient rounding, advanced by
+    each training call."""
+
+
 PHASES = ("run", "observe_channels", "observe_activations")
 
 
@@ -53,22 +61,32 @@ def quant_kwargs(cfg) -> dict:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def quantize_gradient(y, fmt_name: str):
+def quantize_gradient(y, fmt_name: str, key=None):
     """Identity forward; the backward quantise-dequantises the incoming
     gradient per row (the format's default groups) before it reaches the
-    matmul's backward."""
+    matmul's backward, so both backward matmuls (dx and dW) take it: to
+    nearest, or stochastically with noise drawn from ``key`` (a raw or typed
+    PRNG key; None: nearest)."""
     return y
 
 
-def _qg_fwd(y, fmt_name):
-    return y, None
+def _qg_fwd(y, fmt_name, key):
+    return y, key
 
 
-def _qg_bwd(fmt_name, _, g):
-    return (fake_quant(g, fmt_name, axis=-1),)
+def _qg_bwd(fmt_name, key, g):
+    rounding = "nearest" if key is None else "stochastic"
+    return fake_quant(g, fmt_name, axis=-1, rounding=rounding, key=key), None
 
 
 quantize_gradient.defvjp(_qg_fwd, _qg_bwd)
+
+
+def side_key(stream: nnx.RngStream) -> jax.Array:
+    """A key of its own for each point of a stream (derived from the key the
+    stream would give next) that leaves the stream where it is: switching
+    stochastic rounding on changes no initial weight."""
+    return jax.random.fold_in(jax.random.fold_in(stream.key[...], stream.count[...]), 1)
 
 
 class Quantizer(nnx.Module):
@@ -80,6 +98,10 @@ class Quantizer(nnx.Module):
         self.in_features, self.out_features = in_features, out_features
         self.signs = QuantScale(random_signs(rngs.params(), in_features)) if cfg.hadamard \
             else nnx.data(None)
+        stochastic = cfg.gradient_format is not None and cfg.gradient_rounding == "stochastic"
+        self.gradient_rng = QuantRng(jax.random.key_data(side_key(rngs.params))) \
+            if stochastic else nnx.data(None)
+        self.deterministic = True  # nnx's train/eval flag: the key advances in training only
         self.act_channel_max = nnx.data(None)  # QuantScale [in] for SmoothQuant
         self.act_stat = nnx.data(None)  # QuantScale: static per-tensor activation statistic
         self.stats = nnx.data(None)  # QuantStat dict while calibrating
@@ -187,8 +209,17 @@ class Quantizer(nnx.Module):
         y = jnp.dot(x.astype(compute_dtype), w.astype(compute_dtype),
                     preferred_element_type=jnp.float32).astype(compute_dtype)
         if c.gradient_format is not None:
-            y = quantize_gradient(y, c.gradient_format)
+            y = quantize_gradient(y, c.gradient_format, self._gradient_key())
         return y
+
+    def _gradient_key(self):
+        """This call's key for stochastic gradient rounding (None: to nearest)."""
+        if self.gradient_rng is None:
+            return None
+        key, sub = jax.random.split(jax.random.wrap_key_data(self.gradient_rng[...]))
+        if not self.deterministic:
+            self.gradient_rng[...] = jax.random.key_data(key)
+        return sub
 
     # ------------------------------------------------------------ mode 'int'
     def convert(self, kernel) -> None:

@@ -119,14 +119,25 @@ def _params(cfg: _Config):
     return None if cfg.interpret else compat.triton_compiler_params(num_warps=4, num_stages=2)
 
 
-def _sequential_specs(B, H, Sp, Dk, bv, N):
-    """(row of one head whole, its value-column tile, the b row, a [Dk, bv]
-    state tile, all N states' tile) for the grid (B, H, value tiles)."""
-    return (pl.BlockSpec((None, Sp, None, Dk), lambda b, h, j: (b, 0, h, 0)),
-            pl.BlockSpec((None, Sp, None, bv), lambda b, h, j: (b, 0, h, j)),
-            pl.BlockSpec((None, None, Sp), lambda b, h, j: (b, h, 0)),
-            pl.BlockSpec((None, None, Dk, bv), lambda b, h, j: (b, h, 0, j)),
-            pl.BlockSpec((None, None, N, Dk, bv), lambda b, h, j: (b, h, 0, 0, j)))
+def _sequential_call(kernel, name, cfg: _Config, rows, columns, b, state):
+    """A kernel walking the chunks of each (batch, head, value tile): rows
+    [B,Sp,H,Dk] (k or q) whole, columns [B,Sp,H,Dv] (v or dO) and a
+    [B,H,Dk,Dv] state by value tiles, b [B,H,Sp] whole -> (one [Dk, Dv]
+    float32 state per chunk [B,H,N,Dk,Dv], one [B,H,Dk,Dv] float32 state)."""
+    B, Sp, H, Dk = rows.shape
+    Dv, N, bv = columns.shape[-1], cfg.chunks, cfg.block_v
+    state_tile = pl.BlockSpec((None, None, Dk, bv), lambda b, h, j: (b, h, 0, j))
+    return pl.pallas_call(
+        functools.partial(kernel, cfg=cfg), grid=(B, H, Dv // bv),
+        in_specs=[pl.BlockSpec((None, Sp, None, Dk), lambda b, h, j: (b, 0, h, 0)),
+                  pl.BlockSpec((None, Sp, None, bv), lambda b, h, j: (b, 0, h, j)),
+                  pl.BlockSpec((None, None, Sp), lambda b, h, j: (b, h, 0)), state_tile],
+        out_specs=[pl.BlockSpec((None, None, N, Dk, bv), lambda b, h, j: (b, h, 0, 0, j)),
+                   state_tile],
+        out_shape=[jax.ShapeDtypeStruct((B, H, N, Dk, Dv), jnp.float32),
+                   jax.ShapeDtypeStruct((B, H, Dk, Dv), jnp.float32)],
+        interpret=cfg.interpret, compiler_params=_params(cfg), name=name,
+    )(rows, columns, b, state)
 
 
 def _chunk_specs(Dk, Dv, C):
@@ -136,11 +147,6 @@ def _chunk_specs(Dk, Dv, C):
             pl.BlockSpec((None, C, None, Dv), lambda b, h, n: (b, n, h, 0)),
             pl.BlockSpec((None, None, C), lambda b, h, n: (b, h, n)),
             pl.BlockSpec((None, None, None, Dk, Dv), lambda b, h, n: (b, h, n, 0, 0)))
-
-
-def _state_shapes(B, H, N, Dk, Dv):
-    return [jax.ShapeDtypeStruct((B, H, N, Dk, Dv), jnp.float32),
-            jax.ShapeDtypeStruct((B, H, Dk, Dv), jnp.float32)]
 
 
 def _chunk_cumsum(g, chunk):
@@ -153,15 +159,9 @@ def _forward(q, k, v, g, h0, cfg: _Config):
     """Padded q, k [B,Sp,H,Dk], v [B,Sp,H,Dv], g [B,H,Sp] float32, h0 -> (out,
     states entering each chunk, final state, within-chunk cumulative decay)."""
     B, Sp, H, Dk = q.shape
-    Dv, C, N, bv = v.shape[-1], cfg.chunk, cfg.chunks, cfg.block_v
+    Dv, C, N = v.shape[-1], cfg.chunk, cfg.chunks
     b = _chunk_cumsum(g, C)
-    whole_k, tile_v, b_row, state_tile, states_tile = _sequential_specs(B, H, Sp, Dk, bv, N)
-    states, final = pl.pallas_call(
-        functools.partial(_states_kernel, cfg=cfg), grid=(B, H, Dv // bv),
-        in_specs=[whole_k, tile_v, b_row, state_tile], out_specs=[states_tile, state_tile],
-        out_shape=_state_shapes(B, H, N, Dk, Dv), interpret=cfg.interpret,
-        compiler_params=_params(cfg), name="linear_attention_states",
-    )(k, v, b, h0)
+    states, final = _sequential_call(_states_kernel, "linear_attention_states", cfg, k, v, b, h0)
     k_chunk, v_chunk, b_chunk, state = _chunk_specs(Dk, Dv, C)
     out = pl.pallas_call(
         functools.partial(_outputs_kernel, cfg=cfg), grid=(B, H, N),
@@ -175,14 +175,9 @@ def _forward(q, k, v, g, h0, cfg: _Config):
 def _backward(q, k, v, b, states, do, dfinal, cfg: _Config):
     """-> (dq, dk float32, dv, dL/dh_0)."""
     B, Sp, H, Dk = q.shape
-    Dv, C, N, bv = v.shape[-1], cfg.chunk, cfg.chunks, cfg.block_v
-    whole_q, tile_do, b_row, state_tile, states_tile = _sequential_specs(B, H, Sp, Dk, bv, N)
-    dstates, dinit = pl.pallas_call(
-        functools.partial(_dstates_kernel, cfg=cfg), grid=(B, H, Dv // bv),
-        in_specs=[whole_q, tile_do, b_row, state_tile], out_specs=[states_tile, state_tile],
-        out_shape=_state_shapes(B, H, N, Dk, Dv), interpret=cfg.interpret,
-        compiler_params=_params(cfg), name="linear_attention_dstates",
-    )(q, do, b, dfinal)
+    Dv, C, N = v.shape[-1], cfg.chunk, cfg.chunks
+    dstates, dinit = _sequential_call(_dstates_kernel, "linear_attention_dstates", cfg, q, do, b,
+                                      dfinal)
     k_chunk, v_chunk, b_chunk, state = _chunk_specs(Dk, Dv, C)
     dq, dk, dv = pl.pallas_call(
         functools.partial(_grads_kernel, cfg=cfg), grid=(B, H, N),

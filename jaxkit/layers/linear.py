@@ -27,7 +27,11 @@ class Linear(nnx.Module):
     ``target`` ('q', 'k', 'v', 'o', 'mlp', 'experts', 'head') among its
     targets, a jaxkit.quant.Quantizer applies it (QAT/PTQ fake quantisation,
     or low-bit storage after jaxkit.quant.quantize_model, which sets kernel to
-    None)."""
+    None).
+
+    sparsity: None, or what jaxkit.sparsity.sparsify_linears sets (an
+    NMSparsity): a callable that maps the kernel to the N:M pruned weight
+    every matmul of the layer uses, dense or through the quantizer."""
 
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str],
                  rngs: nnx.Rngs, param_dtype=jnp.float32, compute_dtype=jnp.bfloat16,
@@ -42,13 +46,21 @@ class Linear(nnx.Module):
         active = quant is not None and quant.mode != "none" and target in quant.targets
         self.quantizer = Quantizer(in_features, out_features, quant, rngs=rngs) if active \
             else nnx.data(None)
+        self.sparsity = None
+
+    def weight(self) -> jax.Array | None:
+        """The float kernel as the matmul uses it (N:M pruned when sparse), or
+        None once converted to low-bit storage."""
+        if self.kernel is None:
+            return None
+        kernel = self.kernel[...]
+        return kernel if self.sparsity is None else self.sparsity(kernel)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.quantizer is not None:
-            kernel = None if self.kernel is None else self.kernel[...]
-            return self.quantizer(x, kernel, self.compute_dtype)
+            return self.quantizer(x, self.weight(), self.compute_dtype)
         # Output in the compute dtype (the GEMM still accumulates in float32):
         # a float32 output would make the backward's cotangent float32 and turn
         # both gradient matmuls into float32 GEMMs.
-        w = self.kernel[...].astype(self.compute_dtype)
+        w = self.weight().astype(self.compute_dtype)
         return jnp.dot(x.astype(self.compute_dtype), w)

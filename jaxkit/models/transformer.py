@@ -22,6 +22,7 @@ from jaxkit.layers.linear import param
 from jaxkit.layers.linear_attention import LinearAttention
 from jaxkit.quant.config_check import check_head_target
 from jaxkit.sharding import RESIDUAL, constrain
+from jaxkit.sparsity import sparsify_linears
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -152,6 +153,7 @@ class Transformer(nnx.Module):
         self.head = None if cfg.tie_embeddings else Linear(
             cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs, param_dtype=pd,
             compute_dtype=DTYPES[cfg.compute_dtype], quant=cfg.quant, target="head")
+        sparsify_linears(self, cfg.sparsity)
 
     def __call__(self, tokens, positions=None, segment_ids=None):
         """tokens int [B, S] -> (logits float32 [B, S, vocab], aux dict).
@@ -240,7 +242,7 @@ class Transformer(nnx.Module):
             return constrain(self.embed[...], ("vocab", None)).astype(cd).T
         if self.head.quantizer is not None:
             return None
-        return self.head.kernel[...].astype(cd)
+        return self.head.weight().astype(cd)
 
     def _layers(self, x, positions, segment_ids):
         """Runs every block; returns x and the per-layer aux dicts in layer order."""

@@ -13,6 +13,7 @@ from jaxkit.lora import merge_lora
 from jaxkit.models.transformer import DTYPES
 from jaxkit.run.load import load_run
 from jaxkit.run.lora import load_lora_run
+from jaxkit.sparsity import prune_linears
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,15 @@ def export_run(cfg: Config, run_dir: str | Path, out: str | Path, *, step: int |
     if cfg.lora.base is not None:
         return _export_lora(cfg, run_dir, out, step, devices)
     run = load_run(cfg, run_dir, step, devices=devices)
-    export_params(run.params, out)
+    params = run.params
+    if cfg.model.sparsity.enabled:  # the pruned weights the forward multiplies by
+        model = run.model()
+        zeros = prune_linears(model)
+        params = nnx.state(model, nnx.Param)
+        sp = cfg.model.sparsity
+        log.info("export: %d:%d sparse weights of %s, %.2f%% zeros", sp.n, sp.m,
+                 ", ".join(sp.targets), 100 * zeros)
+    export_params(params, out)
     return run.step
 
 

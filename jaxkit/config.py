@@ -63,10 +63,31 @@ def ranged(default, spec: str):
 
 
 @dataclasses.dataclass(frozen=True)
+class SparseAttentionConfig:
+    """Block-sparse softmax attention in chosen layers (jaxkit.layers.sparse_attention,
+    docs/design/block-selection.md): a policy lists each query block's key
+    blocks from the layer's own q and k; decoding stays dense."""
+    policy: Literal["none", "window_sinks", "infllm_v2", "proxy"] = "none"
+    block_size: int = ranged(64, ">= 16")  # query and key block, in tokens; a power of two
+    window: int = ranged(64, ">= 1")  # tokens up to each block's end kept, in whole blocks
+    sinks: int = ranged(64, ">= 0")  # the first tokens every query block keeps, in whole blocks
+    # infllm_v2, proxy: key blocks a query block keeps (window and sinks
+    # included; proxy: per query head on average over its group)
+    top_k_blocks: int = ranged(16, ">= 1")
+    dense_below: int = ranged(0, ">= 0")  # infllm_v2, proxy: dense up to this many tokens
+    group_score: Literal["max", "mean"] = "max"  # infllm_v2: over a kv group's query heads
+    proxy_heads: int = ranged(0, ">= 0")  # proxy: a group's first n query heads rank (0: all)
+    coverage: float = ranged(0.9, "(0, 1]")  # proxy: score mass a head's demand covers
+    every: int = ranged(1, ">= 1")  # sparse attention in every k-th softmax layer
+    first_layer: int = ranged(0, ">= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     implementation: Literal["auto", "xla", "cudnn", "pallas", "mosaic_gpu", "blockspec"] = "auto"
     sliding_window: int | None = ranged(None, ">= 1")
     logit_softcap: float | None = ranged(None, "> 0")
+    sparse: SparseAttentionConfig = dataclasses.field(default_factory=SparseAttentionConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +198,11 @@ class ModelConfig:
     def is_linear_layer(self, layer: int) -> bool:
         k = self.softmax_every
         return self.mixer == "linear" and not (k and layer % k == k - 1)
+
+    def is_sparse_attention_layer(self, layer: int) -> bool:
+        sp = self.attention.sparse
+        return (sp.policy != "none" and not self.is_linear_layer(layer) and layer >= sp.first_layer
+                and (layer - sp.first_layer) % sp.every == 0)
 
     def is_moe_layer(self, layer: int) -> bool:
         m = self.moe
@@ -514,6 +540,7 @@ def validate(cfg: Config) -> None:
     _require(m.dim_per_head % 2 == 0, f"head dim {m.dim_per_head} must be even for rotary embeddings")
     a = m.attention
     _validate_mixer(cfg)
+    _validate_sparse_attention(m)
     e = m.moe
     if e.num_experts:
         _require(e.top_k <= e.num_experts,
@@ -570,6 +597,29 @@ def _validate_sparsity(cfg: Config) -> None:
              "set model.quant.hadamard=false")
     _require(cfg.lora.base is None, "model.sparsity trains the whole model from scratch; it "
              "cannot be combined with lora.base")
+
+
+def _validate_sparse_attention(m: ModelConfig) -> None:
+    a, sp = m.attention, m.attention.sparse
+    if sp.policy == "none":
+        return
+    key = "model.attention.sparse"
+    _require(sp.block_size & (sp.block_size - 1) == 0,
+             f"{key}.block_size must be a power of two, got {sp.block_size}")
+    _require(a.implementation != "cudnn", f"{key} runs block_sparse_attention, which has no "
+             "'cudnn' implementation: set model.attention.implementation to auto, pallas or xla")
+    _require(a.sliding_window is None and a.logit_softcap is None, f"{key} does not combine with "
+             "model.attention.sliding_window or logit_softcap (policy window_sinks is a window)")
+    _require(any(m.is_sparse_attention_layer(i) for i in range(m.num_layers)),
+             f"{key} (first_layer {sp.first_layer}, every {sp.every}) selects no softmax layer "
+             f"of the {m.num_layers}")
+    if sp.policy in ("infllm_v2", "proxy"):
+        forced = -(-sp.window // sp.block_size) + -(-sp.sinks // sp.block_size)
+        _require(sp.top_k_blocks >= forced, f"{key}.top_k_blocks ({sp.top_k_blocks}) must cover "
+                 f"the {forced} window and sink blocks it always keeps")
+    group = m.num_heads // m.kv_heads
+    _require(sp.proxy_heads <= group, f"{key}.proxy_heads ({sp.proxy_heads}) exceeds the "
+             f"{group} query heads per kv head")
 
 
 def _validate_mixer(cfg: Config) -> None:

@@ -1,7 +1,9 @@
 """Grouped-query self-attention with rotary embeddings; the attention core is
 pallas_kernels.flash_attention, so the implementation is a config choice.
-With a KV cache (generation) the decode steps attend through
-pallas_kernels.decode_attention."""
+A layer built with sparse=True attends block-sparsely instead
+(model.attention.sparse: jaxkit.layers.sparse_attention), in training and
+prefill. With a KV cache (generation) the decode steps attend through
+pallas_kernels.decode_attention, densely: a decode step is one query."""
 from __future__ import annotations
 
 from flax import nnx
@@ -9,6 +11,7 @@ from flax import nnx
 from jaxkit.config import AttentionConfig
 from jaxkit.layers.linear import Linear
 from jaxkit.layers.rope import apply_rope
+from jaxkit.layers.sparse_attention import sparse_self_attention
 from jaxkit.sharding import per_shard
 from pallas_kernels.attention import flash_attention
 from pallas_kernels.decode_attention import decode_attention
@@ -19,7 +22,7 @@ HEADS = ("batch", None, "act_heads", None)  # [batch, length, heads, head_dim]
 class Attention(nnx.Module):
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  cfg: AttentionConfig, rope_theta: float, rngs: nnx.Rngs, param_dtype,
-                 compute_dtype, out_std: float | None = None, quant=None):
+                 compute_dtype, out_std: float | None = None, quant=None, sparse: bool = False):
         kw = dict(rngs=rngs, param_dtype=param_dtype, compute_dtype=compute_dtype, quant=quant)
         self.q = Linear(d_model, num_heads * head_dim, axes=("embed", "heads"), target="q", **kw)
         self.k = Linear(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), target="k",
@@ -30,6 +33,7 @@ class Attention(nnx.Module):
                         target="o", **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.cfg, self.rope_theta = cfg, rope_theta
+        self.sparse = cfg.sparse if sparse else None
 
     def __call__(self, x, positions, segment_ids=None):
         q, k, v = self._project(x, positions)
@@ -68,10 +72,16 @@ class Attention(nnx.Module):
 
     def _flash(self, q, k, v, segment_ids):
         # Per shard on a mesh: XLA cannot split a Pallas kernel itself.
-        attend = per_shard(lambda q, k, v, seg: flash_attention(
-            q, k, v, causal=True, segment_ids=seg, sliding_window=self.cfg.sliding_window,
-            logit_softcap=self.cfg.logit_softcap, implementation=self.cfg.implementation),
-            in_axes=(HEADS, HEADS, HEADS, ("batch", None)), out_axes=HEADS)
+        if self.sparse is not None:
+            def core(q, k, v, seg):
+                return sparse_self_attention(q, k, v, seg, self.sparse, self.cfg.implementation)
+        else:
+            def core(q, k, v, seg):
+                return flash_attention(q, k, v, causal=True, segment_ids=seg,
+                                       sliding_window=self.cfg.sliding_window,
+                                       logit_softcap=self.cfg.logit_softcap,
+                                       implementation=self.cfg.implementation)
+        attend = per_shard(core, in_axes=(HEADS, HEADS, HEADS, ("batch", None)), out_axes=HEADS)
         return attend(q, k, v, segment_ids)
 
     def _output(self, out):

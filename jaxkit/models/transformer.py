@@ -45,7 +45,7 @@ class Block(nnx.Module):
             self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head,
                                   cfg=cfg.attention, rope_theta=cfg.rope_theta, rngs=rngs,
                                   param_dtype=pd, compute_dtype=cd, out_std=out_std,
-                                  quant=cfg.quant)
+                                  quant=cfg.quant, sparse=cfg.is_sparse_attention_layer(layer))
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
         self.is_moe = cfg.is_moe_layer(layer)
         if self.is_moe:

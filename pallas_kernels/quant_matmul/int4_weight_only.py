@@ -53,11 +53,11 @@ def _kernel(x_even_ref, x_odd_ref, p_ref, s_ref, *rest, g2: int, steps: int,
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "out_dtype", "block_n", "split_k",
-                                             "interpret", "num_warps", "num_stages"))
+@functools.partial(jax.jit, static_argnames=("group_size", "out_dtype", "block_m", "block_n",
+                                             "split_k", "interpret", "num_warps", "num_stages"))
 def int4_weight_only_pallas(x, packed, scales, zeros=None, *, group_size: int, out_dtype=None,
-                            block_n: int = 128, split_k: int = 1, interpret: bool = False,
-                            num_warps: int = 4, num_stages: int = 3):
+                            block_m: int = 64, block_n: int = 128, split_k: int = 1,
+                            interpret: bool = False, num_warps: int = 4, num_stages: int = 3):
     M, K = x.shape
     N, half = packed.shape
     g = group_size
@@ -67,10 +67,13 @@ def int4_weight_only_pallas(x, packed, scales, zeros=None, *, group_size: int, o
     groups = K // g
     if groups % split_k:
         raise ValueError(f"split_k={split_k} must divide the {groups} groups of K")
-    bn = pow2_block(N, block_n)
+    bn, bm = pow2_block(N, block_n), pow2_block(M, block_m)
     check_block("block_n", bn)
-    # x is one block of rows: Triton wants its row count a power of two too.
-    Mp, Np = pow2_block(M, M), round_up(N, bn)
+    check_block("block_m", bm)
+    # Decode batches are one block of rows (a power of two, as Triton wants);
+    # a prefill's rows are tiled, since the pipeline's x tiles grow with the
+    # block's rows and 1024 of them overflow shared memory.
+    Mp, Np = round_up(M, bm), round_up(N, bn)
     steps = groups // split_k  # groups per program
     span = steps * g // 2  # packed columns per program
     x_even = pad_to(x[:, 0::2], (Mp, half))
@@ -79,13 +82,13 @@ def int4_weight_only_pallas(x, packed, scales, zeros=None, *, group_size: int, o
     s = pad_to(scales.astype(jnp.float32), (groups, Np))
     asymmetric = zeros is not None
     operands = [x_even, x_odd, p, s]
-    in_specs = [pl.BlockSpec((Mp, span), lambda j, c: (0, c)),
-                pl.BlockSpec((Mp, span), lambda j, c: (0, c)),
-                pl.BlockSpec((bn, span), lambda j, c: (j, c)),
-                pl.BlockSpec((steps, bn), lambda j, c: (c, j))]
+    in_specs = [pl.BlockSpec((bm, span), lambda i, j, c: (i, c)),
+                pl.BlockSpec((bm, span), lambda i, j, c: (i, c)),
+                pl.BlockSpec((bn, span), lambda i, j, c: (j, c)),
+                pl.BlockSpec((steps, bn), lambda i, j, c: (c, j))]
     if asymmetric:
         operands.append(pad_to(zeros.astype(jnp.float32), (groups, Np)))
-        in_specs.append(pl.BlockSpec((steps, bn), lambda j, c: (c, j)))
+        in_specs.append(pl.BlockSpec((steps, bn), lambda i, j, c: (c, j)))
     params = {} if interpret else dict(
         compiler_params=compat.triton_compiler_params(num_warps=num_warps, num_stages=num_stages))
     out_dtype = out_dtype or x.dtype
@@ -93,9 +96,9 @@ def int4_weight_only_pallas(x, packed, scales, zeros=None, *, group_size: int, o
     # sums, added by XLA.
     partial_sums = pl.pallas_call(
         functools.partial(_kernel, g2=g // 2, steps=steps, asymmetric=asymmetric),
-        grid=(Np // bn, split_k),
+        grid=(Mp // bm, Np // bn, split_k),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, Mp, bn), lambda j, c: (c, 0, j)),
+        out_specs=pl.BlockSpec((None, bm, bn), lambda i, j, c: (c, i, j)),
         out_shape=jax.ShapeDtypeStruct((split_k, Mp, Np),
                                        out_dtype if split_k == 1 else jnp.float32),
         interpret=interpret, **params,

@@ -31,8 +31,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).with_name("results")
 OUTPUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
-ORDER = ("attention", "decode_attention", "grouped_matmul", "quant_matmul", "quant_grouped_matmul",
-         "training")
+ORDER = ("attention", "decode_attention", "block_sparse_attention", "linear_attention",
+         "grouped_matmul", "quant_matmul", "quant_grouped_matmul", "training", "generation")
 TABLE_FIELDS = {"title": str, "device": str, "jax_version": str, "date": str, "command": str,
                 "peers": list, "setup": list, "columns": list, "rows": list, "notes": list}
 DATE = re.compile(r"\d{4}-\d{2}-\d{2}")

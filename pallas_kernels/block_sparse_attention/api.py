@@ -5,9 +5,7 @@ implementation (the shared rule of pallas_kernels.dispatch):
                builds the dense [Sq, Sk] mask, so for tests and small shapes);
   'mosaic_gpu' the Hopper forward kernel of mosaic_gpu.py with the portable
                backward (bf16/f16, head_dim 64 or 128, block_k 64 or 128;
-               compiled only). Not yet run on a GPU: 'pallas' and 'auto' pass
-               it over until it is verified (``mosaic_gpu.VERIFIED``); naming
-               it runs it;
+               compiled only);
   'blockspec'  the portable kernels of blockspec.py (compiled on a GPU,
                interpreted on CPU; block sizes powers of two >= 16);
   'pallas'     'mosaic_gpu' where it takes the call, else 'blockspec';
@@ -29,8 +27,7 @@ from pallas_kernels.shapes import cdiv
 
 def _mosaic_problem(args):
     return mosaic_gpu.supports(args.q, args.k, args.v, block_q=args.block_q,
-                               block_k=args.block_k, list_heads=args.list_heads,
-                               named=args.named)
+                               block_k=args.block_k, list_heads=args.list_heads)
 
 
 def _blockspec_problem(args):
@@ -121,8 +118,7 @@ def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_q: int
                            num_q_blocks=cdiv(S, block_q), num_kv_blocks=cdiv(T, block_k))
     segment_ids = _normalize_segment_ids(segment_ids, q, k)
     impl, interpret = TABLE.resolve(implementation, interpret, q=q, k=k, v=v, block_q=block_q,
-                                    block_k=block_k, list_heads=idx.shape[1],
-                                    named=implementation == "mosaic_gpu")
+                                    block_k=block_k, list_heads=idx.shape[1])
     kwargs = dict(block_q=block_q, block_k=block_k, causal=causal, softmax_scale=softmax_scale)
     if impl == "xla":
         return block_sparse_attention_reference(q, k, v, idx, cnt, segment_ids=segment_ids,

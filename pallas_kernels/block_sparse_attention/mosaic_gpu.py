@@ -20,10 +20,6 @@ run without the mask; the rest are masked (causal, segment ids, padding).
 Online softmax in base 2, as the attention forward. The logsumexp it writes
 feeds the portable dQ and dK/dV kernels (blockspec.backward), compiled
 through Triton: there is no Hopper backward kernel yet.
-
-Not yet run on a GPU: it lowers for CUDA on CPU (tests and
-``python -m pallas_kernels.fingerprint``), but until its GPU tests pass,
-``VERIFIED`` is False and 'pallas'/'auto' take the portable kernels instead.
 """
 from __future__ import annotations
 
@@ -46,7 +42,6 @@ from pallas_kernels.attention.tuning import KernelBlocks
 from pallas_kernels.block_sparse_attention import blockspec
 from pallas_kernels.block_sparse_attention.lists import unmasked_prefix
 
-VERIFIED = False  # set once the compiled tests pass on an H100 or H200
 ROWS = 64         # query rows a consumer owns (wgmma M)
 HEAD_DIMS = (64, 128)
 BLOCK_KS = (64, 128)
@@ -54,10 +49,9 @@ DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 STAGES = 2
 
 
-def supports(q, k, v, *, block_q: int, block_k: int, list_heads: int, named: bool) -> str | None:
+def supports(q, k, v, *, block_q: int, block_k: int, list_heads: int) -> str | None:
     """None when the Hopper forward takes this call, else why (the device is
-    the dispatcher's to check). ``named``: implementation='mosaic_gpu' was
-    asked for by name, which runs the kernel before it is verified."""
+    the dispatcher's to check)."""
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
         return f"needs bfloat16 or float16 q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}"
     if q.shape[-1] not in HEAD_DIMS:
@@ -69,9 +63,6 @@ def supports(q, k, v, *, block_q: int, block_k: int, list_heads: int, named: boo
         return (f"block_q={block_q} must be a multiple of {ROWS} and a list row must serve a "
                 f"multiple of {CONSUMERS * ROWS} query rows (block_q x query heads a list "
                 f"row serves = {rows})")
-    if not VERIFIED and not named:
-        return ("the Hopper kernel has not yet run on a GPU; name implementation='mosaic_gpu' "
-                "to run it")
     return None
 
 

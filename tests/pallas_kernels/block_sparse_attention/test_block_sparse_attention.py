@@ -156,23 +156,24 @@ def _tiny(dtype=jnp.float32, D=16, HL=2):
 
 def test_auto_is_the_reference_on_cpu_and_pallas_the_portable_kernel():
     args = dict(q=_tiny()[0], k=_tiny()[1], v=_tiny()[1], block_q=32, block_k=32,
-                list_heads=2, named=False)
+                list_heads=2)
     assert api.TABLE.resolve("auto", **args) == Choice("xla", False)
     assert api.TABLE.resolve("pallas", **args) == Choice("blockspec", True)
     with pytest.raises(ValueError, match="'mosaic_gpu' cannot run .* needs bfloat16"):
-        api.TABLE.resolve("mosaic_gpu", **{**args, "named": True})
+        api.TABLE.resolve("mosaic_gpu", **args)
 
 
-def test_pallas_passes_over_the_unverified_hopper_kernel(monkeypatch):
+def test_pallas_takes_the_hopper_kernel_where_it_runs(monkeypatch):
     monkeypatch.setattr(compat, "platform", lambda: "gpu")
     monkeypatch.setattr(compat, "is_hopper", lambda: True)
     q, k, v, _, _ = _tiny(jnp.bfloat16, D=128)
     args = dict(q=q, k=k, v=v, block_q=64, block_k=64, list_heads=1)
-    assert api.TABLE.resolve("pallas", **args, named=False) == Choice("blockspec", False)
-    assert api.TABLE.resolve("mosaic_gpu", **args, named=True) == Choice("mosaic_gpu", False)
+    assert api.TABLE.resolve("pallas", **args) == Choice("mosaic_gpu", False)
+    assert api.TABLE.resolve("mosaic_gpu", **args) == Choice("mosaic_gpu", False)
     # Per query head, block_q 64 leaves one consumer without rows.
     with pytest.raises(ValueError, match="multiple of 128 query rows .* = 64"):
-        api.TABLE.resolve("mosaic_gpu", **{**args, "list_heads": 2}, named=True)
+        api.TABLE.resolve("mosaic_gpu", **{**args, "list_heads": 2})
+    assert api.TABLE.resolve("pallas", **{**args, "list_heads": 2}) == Choice("blockspec", False)
 
 
 # ---------------------------------------------------------------------------

@@ -61,13 +61,6 @@ def test_supports_names_what_it_cannot_take(dtype, D, block_q, block_k, list_hea
     q = jnp.ones((1, 256, 4, D), dtype)
     k = jnp.ones((1, 256, 2, D), dtype)
     assert needle in mosaic_gpu.supports(q, k, k, block_q=block_q, block_k=block_k,
-                                         list_heads=list_heads, named=True)
+                                         list_heads=list_heads)
 
 
-def test_unverified_kernel_runs_only_when_named():
-    q = jnp.ones((1, 256, 4, 128), BF16)
-    k = jnp.ones((1, 256, 2, 128), BF16)
-    kwargs = dict(block_q=128, block_k=128, list_heads=4)
-    assert mosaic_gpu.supports(q, k, k, **kwargs, named=True) is None
-    reason = mosaic_gpu.supports(q, k, k, **kwargs, named=False)
-    assert (reason is None) == mosaic_gpu.VERIFIED

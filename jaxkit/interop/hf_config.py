@@ -154,6 +154,15 @@ def _check_exportable(m: ModelConfig) -> None:
     if m.attention.logit_softcap is not None:
         raise ConversionError(f"model.attention.logit_softcap {m.attention.logit_softcap} has no "
                               "equivalent in Llama, Mistral or Mixtral")
+    if m.mixer != "softmax":
+        raise ConversionError(f"model.mixer {m.mixer!r}: Llama, Mistral and Mixtral have softmax "
+                              "attention in every layer")
+    if m.attention.sparse.policy != "none":
+        raise ConversionError(f"model.attention.sparse.policy {m.attention.sparse.policy!r}: "
+                              "Llama, Mistral and Mixtral attend densely")
+    if m.sparsity.enabled:
+        raise ConversionError("model.sparsity: export the run with `jaxkit export` (it writes the "
+                              "pruned weights), then convert a config without sparsity")
     e = m.moe
     if not e.num_experts:
         return

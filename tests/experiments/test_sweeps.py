@@ -17,7 +17,7 @@ from jaxkit.sweep.plan import load_sweep, resolve
 
 ROOT = Path(__file__).parents[2]
 SWEEPS = {"moe_balance": 3, "quant_formats": 14, "attention_training": 3, "lr_schedules": 5,
-          "moe_load_balancing": 4}
+          "moe_load_balancing": 4, "nm_sparsity": 4, "fp4_training": 6, "int_vs_fp_formats": 6}
 
 
 @pytest.mark.parametrize("name", SWEEPS)

@@ -136,6 +136,10 @@ BAD_JAXKIT = {
                      "model.attention.logit_softcap 30.0 has no equivalent"),
     "quantised": (["model.quant.mode=qat", "model.quant.weight_format=int8"],
                   "model.quant.mode 'qat': only float models convert"),
+    "linear attention": (["model.mixer=linear"], "model.mixer 'linear': Llama, Mistral"),
+    "block-sparse attention": (["model.attention.sparse.policy=window_sinks"],
+                               "model.attention.sparse.policy 'window_sinks'"),
+    "N:M sparsity": (["model.sparsity.enabled=true"], "model.sparsity: export the run"),
 }
 
 

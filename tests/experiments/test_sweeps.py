@@ -17,7 +17,7 @@ from jaxkit.sweep.plan import load_sweep, resolve
 
 ROOT = Path(__file__).parents[2]
 SWEEPS = {"moe_balance": 3, "quant_formats": 14, "attention_training": 3, "lr_schedules": 5,
-          "moe_load_balancing": 4, "nm_sparsity": 4, "fp4_training": 6, "int_vs_fp_formats": 6}
+          "moe_load_balancing": 5, "nm_sparsity": 4, "fp4_training": 6, "int_vs_fp_formats": 6}
 
 
 @pytest.mark.parametrize("name", SWEEPS)
@@ -45,8 +45,10 @@ def test_moe_load_balancing_arms():
     arms = [(c.model.moe.router, c.model.moe.aux_loss_weight, c.model.moe.bias_update_rate)
             for c in configs]
     assert arms[0][:2] == ("topk_softmax", 0.01)
-    assert arms[1:] == [("sigmoid_bias", 0.0, 0.001), ("sigmoid_bias", 0.0, 0.01),
-                        ("sigmoid_bias", 0.0, 0.0)]
+    assert arms[1:4] == [("sigmoid_bias", 0.0, 0.001), ("sigmoid_bias", 0.0, 0.01),
+                         ("sigmoid_bias", 0.0, 0.0)]
+    assert arms[4][:2] == ("topk_softmax", 0.01)
+    assert [c.model.moe.center_router_input for c in configs] == [False] * 4 + [True]
     assert {c.model.num_layers for c in configs} == {16}  # configs/moe_1b.yaml
 
 

@@ -23,6 +23,7 @@ from flax import nnx
 from jaxkit.generate import cache as kv
 from jaxkit.generate import kivi
 from jaxkit.generate import sampling
+from jaxkit.generate.fuse import fuse_projections
 from jaxkit.generate.pages import PageAllocator, assign_pages, pages_for
 from jaxkit.layers import Linear
 from jaxkit.layers.moe import MoE
@@ -113,7 +114,8 @@ class Engine:
 
     model: a jaxkit Transformer (scanned layers are unrolled, MoE layers
     route every token to its experts without capacity drops, as one
-    token's result must not depend on the batch); kv_cache: a
+    token's result must not depend on the batch; projections that share an
+    input run as one matmul: jaxkit.generate.fuse); kv_cache: a
     generate.kv_cache choice; paged with page_size: a page pool per layer;
     implementation: decode_attention's."""
 
@@ -131,6 +133,7 @@ class Engine:
                                      "tokens, later ones included, so it cannot decode")
                 m.cfg = dataclasses.replace(m.cfg, dispatch="dropless")
         cast_weights(model)
+        fuse_projections(model)  # launch-bound decode: q|k|v and gate|up as one matmul each
         self.cfg = model.cfg
         self.graphdef, self.state = nnx.split(model)
         self.fmt = kv.storage(kv_cache, self.cfg.compute_dtype)

@@ -6,6 +6,7 @@ prefill. With a KV cache (generation) the decode steps attend through
 pallas_kernels.decode_attention, densely: a decode step is one query."""
 from __future__ import annotations
 
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxkit.config import AttentionConfig
@@ -31,6 +32,7 @@ class Attention(nnx.Module):
                         **kw)
         self.o = Linear(num_heads * head_dim, d_model, axes=("heads", "embed"), std=out_std,
                         target="o", **kw)
+        self.qkv = nnx.data(None)  # q|k|v as one Linear, for generation (jaxkit.generate.fuse)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.cfg, self.rope_theta = cfg, rope_theta
         self.sparse = cfg.sparse if sparse else None
@@ -64,9 +66,14 @@ class Attention(nnx.Module):
     def _project(self, x, positions):
         """q [B, S, H, D] and k, v [B, S, KH, D], q and k rotated to positions."""
         B, S, _ = x.shape
-        q = self.q(x).reshape(B, S, self.num_heads, self.head_dim)
-        k = self.k(x).reshape(B, S, self.num_kv_heads, self.head_dim)
-        v = self.v(x).reshape(B, S, self.num_kv_heads, self.head_dim)
+        if self.qkv is None:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        else:
+            q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = jnp.split(self.qkv(x), [q_width, q_width + kv_width], axis=-1)
+        q = q.reshape(B, S, self.num_heads, self.head_dim)
+        k = k.reshape(B, S, self.num_kv_heads, self.head_dim)
+        v = v.reshape(B, S, self.num_kv_heads, self.head_dim)
         return (apply_rope(q, positions, theta=self.rope_theta),
                 apply_rope(k, positions, theta=self.rope_theta), v)
 

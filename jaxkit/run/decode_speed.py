@@ -20,7 +20,8 @@ output head and the embedding stay in the compute dtype):
   fp8   e4m3 weights in 128x128 blocks, e4m3 activations in 1x128 blocks
         (quant_matmul.fp8_blockwise_matmul).
 Every format is converted before anything compiles, so one that cannot
-convert the model stops the run at once.
+convert the model stops the run at once. The Engine runs q|k|v and gate|up
+as one matmul each (jaxkit.generate.fuse), over the same weight bytes.
 
 Every sequence decodes --steps tokens (EOS is ignored) after --warmup
 steps. decode_tokens_per_s dispatches the steps back to back and waits once;

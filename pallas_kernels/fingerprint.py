@@ -94,6 +94,17 @@ def _block_sparse_case(S, H, KH, D, list_heads, block_q, block_k, segments=False
         (q, k, indices, counts))
 
 
+def _block_sparse_backward_case(*args, **kwargs):
+    """The Hopper block-sparse forward and backward (two kernels) of
+    ``_block_sparse_case``'s problem."""
+    forward, (q, k, indices, counts) = _block_sparse_case(*args, hopper_backward=True, **kwargs)
+
+    def forward_and_backward(q, k, indices, counts):
+        out, vjp = jax.vjp(lambda q, k: forward(q, k, indices, counts), q, k)
+        return out, *vjp(out)
+    return forward_and_backward, (q, k, indices, counts)
+
+
 def _grouped_matmul_case(kernels):
     """gmm, gmm with a transposed rhs (its d-lhs) and tgmm (its d-rhs) of a
     grouped-matmul kernel module, at their default tilings, bf16."""
@@ -160,6 +171,12 @@ def _cases():
             300, 4, 2, 128, 4, 128, 128, causal=True),
         "block-sparse fwd kv-head lists d64 segments": _block_sparse_case(
             300, 4, 2, 64, 2, 64, 64, segments=True, causal=True),
+        "block-sparse bwd q-head lists d128 causal": _block_sparse_backward_case(
+            300, 4, 2, 128, 4, 128, 128, causal=True),
+        "block-sparse bwd kv-head lists d64 k64 segs": _block_sparse_backward_case(
+            300, 4, 2, 64, 2, 64, 64, segments=True, causal=True),
+        "block-sparse bwd kv-head lists d128 k64": _block_sparse_backward_case(
+            300, 4, 2, 128, 2, 64, 64),
     }
 
 

@@ -3,12 +3,16 @@
 implementation (the shared rule of pallas_kernels.dispatch):
   'xla'        the pure-jnp reference (reference.py; differentiated by XLA;
                builds the dense [Sq, Sk] mask, so for tests and small shapes);
-  'mosaic_gpu' the Hopper forward kernel of mosaic_gpu.py with the portable
-               backward (bf16/f16, head_dim 64 or 128, block_k 64 or 128;
-               compiled only);
+  'mosaic_gpu' the Hopper kernels: the forward of mosaic_gpu.py and the
+               fused dK/dV/dQ backward of mosaic_gpu_backward.py (bf16/f16,
+               head_dim 64 or 128, block_k 64 or 128; compiled only);
   'blockspec'  the portable kernels of blockspec.py (compiled on a GPU,
                interpreted on CPU; block sizes powers of two >= 16);
-  'pallas'     'mosaic_gpu' where it takes the call, else 'blockspec';
+  'pallas'     'mosaic_gpu' where it takes the call, else 'blockspec'; its
+               backward is the Hopper one only once
+               mosaic_gpu.BACKWARD_VERIFIED is set (after the Hopper
+               backward's compiled tests pass on a GPU), the portable
+               kernels' until then;
   'auto'       'pallas' on GPU, the reference on CPU.
 """
 from __future__ import annotations
@@ -125,7 +129,9 @@ def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_q: int
                                                 **kwargs)
     idx, cnt = canonical_lists(idx, cnt, cdiv(T, block_k))
     if impl == "mosaic_gpu":
+        hopper_backward = mosaic_gpu.BACKWARD_VERIFIED or implementation == "mosaic_gpu"
         return mosaic_gpu.mosaic_block_sparse_attention(q, k, v, idx, cnt, segment_ids,
+                                                        hopper_backward=hopper_backward,
                                                         **kwargs)
     return blockspec.blockspec_block_sparse_attention(q, k, v, idx, cnt, segment_ids,
                                                       interpret=interpret, **kwargs)

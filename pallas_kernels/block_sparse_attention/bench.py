@@ -10,8 +10,9 @@ built once outside the timing; selection policies live elsewhere): a sliding
 window of the nearest blocks (half the budget), a sink block (block 0) and
 random blocks for the rest (``causal_lists``).
 
-Implementations: 'bsa-mosaic' (the Hopper forward, portable backward;
-implementation='mosaic_gpu'), 'bsa-blockspec' (the portable kernels),
+Implementations: 'bsa-mosaic' (the Hopper forward and backward;
+implementation='mosaic_gpu'), 'bsa-hopper-fwd' (the Hopper forward with the
+portable backward), 'bsa-blockspec' (the portable kernels),
 'bsa-xla' (the reference, small problems only), and the dense baselines
 'dense-pallas' (flash_attention(implementation='pallas')), 'dense-cudnn'
 (jax.nn.dot_product_attention's cuDNN path) and 'dense-xla' (the attention
@@ -42,6 +43,8 @@ import numpy as np
 from pallas_kernels.attention import attention_reference, flash_attention
 from pallas_kernels.benchmarking import rel_err, time_fn
 from pallas_kernels.block_sparse_attention.api import block_sparse_attention
+from pallas_kernels.block_sparse_attention.lists import canonical_lists
+from pallas_kernels.block_sparse_attention.mosaic_gpu import mosaic_block_sparse_attention
 
 SEQ_LENS = (16384, 32768, 65536, 131072)
 KEEPS = (1.0, 1 / 2, 1 / 4, 1 / 8, 1 / 16)
@@ -85,6 +88,10 @@ def implementations(indices, counts, block_q, block_k, on_gpu, small):
         return lambda q, k, v: block_sparse_attention(q, k, v, indices, counts, **sparse,
                                                       implementation=name)
     impls = {"bsa-mosaic": bsa("mosaic_gpu"), "bsa-blockspec": bsa("blockspec")}
+    if on_gpu:  # the lists made canonical in the timed call, as the api does
+        impls["bsa-hopper-fwd"] = lambda q, k, v: mosaic_block_sparse_attention(
+            q, k, v, *canonical_lists(indices, counts, -(-k.shape[1] // block_k)), **sparse,
+            hopper_backward=False)
     if small:
         impls["bsa-xla"] = bsa("xla")
     impls["dense-pallas"] = lambda q, k, v: flash_attention(q, k, v, causal=True,

@@ -231,7 +231,7 @@ def backward(q, k, v, lists, segs, out, lse, do, cfg: _Config):
                             (lse, delta), [jax.ShapeDtypeStruct(q.shape, q.dtype)],
                             lists, segs, cfg)
 
-    offsets, rows = transposed_lists(*lists, Tp // bk)
+    offsets, rows, _ = transposed_lists(*lists, Tp // bk)
     rows_per_program = 1 if LG > 1 else G  # list rows a kv head's program reads
     q_group = pl.BlockSpec((None, Sp, G, D), lambda b, kh, j: (b, 0, kh, 0))
     vec_group = pl.BlockSpec((None, G, Sp), lambda b, kh, j: (b, kh, 0))

@@ -27,25 +27,45 @@ def canonical_lists(indices, counts, num_kv_blocks: int):
     return rows, jnp.sum(rows < num_kv_blocks, axis=-1, dtype=jnp.int32)
 
 
-def transposed_lists(indices, counts, num_kv_blocks: int):
-    """For canonical lists, the query blocks that list each key block, in CSR
-    form: (offsets [B,H,nK+1], rows [B,H,nQ*M]) int32, where the query blocks
-    listing key block j are rows[..., offsets[j]:offsets[j+1]], ascending.
+def transposed_lists(indices, counts, num_kv_blocks: int, blocks_per_tile: int = 1):
+    """For canonical lists, the query blocks that list a key block of each
+    tile of ``blocks_per_tile`` consecutive key blocks, in CSR form: (offsets
+    [B,H,nT+1], rows [B,H,nQ*M], listed [B,H,nQ*M]) int32 with nT =
+    ceil(nK / blocks_per_tile). The query blocks listing a block of tile j
+    are rows[..., offsets[j]:offsets[j+1]], ascending, and bit w of listed
+    (beside each) says whether that query block lists key block
+    j * blocks_per_tile + w.
 
-    The dK/dV pass is key-parallel: a program owns one key block and must
-    visit exactly the query blocks whose lists hold it. CSR keeps this as
-    large as the lists themselves (a dense [nK, nQ] table would not be)."""
+    The dK/dV pass is key-parallel: a program owns one tile and must visit
+    exactly the query blocks whose lists hold it. CSR keeps this as large as
+    the lists themselves (a dense [nK, nQ] table would not be)."""
     B, H, nQ, M = indices.shape
+    per = blocks_per_tile
+    n_tiles = -(-num_kv_blocks // per)
     listed = jnp.arange(M) < counts[..., None]
     q_block = jnp.arange(nQ, dtype=jnp.int32)[:, None]
-    # Sorting (key block, query block) pairs groups each key block's rows.
-    code = jnp.where(listed, indices * nQ + q_block, num_kv_blocks * nQ)
+    # Sorting (tile, query block, block within the tile) codes groups each
+    # tile's rows; entries past the counts sort last (tile n_tiles).
+    code = jnp.where(listed, ((indices // per) * nQ + q_block) * per + indices % per,
+                     n_tiles * nQ * per)
     code = jnp.sort(code.reshape(B, H, nQ * M), axis=-1)
-    per_block = jax.vmap(jax.vmap(lambda c: jnp.bincount(c // nQ, length=num_kv_blocks + 1)))(code)
+    pair, bits = code // per, jnp.left_shift(jnp.int32(1), code % per)
+    if per > 1:
+        # A (tile, query block) pair holds at most ``per`` consecutive codes
+        # (canonical rows repeat no block): its first gathers their bits.
+        for d in range(1, per):
+            pad = ((0, 0), (0, 0), (0, d))
+            later = jnp.pad(pair[..., d:], pad, constant_values=-1) == pair
+            bits += jnp.where(later, jnp.pad(bits[..., d:], pad), 0)
+        first = jnp.concatenate([jnp.ones_like(pair[..., :1], bool),
+                                 pair[..., 1:] != pair[..., :-1]], axis=-1)
+        packed = jnp.sort(jnp.where(first, pair, n_tiles * nQ) * 2**per + bits, axis=-1)
+        pair, bits = packed >> per, packed % 2**per
+    per_tile = jax.vmap(jax.vmap(lambda c: jnp.bincount(c // nQ, length=n_tiles + 1)))(pair)
     offsets = jnp.concatenate([jnp.zeros((B, H, 1), jnp.int32),
-                               jnp.cumsum(per_block[..., :num_kv_blocks], axis=-1,
+                               jnp.cumsum(per_tile[..., :n_tiles], axis=-1,
                                           dtype=jnp.int32)], axis=-1)
-    return offsets, (code % nQ).astype(jnp.int32)
+    return offsets, (pair % nQ).astype(jnp.int32), bits.astype(jnp.int32)
 
 
 def block_mask(indices, counts, num_kv_blocks: int):

@@ -1,5 +1,5 @@
 """Hopper (sm_90) block-sparse attention forward in Pallas Mosaic GPU, with
-the portable kernels' backward.
+the Hopper backward (mosaic_gpu_backward.py) or the portable kernels'.
 
 Built from the flash-attention kernels' pieces (attention/mosaic_gpu):
 three warpgroups a block, two consumers doing the math with wgmma and a
@@ -18,8 +18,9 @@ are canonical (sorted, lists.canonical_lists), so the blocks that every row
 sees in full come first (``lists.unmasked_prefix``, computed in XLA) and
 run without the mask; the rest are masked (causal, segment ids, padding).
 Online softmax in base 2, as the attention forward. The logsumexp it writes
-feeds the portable dQ and dK/dV kernels (blockspec.backward), compiled
-through Triton: there is no Hopper backward kernel yet.
+feeds the Hopper backward (one fused dK/dV/dQ kernel over transposed lists)
+or the portable dQ and dK/dV kernels (blockspec.backward, compiled through
+Triton), as the caller asks.
 """
 from __future__ import annotations
 
@@ -39,30 +40,27 @@ from pallas_kernels.attention.mosaic_gpu.rings import (Segments, kv_ring_scratch
                                                        segment_scratch)
 from pallas_kernels.attention.mosaic_gpu.schedule import block_order, block_position
 from pallas_kernels.attention.tuning import KernelBlocks
-from pallas_kernels.block_sparse_attention import blockspec
+from pallas_kernels.block_sparse_attention import blockspec, mosaic_gpu_backward
 from pallas_kernels.block_sparse_attention.lists import unmasked_prefix
+from pallas_kernels.block_sparse_attention.mosaic_gpu_backward import ROWS, supports_backward
 
-ROWS = 64         # query rows a consumer owns (wgmma M)
-HEAD_DIMS = (64, 128)
-BLOCK_KS = (64, 128)
-DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 STAGES = 2
+# The Hopper backward lowers for CUDA on CPU but has not run on a GPU yet:
+# until its compiled tests pass, implementation='pallas' keeps the portable
+# backward and only implementation='mosaic_gpu' runs it.
+BACKWARD_VERIFIED = False
 
 
 def supports(q, k, v, *, block_q: int, block_k: int, list_heads: int) -> str | None:
-    """None when the Hopper forward takes this call, else why (the device is
-    the dispatcher's to check)."""
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
-        return f"needs bfloat16 or float16 q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}"
-    if q.shape[-1] not in HEAD_DIMS:
-        return f"head_dim must be one of {HEAD_DIMS}; got {q.shape[-1]}"
-    if block_k not in BLOCK_KS:
-        return f"block_k must be one of {BLOCK_KS}; got {block_k}"
+    """None when the Hopper forward (and so the Hopper backward) takes this
+    call, else why (the device is the dispatcher's to check)."""
+    problem = supports_backward(q, k, v, block_q=block_q, block_k=block_k)
+    if problem:
+        return problem
     rows = block_q * (q.shape[2] // list_heads)  # query rows a list row serves
-    if block_q % ROWS or rows % (CONSUMERS * ROWS):
-        return (f"block_q={block_q} must be a multiple of {ROWS} and a list row must serve a "
-                f"multiple of {CONSUMERS * ROWS} query rows (block_q x query heads a list "
-                f"row serves = {rows})")
+    if rows % (CONSUMERS * ROWS):
+        return (f"a list row must serve a multiple of {CONSUMERS * ROWS} query rows (block_q "
+                f"x query heads a list row serves = {rows})")
     return None
 
 
@@ -166,34 +164,40 @@ def _lists(idx, cnt, cfg):
                                      causal=cfg.causal, segments=cfg.has_segments)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, lists, segs, cfg):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(q, k, v, lists, segs, cfg, hopper_backward):
     return forward(q, k, v, _lists(*lists, cfg), segs, cfg)[0]
 
 
-def _attention_fwd(q, k, v, lists, segs, cfg):
+def _attention_fwd(q, k, v, lists, segs, cfg, hopper_backward):
     out, lse2 = forward(q, k, v, _lists(*lists, cfg), segs, cfg)
-    # Natural-log logsumexp for the portable backward (+inf rows stay +inf: p = 0).
-    return out, (q, k, v, lists, segs, out, lse2 / LOG2E)
+    return out, (q, k, v, lists, segs, out, lse2)
 
 
-def _attention_bwd(cfg, residuals, do):
-    q, k, v, lists, segs, out, lse = residuals
-    dq, dk, dv = blockspec.backward(q, k, v, lists, segs, out, lse, do, cfg)
+def _attention_bwd(cfg, hopper_backward, residuals, do):
+    q, k, v, lists, segs, out, lse2 = residuals
+    if hopper_backward:
+        dq, dk, dv = mosaic_gpu_backward.backward(q, k, v, lists, segs, out, lse2, do, cfg)
+    else:  # natural-log logsumexp (+inf rows stay +inf: p = 0)
+        dq, dk, dv = blockspec.backward(q, k, v, lists, segs, out, lse2 / LOG2E, do, cfg)
     return dq, dk, dv, (None, None), tuple(None for _ in segs)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "causal", "softmax_scale"))
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "causal", "softmax_scale",
+                                             "hopper_backward"))
 def mosaic_block_sparse_attention(q, k, v, block_indices, block_counts, segment_ids=None, *,
-                                  block_q, block_k, causal=False, softmax_scale=None):
-    """Differentiable block-sparse attention: the Hopper forward, the portable
-    backward compiled. Arguments as blockspec_block_sparse_attention's (lists
-    canonical, ``supports`` satisfied)."""
+                                  block_q, block_k, causal=False, softmax_scale=None,
+                                  hopper_backward=False):
+    """Differentiable block-sparse attention: the Hopper forward, and the
+    Hopper backward (``hopper_backward``) or the portable one compiled.
+    Arguments as blockspec_block_sparse_attention's (lists canonical,
+    ``supports`` satisfied, which the Hopper backward's conditions are part
+    of)."""
     q_p, k_p, v_p, segs, cfg = blockspec.prepare(
         q, k, v, segment_ids, block_q=block_q, block_k=block_k, causal=causal,
         softmax_scale=softmax_scale, list_heads=block_indices.shape[1], interpret=False)
-    out = _attention(q_p, k_p, v_p, (block_indices, block_counts), segs, cfg)
+    out = _attention(q_p, k_p, v_p, (block_indices, block_counts), segs, cfg, hopper_backward)
     return out[:, :q.shape[1]]

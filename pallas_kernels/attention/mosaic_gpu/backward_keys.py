@@ -11,7 +11,9 @@ and splits each step by role.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,14 +52,45 @@ def _probs_t(spec, st, masked, lse_slot, i, key0, segs, slot, ks_v):
     return jnp.exp2(st - mc.cols(lse_v, st.shape))
 
 
+@dataclasses.dataclass(frozen=True)
+class KeyVisits:
+    """The query tiles a key-parallel block visits, where a list decides them
+    (block-sparse attention) instead of the mask's block ranges.
+
+    operands: extra kernel inputs, after the segment ids; their refs come first
+    in ``start(refs, spec, grid, KH, G, cols, cfg, inputs, ring, segs, regs,
+    with_delta)`` (the other arguments as ``rings.key_tile``'s), which runs the
+    producer and returns (tile, visit): tile has b, kvh, wg and c0 as a
+    ``KeyTile``; visit(step, carry) runs step(i, t, g, carry, masked, listed)
+    over this consumer's tiles: bq-row query tile i of head g of the kv group
+    at ring step t, listed None or a traced bool (False: this consumer's keys
+    are not listed for the tile, which adds nothing)."""
+    operands: tuple
+    start: Callable
+
+
+def _visit_range(spec, G, tile, step, carry):
+    """The query blocks of ``tile.blocks`` for each head of the kv group, masked
+    where the mask cuts them."""
+    lo = tile.blocks[0]
+
+    def head(g, carry):
+        def at(i, carry, masked):
+            return step(i, g * tile.per_head + (i - lo), g, carry, masked)
+        return sweep(at, *spec.sweep_blocks(*tile.blocks), carry)
+    return lax.fori_loop(0, G, head, carry)
+
+
 def _key_parallel_shape(q, k):
     """(batch, head_dim, kv heads, query heads per kv head) of a backward call."""
     return q.shape[0], q.shape[3], k.shape[2], q.shape[2] // k.shape[2]
 
 
 def backward_dkv(q, k, v, do, lse, delta, segs, spec: Spec, want_dk=True, want_dv=True,
-                 dq_acc=None):
-    """dK, dV for k/v [B,Tp,KH,D] (None where not wanted).
+                 dq_acc=None, visits: KeyVisits | None = None):
+    """dK, dV for k/v [B,Tp,KH,D] (None where not wanted). A block owns
+    CONSUMERS * block_kv keys and visits the query blocks the mask lets them
+    see, or those ``visits`` names.
 
     With ``dq_acc`` (a float32 [B,Sp,H,D] ``jax.new_ref`` of zeros) the kernel
     also adds dQ/scale into it, so no second pass recomputes S and dP (5
@@ -82,6 +115,8 @@ def backward_dkv(q, k, v, do, lse, delta, segs, spec: Spec, want_dk=True, want_d
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
         segs, refs = key_segments(spec, refs)
+        if visits:
+            visit_refs, refs = refs[:len(visits.operands)], refs[len(visits.operands):]
         if fused:
             dq_ref, refs = refs[0], refs[1:]
         n_out = want_dk + want_dv
@@ -92,11 +127,16 @@ def backward_dkv(q, k, v, do, lse, delta, segs, spec: Spec, want_dk=True, want_d
             ds_smem, dq_smem, ds_ready, dq_done = refs[13:17]
         dk_ref = outs[0] if want_dk else None
         dv_ref = outs[-1] if want_dv else None
-        tile = key_tile(
+        tile_args = (
             spec, grid, KH, G, CONSUMERS * bkv, cfg, (q_ref, do_ref, lse_ref, delta_ref),
             (q_smem, do_smem, lse_smem, delta_smem, q_ready, do_ready, lse_ready, delta_ready,
-             q_free, do_free), segs, regs, with_delta=want_dk)
-        b, kvh, wg, per_head, lo = tile.b, tile.kvh, tile.wg, tile.per_head, tile.blocks[0]
+             q_free, do_free), segs, regs)
+        if visits:
+            tile, visit = visits.start(visit_refs, *tile_args, with_delta=want_dk)
+        else:
+            tile = key_tile(*tile_args, with_delta=want_dk)
+            visit = functools.partial(_visit_range, spec, G, tile)
+        b, kvh, wg = tile.b, tile.kvh, tile.wg
 
         @pl.when(wg < CONSUMERS)
         def _consumer():
@@ -152,9 +192,8 @@ def backward_dkv(q, k, v, do, lse, delta, segs, spec: Spec, want_dk=True, want_d
                     return dk
                 return lax.cond(lax.rem(t, CONSUMERS) == wg, with_dq, dk_only, dk)
 
-            def step(i, carry, g, masked):
+            def step(i, t, g, carry, masked, listed=None):
                 dk, dv = carry
-                t = g * per_head + (i - lo)
                 slot = lax.rem(t, stages)
                 q_slot, do_slot = q_smem.at[slot], do_smem.at[slot]
                 plgpu.barrier_wait(q_ready.at[slot])
@@ -162,6 +201,8 @@ def backward_dkv(q, k, v, do, lse, delta, segs, spec: Spec, want_dk=True, want_d
                 st, dcap = spec.base2_logits(
                     mma(my_k, plgpu.transpose_ref(q_slot, (1, 0)), (bkv, bq)))
                 pt = _probs_t(spec, st, masked, lse_smem.at[slot], i, key0, segs, slot, ks_v)
+                if listed is not None:
+                    pt = jnp.where(listed, pt, 0.0)
                 plgpu.barrier_wait(do_ready.at[slot])
                 if not want_dk:
                     dv = mma_acc(dv, pt.astype(dtype), do_slot)
@@ -188,13 +229,8 @@ def backward_dkv(q, k, v, do, lse, delta, segs, spec: Spec, want_dk=True, want_d
                 plgpu.barrier_arrive(q_free.at[slot])
                 return dk, dv
 
-            def head(g, carry):
-                return sweep(functools.partial(step, g=g), *spec.sweep_blocks(*tile.blocks),
-                             carry)
-
             zero = zeros((bkv, D))
-            dk, dv = lax.fori_loop(0, G, head, (zero if want_dk else None,
-                                                zero if want_dv else None))
+            dk, dv = visit(step, (zero if want_dk else None, zero if want_dv else None))
             if fused:  # the other consumer may still read my K for its dQ
                 plgpu.barrier_arrive(dq_done)
                 plgpu.barrier_wait(dq_done)
@@ -227,7 +263,8 @@ def backward_dkv(q, k, v, do, lse, delta, segs, spec: Spec, want_dk=True, want_d
         scratch += segment_scratch(bkv, stages, bq)
     out_type = [jax.ShapeDtypeStruct(k.shape, dtype)] * (want_dk + want_dv)
     seg_args = segment_operands(segs, CONSUMERS * bkv, key_parallel=True)
-    args = (q, k, v, do, lse, delta, *seg_args) + ((dq_acc,) if fused else ())
+    args = (q, k, v, do, lse, delta, *seg_args, *(visits.operands if visits else ()))
+    args += (dq_acc,) if fused else ()
     outs = kernel_call(body, out_type, scratch, grid, names)(*args)
     return (outs[0] if want_dk else None), (outs[-1] if want_dv else None)
 

@@ -178,9 +178,7 @@ def key_tile(spec, grid, KH, G, cols, cfg, inputs, ring, segs, regs, with_delta=
     of the kv group into the ring: Q, lse, dO (and delta) and their segment
     ids. inputs = (q, do, lse, delta) refs; ring = (q, do, lse, delta) slots,
     their ready barriers in the same order, then q_free, do_free."""
-    q_ref, do_ref, lse_ref, delta_ref = inputs
-    (q_smem, do_smem, lse_smem, delta_smem,
-     q_ready, do_ready, lse_ready, delta_ready, q_free, do_free) = ring
+    q_free, do_free = ring[8:]
     bq = cfg.block_q
     b, kvh, tile = block_position(KH, grid)  # causal: the first keys have the most rows
     c0 = tile * cols
@@ -195,19 +193,27 @@ def key_tile(spec, grid, KH, G, cols, cfg, inputs, ring, segs, regs, with_delta=
         def issue(t, slot):
             h = kvh * G + lax.div(t, per_head)
             i = lo + lax.rem(t, per_head)
-            rows = (b, pl.ds(i * bq, bq), h)
-            vec = (b, h, pl.ds(i * bq, bq))
-            plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_ready.at[slot])
-            plgpu.copy_gmem_to_smem(lse_ref.at[vec], lse_smem.at[slot], lse_ready.at[slot])
-            plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_ready.at[slot])
-            if with_delta:
-                plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_smem.at[slot],
-                                        delta_ready.at[slot])
-            if segs:
-                segs.fetch(b, i * bq, bq, slot)
+            copy_query_block(inputs, ring, b, h, i, bq, slot, with_delta, segs)
         ring_producer(G * per_head, cfg.stages, issue, (q_free, do_free), regs)
 
     return KeyTile(b=b, kvh=kvh, wg=wg, c0=c0, blocks=(lo, flo, fhi, hi), per_head=per_head)
+
+
+def copy_query_block(inputs, ring, b, h, i, bq, slot, with_delta, segs):
+    """Producer of a key-parallel kernel: rows [i*bq, (i+1)*bq) of query head
+    h into ring slot ``slot``: Q, lse, dO (and delta) and their segment ids
+    (inputs and ring as ``key_tile`` takes them)."""
+    q_ref, do_ref, lse_ref, delta_ref = inputs
+    (q_smem, do_smem, lse_smem, delta_smem, q_ready, do_ready, lse_ready, delta_ready) = ring[:8]
+    rows = (b, pl.ds(i * bq, bq), h)
+    vec = (b, h, pl.ds(i * bq, bq))
+    plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_ready.at[slot])
+    plgpu.copy_gmem_to_smem(lse_ref.at[vec], lse_smem.at[slot], lse_ready.at[slot])
+    plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_ready.at[slot])
+    if with_delta:
+        plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_smem.at[slot], delta_ready.at[slot])
+    if segs:
+        segs.fetch(b, i * bq, bq, slot)
 
 
 def query_ring_slots(stages, bq, D, dtype):

@@ -78,18 +78,30 @@ def test_canonical_lists_sort_dedupe_and_drop_out_of_range():
     assert got.tolist() == [[[[1, 4, 5, 5, 5, 5], [2, 5, 5, 5, 5, 5]]]]
 
 
-def test_transposed_lists_invert_the_lists():
+@pytest.mark.parametrize("per", [1, 2])
+def test_transposed_lists_invert_the_lists(per):
+    """Tiles of ``per`` key blocks: the query blocks listing any block of the
+    tile, ascending, with a bit for each block they list (nK = 5 is odd, so
+    with per = 2 the last tile holds one block)."""
     case = Case(2, 300, 300, 4, 2, 32, 32, 64, list_heads=4, max_blocks=4)
     indices, counts = random_lists(np.random.default_rng(3), case)
     indices, counts = lists.canonical_lists(indices, counts, case.num_kv_blocks)
-    offsets, rows = (np.asarray(x) for x in lists.transposed_lists(indices, counts,
-                                                                   case.num_kv_blocks))
+    offsets, rows, listed = (np.asarray(x) for x in lists.transposed_lists(
+        indices, counts, case.num_kv_blocks, per))
     idx, cnt = np.asarray(indices), np.asarray(counts)
+    n_tiles = -(-case.num_kv_blocks // per)
+    assert offsets.shape == (2, 4, n_tiles + 1)
     for b, h in np.ndindex(2, 4):
-        assert offsets[b, h, 0] == 0 and offsets[b, h, -1] == cnt[b, h].sum()
-        for j in range(case.num_kv_blocks):
-            want = [i for i in range(case.num_q_blocks) if j in idx[b, h, i, :cnt[b, h, i]]]
-            assert rows[b, h, offsets[b, h, j]:offsets[b, h, j + 1]].tolist() == want
+        assert offsets[b, h, 0] == 0
+        for j in range(n_tiles):
+            want = {}
+            for i in range(case.num_q_blocks):
+                for w in range(per):
+                    if j * per + w in idx[b, h, i, :cnt[b, h, i]]:
+                        want[i] = want.get(i, 0) | (1 << w)
+            span = slice(offsets[b, h, j], offsets[b, h, j + 1])
+            assert rows[b, h, span].tolist() == sorted(want)
+            assert listed[b, h, span].tolist() == [want[i] for i in sorted(want)]
 
 
 @pytest.mark.parametrize("causal", [False, True])

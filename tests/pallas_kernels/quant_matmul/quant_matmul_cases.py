@@ -108,7 +108,7 @@ INT4 = {
                                         split_k=4),
     "f16": Int4Case(3, 256, 72, 32, F16, block_n=32, split_k=1),
     "zero_points_bf16": Int4Case(7, 256, 72, 32, asymmetric=True, block_n=32, split_k=1),
-    "prefill_rows_split_k": Int4Case(150, 256, 72, 32, block_n=32, split_k=2),  # 3 row blocks
+    "prefill_rows_f32_split_k": Int4Case(150, 256, 72, 32, F32, block_n=32, split_k=2),  # 3 row blocks
     # The Mosaic decode kernel's steps, warpgroups, stages and clusters, in
     # one block per N slice (split_k=1) or at its default K split (2 or 3
     # blocks a cluster at these sizes).

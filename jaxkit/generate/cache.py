@@ -1,7 +1,9 @@
-"""Key/value caches of a batch of sequences, one per attention layer, as
-pure pytrees so that a decode step is one jitted function.
+"""Caches of a batch of sequences, one per layer, as pure pytrees so that
+a decode step is one jitted function: a KVCache for a softmax attention
+layer, a StateCache (the recurrent state) for a linear attention layer of
+model.mixer 'linear' (model_caches picks each layer's kind).
 
-A layer's cache is contiguous, k and v [B, C, Hkv, D], or paged, a pool
+A softmax layer's cache is contiguous, k and v [B, C, Hkv, D], or paged, a pool
 [P, page_size, Hkv, D] shared by the batch with a page table [B,
 pages_per_seq] naming each sequence's pages. Either stores the values in a
 float dtype, as pallas_kernels.decode_attention.QuantizedKV (int8 or fp8
@@ -84,6 +86,15 @@ def _store(buffer, x, flat):
     return jax.tree.map(scatter, buffer, x)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StateCache:
+    """One linear attention layer's cache: each sequence's recurrent state
+    [B, H, Dk, Dv] float32 (LinearAttention.cached), a fixed size however
+    long the sequence; the KV format and the page table do not apply."""
+    state: jax.Array
+
+
 def storage(kv_cache: str, compute_dtype) -> str:
     """The storage format of a generate.kv_cache choice: a float dtype name,
     a QuantizedKV format ('int8', 'fp8') or 'kivi2'."""
@@ -116,14 +127,38 @@ def empty_caches(num_layers: int, leading: tuple[int, int], kv_heads: int, head_
             for _ in range(num_layers)]
 
 
-def buffers(caches: list[KVCache]) -> list:
-    """The (k, v) buffers of each layer: what a decode step updates in place
-    (donates); the page table is shared and stays."""
-    return [(c.k, c.v) for c in caches]
+def model_caches(cfg, batch: int, leading: tuple[int, int], fmt: str, page_table=None,
+                 residual_dtype=jnp.bfloat16) -> list:
+    """Zeroed caches of a batch of `batch` sequences, one per layer of a
+    model (cfg: its ModelConfig): a StateCache for each linear attention
+    layer, a KVCache as empty_caches makes it for each softmax layer."""
+    kv = iter(empty_caches(cfg.num_layers - num_linear_layers(cfg), leading, cfg.kv_heads,
+                           cfg.dim_per_head, fmt, page_table, residual_dtype))
+    state = (batch, cfg.num_heads, cfg.dim_per_head, cfg.dim_per_head)
+    return [StateCache(jnp.zeros(state, jnp.float32)) if cfg.is_linear_layer(i) else next(kv)
+            for i in range(cfg.num_layers)]
 
 
-def join(buffers, page_table) -> list[KVCache]:
-    return [KVCache(k, v, page_table) for k, v in buffers]
+def num_linear_layers(cfg) -> int:
+    return sum(cfg.is_linear_layer(i) for i in range(cfg.num_layers))
+
+
+def state_bytes_per_sequence(cfg) -> int:
+    """Bytes of the recurrent states of one sequence over all linear layers."""
+    return num_linear_layers(cfg) * cfg.num_heads * cfg.dim_per_head ** 2 * 4
+
+
+def buffers(caches: list) -> list:
+    """What a decode step updates in place (donates): each layer's cache,
+    a KVCache without its page table, which is shared and stays."""
+    return [dataclasses.replace(c, page_table=None) if isinstance(c, KVCache) else c
+            for c in caches]
+
+
+def join(buffers, page_table) -> list:
+    """The caches of buffers(caches) with the page table put back."""
+    return [dataclasses.replace(b, page_table=page_table) if isinstance(b, KVCache) else b
+            for b in buffers]
 
 
 def bytes_per_token(fmt: str, num_layers: int, kv_heads: int, head_dim: int) -> int:

@@ -110,7 +110,8 @@ class Mode:
 
 
 class Engine:
-    """Prefill and decode steps of a model with KV caches.
+    """Prefill and decode steps of a model with KV caches (the recurrent
+    state of each linear attention layer: cache.StateCache).
 
     model: a jaxkit Transformer (scanned layers are unrolled, MoE layers
     route every token to its experts without capacity drops, as one
@@ -147,8 +148,15 @@ class Engine:
 
     @property
     def bytes_per_token(self) -> int:
+        """KV cache bytes a cached token takes (softmax layers only)."""
         c = self.cfg
-        return kv.bytes_per_token(self.fmt, c.num_layers, c.kv_heads, c.dim_per_head)
+        return kv.bytes_per_token(self.fmt, c.num_layers - kv.num_linear_layers(c), c.kv_heads,
+                                  c.dim_per_head)
+
+    @property
+    def state_bytes_per_sequence(self) -> int:
+        """Recurrent state bytes a sequence takes (linear attention layers)."""
+        return kv.state_bytes_per_sequence(self.cfg)
 
     def capacity(self, cached_tokens: int) -> int:
         """Cache slots per sequence for sequences of up to cached_tokens
@@ -242,7 +250,7 @@ class Engine:
     def _prefill(self, mode, layout, params, table, tokens, lengths, settings):
         model = nnx.merge(self.graphdef, params)
         c = self.cfg
-        caches = kv.empty_caches(c.num_layers, layout, c.kv_heads, c.dim_per_head, self.fmt, table,
+        caches = kv.model_caches(c, tokens.shape[0], layout, self.fmt, table,
                                  residual_dtype=c.compute_dtype)
         logits, caches = model.prefill(tokens, lengths, caches)
         start = _initial_state(lengths)

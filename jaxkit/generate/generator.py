@@ -34,8 +34,8 @@ class GenerationError(ValueError):
 class Generation:
     """texts and tokens (generated ids, EOS included) per prompt, in order;
     finish_reasons: 'eos', 'stop' (a stop string; the text ends before it),
-    'length' (max_new_tokens) or 'max_seq_len'; stats: timings and the KV
-    cache's size."""
+    'length' (max_new_tokens) or 'max_seq_len'; stats: timings and the
+    size of the KV cache (and of linear attention layers' recurrent states)."""
     texts: list[str]
     tokens: list[list[int]]
     finish_reasons: list[str]
@@ -204,5 +204,6 @@ class Generator:
                          "page_size": self.engine.page_size if self.engine.paged else None,
                          "slots_per_sequence": decoding.capacity,
                          "bytes_per_token": self.engine.bytes_per_token,
+                         "state_bytes_per_sequence": self.engine.state_bytes_per_sequence,
                          "allocated_bytes": decoding.cache_bytes},
         }

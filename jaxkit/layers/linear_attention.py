@@ -5,9 +5,12 @@ its output is normalised per head and gated by swish(x W_gate) as in GLA.
 
 No rotary embeddings: the decay orders the tokens. On a mesh whose
 'length' axis is split, the core runs sequence-parallel (LASP-2: one
-all-gather of per-device state summaries per layer)."""
+all-gather of per-device state summaries per layer). For generation,
+cached() carries each sequence's recurrent state instead of keys and
+values."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -18,7 +21,8 @@ from jaxkit.config import LinearAttentionConfig
 from jaxkit.layers.linear import Linear
 from jaxkit.layers.norm import RMSNorm
 from jaxkit.sharding import active, mesh_axes, per_shard
-from pallas_kernels.linear_attention import linear_attention, sequence_parallel_linear_attention
+from pallas_kernels.linear_attention import (linear_attention, linear_attention_reference,
+                                             sequence_parallel_linear_attention)
 
 # GLA's gate temperature: log_decay = log_sigmoid(x W + b) / 16 keeps the
 # decays near 1 (long memory) at initialisation.
@@ -51,17 +55,51 @@ class LinearAttention(nnx.Module):
         if segment_ids is not None:
             raise ValueError("linear attention takes no segment_ids: its state runs across "
                              "documents (set data.document_mask=false)")
+        q, k, v, log_decay = self._project(x)
+        return self._output(self._mix(q, k, v, log_decay), x)
+
+    def cached(self, x, positions, cache, valid, lengths=None, implementation="auto"):
+        """The mixer continuing each sequence's recurrent state (cache: an
+        object with a float32 state [B, H, Dk, Dv], such as
+        jaxkit.generate.StateCache); returns (output, cache).
+
+        Tokens where valid [B, T] is False (a prompt's right padding, the
+        token of a finished sequence) get k = 0 and log decay 0, so they
+        leave the state exactly as it is. Prefill (lengths None): x holds
+        right-padded prompts from position 0, run by the chunked op from
+        cache.state; each sequence's state ends at its last valid token.
+        Decode (lengths given): x holds each sequence's T newest tokens, run
+        through the token-by-token recurrence (one token needs no chunk).
+        positions and implementation (decode_attention's) concern softmax
+        layers only."""
+        del positions, implementation
+        q, k, v, log_decay = self._project(x)
+        k = jnp.where(valid[:, :, None, None], k, 0)
+        log_decay = jnp.where(valid.reshape(valid.shape + (1,) * (log_decay.ndim - 2)),
+                              log_decay, 0.0)
+        if lengths is None:
+            # Unsharded: the Engine runs generation without a mesh.
+            out, state = linear_attention(q, k, v, log_decay, cache.state,
+                                          chunk_size=self.cfg.chunk_size,
+                                          implementation=self.cfg.implementation)
+        else:
+            out, state = linear_attention_reference(q, k, v, log_decay, cache.state)
+        return self._output(out, x), dataclasses.replace(cache, state=state)
+
+    def _project(self, x):
+        """q, k, v [B, S, H, D] and the log decay, [B, S, H] or [B, S, H, D]
+        float32 (model.linear_attention.decay)."""
         B, S, _ = x.shape
         heads = (B, S, self.num_heads, self.head_dim)
         q, k, v = (proj(x).reshape(heads) for proj in (self.q, self.k, self.v))
         logits = self.decay(x).astype(jnp.float32) + self.decay_bias[...].astype(jnp.float32)
         log_decay = jax.nn.log_sigmoid(logits) / DECAY_TEMPERATURE
-        if self.cfg.decay == "per_key":
-            log_decay = log_decay.reshape(heads)
-        else:
-            log_decay = log_decay.reshape(heads[:3])
-        out = self._mix(q, k, v, log_decay)
-        out = self.norm(out) * jax.nn.silu(self.gate(x).reshape(heads)).astype(out.dtype)
+        return q, k, v, log_decay.reshape(heads if self.cfg.decay == "per_key" else heads[:3])
+
+    def _output(self, out, x):
+        """The core's out [B, S, H, D] normed per head, gated by x, projected."""
+        B, S = out.shape[:2]
+        out = self.norm(out) * jax.nn.silu(self.gate(x).reshape(out.shape)).astype(out.dtype)
         return self.o(out.reshape(B, S, self.num_heads * self.head_dim))
 
     def _mix(self, q, k, v, log_decay):

@@ -6,8 +6,9 @@ model.remat recomputes each layer's activations in the backward pass
 stores the layers stacked along a "layers" axis and runs them with one
 scanned body, so compile time does not grow with depth.
 
-prefill and decode run unrolled layers with a KV cache per layer, for
-generation (jaxkit.generate)."""
+prefill and decode run unrolled layers with a cache per layer (keys and
+values, or a linear attention layer's recurrent state), for generation
+(jaxkit.generate)."""
 from __future__ import annotations
 
 import dataclasses
@@ -59,8 +60,8 @@ class Block(nnx.Module):
         return self._feed_forward(x + self.attn(self.attn_norm(x), positions, segment_ids))
 
     def cached(self, x, positions, cache, valid, lengths=None, implementation="auto"):
-        """The block with its attention reading and writing a KV cache
-        (Attention.cached); returns (x, cache)."""
+        """The block with its mixer reading and writing its cache
+        (Attention.cached, LinearAttention.cached); returns (x, cache)."""
         y, cache = self.attn.cached(self.attn_norm(x), positions, cache, valid, lengths,
                                     implementation)
         return self._feed_forward(x + y)[0], cache
@@ -188,7 +189,9 @@ class Transformer(nnx.Module):
     def prefill(self, tokens, lengths, caches):
         """The prompts tokens int [B, S] (sequence b's first lengths[b]
         tokens; the rest padding) through the model, their keys and values
-        written to caches (one jaxkit.generate.KVCache per layer) -> (logits
+        written to caches (one per layer: a jaxkit.generate.KVCache, or a
+        StateCache for a linear attention layer, whose state ends at each
+        prompt's last token; jaxkit.generate.model_caches) -> (logits
         float32 [B, vocab] of each prompt's last token, caches)."""
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x, caches = self._cached_layers(self._embed(tokens), positions, caches,
@@ -214,12 +217,8 @@ class Transformer(nnx.Module):
         if self.cfg.scan_layers:
             raise ValueError("generation runs the layers one by one: unroll a model with "
                              "model.scan_layers=true first (jaxkit.models.unscan_layers)")
-        if self.cfg.mixer == "linear":
-            raise ValueError("generation keeps a KV cache per layer; the linear-attention layers "
-                             "of model.mixer 'linear' carry a recurrent state that jaxkit.generate "
-                             "does not cache")
         if len(caches) != len(self.blocks):
-            raise ValueError(f"{len(caches)} KV caches for {len(self.blocks)} layers")
+            raise ValueError(f"{len(caches)} caches for {len(self.blocks)} layers")
         updated = []
         for block, cache in zip(self.blocks, caches):
             x, cache = block.cached(x, positions, cache, valid, lengths, implementation)

@@ -1,7 +1,7 @@
 """The gated linear attention mixer in the decoder: the hybrid layout
 (softmax attention in every k-th layer), scanned layers equal to unrolled
-ones, the kernel and the jnp core agreeing through the layer, the config
-checks, and generation refusing linear layers."""
+ones, the kernel and the jnp core agreeing through the layer, and the
+config checks (generation: tests/jaxkit/generate/test_linear_generation.py)."""
 import dataclasses
 
 import jax
@@ -83,9 +83,3 @@ def test_config_refuses_bad_mixer_settings(overrides, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_config(None, overrides)
     assert "\n" not in str(info.value)
-
-
-def test_generation_refuses_linear_layers():
-    model = Transformer(CFG, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="recurrent state that jaxkit.generate does not cache"):
-        model.prefill(TOKENS, jnp.array([37, 20]), [None] * CFG.num_layers)

@@ -73,6 +73,10 @@ class LinearAttention(nnx.Module):
         positions and implementation (decode_attention's) concern softmax
         layers only."""
         del positions, implementation
+        if not hasattr(cache, "state"):
+            raise ValueError(f"a linear attention layer caches its recurrent state, got a "
+                             f"{type(cache).__name__} (jaxkit.generate.model_caches makes one "
+                             f"cache per layer of its kind)")
         q, k, v, log_decay = self._project(x)
         k = jnp.where(valid[:, :, None, None], k, 0)
         log_decay = jnp.where(valid.reshape(valid.shape + (1,) * (log_decay.ndim - 2)),

@@ -90,6 +90,14 @@ def test_finished_sequences_keep_their_caches():
     assert moved[0] > 0 and moved[2] > 0
 
 
+def test_kv_caches_for_linear_layers_are_refused():
+    model = tiny_model(*HYBRID)
+    with pytest.raises(ValueError, match="caches its recurrent state, got a KVCache") as info:
+        model.prefill(jnp.zeros((1, 4), jnp.int32), jnp.array([4]),
+                      caches_for(model.cfg, 1, 8))
+    assert "\n" not in str(info.value)
+
+
 def test_generate_cli_on_a_tiny_trained_hybrid(tmp_path, capsys):
     (tmp_path / "docs").mkdir()
     for i in range(4):

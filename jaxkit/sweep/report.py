@@ -207,7 +207,9 @@ def format_number(value: float | None) -> str:
 
 
 def _varied_keys(rows: list[Row]) -> list[str]:
-    return list(dict.fromkeys(k for row in rows for k in row.varied))
+    """The swept keys, as table columns; a list entry's name is the row label
+    already."""
+    return list(dict.fromkeys(k for row in rows for k in row.varied if k != RUN_AXIS))
 
 
 def markdown_table(rows: list[Row], specs) -> str:

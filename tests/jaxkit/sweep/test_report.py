@@ -115,3 +115,13 @@ def test_without_matplotlib_the_plots_are_a_one_line_error(tmp_path, monkeypatch
     assert str(exit_.value) == \
         "the report's plots need matplotlib: pip install 'jaxkit[experiments]'"
     assert not (tmp_path / "out").exists()
+
+
+def test_named_runs_are_labelled_once():
+    """A list entry's name is the row label; it is not repeated as a swept key."""
+    from jaxkit.sweep.report import Row, markdown_table
+    spec = MetricSpec.parse("eval/ce")
+    rows = [Row("cosine", {"run": "cosine"}, (), {str(spec): [2.0]}),
+            Row("wsd", {"run": "wsd", "optimizer.schedule": "wsd"}, (), {str(spec): [1.5]})]
+    header = [c.strip() for c in markdown_table(rows, [spec]).splitlines()[0].strip("|").split("|")]
+    assert header == ["run", "schedule", "n", "eval/ce"], header  # keys shortened

@@ -36,10 +36,13 @@ from pallas_kernels.attention.mosaic_gpu.schedule import block_order
 _DS_BUFFERS = 2
 
 
-def _probs_t(spec, st, masked, lse_slot, i, key0, segs, slot, ks_v):
+def _probs_t(spec, st, masked, lse_slot, i, key0, segs, slot, ks_v, listed=None):
     """P^T = exp2(S^T - lse) of a key-parallel tile of base-2 logits st [keys,
     queries] (query block i, keys from key0), masked where ``masked``; with
-    segs, ring slot ``slot`` holds the query block's ids and ks_v the keys'."""
+    segs, ring slot ``slot`` holds the query block's ids and ks_v the keys'.
+    ``listed`` False zeroes the tile: a -inf bias, because a select on a
+    whole tile by a scalar predicate does not lower, and multiplying by 0
+    would turn the overflow of keys absent from lse into NaN."""
     if masked:
         seg = ()
         if segs:
@@ -48,6 +51,8 @@ def _probs_t(spec, st, masked, lse_slot, i, key0, segs, slot, ks_v):
         ok = spec.mask(iota(st.shape, 1) + (i * st.shape[1] + spec.offset),
                        iota(st.shape, 0) + key0, *seg)
         st = jnp.where(ok, st, -jnp.inf)
+    if listed is not None:
+        st = st + jnp.where(listed, 0.0, -jnp.inf)
     lse_v = plgpu.load(lse_slot, (), layout=plgpu.Layout.WGMMA.reduce(0))
     return jnp.exp2(st - mc.cols(lse_v, st.shape))
 
@@ -200,9 +205,8 @@ def backward_dkv(q, k, v, do, lse, delta, segs, spec: Spec, want_dk=True, want_d
                 plgpu.barrier_wait(lse_ready.at[slot])
                 st, dcap = spec.base2_logits(
                     mma(my_k, plgpu.transpose_ref(q_slot, (1, 0)), (bkv, bq)))
-                pt = _probs_t(spec, st, masked, lse_smem.at[slot], i, key0, segs, slot, ks_v)
-                if listed is not None:
-                    pt = jnp.where(listed, pt, 0.0)
+                pt = _probs_t(spec, st, masked, lse_smem.at[slot], i, key0, segs, slot, ks_v,
+                              listed)
                 plgpu.barrier_wait(do_ready.at[slot])
                 if not want_dk:
                     dv = mma_acc(dv, pt.astype(dtype), do_slot)

@@ -69,6 +69,30 @@ def test_flops_match_hand_count():
     assert flops.peak_tflops("cpu", override=2.5) == 2.5
 
 
+def test_flops_count_each_layers_mixer():
+    """Linear-attention layers count their chunked products and projections,
+    not S^2 attention; windows and block-sparse policies count kept keys."""
+    from jaxkit.config import AttentionConfig, SparseAttentionConfig
+    base = dict(vocab_size=10, d_model=8, num_layers=2, num_heads=2, num_kv_heads=2,
+                mlp_hidden=16, max_seq_len=4096)
+    dense = ModelConfig(**base)
+    hybrid = ModelConfig(**base, mixer="linear", softmax_every=2)  # layer 0 linear
+    # linear: q, k, v, gate, o (5 * 8*8) and one decay per head (8*2)
+    assert (flops.matmul_params_per_token(hybrid) - flops.matmul_params_per_token(dense)
+            == 5 * 64 + 16 - 4 * 64)
+    softmax_layer = 2 * 2 * 2 * 4 * 1024  # 2*2*H*Dh per key, S/2 keys at S=2048
+    linear_layer = 2 * (2 * 64 * 4 + 4 * 4 * 4)  # H * (2*C*Dh + 4*Dh^2)
+    assert flops.mixing_flops_per_token(dense, 2048) == 2 * softmax_layer
+    assert flops.mixing_flops_per_token(hybrid, 2048) == softmax_layer + linear_layer
+    windowed = ModelConfig(**base, attention=AttentionConfig(sliding_window=256))
+    assert flops.visible_keys(windowed, 0, 2048) == 256 * (1 - 256 / 4096)
+    assert flops.visible_keys(windowed, 0, 128) == 64
+    sparse = ModelConfig(**base, attention=AttentionConfig(sparse=SparseAttentionConfig(
+        policy="infllm_v2", block_size=64, top_k_blocks=8)))
+    assert flops.visible_keys(sparse, 1, 4096) == 8 * 64
+    assert flops.visible_keys(sparse, 0, 512) == 256  # short: S/2 is below the budget
+
+
 def test_cross_entropy_matches_hand_computation():
     logits = jnp.array([[[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]]])
     targets = jnp.array([[0, 2]])

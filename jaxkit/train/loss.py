@@ -21,10 +21,14 @@ def _finish(nll_sum, lse2_sum, correct_sum, tokens, z_loss):
 
 def _logit_stats(logits, targets, mask):
     """Per-token logsumexp of float32 logits, and their sums over unmasked
-    tokens of nll, lse^2 and correct predictions."""
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    tokens of nll, lse^2 and correct predictions. A prediction is correct
+    when the target's logit is the largest (a tie counts): it reuses the
+    logsumexp's max, where an argmax would be one more pass over the
+    [tokens, vocab] logits."""
+    peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1))  # its gradient cancels
+    lse = peak + jnp.log(jnp.sum(jnp.exp(logits - peak[..., None]), axis=-1))
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    correct = (jnp.argmax(logits, -1) == targets) * mask
+    correct = (target_logit >= peak) * mask
     return lse, jnp.stack([((lse - target_logit) * mask).sum(), ((lse ** 2) * mask).sum(),
                            correct.sum()])
 

@@ -33,7 +33,8 @@ the same tiling reaches its d-lhs gmm and d-rhs tgmm.
 consumers (1 or 2, 'mosaic_gpu' only): 2 runs the Hopper kernels of
 two_consumers.py, a producer warpgroup and two consumer warpgroups that
 split each output tile (gmm: its rows, tgmm: its K rows, each 128 or 256);
-tiling None then means their own defaults. An opt-in: 1 is the default.
+tiling None then means their own defaults; 16-bit outputs only. An opt-in:
+1 is the default.
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def _interpreted_only(args):
 def _mosaic_problem(args):
     problem = mosaic_gpu.unsupported(args.dtype, args.tiling)
     if problem is None and _consumers(args) == 2:
-        return two_consumers.unsupported(args.tiling, args.op)
+        return two_consumers.unsupported(args.tiling, args.op, getattr(args, "out_dtype", None))
     return problem
 
 
@@ -145,11 +146,11 @@ def _check_common(lhs, group_sizes, tiling, preferred_element_type, consumers):
 
 def _resolve(implementation, dtype, preferred_element_type, tiling, interpret, consumers, op):
     """-> (the implementation's name, the Pallas call's settings or None)."""
+    out_dtype = jnp.dtype(preferred_element_type or dtype)
     choice = TABLE.resolve(implementation, interpret, dtype=dtype, tiling=tiling,
-                           consumers=int(consumers), op=op)
+                           consumers=int(consumers), op=op, out_dtype=out_dtype)
     if choice.name not in dispatch.PALLAS_KERNELS:
         return choice.name, None
-    out_dtype = jnp.dtype(preferred_element_type or dtype)
     return "pallas", _Config(out_dtype, tiling, choice, int(consumers))
 
 

@@ -102,7 +102,7 @@ GPU_INTERPRETED = dict(m=203, k=128, n=128, routing=(70, 0, 59, 40), groups=4, d
 # has no rows (it only frees the ring's slots), and a zero tail.
 TWO_CONSUMERS = dict(consumers=2, **MOSAIC_SIZED)
 TWO_CONSUMERS_INTERPRETED = dict(GPU_INTERPRETED, m=270, k=256, n=256, routing=(100, 0, 90, 50),
-                                 mosaic_tiling=(128, 128, 128), consumers=2)
+                                 out_dtype=BF16, mosaic_tiling=(128, 128, 128), consumers=2)
 # transpose_rhs alternates over the routings, so both gradient layouts run.
 CASES = {
     # float32: the tight tolerance (the Mosaic kernel takes 16-bit inputs only).
@@ -122,8 +122,7 @@ CASES = {
     "two_consumers_random": Case(routing="random", **TWO_CONSUMERS),
     "two_consumers_empty_groups_transposed": Case(routing="empty_groups", transpose_rhs=True,
                                                   **TWO_CONSUMERS),
-    "two_consumers_f32_out": Case(routing="rows_past_groups", out_dtype=jnp.float32,
-                                  **TWO_CONSUMERS),
+    "two_consumers_rows_past_groups": Case(routing="rows_past_groups", **TWO_CONSUMERS),
     "two_consumers_256_rows_transposed": Case(routing="rows_past_groups", transpose_rhs=True,
                                               mosaic_tiling=(256, 128, 64), **TWO_CONSUMERS),
     "two_consumers_interpreted": Case(**TWO_CONSUMERS_INTERPRETED),
@@ -137,7 +136,8 @@ def problem(case, implementation, interpret):
     supports = TABLE.supports[implementation]
     return next(filter(None, (supports(SimpleNamespace(
         dtype=jnp.dtype(case.dtype), tiling=case.tiling(implementation),
-        interpret=bool(interpret), consumers=case.consumers, op=op))
+        interpret=bool(interpret), consumers=case.consumers, op=op,
+        out_dtype=jnp.dtype(case.out_dtype or case.dtype)))
         for op in ("gmm", "tgmm"))), None)
 
 

@@ -120,8 +120,13 @@ def test_mosaic_kernel_rejects_what_it_cannot_do():
     with pytest.raises(ValueError, match=r"tgmm K tile .* got tiling \(128, 64, 128\)"):
         two_consumers.tgmm(x, x, sizes, out_dtype=jnp.bfloat16, tiling=(128, 64, 128))
     with pytest.raises(ValueError, match="does not fit in shared memory"):
-        two_consumers.gmm(x, jnp.ones((G, 64, 64), jnp.bfloat16), sizes, out_dtype=jnp.float32,
+        two_consumers.gmm(x, jnp.ones((G, 64, 64), jnp.bfloat16), sizes, out_dtype=jnp.bfloat16,
                           tiling=(256, 128, 128))
+    with pytest.raises(ValueError, match="consumers=2 stores 16-bit outputs only; got float32"):
+        two_consumers.tgmm(x, x, sizes, out_dtype=jnp.float32)
+    with pytest.raises(ValueError, match="consumers=2 stores 16-bit outputs only; got float32"):
+        gmm(x, jnp.ones((G, 64, 64), jnp.bfloat16), sizes, implementation="mosaic_gpu",
+            preferred_element_type=jnp.float32, consumers=2)
 
 
 # The two-consumer kernels at moe_1b's expert shapes (K=1024, N=1280 and
@@ -129,7 +134,7 @@ def test_mosaic_kernel_rejects_what_it_cannot_do():
 # fit the block's shared memory (the lowering checks it exactly).
 @pytest.mark.parametrize("op", ["gmm", "gmm_transposed_rhs", "tgmm"])
 @pytest.mark.parametrize("k,n", [(1024, 1280), (640, 1024)])
-@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float16])
 def test_two_consumer_kernels_lower_for_cuda(op, k, n, out_dtype):
     m, g = 1000, 8
     lhs = jnp.ones((m, k), jnp.bfloat16)

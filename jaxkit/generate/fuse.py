@@ -6,7 +6,9 @@ custom call XLA can neither merge with its neighbours nor keep inside a CUDA
 graph. fuse_projections concatenates, along the output features, attention's
 q, k, v into one Linear (Attention.qkv) and a SwiGLU's gate, up into one
 (SwiGLU.gate_up; the MoE shared expert's included): three matmuls fewer a
-layer, over the same weight bytes.
+layer, over the same weight bytes. A linear-attention mixer fuses its q, k,
+v (LinearAttention.qkv) and its output gate and decay (gate_decay): five
+projections become two.
 
 Fused weights are the parts' weights side by side, never re-quantised: float
 kernels [in, out] and the low-bit storage of Quantizer.convert (mode 'int')
@@ -16,8 +18,7 @@ possible: a part wrapped in a LoRA adapter or N:M sparse, fake-quantised
 (modes 'qat', 'ptq'), parts that differ in kind, dtype or quant config, parts
 whose input transform differs (Hadamard signs, SmoothQuant factors and static
 activation scales are per layer), or fp8 128x128 weight blocks that a part's
-width would split. Routed MoE experts are one grouped matmul already and
-linear-attention mixers keep their own projections.
+width would split. Routed MoE experts are one grouped matmul already.
 """
 from __future__ import annotations
 
@@ -26,7 +27,13 @@ import numpy as np
 from flax import nnx
 
 from jaxkit.layers import Attention, Linear, SwiGLU
+from jaxkit.layers.linear_attention import LinearAttention
 from pallas_kernels.quant_matmul import FP8_BLOCK
+
+# Per module type: (parts, the attribute the fused Linear goes to).
+GROUPS = {Attention: [(("q", "k", "v"), "qkv")],
+          SwiGLU: [(("gate", "up"), "gate_up")],
+          LinearAttention: [(("q", "k", "v"), "qkv"), (("gate", "decay"), "gate_decay")]}
 
 # Per low-bit kernel (Quantizer.kernel_kind): the axis of each stored array
 # along the output features. Other stored arrays (SmoothQuant's 'smooth')
@@ -37,23 +44,21 @@ OUTPUT_AXIS = {"w8a8": {"codes": 0, "scale": 0},  # codes [N, K], scale [N]
 
 
 def fuse_projections(model: nnx.Module) -> int:
-    """In place: every Attention's q, k, v and every SwiGLU's gate, up that
-    can be fused (module docstring) become one Linear, and the parts are
-    dropped; returns how many groups were fused."""
+    """In place: every group of GROUPS that can be fused (module docstring)
+    becomes one Linear, and its parts are dropped; returns how many groups
+    were fused."""
     count = 0
     for _, module in list(nnx.iter_modules(model)):
-        if isinstance(module, Attention) and module.qkv is None:
-            names, fused_name = ("q", "k", "v"), "qkv"
-        elif isinstance(module, SwiGLU) and module.gate_up is None:
-            names, fused_name = ("gate", "up"), "gate_up"
-        else:
-            continue
-        fused = fused_linear([getattr(module, name) for name in names])
-        if fused is not None:
-            setattr(module, fused_name, fused)
-            for name in names:
-                setattr(module, name, nnx.data(None))
-            count += 1
+        groups = [g for kind, gs in GROUPS.items() if isinstance(module, kind) for g in gs]
+        for names, fused_name in groups:
+            if getattr(module, fused_name) is not None:
+                continue
+            fused = fused_linear([getattr(module, name) for name in names])
+            if fused is not None:
+                setattr(module, fused_name, fused)
+                for name in names:
+                    setattr(module, name, nnx.data(None))
+                count += 1
     return count
 
 

@@ -46,6 +46,9 @@ class LinearAttention(nnx.Module):
         self.o = Linear(width, d_model, axes=("heads", "embed"), std=out_std, target="o",
                         quant=quant, **kw)
         self.num_heads, self.head_dim, self.cfg = num_heads, head_dim, cfg
+        # q|k|v and gate|decay as one Linear each, for generation (jaxkit.generate.fuse)
+        self.qkv = nnx.data(None)
+        self.gate_decay = nnx.data(None)
 
     def __call__(self, x, positions=None, segment_ids=None):
         """x [B, S, d_model] -> [B, S, d_model]. positions are not used (the
@@ -55,8 +58,8 @@ class LinearAttention(nnx.Module):
         if segment_ids is not None:
             raise ValueError("linear attention takes no segment_ids: its state runs across "
                              "documents (set data.document_mask=false)")
-        q, k, v, log_decay = self._project(x)
-        return self._output(self._mix(q, k, v, log_decay), x)
+        q, k, v, log_decay, gate = self._project(x)
+        return self._output(self._mix(q, k, v, log_decay), gate)
 
     def cached(self, x, positions, cache, valid, lengths=None, implementation="auto"):
         """The mixer continuing each sequence's recurrent state (cache: an
@@ -77,7 +80,7 @@ class LinearAttention(nnx.Module):
             raise ValueError(f"a linear attention layer caches its recurrent state, got a "
                              f"{type(cache).__name__} (jaxkit.generate.model_caches makes one "
                              f"cache per layer of its kind)")
-        q, k, v, log_decay = self._project(x)
+        q, k, v, log_decay, gate = self._project(x)
         k = jnp.where(valid[:, :, None, None], k, 0)
         log_decay = jnp.where(valid.reshape(valid.shape + (1,) * (log_decay.ndim - 2)),
                               log_decay, 0.0)
@@ -88,22 +91,32 @@ class LinearAttention(nnx.Module):
                                           implementation=self.cfg.implementation)
         else:
             out, state = linear_attention_reference(q, k, v, log_decay, cache.state)
-        return self._output(out, x), dataclasses.replace(cache, state=state)
+        return self._output(out, gate), dataclasses.replace(cache, state=state)
 
     def _project(self, x):
-        """q, k, v [B, S, H, D] and the log decay, [B, S, H] or [B, S, H, D]
-        float32 (model.linear_attention.decay)."""
+        """q, k, v [B, S, H, D], the log decay, [B, S, H] or [B, S, H, D]
+        float32 (model.linear_attention.decay), and the output gate's
+        pre-activation [B, S, H * D]."""
         B, S, _ = x.shape
         heads = (B, S, self.num_heads, self.head_dim)
-        q, k, v = (proj(x).reshape(heads) for proj in (self.q, self.k, self.v))
-        logits = self.decay(x).astype(jnp.float32) + self.decay_bias[...].astype(jnp.float32)
+        width = self.num_heads * self.head_dim
+        if self.qkv is None:
+            q, k, v = (proj(x) for proj in (self.q, self.k, self.v))
+        else:
+            q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+        if self.gate_decay is None:
+            gate, decay = self.gate(x), self.decay(x)
+        else:
+            gate, decay = jnp.split(self.gate_decay(x), [width], axis=-1)
+        logits = decay.astype(jnp.float32) + self.decay_bias[...].astype(jnp.float32)
         log_decay = jax.nn.log_sigmoid(logits) / DECAY_TEMPERATURE
-        return q, k, v, log_decay.reshape(heads if self.cfg.decay == "per_key" else heads[:3])
+        log_decay = log_decay.reshape(heads if self.cfg.decay == "per_key" else heads[:3])
+        return q.reshape(heads), k.reshape(heads), v.reshape(heads), log_decay, gate
 
-    def _output(self, out, x):
-        """The core's out [B, S, H, D] normed per head, gated by x, projected."""
+    def _output(self, out, gate):
+        """The core's out [B, S, H, D] normed per head, gated, projected."""
         B, S = out.shape[:2]
-        out = self.norm(out) * jax.nn.silu(self.gate(x).reshape(out.shape)).astype(out.dtype)
+        out = self.norm(out) * jax.nn.silu(gate.reshape(out.shape)).astype(out.dtype)
         return self.o(out.reshape(B, S, self.num_heads * self.head_dim))
 
     def _mix(self, q, k, v, log_decay):

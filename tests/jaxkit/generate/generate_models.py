@@ -6,6 +6,7 @@ import numpy as np
 from flax import nnx
 
 from jaxkit.config import load_config
+from jaxkit.generate import model_caches
 from jaxkit.generate.cache import KVCache, empty_caches, storage
 from jaxkit.generate.pages import PageAllocator, assign_pages
 from jaxkit.models import Transformer
@@ -40,6 +41,17 @@ def caches_for(cfg, batch, capacity, kv_cache="compute", page_size=None, seed=0)
     table = assign_pages(allocator, [capacity] * batch, capacity, page_size).table
     return empty_caches(cfg.num_layers, (allocator.num_pages, page_size), cfg.kv_heads,
                         cfg.dim_per_head, fmt, jnp.asarray(table))
+
+
+def layer_caches(cfg, batch, capacity, kv_cache="compute", page_size=None):
+    """model_caches (one per layer, of its kind: a recurrent state for linear
+    attention) of `capacity` KV slots per sequence: contiguous, or over the
+    shuffled page table of caches_for."""
+    fmt = storage(kv_cache, cfg.compute_dtype)
+    if page_size is None:
+        return model_caches(cfg, batch, (batch, capacity), fmt)
+    pool = caches_for(cfg, batch, capacity, kv_cache, page_size)[0]
+    return model_caches(cfg, batch, jax.tree.leaves(pool.k)[0].shape[:2], fmt, pool.page_table)
 
 
 def teacher_forced(model, sequences, prompt_lengths, cache_sets, steps, per_step=1,

@@ -3,7 +3,8 @@ run as one matmul each gives the unfused model's logits through prefill,
 decode steps (contiguous and paged caches) and the full forward, for float
 weights and every low-bit 'int' kernel; groups that cannot be fused (LoRA,
 N:M sparsity, fake quantisation, per-layer input transforms, fp8 blocks a
-part would split, linear-attention mixers) stay as they are; the Engine
+part would split) stay as they are; a linear-attention mixer fuses q|k|v
+and gate|decay; the Engine
 runs the fused model, with three matmuls fewer a layer over the same bytes.
 
 Tolerances, against logits of magnitude about 3: each output column uses
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from generate_models import VOCAB, caches_for, teacher_forced, tiny_model
+from generate_models import VOCAB, caches_for, layer_caches, teacher_forced, tiny_model
 from jaxkit.config import LoRAConfig, QuantConfig
 from jaxkit.generate import Engine
 from jaxkit.generate.engine import cast_weights
@@ -80,12 +81,12 @@ def fused_copy(model, groups: int):
     return fused
 
 
-def assert_same_logits(model, fused, caches, atol, steps=4):
+def assert_same_logits(model, fused, caches, atol, steps=4, make_caches=caches_for):
     """Teacher-forced prefill and decode steps through each cache layout,
     and the full forward: fused equals unfused."""
     B = len(PROMPT_LENGTHS)
     runs = [teacher_forced(m, SEQUENCES, PROMPT_LENGTHS,
-                           [caches_for(m.cfg, B, slots, page_size=page_size)
+                           [make_caches(m.cfg, B, slots, page_size=page_size)
                             for page_size, slots in caches], steps)
             for m in (fused, model)]
     (got_cached, got_full), (want_cached, want_full) = runs
@@ -161,16 +162,19 @@ def test_mixed_float_and_low_bit_parts_stay_unfused():
     assert_same_logits(model, fused, [CONTIGUOUS], FLOAT32, steps=2)
 
 
-def test_linear_attention_mixer_keeps_its_projections():
-    """Layer 0 linear attention (its MLP fuses), layer 1 softmax attention."""
+def test_linear_attention_mixer_fuses_qkv_and_gate_decay():
+    """Layer 0 linear attention (q|k|v, gate|decay and its MLP's gate|up
+    fuse), layer 1 softmax attention (q|k|v and gate|up): the same logits
+    through the recurrent-state and KV caches and the full forward."""
     model = tiny_model("model.mixer=linear", "model.softmax_every=2")
-    fused = fused_copy(model, 3)
+    fused = fused_copy(model, 5)
     mixer = fused.blocks[0].attn
     assert isinstance(mixer, LinearAttention)
-    assert all(isinstance(getattr(mixer, n), Linear) for n in ("q", "k", "v"))
-    tokens = jnp.asarray(SEQUENCES)
-    np.testing.assert_allclose(np.asarray(fused(tokens)[0]), np.asarray(model(tokens)[0]),
-                               atol=FLOAT32, rtol=0)
+    assert all(getattr(mixer, n) is None for n in ("q", "k", "v", "gate", "decay"))
+    assert mixer.qkv.kernel.shape == (32, 3 * 32)
+    assert mixer.gate_decay.kernel.shape == (32, 32 + 4)  # the gate, one decay a head
+    assert fuse_projections(fused) == 0
+    assert_same_logits(model, fused, [CONTIGUOUS, PAGED], FLOAT32, make_caches=layer_caches)
 
 
 def _count_dots(jaxpr) -> int:

@@ -18,10 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from generate_models import VOCAB, caches_for, teacher_forced, tiny_model
+from generate_models import VOCAB, caches_for, layer_caches, teacher_forced, tiny_model
 from jaxkit.cli import main
-from jaxkit.generate import KVCache, StateCache, model_caches
-from jaxkit.generate.cache import storage
+from jaxkit.generate import KVCache, StateCache
 from jaxkit.run import decode_speed
 
 ROOT = Path(__file__).parents[3]
@@ -45,16 +44,6 @@ CASES = {  # name: (model overrides, kv_cache, page size or None, KV slots, atol
     "hybrid_blockspec_prefill": (HYBRID + ["model.linear_attention.implementation=blockspec"],
                                  "compute", None, 24, FLOAT32, 1),
 }
-
-
-def layer_caches(cfg, batch, capacity, kv_cache="compute", page_size=None):
-    """model_caches of `capacity` KV slots per sequence: contiguous, or over
-    the shuffled page table of generate_models.caches_for."""
-    fmt = storage(kv_cache, cfg.compute_dtype)
-    if page_size is None:
-        return model_caches(cfg, batch, (batch, capacity), fmt)
-    pool = caches_for(cfg, batch, capacity, kv_cache, page_size)[0]
-    return model_caches(cfg, batch, jax.tree.leaves(pool.k)[0].shape[:2], fmt, pool.page_table)
 
 
 @pytest.mark.parametrize("case", list(CASES))

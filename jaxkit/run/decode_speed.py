@@ -28,8 +28,9 @@ steps. decode_tokens_per_s dispatches the steps back to back and waits once;
 host_loop_tokens_per_s reads each step's tokens while the next runs, as
 jaxkit generate does. weight_bytes_per_step counts every weight but an
 untied embedding table (a step gathers one row of it a sequence);
-hbm_gb_per_s adds the cached keys and values a step reads: the rate a
-memory-bound decode step is bound by. On a GPU, a 512 MiB copy in the same
+hbm_gb_per_s adds the cached keys and values a step reads, and each
+linear-attention layer's recurrent state (read and written once a step):
+the rate a memory-bound decode step is bound by. On a GPU, a 512 MiB copy in the same
 process (pallas_kernels.quant_matmul.bench.copy_bandwidth) gives the weight
 roofline, batch x copy bandwidth / weight_bytes_per_step tokens/s, and the
 fraction of it decode reaches; copy_fraction is hbm_gb_per_s over the copy's
@@ -101,7 +102,8 @@ def measure(engine: Engine, batch: int, *, prompt_len: int, steps: int, warmup: 
     mean_cached = prompt_len + warmup + 1.5 * steps
     if cfg.attention.sliding_window is not None:
         mean_cached = min(mean_cached, cfg.attention.sliding_window)
-    step_bytes = weights + batch * mean_cached * engine.bytes_per_token
+    step_bytes = weights + batch * (mean_cached * engine.bytes_per_token
+                                    + 2 * engine.state_bytes_per_sequence)
     return {"batch": batch, "prompt_len": prompt_len, "compile_s": decoding.compile_s,
             "prefill_tokens_per_s": batch * prompt_len / prefill_s,
             "decode_step_ms": 1e3 * step_s, "decode_tokens_per_s": batch / step_s,

@@ -94,12 +94,15 @@ def _combine_bwd(res, g):
     y, slot, weight, source = res
     T, k = slot.shape
     # Both gradients in expert order from one gather of g's rows (in y's dtype:
-    # dy is rounded to it anyway), so y is read in order and XLA fuses the two;
-    # the per-row dot products then move to token order as scalars.
-    g_rows = _take(g.astype(y.dtype), source // k).astype(jnp.float32)
+    # dy is rounded to it anyway), so y is read in order; the per-row dot
+    # products then move to token order as scalars. The gathered rows stay
+    # 16-bit until each consumer widens them: where XLA keeps them in memory
+    # for its two users, a float32 copy ([T * k, D]) would double the bytes.
+    g_rows = _take(g.astype(y.dtype), source // k)
     w_row = _take(weight.reshape(-1), source).astype(jnp.float32)
-    dy = (w_row[:, None] * g_rows).astype(y.dtype)
-    dweight = _take(jnp.sum(y.astype(jnp.float32) * g_rows, axis=-1), slot.reshape(-1))
+    dy = (w_row[:, None] * g_rows.astype(jnp.float32)).astype(y.dtype)
+    dweight = _take(jnp.sum(y.astype(jnp.float32) * g_rows.astype(jnp.float32), axis=-1),
+                    slot.reshape(-1))
     return dy, None, dweight.reshape(T, k).astype(weight.dtype), None
 
 

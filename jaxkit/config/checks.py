@@ -75,6 +75,10 @@ def validate(cfg: Config) -> None:
              f"train.grad_accum ({t.grad_accum}) must divide data.batch_size ({d.batch_size})")
     _require(sum(getattr(cfg.mesh, a) == -1 for a in ("data", "fsdp", "tensor", "expert", "sequence")) <= 1,
              "at most one mesh axis may be -1")
+    o = cfg.optimizer
+    _require(o.mu_dtype == "float32" or o.name != "adafactor",
+             f"optimizer.mu_dtype {o.mu_dtype!r} applies to adamw and lion; adafactor keeps no "
+             "first moment")
     _validate_sparsity(cfg)
     _validate_lora(cfg)
 

@@ -222,6 +222,9 @@ class OptimizerConfig:
     warmup_steps: int = ranged(100, ">= 0")
     decay_fraction: float = ranged(0.2, "(0, 1]")  # wsd: final fraction of steps spent decaying
     min_lr_ratio: float = ranged(0.1, "[0, 1]")  # where the decays end; linear with 0: D2Z
+    # the first moment's storage (adamw, lion); bfloat16 halves its bytes in
+    # the update, which reads and writes every moment each step
+    mu_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclasses.dataclass(frozen=True)

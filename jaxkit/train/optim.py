@@ -41,9 +41,10 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
     lr = make_schedule(cfg, total_steps)
     if cfg.name == "adamw":
         opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                          mask=_decay_mask)
+                          mu_dtype=cfg.mu_dtype, mask=_decay_mask)
     elif cfg.name == "lion":
-        opt = optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=_decay_mask)
+        opt = optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                         mu_dtype=cfg.mu_dtype, mask=_decay_mask)
     else:
         opt = optax.adafactor(lr, weight_decay_rate=cfg.weight_decay or None,
                               weight_decay_mask=_decay_mask)

@@ -1,9 +1,12 @@
 """The linear learning-rate schedule: warmup, then a straight line from the
-peak to learning_rate * min_lr_ratio (0: linear decay to zero, D2Z)."""
+peak to learning_rate * min_lr_ratio (0: linear decay to zero, D2Z); the
+first moment's storage dtype."""
+import jax
+import jax.numpy as jnp
 import pytest
 
-from jaxkit.config import load_config
-from jaxkit.train.optim import make_schedule
+from jaxkit.config import OptimizerConfig, load_config
+from jaxkit.train.optim import make_optimizer, make_schedule
 
 
 def linear_schedule(min_lr_ratio: float, warmup: int = 10, steps: int = 110):
@@ -28,3 +31,19 @@ def test_linear_without_warmup_starts_at_the_peak():
     assert float(lr(0)) == pytest.approx(2.0)
     assert float(lr(25)) == pytest.approx(1.0)
     assert float(lr(50)) == 0.0
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion"])
+def test_bf16_first_moment_is_stored_in_bf16(name):
+    cfg = OptimizerConfig(name=name, mu_dtype="bfloat16")
+    params = {"w": jnp.ones((4, 3), jnp.float32)}
+    state = make_optimizer(cfg, total_steps=10).init(params)
+    mus = [leaf for leaf in jax.tree.leaves(state) if getattr(leaf, "shape", None) == (4, 3)]
+    assert jnp.dtype(jnp.bfloat16) in {m.dtype for m in mus}
+    if name == "adamw":  # the second moment stays float32
+        assert jnp.dtype(jnp.float32) in {m.dtype for m in mus}
+
+
+def test_adafactor_refuses_a_first_moment_dtype():
+    with pytest.raises(ValueError, match="optimizer.mu_dtype 'bfloat16' applies to adamw"):
+        load_config(None, ["optimizer.name=adafactor", "optimizer.mu_dtype=bfloat16"])

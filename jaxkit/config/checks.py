@@ -59,6 +59,11 @@ def validate(cfg: Config) -> None:
                      "for the grouped router")
         _require(e.num_groups == 1 or e.router == "grouped",
                  f"model.moe.num_groups ({e.num_groups}) needs router: grouped, got {e.router!r}")
+        _require(e.gmm_consumers == 1 or (e.dispatch == "dropless"
+                                           and e.gmm_implementation in ("auto", "mosaic_gpu")),
+                 f"model.moe.gmm_consumers={e.gmm_consumers} splits the Mosaic GPU grouped "
+                 "matmuls' tiles: it needs dispatch 'dropless' and gmm_implementation 'auto' or "
+                 f"'mosaic_gpu', got {e.dispatch!r} and {e.gmm_implementation!r}")
         _require(e.router != "expert_choice" or e.dispatch == "capacity",
                  "model.moe.router 'expert_choice' gives every expert a fixed number of tokens: "
                  f"it needs dispatch: capacity, got {e.dispatch!r}")

@@ -104,6 +104,8 @@ class MoEConfig:
     center_router_input: bool = False
     gmm_implementation: Literal["auto", "xla", "ragged_dot", "pallas", "mosaic_gpu",
                                 "blockspec"] = "auto"
+    # 2: the Hopper grouped matmuls with two consumer warpgroups (Mosaic GPU only)
+    gmm_consumers: int = ranged(1, "[1, 2]")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,12 +48,27 @@ def _timed(f, q, k, v, do, iters):
             "fwdbwd_ms": 1e3 * time_fn(fwdbwd, q, k, v, iters=iters, warmup=1)}
 
 
-def bench_problem(S, cfg: SparseAttentionConfig, args) -> dict:
+def problem_inputs(S, args):
+    """q, k, v and the output cotangent of length S (the same for every
+    policy: seeded by S)."""
     B, H, KH, D = 1, args.heads, args.kv_heads, args.head_dim
     dtype = jnp.dtype(args.dtype)
     kq, kk, kv, kd = jax.random.split(jax.random.key(S), 4)
     q, do = (jax.random.normal(key, (B, S, H, D), jnp.float32).astype(dtype) for key in (kq, kd))
     k, v = (jax.random.normal(key, (B, S, KH, D), jnp.float32).astype(dtype) for key in (kk, kv))
+    return q, k, v, do
+
+
+def bench_dense(S, args) -> dict:
+    """Dense causal flash attention at length S, timed once for all policies."""
+    return {f"dense_{key}": t for key, t in _timed(
+        lambda q, k, v: flash_attention(q, k, v, causal=True, implementation=args.impl),
+        *problem_inputs(S, args), args.iters).items()}
+
+
+def bench_problem(S, cfg: SparseAttentionConfig, args) -> dict:
+    q, k, v, do = problem_inputs(S, args)
+    H = args.heads
     sparse_impl = "pallas" if args.impl == "cudnn" else args.impl
     select = jax.jit(lambda q, k: select_blocks(q, k, cfg))
     _, counts = select(q, k)
@@ -62,9 +77,6 @@ def bench_problem(S, cfg: SparseAttentionConfig, args) -> dict:
               "select_ms": 1e3 * time_fn(select, q, k, iters=args.iters, warmup=1)}
     result |= {f"sparse_{key}": t for key, t in _timed(
         lambda q, k, v: sparse_self_attention(q, k, v, None, cfg, sparse_impl),
-        q, k, v, do, args.iters).items()}
-    result |= {f"dense_{key}": t for key, t in _timed(
-        lambda q, k, v: flash_attention(q, k, v, causal=True, implementation=args.impl),
         q, k, v, do, args.iters).items()}
     return result
 
@@ -116,8 +128,9 @@ def main(argv=None):
     print(meta, flush=True)
     results = []
     for S in (int(s) for s in args.seq_lens.split(",")):
+        dense = bench_dense(S, args)
         for label, cfg in configs(args):
-            results.append(((S, label), bench_problem(S, cfg, args)))
+            results.append(((S, label), bench_problem(S, cfg, args) | dense))
             print(format_table(results[-1:]).splitlines()[-1], flush=True)
             if args.json:
                 with open(args.json, "w") as f:

@@ -77,6 +77,23 @@ def rel_err(x, ref) -> float:
     return float(_rel_err(x, ref))
 
 
+def measure_each(keys, measure, format_table, meta: dict, json_path: str | None = None) -> dict:
+    """{key: measure(key)} for each key in turn. Each key's rows of
+    format_table({key: result}) (its header line dropped) are printed when
+    measured and, with json_path, {"meta": meta, "results": ...} is written
+    there after every key, so a cut-off run keeps what it measured; the
+    whole table is printed at the end."""
+    results = {}
+    for key in keys:
+        results[key] = measure(key)
+        print("\n".join(format_table({key: results[key]}).splitlines()[1:]), flush=True)
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump({"meta": meta, "results": results}, f, indent=1)
+    print(format_table(results))
+    return results
+
+
 def write_rows(path: str, header: str, rows: list) -> None:
     """A bench's result rows as JSON at path, with its header line and the time."""
     with open(path, "w") as fh:

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.attention import flash_attention
-from pallas_kernels.benchmarking import time_fn
+from pallas_kernels.benchmarking import measure_each, time_fn
 from pallas_kernels.linear_attention.api import linear_attention
 
 
@@ -102,17 +101,9 @@ def main(argv=None):
             "heads": args.heads, "dim": args.dim, "chunk": args.chunk, "linear": args.linear,
             "flash": args.flash}
     print(meta, flush=True)
-    all_results = {}
-    for S in args.lengths:
-        all_results[S] = bench_length(S, B=args.batch, H=args.heads, D=args.dim,
-                                      linear=args.linear, flash=args.flash, chunk=args.chunk,
-                                      iters=args.iters)
-        print("\n".join(format_table({S: all_results[S]}).splitlines()[1:]), flush=True)
-        if args.json:  # written after every length, so a cut-off run keeps what it measured
-            with open(args.json, "w") as f:
-                json.dump({"meta": meta, "results": all_results}, f, indent=1)
-    print(format_table(all_results))
-    return all_results
+    return measure_each(args.lengths, lambda S: bench_length(
+        S, B=args.batch, H=args.heads, D=args.dim, linear=args.linear, flash=args.flash,
+        chunk=args.chunk, iters=args.iters), format_table, meta, args.json)
 
 
 if __name__ == "__main__":

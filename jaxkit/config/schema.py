@@ -158,6 +158,9 @@ class ModelConfig:
     max_seq_len: int = ranged(256, ">= 1")
     rope_theta: float = ranged(10000.0, "> 0")
     norm_eps: float = ranged(1e-6, "> 0")
+    # the blocks' and the final norm's pallas_kernels.rms_norm implementation
+    # ('auto': XLA's fusions until a GPU benchmark shows the kernel faster)
+    norm_implementation: Literal["auto", "xla", "pallas"] = "auto"
     tie_embeddings: bool = True
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"

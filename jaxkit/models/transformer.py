@@ -36,7 +36,8 @@ class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         pd, cd = DTYPES[cfg.param_dtype], DTYPES[cfg.compute_dtype]
         out_std = (2 * cfg.num_layers * cfg.d_model) ** -0.5  # keeps the residual stream's scale
-        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd,
+                                 implementation=cfg.norm_implementation)
         if cfg.is_linear_layer(layer):
             self.attn = LinearAttention(cfg.d_model, cfg.num_heads, cfg.dim_per_head,
                                         cfg=cfg.linear_attention, rngs=rngs, param_dtype=pd,
@@ -47,7 +48,8 @@ class Block(nnx.Module):
                                   cfg=cfg.attention, rope_theta=cfg.rope_theta, rngs=rngs,
                                   param_dtype=pd, compute_dtype=cd, out_std=out_std,
                                   quant=cfg.quant, sparse=cfg.is_sparse_attention_layer(layer))
-        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd,
+                                implementation=cfg.norm_implementation)
         self.is_moe = cfg.is_moe_layer(layer)
         if self.is_moe:
             from jaxkit.layers.moe import MoE  # imported only for MoE models
@@ -57,17 +59,19 @@ class Block(nnx.Module):
                               compute_dtype=cd, out_std=out_std, quant=cfg.quant)
 
     def __call__(self, x, positions, segment_ids=None):
-        return self._feed_forward(x + self.attn(self.attn_norm(x), positions, segment_ids))
+        return self._feed_forward(x, self.attn(self.attn_norm(x), positions, segment_ids))
 
     def cached(self, x, positions, cache, valid, lengths=None, implementation="auto"):
         """The block with its mixer reading and writing its cache
         (Attention.cached, LinearAttention.cached); returns (x, cache)."""
         y, cache = self.attn.cached(self.attn_norm(x), positions, cache, valid, lengths,
                                     implementation)
-        return self._feed_forward(x + y)[0], cache
+        return self._feed_forward(x, y)[0], cache
 
-    def _feed_forward(self, x):
-        h = self.mlp_norm(x)
+    def _feed_forward(self, x, y):
+        """The mixer's output y added to the residual x, then the MLP's
+        residual; the add and mlp_norm run as one op (RMSNorm.add)."""
+        x, h = self.mlp_norm.add(x, y)
         if self.is_moe:
             y, aux = self.mlp(h)
         else:
@@ -150,7 +154,8 @@ class Transformer(nnx.Module):
                                          for i in range(prefix, cfg.num_layers, p)])
         else:
             self.blocks = nnx.List(blocks)
-        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd,
+                                  implementation=cfg.norm_implementation)
         self.head = None if cfg.tie_embeddings else Linear(
             cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs, param_dtype=pd,
             compute_dtype=DTYPES[cfg.compute_dtype], quant=cfg.quant, target="head")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_manager import DEFAULT_ITEM_NAME
 
 from jaxkit.checkpoint.verify import DamagedCheckpointError, verify_checksums, write_checksums
 from jaxkit.config import CheckpointConfig
@@ -148,6 +149,12 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.PyTreeRestore(
             item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
             partial_restore=True))
+
+    def tree_metadata(self, step: int) -> dict:
+        """The tree checkpoint `step` holds, as nested dicts whose leaves
+        carry each array's .shape and .dtype; reads no array."""
+        return ocp.StandardCheckpointHandler().metadata(self.directory / str(step)
+                                                        / DEFAULT_ITEM_NAME)
 
     def close(self) -> None:
         self._finish_pending()

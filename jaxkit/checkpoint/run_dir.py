@@ -68,7 +68,8 @@ def structural_differences(saved: dict, cfg: Config) -> list[str]:
             if old.get(key) != new.get(key) and not _may_differ(key, old.get(key), new.get(key))]
 
 
-def _steps(run_dir: Path) -> list[int]:
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """The steps of the checkpoints in run_dir/checkpoints, ascending (none: [])."""
     directory = run_dir / "checkpoints"
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) \
         if directory.is_dir() else []
@@ -89,7 +90,7 @@ def check_resume(cfg: Config, run_dir: Path) -> None:
 
 def check_fresh(run_dir: Path) -> None:
     """RunExistsError when run_dir holds an earlier run's checkpoints or metrics."""
-    steps = _steps(run_dir)
+    steps = checkpoint_steps(run_dir)
     if steps or (run_dir / "metrics.jsonl").exists():
         held = f"checkpoints up to step {steps[-1]}" if steps else "metrics"
         raise RunExistsError(f"{run_dir} already holds a run ({held}): pass --resume to continue "

@@ -78,6 +78,9 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     _require(d.batch_size % t.grad_accum == 0,
              f"train.grad_accum ({t.grad_accum}) must divide data.batch_size ({d.batch_size})")
+    _require(t.init_from != "", "train.init_from is empty: give a run directory, or null")
+    _require(t.init_from is None or cfg.lora.base is None, "train.init_from and lora.base both "
+             "name the model to start from: a LoRA run adapts lora.base; set one of them")
     _require(sum(getattr(cfg.mesh, a) == -1 for a in ("data", "fsdp", "tensor", "expert", "sequence")) <= 1,
              "at most one mesh axis may be -1")
     o = cfg.optimizer

@@ -248,6 +248,10 @@ class TrainConfig:
     # a step whose loss or gradient norm is NaN or inf: stop the run (keeping
     # the checkpoints before it), or skip it (params and optimizer state unchanged)
     nonfinite: Literal["stop", "skip"] = "stop"
+    # a run directory whose latest intact checkpoint's parameters the run
+    # starts from, with a fresh optimizer (its own checkpoint, once it has
+    # one, wins on --resume); null: a random initialisation
+    init_from: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,7 @@ from jaxkit.lora import adapter_state
 from jaxkit.run import evaluate as evaluation
 from jaxkit.run import profile as profiling
 from jaxkit.run.build import Batches, build_mesh, build_optimizer, build_train_state
+from jaxkit.run.init_from import init_from_model, starts_from_run
 from jaxkit.run.lora import build_lora_model
 from jaxkit.train import flops
 from jaxkit.train.metrics_log import MetricsLogger
@@ -95,7 +96,7 @@ class Trainer:
         self.batches = Batches(cfg, self.mesh, self.rules, sources)
         self.optimizer, self.schedule = build_optimizer(cfg)
         with self.on_mesh():
-            model = None if cfg.lora.base is None else build_lora_model(cfg, devices)
+            model = self.starting_model(devices)
             self.graphdef, self.eval_graphdef, self.state, state_sh = build_train_state(
                 cfg, self.optimizer, self.mesh, self.rules, model)
         self.num_params = sum(x.size for x in jax.tree.leaves(self.state["params"]))
@@ -114,6 +115,16 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint) \
             if cfg.checkpoint.enabled else None
         self.peak = flops.peak_tflops(jax.devices()[0].device_kind, cfg.train.peak_tflops)
+
+    def starting_model(self, devices):
+        """The model training starts from, None for a fresh build_model: a
+        LoRA run's frozen base with fresh adapters, or (train.init_from, when
+        the run has no checkpoint of its own) another run's parameters."""
+        if self.cfg.lora.base is not None:
+            return build_lora_model(self.cfg, devices)
+        if starts_from_run(self.cfg, self.run_dir):
+            return init_from_model(self.cfg, self.mesh, self.rules)
+        return None
 
     def on_mesh(self):
         """Context in which the model's steps are traced: the mesh and rules active."""
@@ -292,7 +303,9 @@ def train(cfg: Config, *, config_path: str | None = None, resume: bool = False,
     resume: continue from its newest verified checkpoint (a config that
     changes the checkpoint's structure is refused first); restart: delete an
     earlier run's checkpoints and metrics first; neither: refuse a run
-    directory that holds an earlier run. All before anything is built."""
+    directory that holds an earlier run. All before anything is built. A run
+    without a checkpoint of its own starts from train.init_from's
+    parameters when that is set (jaxkit.run.init_from)."""
     if resume and restart:
         raise ValueError("resume and restart exclude each other")
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg, config_path)

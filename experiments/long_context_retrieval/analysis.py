@@ -1,15 +1,20 @@
 """The table of the long-context retrieval sweep: MQAR accuracy and loss of
 each run against the share of causal key blocks its sparse layers keep and
-the attention FLOP speed-up that share bounds (budget.py).
+the attention FLOP speed-up that share bounds (budget.py); with --measured,
+also the training step's speed-up over the dense run of the same length
+(median tokens/s: a GPU figure; on a CPU the sparse op builds the dense
+mask). Rows by sequence length, in the sweep's order.
 
     jaxkit sweep experiments/long_context_retrieval/sweep.yaml
-    python -m experiments.long_context_retrieval.analysis [--sweep FILE] [--out DIR]
+    python -m experiments.long_context_retrieval.analysis [--sweep FILE] [--out DIR] [--measured]
 """
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+
+import numpy as np
 
 from experiments.long_context_retrieval.budget import (attention_speedup_bound, describe,
                                                        kept_fraction)
@@ -26,35 +31,63 @@ def summarize(run_dir: Path) -> dict:
     evals = records.get("eval", {})
     final = evals[max(evals)] if evals else {}
     train = records.get("train", {})
+    speeds = [r["tokens_per_second"] for r in train.values() if "tokens_per_second" in r]
     S = cfg.data.seq_len
     return {"policy": describe(cfg.model), "seq_len": S, "steps": max(train) if train else 0,
+            "init_from": cfg.train.init_from,
             "kept": kept_fraction(cfg.model, S),
             "speedup_bound": attention_speedup_bound(cfg.model, S),
+            "tokens_per_second": float(np.median(speeds)) if speeds else None,
             "eval_accuracy": final.get("accuracy"), "eval_ce": final.get("ce"),
             "train_ce": train[max(train)]["ce"] if train else None}
 
 
-def markdown(results: dict) -> str:
-    lines = ["| run | policy | kept causal blocks | attention FLOP speed-up bound | "
-             "eval accuracy | eval CE |", "| --- | --- | ---: | ---: | ---: | ---: |"]
-    for name, r in results.items():
-        acc = "-" if r["eval_accuracy"] is None else f"{r['eval_accuracy']:.3f}"
-        ce = "-" if r["eval_ce"] is None else f"{r['eval_ce']:.3f}"
-        lines.append(f"| {name} | {r['policy']} | {100 * r['kept']:.1f}% | "
-                     f"{r['speedup_bound']:.2f}x | {acc} | {ce} |")
+def add_measured_speedups(results: dict) -> None:
+    """Sets each run's step_speedup: its tokens/s over the dense run's of the
+    same length (None without both)."""
+    dense = {}
+    for r in results.values():
+        if r["policy"] == "dense" and r["tokens_per_second"]:
+            dense.setdefault(r["seq_len"], r["tokens_per_second"])
+    for r in results.values():
+        base = dense.get(r["seq_len"])
+        r["step_speedup"] = r["tokens_per_second"] / base \
+            if base and r["tokens_per_second"] else None
+
+
+def _value(x, spec: str, unit: str = "") -> str:
+    return "-" if x is None else format(x, spec) + unit
+
+
+def markdown(results: dict, measured: bool = False) -> str:
+    """The table; measured: with the step speed-up column."""
+    head = ["tokens", "run", "policy", "kept causal blocks", "attention FLOP speed-up bound"]
+    head += ["step speed-up (measured)"] * measured + ["eval accuracy", "eval CE"]
+    aligns = ["---:", "---", "---"] + ["---:"] * (len(head) - 3)
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(aligns) + " |"]
+    by_length = sorted(results.items(), key=lambda item: item[1]["seq_len"])  # stable
+    for name, r in by_length:
+        cells = [f"{r['seq_len']:,}", name, r["policy"], f"{100 * r['kept']:.1f}%",
+                 f"{r['speedup_bound']:.2f}x"]
+        cells += [_value(r["step_speedup"], ".2f", "x")] * measured
+        cells += [_value(r["eval_accuracy"], ".3f"), _value(r["eval_ce"], ".3f")]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sweep", default=str(HERE / "sweep.yaml"))
-    p.add_argument("--out", default=str(HERE), help="folder for results.md and results.json")
+    p.add_argument("--out", default=str(HERE), help="folder for results.table.md and results.json")
+    p.add_argument("--measured", action="store_true",
+                   help="add the measured step speed-up over dense (runs on a GPU)")
     args = p.parse_args(argv)
     runs = [r for r in load_sweep(args.sweep).runs if (r.run_dir / "metrics.jsonl").exists()]
     if not runs:
         raise SystemExit(f"no runs of {args.sweep} with metrics yet: jaxkit sweep {args.sweep}")
     results = {r.label: summarize(r.run_dir) for r in runs}
-    table = markdown(results)
+    add_measured_speedups(results)
+    table = markdown(results, args.measured)
     print(table, end="")
     out = Path(args.out)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

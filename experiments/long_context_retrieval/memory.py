@@ -34,7 +34,7 @@ from jaxkit.config import ModelConfig
 GIB = 2 ** 30
 MODELS = {  # name: ModelConfig overrides (the shapes of configs/ and of mqar_long.yaml)
     "mqar_long": dict(d_model=512, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64,
-                            mlp_hidden=1024, vocab_size=259),
+                            mlp_hidden=1024, vocab_size=1027),
     "gpt_125m": dict(d_model=768, num_layers=12, num_heads=12, num_kv_heads=12,
                      mlp_hidden=3328, vocab_size=259),
     "dense_1b": dict(d_model=2048, num_layers=22, num_heads=16, num_kv_heads=4,

@@ -1,0 +1,87 @@
+"""The long-context retrieval experiment: its sweep files pass every config
+check, the GPU sweep's fine-tunes start from an earlier run of the same arm
+(each length from half of it, 16k from the pretraining run), and the
+analysis writes the table of accuracy against kept blocks and speed-up."""
+import json
+from pathlib import Path
+
+import pytest
+
+from experiments.long_context_retrieval import analysis
+from jaxkit.config import save_config
+from jaxkit.run.build import check_config
+from jaxkit.sweep.plan import load_sweep, resolve
+
+ROOT = Path(__file__).parents[2]
+HERE = ROOT / "experiments/long_context_retrieval"
+LENGTHS = [16384, 32768, 65536, 131072]
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    sweep = load_sweep(HERE / "sweep_gpu.yaml")
+    return sweep, resolve(sweep, check_config)
+
+
+def test_gpu_sweep_pretrains_then_chains_each_arm_over_the_lengths(gpu):
+    sweep, configs = gpu
+    runs = dict(zip((r.label for r in sweep.runs), configs))
+    dirs = {r.label: r.run_dir for r in sweep.runs}
+    order = list(dirs)
+    pretrain = runs.pop("pretrain")
+    assert pretrain.train.init_from is None and pretrain.model.attention.sparse.policy == "none"
+    assert pretrain.data.seq_len < LENGTHS[0]
+    arms = {label.rsplit("_", 1)[0] for label in runs}
+    assert arms == {"dense", "local", "infllm_k32", "proxy_k32"}
+    for arm in arms:
+        source = "pretrain"
+        for length in LENGTHS:
+            label = f"{arm}_{length // 1024}k"
+            cfg = runs[label]
+            assert cfg.data.seq_len == length and cfg.train.steps == 100
+            assert Path(cfg.train.init_from) == dirs[source]
+            assert order.index(source) < order.index(label)  # the source runs first
+            source = label
+    policies = {label: cfg.model.attention.sparse for label, cfg in runs.items()}
+    assert {p.policy for label, p in policies.items() if label.startswith("dense")} == {"none"}
+    assert {(p.policy, p.top_k_blocks) for label, p in policies.items()
+            if label.startswith("infllm")} == {("infllm_v2", 32)}
+    assert {p.window for label, p in policies.items() if label.startswith("local")} == {2048}
+    assert all(cfg.checkpoint.enabled for cfg in configs)  # every run may be a source
+
+
+def test_cpu_sweep_resolves(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    sweep = load_sweep(HERE / "sweep.yaml")
+    assert [r.label for r in sweep.runs] == ["dense", "local", "infllm_k2", "infllm_k4",
+                                             "proxy_k2"]
+    assert {c.data.seq_len for c in resolve(sweep, check_config)} == {1024}
+
+
+def test_analysis_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    sweep = load_sweep(HERE / "sweep.yaml")
+    configs = resolve(sweep)
+    monkeypatch.chdir(tmp_path)  # the run directories (runs/...) go here
+    for i, (run, cfg) in enumerate(zip(sweep.runs, configs)):
+        run.run_dir.mkdir(parents=True)
+        save_config(cfg, run.run_dir / "config.yaml")
+        lines = [{"step": s, "split": "train", "ce": 4.0, "tokens_per_second": 1000.0 * (i + 1)
+                  + s} for s in (25, 50, 75)]
+        lines.append({"step": 75, "split": "eval", "ce": 3.5, "accuracy": 0.25 * i})
+        (run.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    analysis.main(["--sweep", str(HERE / "sweep.yaml"), "--out", str(tmp_path)])
+    assert capsys.readouterr().out.splitlines()[2] == \
+        "| 1,024 | dense | dense | 100.0% | 1.00x | 0.000 | 3.500 |"
+    analysis.main(["--sweep", str(HERE / "sweep.yaml"), "--out", str(tmp_path), "--measured"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == ("| tokens | run | policy | kept causal blocks | attention FLOP speed-up "
+                        "bound | step speed-up (measured) | eval accuracy | eval CE |")
+    assert table[2] == "| 1,024 | dense | dense | 100.0% | 1.00x | 1.00x | 0.000 | 3.500 |"
+    # local: 2050 tokens/s (the median) over the dense run's 1050
+    assert table[3].startswith("| 1,024 | local | window_sinks, block 64, window 128, sinks 0 | "
+                               "22.8% | 4.39x | 1.95x | 0.250 |")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["proxy_k2"]["tokens_per_second"] == 5050.0
+    assert (tmp_path / "results.table.md").read_text().splitlines() == table

@@ -1,7 +1,8 @@
 """The long-context retrieval experiment: its sweep files pass every config
 check, the GPU sweep's fine-tunes start from an earlier run of the same arm
-(each length from half of it, 16k from the pretraining run), and the
-analysis writes the table of accuracy against kept blocks and speed-up."""
+(each length from half of it, 16k from the pretraining run) that the sweep
+runs first, and the analysis writes the table of accuracy against kept
+blocks and speed-up."""
 import json
 from pathlib import Path
 
@@ -29,25 +30,32 @@ def test_gpu_sweep_pretrains_then_chains_each_arm_over_the_lengths(gpu):
     runs = dict(zip((r.label for r in sweep.runs), configs))
     dirs = {r.label: r.run_dir for r in sweep.runs}
     order = list(dirs)
-    pretrain = runs.pop("pretrain")
-    assert pretrain.train.init_from is None and pretrain.model.attention.sparse.policy == "none"
-    assert pretrain.data.seq_len < LENGTHS[0]
-    arms = {label.rsplit("_", 1)[0] for label in runs}
-    assert arms == {"dense", "local", "infllm_k32", "proxy_k32"}
-    for arm in arms:
+    pretrain = runs["pretrain"]
+    assert order[0] == "pretrain" and pretrain.train.init_from is None
+    assert pretrain.model.attention.sparse.policy == "none" and pretrain.data.seq_len == 2048
+    sources = {}
+    for arm in ("dense", "local", "infllm_k32", "proxy_k32"):
         source = "pretrain"
         for length in LENGTHS:
-            label = f"{arm}_{length // 1024}k"
-            cfg = runs[label]
-            assert cfg.data.seq_len == length and cfg.train.steps == 100
-            assert Path(cfg.train.init_from) == dirs[source]
-            assert order.index(source) < order.index(label)  # the source runs first
-            source = label
+            sources[f"{arm}_{length // 1024}k"] = source
+            source = f"{arm}_{length // 1024}k"
+    assert sources.keys() == runs.keys() - {"pretrain"}
+    for label, source in sources.items():
+        cfg = runs[label]
+        assert Path(cfg.train.init_from) == dirs[source], label
+        assert order.index(source) < order.index(label)  # the source runs first
+        first = source == "pretrain"
+        assert cfg.data.seq_len == (LENGTHS[0] if first else 2 * runs[source].data.seq_len)
+        assert cfg.train.steps == (300 if first else 100)
     policies = {label: cfg.model.attention.sparse for label, cfg in runs.items()}
-    assert {p.policy for label, p in policies.items() if label.startswith("dense")} == {"none"}
+    assert {p.policy for label, p in policies.items() if label.startswith(("dense", "pre"))} \
+        == {"none"}
     assert {(p.policy, p.top_k_blocks) for label, p in policies.items()
             if label.startswith("infllm")} == {("infllm_v2", 32)}
-    assert {p.window for label, p in policies.items() if label.startswith("local")} == {2048}
+    assert {(p.policy, p.top_k_blocks) for label, p in policies.items()
+            if label.startswith("proxy")} == {("proxy", 32)}
+    assert {(p.policy, p.window) for label, p in policies.items()
+            if label.startswith("local")} == {("window_sinks", 2048)}
     assert all(cfg.checkpoint.enabled for cfg in configs)  # every run may be a source
 
 

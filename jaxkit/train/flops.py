@@ -13,6 +13,7 @@ Chunked gated linear attention (chunk C): the causal intra-chunk products
 from __future__ import annotations
 
 from jaxkit.config import ModelConfig
+from jaxkit.layers.sparse_attention.attend import runs_dense
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by device kind substring.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5": 197.0, "TPU v4": 275.0,
@@ -44,10 +45,10 @@ def visible_keys(cfg: ModelConfig, layer: int, seq_len: int) -> float:
     keys = seq_len / 2
     if window is not None and window < seq_len:
         keys = window * (1 - window / (2 * seq_len))  # min(position, window), averaged
-    if cfg.is_sparse_attention_layer(layer):
-        sp = cfg.attention.sparse
+    sp = cfg.attention.sparse
+    if cfg.is_sparse_attention_layer(layer) and not runs_dense(sp, seq_len):
         kept = sp.window + sp.sinks
-        if sp.policy != "window_sinks" and seq_len > sp.dense_below:
+        if sp.policy != "window_sinks":
             kept = max(kept, sp.top_k_blocks * sp.block_size)
         keys = min(keys, kept)
     return keys

@@ -91,6 +91,10 @@ def test_flops_count_each_layers_mixer():
         policy="infllm_v2", block_size=64, top_k_blocks=8)))
     assert flops.visible_keys(sparse, 1, 4096) == 8 * 64
     assert flops.visible_keys(sparse, 0, 512) == 256  # short: S/2 is below the budget
+    dense_short = ModelConfig(**base, attention=AttentionConfig(sparse=SparseAttentionConfig(
+        policy="infllm_v2", block_size=64, top_k_blocks=8, dense_below=2048)))
+    assert flops.visible_keys(dense_short, 0, 2048) == 1024  # dense up to dense_below
+    assert flops.visible_keys(dense_short, 0, 4096) == 8 * 64
 
 
 def test_cross_entropy_matches_hand_computation():

@@ -8,11 +8,9 @@ implementation (the shared rule of pallas_kernels.dispatch):
                head_dim 64 or 128, block_k 64 or 128; compiled only);
   'blockspec'  the portable kernels of blockspec.py (compiled on a GPU,
                interpreted on CPU; block sizes powers of two >= 16);
-  'pallas'     'mosaic_gpu' where it takes the call, else 'blockspec'; its
-               backward is the Hopper one only once
-               mosaic_gpu.BACKWARD_VERIFIED is set (after the Hopper
-               backward's compiled tests pass on a GPU), the portable
-               kernels' until then;
+  'pallas'     'mosaic_gpu' where it takes the call, else 'blockspec'
+               (the Hopper backward while mosaic_gpu.BACKWARD_VERIFIED,
+               which its compiled tests on a GPU set);
   'auto'       'pallas' on GPU, the reference on CPU.
 """
 from __future__ import annotations

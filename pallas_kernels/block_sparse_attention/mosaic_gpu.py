@@ -45,10 +45,10 @@ from pallas_kernels.block_sparse_attention.lists import unmasked_prefix
 from pallas_kernels.block_sparse_attention.mosaic_gpu_backward import ROWS, supports_backward
 
 STAGES = 2
-# The Hopper backward lowers for CUDA on CPU but has not run on a GPU yet:
-# until its compiled tests pass, implementation='pallas' keeps the portable
-# backward and only implementation='mosaic_gpu' runs it.
-BACKWARD_VERIFIED = False
+# The Hopper backward's compiled tests pass (H200, jax 0.11.2), so
+# implementation='pallas' (and 'auto' on a GPU) runs it behind the Hopper
+# forward; False would keep the portable backward there.
+BACKWARD_VERIFIED = True
 
 
 def supports(q, k, v, *, block_q: int, block_k: int, list_heads: int) -> str | None:

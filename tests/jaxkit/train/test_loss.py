@@ -68,38 +68,18 @@ def test_fused_training_follows_materialised_logits_over_100_steps(monkeypatch):
     """A bf16 model trained 100 steps with the output head fused into the loss
     follows the loss curve of the same model trained on materialised logits,
     within bf16 noise."""
-    from flax import nnx
-
     from jaxkit.config import load_config
     from jaxkit.models import Transformer
-    from jaxkit.run.build import split_model
-    from jaxkit.train.optim import make_optimizer, make_schedule
-    from jaxkit.train.step import make_train_step
+    from training_curve import loss_curve, repeats_batch
 
     cfg = load_config(None, ["model.vocab_size=67", "model.d_model=32", "model.num_layers=2",
                              "model.num_heads=2", "model.mlp_hidden=64", "model.max_seq_len=24",
                              "model.tie_embeddings=false", "data.seq_len=24", "optimizer.learning_rate=3e-3",
                              "optimizer.warmup_steps=10"])
-    rng = np.random.default_rng(1)
-    seqs = np.stack([np.tile(rng.integers(0, 67, 6), 5) for _ in range(8)])  # learnable repeats
-    batch = dict(inputs=jnp.asarray(seqs[:, :24]), targets=jnp.asarray(seqs[:, 1:25]))
-
-    def curve(fused: bool):
-        if not fused:  # the plain path: the model's logits, then cross_entropy
-            monkeypatch.setattr(Transformer, "output_projection", lambda self: None)
-        graphdef, _, params, model_state = split_model(Transformer(cfg.model, rngs=nnx.Rngs(0)))
-        opt = make_optimizer(cfg.optimizer, 100)
-        step = jax.jit(make_train_step(graphdef, opt, make_schedule(cfg.optimizer, 100),
-                                       grad_accum=1, z_loss=1e-4))
-        state = dict(params=params, opt_state=opt.init(params), model_state=model_state,
-                     step=jnp.zeros((), jnp.int32))
-        losses = []
-        for _ in range(100):
-            state, metrics = step(state, batch)
-            losses.append(float(metrics["loss"]))
-        monkeypatch.undo()
-        return np.array(losses)
-
-    fused, plain = curve(True), curve(False)
+    batch = repeats_batch(67, 24)
+    fused = loss_curve(cfg, batch)
+    # the plain path: the model's logits, then cross_entropy
+    monkeypatch.setattr(Transformer, "output_projection", lambda self: None)
+    plain = loss_curve(cfg, batch)
     assert plain[-1] < 0.5 * plain[0]  # it learns, so the comparison means something
     np.testing.assert_allclose(fused, plain, rtol=0.03, atol=0.02)

@@ -1,7 +1,8 @@
 """The long-context retrieval experiment: its sweep files pass every config
-check, the GPU sweep's fine-tunes start from an earlier run of the same arm
-(each length from half of it, 16k from the pretraining run) that the sweep
-runs first, and the analysis writes the table of accuracy against kept
+check, the GPU sweep pretrains dense through a curriculum of pair counts
+(each stage from the last) and its fine-tunes start from an earlier run of
+the same arm (each length from half of it, 16k from the last pretraining
+stage) that the sweep runs first, and the analysis writes the table of accuracy against kept
 blocks and speed-up."""
 import json
 from pathlib import Path
@@ -30,25 +31,30 @@ def test_gpu_sweep_pretrains_then_chains_each_arm_over_the_lengths(gpu):
     runs = dict(zip((r.label for r in sweep.runs), configs))
     dirs = {r.label: r.run_dir for r in sweep.runs}
     order = list(dirs)
-    pretrain = runs["pretrain"]
-    assert order[0] == "pretrain" and pretrain.train.init_from is None
-    assert pretrain.model.attention.sparse.policy == "none" and pretrain.data.seq_len == 2048
+    stages = ["pairs8", "pairs32", "pairs128"]
+    assert order[:3] == stages and runs["pairs8"].train.init_from is None
+    for previous, stage in zip(stages, stages[1:]):
+        assert Path(runs[stage].train.init_from) == dirs[previous]
+    assert [runs[s].data.mqar_num_kv_pairs for s in stages] == [8, 32, 128]
+    assert [runs[s].data.seq_len for s in stages] == [256, 512, 2048]
+    assert all(runs[s].model.attention.sparse.policy == "none" for s in stages)
     sources = {}
     for arm in ("dense", "local", "infllm_k32", "proxy_k32"):
-        source = "pretrain"
+        source = "pairs128"
         for length in LENGTHS:
             sources[f"{arm}_{length // 1024}k"] = source
             source = f"{arm}_{length // 1024}k"
-    assert sources.keys() == runs.keys() - {"pretrain"}
+    assert sources.keys() == runs.keys() - set(stages)
     for label, source in sources.items():
         cfg = runs[label]
         assert Path(cfg.train.init_from) == dirs[source], label
         assert order.index(source) < order.index(label)  # the source runs first
-        first = source == "pretrain"
+        assert cfg.data.mqar_num_kv_pairs == 128
+        first = source == "pairs128"
         assert cfg.data.seq_len == (LENGTHS[0] if first else 2 * runs[source].data.seq_len)
         assert cfg.train.steps == (300 if first else 100)
     policies = {label: cfg.model.attention.sparse for label, cfg in runs.items()}
-    assert {p.policy for label, p in policies.items() if label.startswith(("dense", "pre"))} \
+    assert {p.policy for label, p in policies.items() if label.startswith(("dense", "pairs"))} \
         == {"none"}
     assert {(p.policy, p.top_k_blocks) for label, p in policies.items()
             if label.startswith("infllm")} == {("infllm_v2", 32)}

@@ -16,6 +16,8 @@ from jaxkit.run.build import check_config
 from jaxkit.sweep.plan import load_sweep, resolve
 
 ROOT = Path(__file__).parents[2]
+SHARED_BASELINE = ("int_vs_fp_formats", "fp4_training", "nm_sparsity", "lr_schedules")
+SHARED_OUT = Path("runs/gpt_125m_2000_steps")
 SWEEPS = {"moe_balance": 3, "quant_formats": 14, "attention_training": 3, "lr_schedules": 5,
           "moe_load_balancing": 5, "nm_sparsity": 4, "fp4_training": 6, "int_vs_fp_formats": 6}
 
@@ -26,13 +28,33 @@ def test_sweep_files_resolve(name, monkeypatch):
     sweep = load_sweep(f"experiments/{name}/sweep.yaml")
     configs = resolve(sweep, check_config)
     assert sweep.name == name and len(configs) == SWEEPS[name]
-    assert sweep.out == Path("runs") / name
+    assert sweep.out == (SHARED_OUT if name in SHARED_BASELINE else Path("runs") / name)
+    assert sweep.report_dir == Path("runs") / name / "report"
+
+
+def test_gpt_125m_sweeps_share_their_baseline_runs(monkeypatch):
+    """The four 2000-step gpt_125m sweeps resolve their baseline to the same
+    configs in the same directories, so it trains once; their other runs'
+    directories are all distinct."""
+    monkeypatch.chdir(ROOT)
+    baselines, others = {}, []
+    for name in SHARED_BASELINE:
+        sweep = load_sweep(f"experiments/{name}/sweep.yaml")
+        for run, cfg in zip(sweep.runs, resolve(sweep)):
+            if run.label == "baseline":
+                baselines.setdefault(run.run_dir, []).append(cfg)
+            else:
+                others.append(run.run_dir)
+    assert sorted(baselines) == [SHARED_OUT / "baseline_seed0", SHARED_OUT / "baseline_seed1"]
+    for configs in baselines.values():
+        assert len(configs) == 4 and all(c == configs[0] for c in configs)
+    assert len(set(others)) == len(others)
 
 
 def test_lr_schedules_compare_at_equal_steps_with_two_baseline_seeds():
     sweep = load_sweep(ROOT / "experiments/lr_schedules/sweep.yaml")
     configs = resolve(sweep)
-    assert [r.name for r in sweep.runs] == ["cosine_seed0", "cosine_seed1", "cosine_zero_seed0",
+    assert [r.name for r in sweep.runs] == ["baseline_seed0", "baseline_seed1", "cosine_zero_seed0",
                                             "wsd_seed0", "linear_zero_seed0"]
     assert {c.train.steps for c in configs} == {2000}
     assert configs[1].train.seed == configs[1].data.seed == 1

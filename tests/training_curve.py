@@ -7,6 +7,18 @@ import numpy as np
 from flax import nnx
 
 
+# A 2-layer, width-32 bf16 model on 24-token rows of a 67-token vocabulary.
+TINY = ["model.vocab_size=67", "model.d_model=32", "model.num_layers=2", "model.num_heads=2",
+        "model.mlp_hidden=64", "model.max_seq_len=24", "data.seq_len=24",
+        "optimizer.learning_rate=3e-3", "optimizer.warmup_steps=10"]
+
+
+def tiny_config(*overrides: str):
+    """The Config of TINY with more `key=value` overrides."""
+    from jaxkit.config import load_config
+    return load_config(None, TINY + list(overrides))
+
+
 def repeats_batch(vocab_size: int, seq_len: int, rows: int = 8, period: int = 6, seed: int = 1):
     """inputs/targets of rows that repeat a random `period`-token pattern."""
     rng = np.random.default_rng(seed)

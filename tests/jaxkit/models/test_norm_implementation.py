@@ -88,6 +88,19 @@ def test_pallas_norms_on_a_mesh_match_one_device(tmp_path, compile_cache):
         assert errors and max(errors.values()) < TOL, (name, errors)
 
 
+def test_pallas_norm_training_follows_the_reference_over_100_steps():
+    """A bf16 model trained 100 steps with the norm kernels (the residual add
+    fused into the next norm) follows the reference norms' loss curve within
+    bf16 noise."""
+    from training_curve import loss_curve, repeats_batch, tiny_config
+
+    batch = repeats_batch(67, 24)
+    reference, fused = (loss_curve(tiny_config(f"model.norm_implementation={i}"), batch)
+                        for i in ("xla", "pallas"))
+    assert reference[-1] < 0.5 * reference[0]  # it learns, so the comparison means something
+    np.testing.assert_allclose(fused, reference, rtol=0.03, atol=0.02)
+
+
 def worker_sharded_norms(out: Path):
     """Loss and gradients of the pallas-norm model on data=2 x fsdp=2 x
     tensor=2 against the xla-norm model on one device; and an RMSNorm
@@ -134,20 +147,3 @@ def worker_sharded_norms(out: Path):
 
 if __name__ == "__main__":
     globals()[f"worker_{sys.argv[1]}"](Path(sys.argv[2]))
-
-
-def test_pallas_norm_training_follows_the_reference_over_100_steps():
-    """A bf16 model trained 100 steps with the norm kernels (the residual add
-    fused into the next norm) follows the reference norms' loss curve within
-    bf16 noise."""
-    from jaxkit.config import load_config
-    from training_curve import loss_curve, repeats_batch
-
-    overrides = ["model.vocab_size=67", "model.d_model=32", "model.num_layers=2",
-                 "model.num_heads=2", "model.mlp_hidden=64", "model.max_seq_len=24",
-                 "data.seq_len=24", "optimizer.learning_rate=3e-3", "optimizer.warmup_steps=10"]
-    batch = repeats_batch(67, 24)
-    reference, fused = (loss_curve(load_config(None, overrides + [f"model.norm_implementation={i}"]),
-                                   batch) for i in ("xla", "pallas"))
-    assert reference[-1] < 0.5 * reference[0]  # it learns, so the comparison means something
-    np.testing.assert_allclose(fused, reference, rtol=0.03, atol=0.02)

@@ -68,14 +68,10 @@ def test_fused_training_follows_materialised_logits_over_100_steps(monkeypatch):
     """A bf16 model trained 100 steps with the output head fused into the loss
     follows the loss curve of the same model trained on materialised logits,
     within bf16 noise."""
-    from jaxkit.config import load_config
     from jaxkit.models import Transformer
-    from training_curve import loss_curve, repeats_batch
+    from training_curve import loss_curve, repeats_batch, tiny_config
 
-    cfg = load_config(None, ["model.vocab_size=67", "model.d_model=32", "model.num_layers=2",
-                             "model.num_heads=2", "model.mlp_hidden=64", "model.max_seq_len=24",
-                             "model.tie_embeddings=false", "data.seq_len=24", "optimizer.learning_rate=3e-3",
-                             "optimizer.warmup_steps=10"])
+    cfg = tiny_config("model.tie_embeddings=false")
     batch = repeats_batch(67, 24)
     fused = loss_curve(cfg, batch)
     # the plain path: the model's logits, then cross_entropy

@@ -6,6 +6,13 @@ those keys reappear as queries, each immediately followed by its value. The
 loss counts only the predictions made at a query key, whose target is the
 value paired with that key in the context. Keys and values come from disjoint
 halves of the vocabulary; token 0 fills the gaps between queries.
+
+By default every pair is queried once, in random order: then the last
+queries can be answered without recall, by elimination (the one value not
+yet asked for), and a model that learns only that reaches H_n / n accuracy
+with n pairs (0.52 at 4, 0.34 at 8, 0.13 at 32) without binding any key to
+its value. With `repeat_queries` each query picks its pair independently
+(a pair may be asked twice, another never), so only recall scores.
 """
 from __future__ import annotations
 
@@ -24,7 +31,8 @@ def _random_subsets(rng: np.random.Generator, rows: int, population: int, size: 
 
 class MQARTask:
     def __init__(self, vocab_size: int, seq_len: int, num_kv_pairs: int, seed: int,
-                 global_batch_size: int, num_queries: int | None = None):
+                 global_batch_size: int, num_queries: int | None = None,
+                 repeat_queries: bool = False):
         num_queries = num_kv_pairs if num_queries is None else num_queries
         for name, value in (("vocab_size", vocab_size), ("seq_len", seq_len),
                             ("num_kv_pairs", num_kv_pairs), ("global_batch_size", global_batch_size),
@@ -39,9 +47,9 @@ class MQARTask:
             raise ValueError(f"num_kv_pairs={num_kv_pairs} needs as many distinct keys, but "
                              f"vocab_size={vocab_size} offers only {max(num_keys, 0)} "
                              f"(keys are ids {self.key_range[0]}..{self.key_range[1] - 1})")
-        if num_queries > num_kv_pairs:
+        if num_queries > num_kv_pairs and not repeat_queries:
             raise ValueError(f"num_queries={num_queries} exceeds num_kv_pairs={num_kv_pairs}: "
-                             f"each key is queried at most once")
+                             f"each key is queried at most once (repeat_queries=False)")
         # The context takes 2 tokens per pair, each query 2 (key, then value);
         # the final value is a target only, hence the + 1.
         needed = 2 * num_kv_pairs + 2 * num_queries
@@ -50,6 +58,7 @@ class MQARTask:
                              f"num_queries={num_queries}: needs seq_len >= {needed - 1}")
         self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
         self.num_kv_pairs, self.num_queries = num_kv_pairs, num_queries
+        self.repeat_queries = repeat_queries
         self.global_batch_size = global_batch_size
 
     def batch(self, step: int, *, process_index: int = 0, process_count: int = 1) -> dict:
@@ -61,7 +70,8 @@ class MQARTask:
         rng = np.random.default_rng((self.seed, step))
         keys = self.key_range[0] + _random_subsets(rng, b, self.key_range[1] - self.key_range[0], n)
         values = rng.integers(*self.value_range, size=(b, n))
-        queried = _random_subsets(rng, b, n, q)  # which pairs are asked, in order
+        # which pairs are asked, in order
+        queried = rng.integers(0, n, (b, q)) if self.repeat_queries else _random_subsets(rng, b, n, q)
         # Query starts after the context: adding i to the i-th of q sorted
         # distinct draws from [0, free - q) spaces them >= 2 apart, so the
         # 2-token slots never overlap and the last value lands at most at seq_len.

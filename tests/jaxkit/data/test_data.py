@@ -340,6 +340,23 @@ def test_mqar_structure(vocab, seq_len, pairs, queries):
         assert np.all(x[row, rest] == 0)
 
 
+def test_mqar_repeat_queries():
+    """Each query picks its pair independently: more queries than pairs are
+    allowed, some pairs repeat, and every target is its key's value."""
+    task = MQARTask(64, 80, 4, seed=2, global_batch_size=16, num_queries=8, repeat_queries=True)
+    b = task.batch(0)
+    x, y, m = b["inputs"], b["targets"], b["loss_mask"]
+    np.testing.assert_array_equal(m.sum(1), 8)
+    for row in range(16):
+        table = dict(zip(x[row, 0:8:2].tolist(), x[row, 1:8:2].tolist()))
+        asked = np.flatnonzero(m[row])
+        assert all(y[row, p] == table[x[row, p]] for p in asked)
+        assert len(set(x[row, asked])) < 8  # 8 queries of 4 pairs repeat
+    once = MQARTask(64, 80, 8, seed=2, global_batch_size=16, repeat_queries=True).batch(0)
+    counts = [len(set(once["inputs"][r, once["loss_mask"][r] > 0])) for r in range(16)]
+    assert min(counts) < 8  # as many queries as pairs, yet some pair is left out
+
+
 def test_mqar_determinism_and_slices():
     make = lambda seed: MQARTask(64, 40, 6, seed=seed, global_batch_size=8)
     a = make(1).batch(5)

@@ -212,9 +212,9 @@ class DataConfig:
     # MQAR task
     mqar_vocab_size: int = ranged(256, ">= 1")
     mqar_num_kv_pairs: int = ranged(8, ">= 1")
-    # each query picks its pair at random (repeats allowed) instead of asking
-    # every pair once, whose last queries elimination answers without recall
-    mqar_repeat_queries: bool = False
+    # each query picks its pair at random (repeats allowed); false: every pair
+    # asked once, whose last queries elimination answers without recall
+    mqar_repeat_queries: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

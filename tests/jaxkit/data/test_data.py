@@ -312,7 +312,8 @@ def test_batcher_errors(counting_file):
 @pytest.mark.parametrize("vocab,seq_len,pairs,queries",
                          [(37, 29, 5, 3), (256, 64, 8, None), (101, 47, 12, 12)])
 def test_mqar_structure(vocab, seq_len, pairs, queries):
-    task = MQARTask(vocab, seq_len, pairs, seed=4, global_batch_size=10, num_queries=queries)
+    task = MQARTask(vocab, seq_len, pairs, seed=4, global_batch_size=10, num_queries=queries,
+                    repeat_queries=False)
     q = pairs if queries is None else queries
     b = task.batch(3)
     x, y, m = b["inputs"], b["targets"], b["loss_mask"]
@@ -343,7 +344,7 @@ def test_mqar_structure(vocab, seq_len, pairs, queries):
 def test_mqar_repeat_queries():
     """Each query picks its pair independently: more queries than pairs are
     allowed, some pairs repeat, and every target is its key's value."""
-    task = MQARTask(64, 80, 4, seed=2, global_batch_size=16, num_queries=8, repeat_queries=True)
+    task = MQARTask(64, 80, 4, seed=2, global_batch_size=16, num_queries=8)
     b = task.batch(0)
     x, y, m = b["inputs"], b["targets"], b["loss_mask"]
     np.testing.assert_array_equal(m.sum(1), 8)
@@ -352,7 +353,7 @@ def test_mqar_repeat_queries():
         asked = np.flatnonzero(m[row])
         assert all(y[row, p] == table[x[row, p]] for p in asked)
         assert len(set(x[row, asked])) < 8  # 8 queries of 4 pairs repeat
-    once = MQARTask(64, 80, 8, seed=2, global_batch_size=16, repeat_queries=True).batch(0)
+    once = MQARTask(64, 80, 8, seed=2, global_batch_size=16).batch(0)
     counts = [len(set(once["inputs"][r, once["loss_mask"][r] > 0])) for r in range(16)]
     assert min(counts) < 8  # as many queries as pairs, yet some pair is left out
 
@@ -376,7 +377,7 @@ def test_mqar_errors():
         MQARTask(64, 20, 6, seed=0, global_batch_size=2)
     MQARTask(64, 23, 6, seed=0, global_batch_size=2).batch(0)  # the tightest fit works
     with pytest.raises(ValueError, match="num_queries=7 exceeds num_kv_pairs=6"):
-        MQARTask(64, 40, 6, seed=0, global_batch_size=2, num_queries=7)
+        MQARTask(64, 40, 6, seed=0, global_batch_size=2, num_queries=7, repeat_queries=False)
     with pytest.raises(ValueError, match="not divisible"):
         MQARTask(64, 40, 6, seed=0, global_batch_size=3).batch(0, process_count=2)
 

@@ -37,7 +37,8 @@ def loss_curve(cfg, batch, steps: int = 100) -> np.ndarray:
     graphdef, _, params, model_state = split_model(Transformer(cfg.model, rngs=nnx.Rngs(0)))
     opt = make_optimizer(cfg.optimizer, steps)
     step = jax.jit(make_train_step(graphdef, opt, make_schedule(cfg.optimizer, steps),
-                                   grad_accum=1, z_loss=1e-4))
+                                   grad_accum=1, z_loss=1e-4,
+                                   logits_dtype=cfg.train.logits_dtype))
     state = dict(params=params, opt_state=opt.init(params), model_state=model_state,
                  step=jnp.zeros((), jnp.int32))
     losses = []

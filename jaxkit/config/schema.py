@@ -241,6 +241,10 @@ class TrainConfig:
     grad_accum: int = ranged(1, ">= 1")
     seed: int = ranged(0, ">= 0")
     z_loss: float = ranged(0.0, ">= 0")
+    # where the training loss's GEMM stores each chunk of logits (the softmax
+    # runs in float32 either way); bfloat16 halves the bytes the loss's passes
+    # over [tokens, vocab] read and write. Evaluation always uses float32.
+    logits_dtype: Literal["float32", "bfloat16"] = "float32"
     eval_every: int = ranged(200, ">= 0")
     eval_batches: int = ranged(8, ">= 1")
     log_every: int = ranged(10, ">= 1")

@@ -105,7 +105,7 @@ class Trainer:
         self.train_step = jax.jit(track_nonfinite(make_train_step(
             self.graphdef, self.optimizer, self.schedule, grad_accum=cfg.train.grad_accum,
             z_loss=cfg.train.z_loss, constrain_batch=_constrain_rows,
-            skip_nonfinite=cfg.train.nonfinite == "skip")),
+            skip_nonfinite=cfg.train.nonfinite == "skip", logits_dtype=cfg.train.logits_dtype)),
             in_shardings=(state_sh, replicated, batch_sh),
             out_shardings=(state_sh, replicated, replicated), donate_argnums=(0, 1))
         # the first non-finite step and their count, on device (track_nonfinite)

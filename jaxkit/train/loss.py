@@ -42,8 +42,11 @@ def cross_entropy(logits, targets, mask=None, *, z_loss: float = 0.0):
     return _finish(nll, lse2, correct, mask.sum(), z_loss)
 
 
-def _chunk_logits(x, w):
-    return jnp.dot(x, w, preferred_element_type=jnp.float32)
+def _chunk_logits(x, w, dtype):
+    """A chunk's logits as float32, from a GEMM whose output is stored in
+    dtype: bfloat16 halves the bytes of the [tokens, vocab] chunk that the
+    logsumexp's passes (and the backward's) read."""
+    return jnp.dot(x, w, preferred_element_type=dtype).astype(jnp.float32)
 
 
 def _chunks(a, n):
@@ -58,26 +61,26 @@ def _unchunk(a):
     return jnp.moveaxis(a, 0, 1).reshape(B, n * c, *a.shape[3:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _sums(x, w, targets, mask, n):
-    return _sums_fwd(x, w, targets, mask, n)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _sums(x, w, targets, mask, n, dtype):
+    return _sums_fwd(x, w, targets, mask, n, dtype)[0]
 
 
-def _sums_fwd(x, w, targets, mask, n):
+def _sums_fwd(x, w, targets, mask, n, dtype):
     def body(_, chunk):
-        return None, _logit_stats(_chunk_logits(chunk[0], w), chunk[1], chunk[2])
+        return None, _logit_stats(_chunk_logits(chunk[0], w, dtype), chunk[1], chunk[2])
     _, (lse, sums) = jax.lax.scan(body, None, (_chunks(x, n), _chunks(targets, n),
                                                _chunks(mask, n)))
     return sums.sum(0), (x, w, targets, mask, lse)
 
 
-def _sums_bwd(n, res, g):
+def _sums_bwd(n, dtype, res, g):
     x, w, targets, mask, lse = res
     g_nll, g_lse2 = g[0], g[1]  # the correct-token count has no gradient
 
     def body(dw, chunk):
         xc, tc, mc, lc = chunk
-        p = jnp.exp(_chunk_logits(xc, w) - lc[..., None])
+        p = jnp.exp(_chunk_logits(xc, w, dtype) - lc[..., None])
         onehot = jax.nn.one_hot(tc, w.shape[1], dtype=jnp.float32)
         scale = (mc * (g_nll + 2.0 * g_lse2 * lc))[..., None]
         dlogits = (scale * p - (mc * g_nll)[..., None] * onehot).astype(xc.dtype)
@@ -100,16 +103,18 @@ def num_chunks(batch: int, seq_len: int, chunk_tokens: int) -> int:
 
 
 def linear_cross_entropy(x, w, targets, mask=None, *, z_loss: float = 0.0,
-                         chunk_tokens: int = 8192):
+                         chunk_tokens: int = 8192, logits_dtype=jnp.float32):
     """cross_entropy(x @ w, targets, mask) for hidden states x [B, S, D] and the
     output projection w [D, V] (both in the compute dtype), in chunks of about
-    chunk_tokens tokens along the sequence. Logits are accumulated in float32,
-    as the plain path's; the backward recomputes each chunk's logits and runs
-    both its GEMMs in the compute dtype."""
+    chunk_tokens tokens along the sequence. The GEMM accumulates in float32
+    and stores each chunk's logits in logits_dtype (float32 as the plain path;
+    bfloat16 rounds them to 8 bits of mantissa first, as MaxText's default);
+    the softmax runs in float32. The backward recomputes each chunk's logits
+    and runs both its GEMMs in the compute dtype."""
     if x.ndim != 3 or w.ndim != 2 or x.shape[-1] != w.shape[0] or targets.shape != x.shape[:2]:
         raise ValueError(f"linear_cross_entropy: x {x.shape} must be [B, S, D], w {w.shape} "
                          f"[D, V] and targets {targets.shape} [B, S]")
     mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     n = num_chunks(x.shape[0], x.shape[1], chunk_tokens)
-    nll, lse2, correct = _sums(x, w.astype(x.dtype), targets, mask, n)
+    nll, lse2, correct = _sums(x, w.astype(x.dtype), targets, mask, n, jnp.dtype(logits_dtype))
     return _finish(nll, lse2, correct, mask.sum(), z_loss)

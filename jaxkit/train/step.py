@@ -26,22 +26,24 @@ def model_on_batch(model, batch):
     return model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
 
 
-def model_loss(model, batch, z_loss):
+def model_loss(model, batch, z_loss, logits_dtype=jnp.float32):
     """(cross-entropy loss, metrics, aux) of a batch; the output projection is
-    fused into the loss (no [tokens, vocab] logits) unless the head is quantised."""
+    fused into the loss (no [tokens, vocab] logits, each chunk's stored in
+    logits_dtype) unless the head is quantised."""
     targets, mask = batch["targets"], batch.get("loss_mask")
     w = model.output_projection()
     if w is None:
         logits, aux = model_on_batch(model, batch)
         return (*cross_entropy(logits, targets, mask, z_loss=z_loss), aux)
     x, aux = model.hidden(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
-    return (*linear_cross_entropy(x, w, targets, mask, z_loss=z_loss), aux)
+    return (*linear_cross_entropy(x, w, targets, mask, z_loss=z_loss, logits_dtype=logits_dtype),
+            aux)
 
 
-def _forward(graphdef, params, model_state, batch, z_loss):
+def _forward(graphdef, params, model_state, batch, z_loss, logits_dtype):
     # copy: fresh Variables at this trace level, so the forward pass may update model state
     model = nnx.merge(graphdef, params, model_state, copy=True)
-    loss, metrics, aux = model_loss(model, batch, z_loss)
+    loss, metrics, aux = model_loss(model, batch, z_loss, logits_dtype)
     metrics["moe_loss"] = aux["moe_loss"]
     return loss + aux["moe_loss"], metrics, aux["moe"], nnx.state(model, nnx.Not(nnx.Param))
 
@@ -52,7 +54,7 @@ class NonFiniteLoss(RuntimeError):
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule, *,
                     grad_accum: int, z_loss: float, constrain_batch=lambda b: b,
-                    skip_nonfinite: bool = False):
+                    skip_nonfinite: bool = False, logits_dtype=jnp.float32):
     """Returns step(state, batch) -> (state, metrics). state is a dict with
     params, opt_state, model_state and step; the batch's leading axis is split
     into grad_accum micro-batches whose gradients are averaged. metrics["finite"]
@@ -61,7 +63,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
     step advances)."""
 
     def loss_fn(params, model_state, batch):
-        loss, metrics, moe, new_model_state = _forward(graphdef, params, model_state, batch, z_loss)
+        loss, metrics, moe, new_model_state = _forward(graphdef, params, model_state, batch, z_loss,
+                                                       logits_dtype)
         return loss, (metrics, moe, new_model_state)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -139,6 +142,7 @@ def all_finite(tree) -> jax.Array:
 
 def make_eval_step(graphdef, *, z_loss: float = 0.0):
     def step(params, model_state, batch):
-        loss, metrics, moe, _ = _forward(graphdef, params, model_state, batch, z_loss)
+        # float32 logits whatever train.logits_dtype: evaluations compare across runs
+        loss, metrics, moe, _ = _forward(graphdef, params, model_state, batch, z_loss, jnp.float32)
         return dict(metrics, loss=loss, moe=moe)
     return step

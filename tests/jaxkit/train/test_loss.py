@@ -53,6 +53,25 @@ def test_bfloat16_gradients_close_to_float32():
         np.testing.assert_allclose(a.astype(jnp.float32), b, atol=0.05 * float(jnp.abs(b).max()))
 
 
+def test_bfloat16_logits_close_to_float32_logits():
+    """logits_dtype=bfloat16 stores each chunk's logits rounded to bf16 before
+    the float32 softmax: loss and gradients within bf16 rounding of float32."""
+    k = jax.random.split(jax.random.key(4), 3)
+    x = jax.random.normal(k[0], (3, 10, 24)).astype(jnp.bfloat16)
+    w = (0.3 * jax.random.normal(k[1], (24, 97))).astype(jnp.bfloat16)
+    targets = jax.random.randint(k[2], (3, 10), 0, 97)
+    grads = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        f = lambda x, w: linear_cross_entropy(x, w, targets, chunk_tokens=12, z_loss=1e-3,
+                                              logits_dtype=dtype)[0]
+        grads[dtype] = jax.value_and_grad(f, argnums=(0, 1))(x, w)
+    (l32, g32), (l16, g16) = grads[jnp.float32], grads[jnp.bfloat16]
+    np.testing.assert_allclose(l16, l32, rtol=4e-3)
+    for a, b in zip(g16, g32):
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+        np.testing.assert_allclose(a, b, atol=2e-2 * float(jnp.abs(b).max()))
+
+
 def test_chunks_divide_sequence():
     assert num_chunks(8, 2048, 8192) == 2
     assert num_chunks(1, 7, 3) == 7
@@ -79,3 +98,15 @@ def test_fused_training_follows_materialised_logits_over_100_steps(monkeypatch):
     plain = loss_curve(cfg, batch)
     assert plain[-1] < 0.5 * plain[0]  # it learns, so the comparison means something
     np.testing.assert_allclose(fused, plain, rtol=0.03, atol=0.02)
+
+
+def test_bfloat16_logits_training_follows_float32_logits_over_100_steps():
+    """train.logits_dtype=bfloat16 follows the float32-logits loss curve of
+    the same model within bf16 noise."""
+    from training_curve import loss_curve, repeats_batch, tiny_config
+
+    batch = repeats_batch(67, 24)
+    f32 = loss_curve(tiny_config("model.tie_embeddings=false"), batch)
+    bf16 = loss_curve(tiny_config("model.tie_embeddings=false", "train.logits_dtype=bfloat16"), batch)
+    assert f32[-1] < 0.5 * f32[0]
+    np.testing.assert_allclose(bf16, f32, rtol=0.03, atol=0.02)

@@ -212,6 +212,9 @@ class DataConfig:
     # MQAR task
     mqar_vocab_size: int = ranged(256, ">= 1")
     mqar_num_kv_pairs: int = ranged(8, ">= 1")
+    # queries a sequence asks (null: one per pair); more queries put more
+    # supervised tokens in every sequence
+    mqar_num_queries: int | None = ranged(None, ">= 1")
     # each query picks its pair at random (repeats allowed); false: every pair
     # asked once, whose last queries elimination answers without recall
     mqar_repeat_queries: bool = True

@@ -94,6 +94,7 @@ def build_data(cfg: Config):
         make = lambda seed: data.MQARTask(vocab_size=d.mqar_vocab_size, seq_len=d.seq_len,
                                           num_kv_pairs=d.mqar_num_kv_pairs, seed=seed,
                                           global_batch_size=d.batch_size,
+                                          num_queries=d.mqar_num_queries,
                                           repeat_queries=d.mqar_repeat_queries)
         return make(d.seed), make(d.seed + 1_000_003)
     root = Path(d.path)

@@ -397,3 +397,19 @@ def test_mqar_accuracy():
     assert float(jax.jit(mqar_accuracy)(spoiled, y, m)) == pytest.approx(17 / 20)
     with pytest.raises(ValueError, match="shapes disagree"):
         mqar_accuracy(perfect[:, :-1], y, m)
+
+
+def test_mqar_num_queries_from_config():
+    """data.mqar_num_queries sets the queries a sequence asks (null: one per
+    pair), and a sequence too short for them is refused when the data is built."""
+    from jaxkit.config import load_config
+    from jaxkit.run.build import build_data
+
+    base = ["data.kind=mqar", "data.seq_len=64", "data.batch_size=4", "data.mqar_vocab_size=64",
+            "data.mqar_num_kv_pairs=4", "model.vocab_size=67"]
+    train, _ = build_data(load_config(None, base + ["data.mqar_num_queries=20"]))
+    np.testing.assert_array_equal(train.batch(0)["loss_mask"].sum(1), 20)
+    train, _ = build_data(load_config(None, base))
+    np.testing.assert_array_equal(train.batch(0)["loss_mask"].sum(1), 4)
+    with pytest.raises(ValueError, match="num_queries=40"):
+        build_data(load_config(None, base + ["data.mqar_num_queries=40"]))

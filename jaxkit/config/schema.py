@@ -106,6 +106,9 @@ class MoEConfig:
                                 "blockspec"] = "auto"
     # 2: the Hopper grouped matmuls with two consumer warpgroups (Mosaic GPU only)
     gmm_consumers: int = ranged(1, "[1, 2]")
+    # the row gathers between token and expert order (pallas_kernels.row_gather;
+    # 'auto': XLA's until a GPU benchmark shows the kernel faster)
+    permute_implementation: Literal["auto", "xla", "pallas", "blockspec"] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,22 +18,24 @@ from jaxkit.layers.moe.routers import ExpertChoice, TokenChoice
 
 
 @jax.named_scope("moe_dispatch")
-def dropless(x, route: TokenChoice, experts):
+def dropless(x, route: TokenChoice, experts, permute: str = "auto"):
     """Every assignment is computed: sort the T * k (token, expert) pairs by
     expert, run the grouped matmul, un-sort and sum with the router weights.
-    x [T, D] -> [T, D] float32."""
+    x [T, D] -> [T, D] float32. permute: the row gathers' implementation."""
     T, k = route.expert.shape
     s = sort_ids(route.expert.reshape(-1))
     slot = s.inverse.reshape(T, k)  # sorted row of every (token, choice)
-    y = experts.grouped(take_rows(x, s.order // k, slot), s.ids)
-    return combine_rows(y, slot, route.weight, s.order)
+    y = experts.grouped(take_rows(x, s.order // k, slot, permute), s.ids)
+    return combine_rows(y, slot, route.weight, s.order, permute)
 
 
 @jax.named_scope("moe_dispatch")
-def capacity(x, route: TokenChoice, num_experts: int, slots: int, experts):
+def capacity(x, route: TokenChoice, num_experts: int, slots: int, experts,
+             permute: str = "auto"):
     """Each expert has `slots` places; first choices are placed before second
     choices (then in token order) and assignments past the last slot are
-    dropped. Returns (y [T, D] float32, number of kept assignments)."""
+    dropped. Returns (y [T, D] float32, number of kept assignments).
+    permute: the row gathers' implementation."""
     T, k = route.expert.shape
     E, C = num_experts, slots
     by_priority = route.expert.T.reshape(-1)  # entry j * T + t: choice j of token t
@@ -48,9 +50,9 @@ def capacity(x, route: TokenChoice, num_experts: int, slots: int, experts):
     choice, token = jnp.divmod(jnp.take(s.order, starts[:, None] + place, mode="clip"), T)
     token = jnp.where(filled, token, T)
     source = jnp.where(filled, token * k + choice, T * k)
-    x_e = take_rows(x, token.reshape(-1), slot).reshape(E, C, x.shape[1])
+    x_e = take_rows(x, token.reshape(-1), slot, permute).reshape(E, C, x.shape[1])
     y = experts.buffered(x_e).reshape(E * C, -1)
-    return combine_rows(y, slot, route.weight, source.reshape(-1)), jnp.sum(kept)
+    return combine_rows(y, slot, route.weight, source.reshape(-1), permute), jnp.sum(kept)
 
 
 @jax.named_scope("moe_dispatch")

@@ -56,10 +56,10 @@ def moe_tokens(x, router_kernel, bias, experts, cfg: MoEConfig, logit_shift=None
         raise ValueError(f"unknown MoE router {cfg.router!r}")
     counts = bincount(route.expert, E)
     if cfg.dispatch == "dropless":
-        y, kept = dispatch.dropless(x, route, experts), T * k
+        y, kept = dispatch.dropless(x, route, experts, cfg.permute_implementation), T * k
     elif cfg.dispatch == "capacity":
         slots = routers.expert_capacity(T, E, k, cfg.capacity_factor)
-        y, kept = dispatch.capacity(x, route, E, slots, experts)
+        y, kept = dispatch.capacity(x, route, E, slots, experts, cfg.permute_implementation)
     else:
         raise ValueError(f"unknown MoE dispatch {cfg.dispatch!r}")
     return y, routing_stats(logits, route.probs, counts, T * k - kept, T * k)

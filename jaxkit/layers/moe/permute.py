@@ -8,6 +8,10 @@ map, which exists when every row is copied to a bounded number of places (k
 choices of a token). An index past the end of the array it reads ("empty")
 selects a zero row: empty buffer slots, dropped assignments.
 
+Every row move is pallas_kernels.row_gather (a gather, optionally summing
+weighted sources per row) with the caller's implementation: 'xla' is XLA's
+gather fused with the sum, 'pallas' the Triton kernel.
+
 Where a row may be copied any number of times (expert choice: a token chosen
 by 0..E experts) the sum over its copies is a float32 scatter-add
 (gather_rows' gradient, add_rows); an inverse map over all (token, expert)
@@ -17,8 +21,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.row_gather import row_gather
 
 
 class Sorted(NamedTuple):
@@ -49,48 +57,44 @@ def _take(rows, index):
     return jnp.take(rows, index, axis=0, mode="fill", fill_value=0)
 
 
-@jax.custom_vjp
-def take_rows(x, index, inverse):
-    """x[index] (zero rows where index is empty), x [N, ...], index [M].
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def take_rows(x, index, inverse, implementation: str = "auto"):
+    """x[index] (zero rows where index is empty), x [N, D], index [M].
 
     inverse [N, r] lists, for every row of x, the r places of the output that
     copy it (empty where fewer): the gradient is then the gather-and-sum
-    dx[n] = sum_j g[inverse[n, j]], accumulated in float32."""
-    return _take(x, index)
+    dx[n] = sum_j g[inverse[n, j]], accumulated in float32. implementation:
+    row_gather's, both ways."""
+    return row_gather(x, index, implementation=implementation)
 
 
-def _take_rows_fwd(x, index, inverse):
-    return _take(x, index), inverse
+def _take_rows_fwd(x, index, inverse, implementation):
+    return take_rows(x, index, inverse, implementation), inverse
 
 
-def _take_rows_bwd(inverse, g):
-    dx = jnp.sum(_take(g, inverse), axis=1, dtype=jnp.float32).astype(g.dtype)
-    return dx, None, None
+def _take_rows_bwd(implementation, inverse, g):
+    return row_gather(g, inverse, implementation=implementation), None, None
 
 
 take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
-@jax.custom_vjp
-def combine_rows(y, slot, weight, source):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def combine_rows(y, slot, weight, source, implementation: str = "auto"):
     """out[t] = sum_j weight[t, j] * y[slot[t, j]] in float32: y [M, D] expert
     outputs, slot [T, k] the row of each (token, choice), empty when dropped;
     source [M] the flat (token, choice) index t * k + j of every row, empty
     for rows of no assignment. Gradients: dy[m] = weight * g of the row's
     token (a gather through source), dweight[t, j] = y[slot[t, j]] . g[t]
-    (with g rounded to y's dtype)."""
-    return _combine(y, slot, weight)
+    (with g rounded to y's dtype). implementation: row_gather's."""
+    return row_gather(y, slot, weight, out_dtype=jnp.float32, implementation=implementation)
 
 
-def _combine(y, slot, weight):
-    return jnp.sum(weight[..., None] * _take(y, slot).astype(jnp.float32), axis=1)
+def _combine_fwd(y, slot, weight, source, implementation):
+    return combine_rows(y, slot, weight, source, implementation), (y, slot, weight, source)
 
 
-def _combine_fwd(y, slot, weight, source):
-    return _combine(y, slot, weight), (y, slot, weight, source)
-
-
-def _combine_bwd(res, g):
+def _combine_bwd(implementation, res, g):
     y, slot, weight, source = res
     T, k = slot.shape
     # Both gradients in expert order from one gather of g's rows (in y's dtype:
@@ -98,7 +102,7 @@ def _combine_bwd(res, g):
     # products then move to token order as scalars. The gathered rows stay
     # 16-bit until each consumer widens them: where XLA keeps them in memory
     # for its two users, a float32 copy ([T * k, D]) would double the bytes.
-    g_rows = _take(g.astype(y.dtype), source // k)
+    g_rows = row_gather(g.astype(y.dtype), source // k, implementation=implementation)
     w_row = _take(weight.reshape(-1), source).astype(jnp.float32)
     dy = (w_row[:, None] * g_rows.astype(jnp.float32)).astype(y.dtype)
     dweight = _take(jnp.sum(y.astype(jnp.float32) * g_rows.astype(jnp.float32), axis=-1),

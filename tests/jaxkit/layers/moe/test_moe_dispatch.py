@@ -279,3 +279,16 @@ def test_gmm_consumers_reach_every_grouped_matmul(monkeypatch):
     with pytest.raises(ValueError, match="needs dispatch 'dropless'"):
         load_config(None, ["model.moe.num_experts=4", "model.moe.gmm_consumers=2",
                            "model.moe.dispatch=capacity"])
+
+
+@pytest.mark.parametrize("name", ["dropless-k3", "capacity"])
+def test_pallas_row_gathers_equal_xla_forward_and_grads(name):
+    """permute='pallas' (the row-gather kernel, interpreted on CPU) gives the
+    dispatch of permute='xla', forward and gradients."""
+    new, _, run, loss, args = _case(name, D=16)
+    fns = [lambda *a, fn=new, p=p: fn(*a, p) for p in ("xla", "pallas")]
+    (y, n), (y_ref, n_ref) = (jax.jit(lambda *a, f=f: run(f, *a))(*args) for f in fns[::-1])
+    _close(y, y_ref, FWD)
+    assert int(n) == int(n_ref)
+    grads = [jax.jit(jax.grad(loss(f), argnums=(0, 1, 2)))(*args) for f in fns[::-1]]
+    _close(grads[0], grads[1], GRAD)

@@ -1,6 +1,7 @@
 """Timing and error helpers shared by the kernels' benchmark scripts."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import glob
 import json
@@ -99,3 +100,54 @@ def write_rows(path: str, header: str, rows: list) -> None:
     with open(path, "w") as fh:
         json.dump(dict(header=header, date=datetime.datetime.now().isoformat(), rows=rows),
                   fh, indent=1, default=str)
+
+
+def short_error(e: Exception) -> str:
+    """An exception as one short line for a benchmark table."""
+    text = str(e).strip().splitlines()[0][:90] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}"
+
+
+def copy_gb_per_s(shape, dtype, iters: int) -> float:
+    """GB/s of x + 1 over one array of ``shape`` (bytes read and written)."""
+    a = jnp.ones(shape, dtype)
+    return 2 * a.nbytes / time_fn(jax.jit(lambda a: a + jnp.asarray(1, dtype)), a,
+                                  iters=iters) / 1e9
+
+
+def parse_dims(text: str, count: int) -> tuple[int, ...]:
+    """'AxB...' -> ``count`` positive ints; anything else raises ValueError."""
+    dims = tuple(int(n) for n in text.split("x"))
+    if len(dims) != count or min(dims) < 1:
+        raise ValueError(f"{text!r}: expected {count} positive sizes joined by 'x'")
+    return dims
+
+
+def shapes_main(doc: str, argv, *, default_shapes: list[str], dims_help: str, bench_shape,
+                format_table, dtype) -> dict:
+    """The command line of a benchmark over shapes 'AxB...': --shapes,
+    --implementations, --iters and --json; bench_shape(*dims,
+    implementations, iters) measures one shape."""
+    count = len(dims_help.split("x"))
+
+    def shapes(text):
+        out = [s for s in text.split(",") if s]
+        for s in out:
+            parse_dims(s, count)  # refuses a malformed one while parsing the arguments
+        return out
+
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--shapes", type=shapes, default=default_shapes, help=f"{dims_help},...")
+    parser.add_argument("--implementations", default="xla,pallas")
+    parser.add_argument("--iters", type=int, default=15, help="timed samples per call")
+    args = parser.parse_args(argv)
+    implementations = [i for i in args.implementations.split(",") if i]
+    meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "date": datetime.date.today().isoformat(), "dtype": jnp.dtype(dtype).name,
+            "implementations": implementations}
+    print(meta, flush=True)
+    return measure_each(args.shapes, lambda s: bench_shape(*parse_dims(s, count), implementations,
+                                                           args.iters),
+                        format_table, meta, args.json)

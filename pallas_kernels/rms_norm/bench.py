@@ -18,13 +18,11 @@ interpreted.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.benchmarking import measure_each, rel_err, time_fn
+from pallas_kernels.benchmarking import (copy_gb_per_s, rel_err, shapes_main, short_error,
+                                         time_fn)
 from pallas_kernels.rms_norm.api import add_rms_norm, rms_norm
 from pallas_kernels.rms_norm.reference import rms_norm_bytes
 
@@ -59,23 +57,11 @@ def ops(implementation: str) -> dict:
                              jax.jit(add_fwdbwd))}
 
 
-def _short(e: Exception) -> str:
-    text = str(e).strip().splitlines()[0][:90] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}"
-
-
-def copy_gb_per_s(rows, dim, iters) -> float:
-    """GB/s of x + 1 over one [rows, dim] array (read and written)."""
-    a = jnp.ones((rows, dim), DTYPE)
-    return 2 * a.nbytes / time_fn(jax.jit(lambda a: a + jnp.asarray(1, DTYPE)), a,
-                                  iters=iters) / 1e9
-
-
 def bench_shape(rows, dim, implementations, iters) -> dict:
     """{"copy_gb_per_s": ..., op: {implementation: {fwd_ms, fwd_gb_per_s,
     fwdbwd_ms, fwdbwd_gb_per_s, rel_err} or {..._error}}}."""
     args = _inputs(rows, dim)
-    results = {"copy_gb_per_s": copy_gb_per_s(rows, dim, iters)}
+    results = {"copy_gb_per_s": copy_gb_per_s((rows, dim), DTYPE, iters)}
     want = {op: fns[0](*args[:3]) for op, fns in ops("xla").items()}
     itemsize = jnp.dtype(DTYPE).itemsize
     for implementation in implementations:
@@ -87,13 +73,13 @@ def bench_shape(rows, dim, implementations, iters) -> dict:
                 r["rel_err"] = max(rel_err(g, w) for g, w in
                                    zip(jax.tree.leaves(got), jax.tree.leaves(want[op])))
             except Exception as e:  # noqa: BLE001 - reported in the table
-                r["fwd_error"] = _short(e)
+                r["fwd_error"] = short_error(e)
                 continue
             for kind, fn, n in (("fwd", forward, 3), ("fwdbwd", forward_backward, 5)):
                 try:
                     seconds = time_fn(fn, *args[:n], iters=iters)
                 except Exception as e:  # noqa: BLE001 - reported in the table
-                    r[kind + "_error"] = _short(e)
+                    r[kind + "_error"] = short_error(e)
                     continue
                 moved = rms_norm_bytes(rows, dim, itemsize, add=add,
                                        with_backward=kind == "fwdbwd")
@@ -122,35 +108,10 @@ def format_table(all_results: dict) -> str:
     return "\n".join(lines)
 
 
-def _dims(shape: str) -> tuple[int, int]:
-    """'ROWSxD' -> (rows, D)."""
-    rows, dim = (int(n) for n in shape.split("x"))
-    return rows, dim
-
-
-def _shapes(text: str) -> list[str]:
-    shapes = [s for s in text.split(",") if s]
-    for s in shapes:
-        _dims(s)  # refuses a malformed one while parsing the arguments
-    return shapes
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--shapes", type=_shapes, default=["32768x1024", "16384x2048"],
-                        help="ROWSxD,...")
-    parser.add_argument("--implementations", default="xla,pallas")
-    parser.add_argument("--iters", type=int, default=15, help="timed samples per call")
-    args = parser.parse_args(argv)
-    implementations = [i for i in args.implementations.split(",") if i]
-    meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-            "date": datetime.date.today().isoformat(), "dtype": jnp.dtype(DTYPE).name,
-            "implementations": implementations}
-    print(meta, flush=True)
-    return measure_each(args.shapes, lambda s: bench_shape(*_dims(s), implementations, args.iters),
-                        format_table, meta, args.json)
+    return shapes_main(__doc__, argv, default_shapes=["32768x1024", "16384x2048"],
+                       dims_help="ROWSxD", bench_shape=bench_shape, format_table=format_table,
+                       dtype=DTYPE)
 
 
 if __name__ == "__main__":

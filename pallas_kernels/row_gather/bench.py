@@ -19,13 +19,11 @@ interpreted.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.benchmarking import measure_each, rel_err, time_fn
+from pallas_kernels.benchmarking import (copy_gb_per_s, rel_err, shapes_main, short_error,
+                                         time_fn)
 from pallas_kernels.row_gather.api import row_gather
 from pallas_kernels.row_gather.reference import row_gather_bytes
 
@@ -46,20 +44,9 @@ def _inputs(tokens, k, dim):
             "combine": (rows, slot, weight, jnp.float32)}
 
 
-def copy_gb_per_s(rows, dim, iters) -> float:
-    a = jnp.ones((rows, dim), DTYPE)
-    return 2 * a.nbytes / time_fn(jax.jit(lambda a: a + jnp.asarray(1, DTYPE)), a,
-                                  iters=iters) / 1e9
-
-
-def _short(e: Exception) -> str:
-    text = str(e).strip().splitlines()[0][:90] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}"
-
-
 def bench_shape(tokens, k, dim, implementations, iters) -> dict:
     """{"copy_gb_per_s": ..., op: {implementation: {ms, gb_per_s, rel_err} or {error}}}."""
-    results = {"copy_gb_per_s": copy_gb_per_s(tokens * k, dim, iters)}
+    results = {"copy_gb_per_s": copy_gb_per_s((tokens * k, dim), DTYPE, iters)}
     for op, (src, index, weight, out_dtype) in _inputs(tokens, k, dim).items():
         want = row_gather(src, index, weight, out_dtype=out_dtype, implementation="xla")
         moved = row_gather_bytes(index.shape[0], 1 if index.ndim == 1 else index.shape[1], dim,
@@ -73,7 +60,7 @@ def bench_shape(tokens, k, dim, implementations, iters) -> dict:
                 r["rel_err"] = rel_err(fn(src, index, weight), want)
                 seconds = time_fn(fn, src, index, weight, iters=iters)
             except Exception as e:  # noqa: BLE001 - reported in the table
-                r["error"] = _short(e)
+                r["error"] = short_error(e)
                 continue
             r["ms"] = seconds * 1e3
             r["gb_per_s"] = moved / seconds / 1e9
@@ -97,34 +84,9 @@ def format_table(all_results: dict) -> str:
     return "\n".join(lines)
 
 
-def _dims(shape: str) -> tuple[int, int, int]:
-    """'TxKxD' -> (T, k, D)."""
-    tokens, k, dim = (int(n) for n in shape.split("x"))
-    return tokens, k, dim
-
-
-def _shapes(text: str) -> list[str]:
-    shapes = [s for s in text.split(",") if s]
-    for s in shapes:
-        _dims(s)  # refuses a malformed one while parsing the arguments
-    return shapes
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--shapes", type=_shapes, default=["49152x4x1024"], help="TxKxD,...")
-    parser.add_argument("--implementations", default="xla,pallas")
-    parser.add_argument("--iters", type=int, default=15, help="timed samples per call")
-    args = parser.parse_args(argv)
-    implementations = [i for i in args.implementations.split(",") if i]
-    meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-            "date": datetime.date.today().isoformat(), "dtype": jnp.dtype(DTYPE).name,
-            "implementations": implementations}
-    print(meta, flush=True)
-    return measure_each(args.shapes, lambda s: bench_shape(*_dims(s), implementations, args.iters),
-                        format_table, meta, args.json)
+    return shapes_main(__doc__, argv, default_shapes=["49152x4x1024"], dims_help="TxKxD",
+                       bench_shape=bench_shape, format_table=format_table, dtype=DTYPE)
 
 
 if __name__ == "__main__":

@@ -52,3 +52,11 @@ def test_device_kernel_seconds_traces_a_real_call():
     else:
         with pytest.raises(RuntimeError, match="no GPU kernel launches"):
             benchmarking.device_kernel_seconds(f, x)
+
+
+def test_parse_dims_refuses_malformed_shapes():
+    from pallas_kernels.benchmarking import parse_dims
+    assert parse_dims("49152x4x1024", 3) == (49152, 4, 1024)
+    for bad in ("64x4", "64x0x8", "axb"):
+        with pytest.raises(ValueError):
+            parse_dims(bad, 3)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.attention import flash_attention
-from pallas_kernels.benchmarking import measure_each, time_fn
+from pallas_kernels.benchmarking import measure_each, short_error, time_fn
 from pallas_kernels.linear_attention.api import linear_attention
 
 
@@ -41,11 +41,6 @@ def kernels(linear: str, flash: str, chunk: int) -> dict:
     }
 
 
-def _short(e: Exception) -> str:
-    text = str(e).strip().splitlines()[0][:90] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}"
-
-
 def bench_length(S, *, B, H, D, linear, flash, chunk, iters) -> dict:
     """{kernel: {fwd_ms, fwdbwd_ms, fwd_tokens_per_s, fwdbwd_tokens_per_s} or {error}}."""
     args = _inputs(B, S, H, D, jnp.bfloat16)
@@ -58,7 +53,7 @@ def bench_length(S, *, B, H, D, linear, flash, chunk, iters) -> dict:
             try:
                 seconds = time_fn(fn, *args, iters=iters)
             except Exception as e:  # noqa: BLE001 - reported in the table
-                r[kind + "_error"] = _short(e)
+                r[kind + "_error"] = short_error(e)
                 continue
             r[kind + "_ms"] = seconds * 1e3
             r[kind + "_tokens_per_s"] = B * S / seconds

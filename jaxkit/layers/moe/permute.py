@@ -19,9 +19,8 @@ pairs would touch E / (k * capacity factor) times as many rows.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -154,32 +154,62 @@ def release(ready, free, depth, t, steps):
         plgpu.barrier_arrive(free.at[slot])
 
 
-def stage(tile, acc):
+def stage(tile, acc, h_tile=None):
     """acc into this consumer's staging tile, once its previous stores have
-    read the tile."""
+    read the tile; with ``h_tile``, also the SwiGLU of acc's two column halves
+    (gate | up) into it."""
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    tile[...] = acc.astype(tile.dtype)
+    out = acc.astype(tile.dtype)
+    tile[...] = out
+    if h_tile is not None:
+        h_tile[...] = swiglu_halves(out).astype(h_tile.dtype)
     plgpu.commit_smem()
 
 
+def swiglu_halves(gate_up):
+    """silu(gate) * up in float32 of a [rows, 2b] tile whose first b columns
+    are the gate's and last b the up projection's (the rounded outputs the
+    backward reads). The sigmoid as 0.5 + 0.5 tanh(x / 2): one transcendental
+    and no division in the kernel's epilogue."""
+    half = gate_up.shape[1] // 2
+    gate = gate_up[:, :half].astype(jnp.float32)
+    up = gate_up[:, half:].astype(jnp.float32)
+    return gate * (0.5 + 0.5 * jnp.tanh(0.5 * gate)) * up
+
+
 def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT_TILING,
-        interpret=False):
+        interpret=False, swiglu=False):
+    """lhs [M, K] x rhs [G, K, N] (or [G, N, K] with transpose_rhs) -> [M, N].
+
+    swiglu: rhs's columns are a SwiGLU's gate and up projections interleaved
+    in blocks of tn // 2 (``interleave``), and the kernel returns (out, h):
+    out as without it, and h [M, N // 2] = silu(gate) * up of out's rounded
+    blocks, computed in the epilogue (no pass over out in memory)."""
     _check(lhs, rhs, tiling, "gmm", out_dtype)
     m, n = lhs.shape[0], rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    tm, tk, tn = tiling
+    if swiglu and (transpose_rhs or n % tn):
+        raise ValueError(f"the SwiGLU epilogue needs rhs [G, K, N] with N a multiple of the "
+                         f"column tile {tn}; got rhs {rhs.shape}, transpose_rhs={transpose_rhs}")
     lhs, rhs = mosaic_gpu.aligned(lhs), mosaic_gpu.aligned(rhs)
     (m_pad, k), g = lhs.shape, rhs.shape[0]
     n_pad = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    tm, tk, tn = tiling
-    rows = tm // CONSUMERS
-    depth = mosaic_gpu.stages(tiling, jnp.dtype(out_dtype).itemsize, SMEM_BYTES)
+    rows, half = tm // CONSUMERS, tn // 2
+    out_bytes = jnp.dtype(out_dtype).itemsize
+    h_bytes = tm * half * out_bytes if swiglu else 0  # the h staging tiles
+    depth = mosaic_gpu.stages(tiling, out_bytes, SMEM_BYTES - h_bytes)
     n_tiles, k_tiles = pl.cdiv(n_pad, tn), pl.cdiv(k, tk)
     items = num_steps(m_pad, tm, g + 1) * n_tiles
     n_programs = mosaic_gpu.programs(interpret)
     sched = make_schedule(group_sizes, m_pad, tm, zero_tail=True)
 
     def grouped_matmul(group_ref, tile_ref, lo_ref, hi_ref, first_ref, lhs_ref, rhs_ref,
-                       out_ref, lhs_smem, rhs_smem, out_smem, ready, free):
+                       *refs):
         del first_ref  # each step stores only its own rows
+        if swiglu:
+            out_ref, h_ref, lhs_smem, rhs_smem, out_smem, h_smem, ready, free = refs
+        else:
+            out_ref, lhs_smem, rhs_smem, out_smem, ready, free = refs
         sm, wg = lax.axis_index("sm"), lax.axis_index("wg")
         my_items = (items - 1 - sm) // n_programs + 1  # items sm, sm + n_programs, ...
 
@@ -231,9 +261,14 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT
 
                     # The zero tail (no steps) stores the untouched zero accumulator.
                     mine = out_smem.at[wg]
-                    stage(mine, consume(ready, free, depth, t, steps, (rows, tn), mma))
+                    my_h = h_smem.at[wg] if swiglu else None
+                    stage(mine, consume(ready, free, depth, t, steps, (rows, tn), mma), my_h)
                     mosaic_gpu.store_rows(mine, lambda offset, r: out_ref.at[
                         pl.ds(row0 + offset, r), pl.ds(j * tn, tn)], my_lo, my_hi, my_lo, rows)
+                    if swiglu:
+                        mosaic_gpu.store_rows(my_h, lambda offset, r: h_ref.at[
+                            pl.ds(row0 + offset, r), pl.ds(j * half, half)],
+                            my_lo, my_hi, my_lo, rows)
 
                 @pl.when(my_hi <= my_lo)
                 def _():  # the other consumer's rows hold all of the step's
@@ -244,13 +279,19 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT
             mc.wait_stores_before_exit()
 
     rhs_block = (tn, tk) if transpose_rhs else (tk, tn)
+    staging = [plgpu.SMEM((CONSUMERS, rows, tn), out_dtype)]
+    out_type = [jax.ShapeDtypeStruct((m_pad, n_pad), out_dtype)]
+    if swiglu:
+        staging.append(plgpu.SMEM((CONSUMERS, rows, half), out_dtype))
+        out_type.append(jax.ShapeDtypeStruct((m_pad, n_pad // 2), out_dtype))
     scratch = [mc.swizzled_smem((depth, CONSUMERS, rows, tk), lhs.dtype),
                mc.swizzled_smem((depth, *rhs_block), rhs.dtype),
-               plgpu.SMEM((CONSUMERS, rows, tn), out_dtype),
-               *_ring_barriers(depth)]
-    out = mosaic_gpu.launch(grouped_matmul, jax.ShapeDtypeStruct((m_pad, n_pad), out_dtype),
-                            scratch, interpret, **THREADS)(*sched, lhs, rhs)
-    return out[:m, :n]
+               *staging, *_ring_barriers(depth)]
+    outs = mosaic_gpu.launch(grouped_matmul, tuple(out_type), scratch, interpret,
+                             **THREADS)(*sched, lhs, rhs)
+    if swiglu:
+        return outs[0][:m, :n], outs[1][:m, :n // 2]
+    return outs[0][:m, :n]
 
 
 def tgmm(lhs, dout, group_sizes, *, out_dtype, tiling=DEFAULT_TGMM_TILING, interpret=False):

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 from jaxkit.layers.moe.permute import bincount
 from jaxkit.quant.experts import LowBitExperts
-from pallas_kernels.grouped_matmul import gmm
+from pallas_kernels.grouped_matmul import gmm, gmm_swiglu
+from pallas_kernels.grouped_matmul.swiglu import swiglu
 
 
 class ExpertWeights(NamedTuple):
@@ -35,36 +36,32 @@ def group_sizes(sorted_expert, num_experts: int):
     return bincount(sorted_expert, num_experts)
 
 
-def _swiglu(gate, up):
-    f32 = lambda v: v.astype(jnp.float32)
-    return jax.nn.silu(f32(gate)) * f32(up)
-
-
-def _ffn(x, w: ExpertWeights, mm, quant):
-    """SwiGLU of x with matmul mm(a, b) -> a.dtype; quant (or None) is a
-    jaxkit.quant.ExpertQuant applied to the weights and around each matmul."""
+def _ffn(x, w: ExpertWeights, mm, quant, gate_up):
+    """SwiGLU of x with matmul mm(a, b) -> a.dtype and gate_up(x, w_gate, w_up)
+    -> silu(x @ w_gate) * (x @ w_up) (float weights in x's dtype); quant (or
+    None) is a jaxkit.quant.ExpertQuant applied to the weights and around
+    each matmul."""
     cd = x.dtype
     if quant is None:
         if isinstance(w.gate, LowBitExperts):
-            gate, up = mm(x, w.gate), mm(x, w.up)
+            h = swiglu(mm(x, w.gate), mm(x, w.up))
         else:
-            # One matmul for gate and up: twice the columns per expert keeps the
-            # grouped matmul's tiles fuller, reads the rows once and its backward
-            # yields dx in one product instead of a sum of two.
-            gate, up = jnp.split(mm(x, jnp.concatenate([w.gate, w.up], axis=-1)), 2, axis=-1)
-        return mm(_swiglu(gate, up).astype(cd), w.down)
+            h = gate_up(x, w.gate.astype(cd), w.up.astype(cd))
+        return mm(h.astype(cd), w.down)
     w = quant.weights(w)
     qmm = lambda a, b: quant.outputs(mm(a, b))
     x = quant.inputs(x).astype(cd)
-    h = _swiglu(qmm(x, w.gate), qmm(x, w.up))
+    h = swiglu(qmm(x, w.gate), qmm(x, w.up))
     return qmm(quant.hidden(h).astype(cd), w.down)
 
 
 def grouped_ffn(rows, sizes, w: ExpertWeights, *, implementation: str, quant=None,
-                consumers: int = 1):
+                consumers: int = 1, fuse_swiglu: bool = True):
     """rows [M, D] grouped by expert (sizes [E]) -> [M, D] in rows.dtype; rows
     past sum(sizes) are padding and come out zero. consumers: the float
-    grouped matmuls' (pallas_kernels.grouped_matmul.gmm)."""
+    grouped matmuls' (pallas_kernels.grouped_matmul.gmm); fuse_swiglu: the
+    SwiGLU in the first grouped matmul's epilogue where its kernel offers
+    one (gmm_swiglu)."""
     def mm(a, b):
         if isinstance(b, LowBitExperts):  # the quantised kernels give float32
             if consumers != 1:
@@ -73,7 +70,11 @@ def grouped_ffn(rows, sizes, w: ExpertWeights, *, implementation: str, quant=Non
             return b.grouped_matmul(a, sizes, implementation=implementation).astype(a.dtype)
         return gmm(a, b.astype(a.dtype), sizes, implementation=implementation,
                    preferred_element_type=a.dtype, consumers=consumers)
-    return _ffn(rows, w, mm, quant)
+
+    def gate_up(x, w_gate, w_up):
+        return gmm_swiglu(x, w_gate, w_up, sizes, implementation=implementation,
+                          consumers=consumers, fused=None if fuse_swiglu else False)
+    return _ffn(rows, w, mm, quant, gate_up)
 
 
 def batched_ffn(x_e, w: ExpertWeights, *, quant=None):
@@ -82,7 +83,12 @@ def batched_ffn(x_e, w: ExpertWeights, *, quant=None):
         if isinstance(b, LowBitExperts):  # no batched quantised kernel: whole stacks
             b = b.dequantize()
         return jnp.einsum("ecd,edh->ech", a, b.astype(a.dtype), preferred_element_type=a.dtype)
-    return _ffn(x_e, w, mm, quant)
+
+    def gate_up(x, w_gate, w_up):
+        # One matmul for gate and up: reads the rows once, and its backward
+        # yields dx in one product instead of a sum of two.
+        return swiglu(*jnp.split(mm(x, jnp.concatenate([w_gate, w_up], axis=-1)), 2, axis=-1))
+    return _ffn(x_e, w, mm, quant, gate_up)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +99,7 @@ class LocalExperts:
     implementation: str
     quant: object = None  # jaxkit.quant.ExpertQuant, or None
     consumers: int = 1  # the grouped matmuls' warpgroups (model.moe.gmm_consumers)
+    fuse_swiglu: bool = True  # model.moe.fuse_swiglu
 
     @property
     def num_experts(self) -> int:
@@ -102,7 +109,8 @@ class LocalExperts:
         """rows [M, D] sorted by expert id sorted_expert [M] -> [M, D] in rows.dtype."""
         sizes = group_sizes(sorted_expert, self.num_experts)
         return grouped_ffn(rows, sizes, self.weights, implementation=self.implementation,
-                           quant=self.quant, consumers=self.consumers)
+                           quant=self.quant, consumers=self.consumers,
+                           fuse_swiglu=self.fuse_swiglu)
 
     def buffered(self, x_e):
         """x_e [E, C, D] -> [E, C, D] in x_e.dtype."""

@@ -254,18 +254,18 @@ def test_bf16_dropless_close_to_float32():
 # ------------------------------------------------------------ two consumers
 
 def test_gmm_consumers_reach_every_grouped_matmul(monkeypatch):
-    """model.moe.gmm_consumers goes to the gate|up and down grouped matmuls
+    """model.moe.gmm_consumers goes to the gate|up (gmm_swiglu) and down grouped matmuls
     (the kernels themselves are tested in pallas_kernels); the config
     refuses it where no Mosaic GPU grouped matmul runs."""
     from jaxkit.config import load_config
     from jaxkit.layers.moe import experts as experts_module
 
-    seen, original = [], experts_module.gmm
-
-    def recording_gmm(*args, consumers=1, **kwargs):  # the 'xla' reference takes no consumers
-        seen.append(consumers)
-        return original(*args, **kwargs)
-    monkeypatch.setattr(experts_module, "gmm", recording_gmm)
+    seen = []
+    for name in ("gmm", "gmm_swiglu"):
+        def recording(*args, consumers=1, _original=getattr(experts_module, name), **kwargs):
+            seen.append(consumers)  # the 'xla' reference takes no consumers
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(experts_module, name, recording)
     E, D, H = 3, 8, 5
     keys = jax.random.split(jax.random.key(0), 4)
     w = ExpertWeights(*(jax.random.normal(k, s) for k, s in zip(keys, [(E, D, H), (E, D, H),
@@ -279,6 +279,25 @@ def test_gmm_consumers_reach_every_grouped_matmul(monkeypatch):
     with pytest.raises(ValueError, match="needs dispatch 'dropless'"):
         load_config(None, ["model.moe.num_experts=4", "model.moe.gmm_consumers=2",
                            "model.moe.dispatch=capacity"])
+
+
+@pytest.mark.parametrize("fuse, fused", [(True, None), (False, False)])
+def test_fuse_swiglu_reaches_the_gate_up_grouped_matmul(monkeypatch, fuse, fused):
+    """model.moe.fuse_swiglu: None lets gmm_swiglu fuse where its kernel can,
+    False keeps XLA's SwiGLU."""
+    from jaxkit.layers.moe import experts as experts_module
+    seen, original = [], experts_module.gmm_swiglu
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["fused"])
+        return original(*args, **kwargs)
+    monkeypatch.setattr(experts_module, "gmm_swiglu", recording)
+    keys = jax.random.split(jax.random.key(1), 4)
+    w = ExpertWeights(*(jax.random.normal(k, s) for k, s in zip(keys, [(2, 8, 5), (2, 8, 5),
+                                                                         (2, 5, 8)])))
+    LocalExperts(w, "xla", fuse_swiglu=fuse).grouped(jax.random.normal(keys[3], (6, 8)),
+                                                     jnp.array([0, 0, 1, 1, 1, 2]))
+    assert seen == [fused]
 
 
 @pytest.mark.parametrize("name", ["dropless-k3", "capacity"])

@@ -33,8 +33,8 @@ from jaxkit.config import ModelConfig
 
 GIB = 2 ** 30
 MODELS = {  # name: ModelConfig overrides (the shapes of configs/ and of mqar_long.yaml)
-    "mqar_long": dict(d_model=512, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64,
-                            mlp_hidden=1024, vocab_size=1027),
+    "mqar_long": dict(d_model=128, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64,
+                      mlp_hidden=256, vocab_size=1027),
     "gpt_125m": dict(d_model=768, num_layers=12, num_heads=12, num_kv_heads=12,
                      mlp_hidden=3328, vocab_size=259),
     "dense_1b": dict(d_model=2048, num_layers=22, num_heads=16, num_kv_heads=4,
@@ -77,7 +77,7 @@ def table(S: int, gib: float) -> str:
             for remat in ("none", "full"):
                 total = sum(estimate(m, S, mixer, remat).values()) / GIB
                 fits = "yes" if total < 0.9 * gib else "no"  # 10% for XLA's own buffers
-                lines.append(f"| {name} | {param_count(m) / 1e6:.0f}M | {mixer} | {remat} | "
+                lines.append(f"| {name} | {param_count(m) / 1e6:.{0 if param_count(m) >= 1e7 else 2}f}M | {mixer} | {remat} | "
                              f"{total:.1f} | {fits} |")
     return "\n".join(lines) + "\n"
 

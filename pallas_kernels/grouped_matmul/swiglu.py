@@ -34,6 +34,11 @@ import jax.numpy as jnp
 from pallas_kernels.grouped_matmul import api, two_consumers
 from pallas_kernels.grouped_matmul.reference import gmm_reference
 
+# The epilogue kernel's tiling when none is given (rows, K, N): the
+# two-consumer gmm's (docs/design/grouped-matmul.md has the alternatives'
+# shared-memory budgets; bench --swiglu times them).
+DEFAULT_TILING = two_consumers.DEFAULT_TILING
+
 
 def swiglu(gate, up):
     """silu(gate) * up in float32 (the layers' activation)."""
@@ -111,7 +116,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 @functools.partial(jax.jit, static_argnums=3)
 def _swiglu_kernel(lhs, w, group_sizes, cfg):
     return two_consumers.gmm(lhs, w, group_sizes, out_dtype=cfg.out_dtype,
-                             tiling=cfg.tiling or two_consumers.DEFAULT_TILING, swiglu=True)
+                             tiling=cfg.tiling or DEFAULT_TILING, swiglu=True)
 
 
 @functools.cache
@@ -123,7 +128,7 @@ def mosaic_kernels(cfg) -> Kernels:
                    dlhs=functools.partial(api._gmm_kernel,
                                           cfg=cfg._replace(transpose_rhs=True, tiling=None)),
                    dw=functools.partial(api._tgmm_kernel, cfg=cfg._replace(tiling=None)),
-                   block=(cfg.tiling or two_consumers.DEFAULT_TILING)[2] // 2)
+                   block=(cfg.tiling or DEFAULT_TILING)[2] // 2)
 
 
 def fusion_problem(impl: str, cfg, hidden: int) -> str | None:
@@ -132,7 +137,7 @@ def fusion_problem(impl: str, cfg, hidden: int) -> str | None:
         return f"the SwiGLU epilogue is a Mosaic GPU kernel's; this call runs {impl!r}"
     if cfg.consumers != 2:
         return "the SwiGLU epilogue is the two-consumer kernel's (consumers=2)"
-    block = (cfg.tiling or two_consumers.DEFAULT_TILING)[2] // 2
+    block = (cfg.tiling or DEFAULT_TILING)[2] // 2
     if hidden % block:
         return (f"the SwiGLU epilogue needs the hidden size {hidden} to be a multiple of "
                 f"half the column tile ({block})")

@@ -172,6 +172,11 @@ def _cases():
                                                       swiglu=True),
             (jnp.ones((300, 200), jnp.bfloat16), jnp.ones((4, 200, 512), jnp.bfloat16),
              jnp.asarray([100, 0, 150, 20], jnp.int32))),
+        "grouped matmul two consumers swiglu gradient": (
+            lambda dout, w, sizes, gate_up: two_consumers.gmm(
+                dout, w, sizes, out_dtype=jnp.bfloat16, tiling=(128, 64, 128), gate_up=gate_up),
+            (jnp.ones((300, 200), jnp.bfloat16), jnp.ones((4, 200, 256), jnp.bfloat16),
+             jnp.asarray([100, 0, 150, 20], jnp.int32), jnp.ones((300, 512), jnp.bfloat16))),
         "block-sparse fwd q-head lists d128 causal": _block_sparse_case(
             300, 4, 2, 128, 4, 128, 128, causal=True),
         "block-sparse fwd kv-head lists d64 segments": _block_sparse_case(

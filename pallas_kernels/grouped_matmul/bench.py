@@ -27,11 +27,12 @@ forward+backward through the API with consumers=1 and 2; and the dense
 batched einsum of the same FLOPs (forward, and forward+backward). The
 two-consumer kernels are checked first like the implementations above.
 
---swiglu: gmm_swiglu at moe_1b's gate+up shape and 48 x 1024 tokens (M =
-196608 rows, G = 32, K = 1024, H = 640), consumers=2: the SwiGLU in the
-kernel's epilogue (fused, at SWIGLU_TILINGS) against the grouped matmul
-followed by XLA's SwiGLU (unfused), forward alone and forward+backward,
-each checked against the reference first.
+--swiglu: swiglu_ffn (gate+up, SwiGLU, down) at moe_1b's expert shapes and
+48 x 1024 tokens (M = 196608 rows, G = 32, D = 1024, H = 640), consumers=2:
+the SwiGLU and its gradient in the kernels' epilogues (fused, the first
+kernel at SWIGLU_TILINGS) against the grouped matmuls with XLA's SwiGLU
+between them (unfused), forward alone and forward+backward, each checked
+against the reference first.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ import numpy as np
 from pallas_kernels.benchmarking import rel_err, time_fn, write_rows
 from pallas_kernels.grouped_matmul import mosaic_gpu, two_consumers
 from pallas_kernels.grouped_matmul.api import gmm
-from pallas_kernels.grouped_matmul.swiglu import gmm_swiglu, gmm_swiglu_reference
+from pallas_kernels.grouped_matmul.swiglu import swiglu_ffn, swiglu_ffn_reference
 from pallas_kernels.grouped_matmul.reference import gmm_flops, gmm_reference
 
 TOKENS, TOP_K, D_MODEL, D_EXPERT, EXPERTS = 16384, 2, 2048, 1408, 64
@@ -205,34 +206,38 @@ def compare_consumers(json_path):
 
 
 def swiglu_fn(fused, tiling, backward):
-    """gmm_swiglu (consumers=2) forward, or forward and its three gradients."""
-    def f(lhs, wg, wu, sizes, cot):
-        call = lambda a, b, c: gmm_swiglu(a, b, c, sizes, implementation="mosaic_gpu",
-                                          consumers=2, tiling=tiling, fused=fused)
+    """swiglu_ffn (consumers=2) forward, or forward and its four gradients."""
+    def f(lhs, wg, wu, wd, sizes, cot):
+        call = lambda *w: swiglu_ffn(*w, sizes, implementation="mosaic_gpu", consumers=2,
+                                     tiling=tiling, fused=fused)
         if not backward:
-            return call(lhs, wg, wu)
-        out, vjp = jax.vjp(call, lhs, wg, wu)
+            return call(lhs, wg, wu, wd)
+        out, vjp = jax.vjp(call, lhs, wg, wu, wd)
         return (out, *vjp(cot))
     return jax.jit(f)
+
+
+def swiglu_inputs(m, k, h, g, seed):
+    """lhs [M, K], w_gate and w_up [G, K, H], w_down [G, H, K], the cotangent [M, K]."""
+    lhs, w, cot = inputs(m, k, 2 * h, g, seed)
+    down = (jax.random.normal(jax.random.key(seed + 1), (g, h, k), jnp.float32)
+            / np.sqrt(h)).astype(DTYPE)
+    return (lhs, *jnp.split(w, 2, axis=-1), down, cot[:, :k])
 
 
 def compare_swiglu(json_path):
     """--swiglu (see the module docstring)."""
     m, g, k, h = (SWIGLU[key] for key in ("m", "g", "k", "h"))
     variants = [("unfused", False, None)] + [("fused", True, t) for t in SWIGLU_TILINGS]
-    rows = []
-    lhs, w, _ = inputs(2048, 256, 2 * 256, 4, seed=1)
-    wg, wu = jnp.split(w, 2, axis=-1)
+    rows, ok = [], {}
+    lhs, wg, wu, wd, cot = swiglu_inputs(2048, 256, 256, 4, seed=1)
     sizes = jnp.asarray([700, 0, 900, 348], jnp.int32)
-    cot = jax.random.normal(jax.random.key(2), (2048, 256), jnp.float32).astype(DTYPE)
     up = lambda x: x.astype(jnp.float32)
-    want, vjp = jax.vjp(lambda a, b, c: gmm_swiglu_reference(a, b, c, sizes), up(lhs), up(wg),
-                        up(wu))
+    want, vjp = jax.vjp(lambda *w: swiglu_ffn_reference(*w, sizes), *map(up, (lhs, wg, wu, wd)))
     want = (want, *vjp(up(cot)))
-    ok = {}
     for label, fused, tiling in variants:
         try:
-            got = swiglu_fn(fused, tiling, True)(lhs, wg, wu, sizes, cot)
+            got = swiglu_fn(fused, tiling, True)(lhs, wg, wu, wd, sizes, cot)
             err = max(rel_err(a, b) for a, b in zip(got, want))
             ok[label, tiling] = err < 2e-2
             rows.append(dict(kind="check", variant=label, tiling=tiling, rel_err=err))
@@ -241,21 +246,20 @@ def compare_swiglu(json_path):
             rows.append(dict(kind="check", variant=label, tiling=tiling,
                              error=traceback.format_exc()[-400:]))
         print(rows[-1], flush=True)
-    lhs, w, cot = inputs(m, k, 2 * h, g, seed=0)
-    wg, wu = jnp.split(w, 2, axis=-1)
-    cot = cot[:, :h]
+    lhs, wg, wu, wd, cot = swiglu_inputs(m, k, h, g, seed=0)
     sizes = group_sizes(m, g, SWIGLU["alpha"])
-    flops = gmm_flops(m, k, 2 * h)
+    flops = 3 * gmm_flops(m, k, h)  # gate, up and down
     for backward in (False, True):
         for label, fused, tiling in variants:
             if ok[label, tiling]:
                 rows.append(timed(dict(kind="swiglu", variant=label, tiling=tiling,
                                        pass_="fwd+bwd" if backward else "fwd"),
                                   3 * flops if backward else flops,
-                                  swiglu_fn(fused, tiling, backward), lhs, wg, wu, sizes, cot))
-    header = (f"{jax.devices()[0].device_kind}, jax {jax.__version__}, bf16, gmm_swiglu "
-              f"consumers=2, M={m}, G={g}, K={k}, H={h}, Dirichlet({SWIGLU['alpha']}) group "
-              f"sizes; TFLOP/s = 2*M*K*2H (3x that forward+backward)")
+                                  swiglu_fn(fused, tiling, backward), lhs, wg, wu, wd, sizes,
+                                  cot))
+    header = (f"{jax.devices()[0].device_kind}, jax {jax.__version__}, bf16, swiglu_ffn "
+              f"consumers=2, M={m}, G={g}, D={k}, H={h}, Dirichlet({SWIGLU['alpha']}) group "
+              f"sizes; TFLOP/s = 3*2*M*D*H (3x that forward+backward)")
     if json_path:
         write_rows(json_path, header, rows)
     print("\n" + header)
@@ -274,7 +278,7 @@ def main():
     parser.add_argument("--consumers", action="store_true",
                         help="only compare the one- and two-consumer kernels at moe_1b's shapes")
     parser.add_argument("--swiglu", action="store_true",
-                        help="only compare gmm_swiglu fused and unfused at moe_1b's gate+up")
+                        help="only compare swiglu_ffn fused and unfused at moe_1b's experts")
     args = parser.parse_args()
     if args.consumers:
         compare_consumers(args.json)

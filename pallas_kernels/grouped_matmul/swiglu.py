@@ -1,27 +1,27 @@
-"""A SwiGLU feed-forward's first grouped matmul with its activation:
+"""A SwiGLU feed-forward over grouped rows (an MoE layer's experts):
 
-    gmm_swiglu(lhs [M,K], w_gate [G,K,H], w_up [G,K,H], group_sizes [G]) -> h [M,H]
-    h = silu(gate) * up,  gate = gmm(lhs, w_gate), up = gmm(lhs, w_up)
+    swiglu_ffn(lhs [M,D], w_gate [G,D,H], w_up [G,D,H], w_down [G,H,D], group_sizes [G])
+      = gmm(silu(gate) * up, w_down) -> [M,D],  gate = gmm(lhs, w_gate), up = gmm(lhs, w_up)
 
-rounded as the unfused layers round it: gate and up to lhs.dtype, the SwiGLU
-in float32, h to lhs.dtype (``gmm_swiglu_reference`` is the spec).
+rounded as the unfused layers round it: gate, up, h = silu(gate) * up and
+the output to lhs.dtype, the SwiGLU in float32 (``swiglu_ffn_reference`` is
+the spec).
 
-implementation, tiling, interpret and consumers are gmm's (api.py). With
-'mosaic_gpu' (or 'pallas'/'auto' resolving to it) and consumers=2, the
-SwiGLU runs in the grouped matmul's epilogue (``two_consumers.gmm(...,
-swiglu=True)``): the gate and up weights go in as one matrix whose columns
-interleave them in blocks of half the column tile, so each output tile holds
-a gate block and its up block; the kernel writes the projections (the
-backward reads them) and h, and no pass over the [M, 2H] projections is left
-to XLA. That needs H to be a multiple of the block. Every other case runs
-gmm on the concatenated weights, then the SwiGLU in XLA: the same math.
-fused: None fuses where the kernel takes the call, False never does, True
-raises where it cannot.
-
-Gradient (the fused path's custom VJP): d-gate and d-up from dh and the saved
-projections (one XLA fusion, in the interleaved layout), then gmm's d-lhs and
-tgmm kernels (two consumers, their default tilings) on that layout, whose
-weight gradient is split back into the gate's and the up projection's.
+implementation, interpret and consumers are gmm's (api.py). With
+'mosaic_gpu' (or 'pallas'/'auto' resolving to it) and consumers=2 the SwiGLU
+and its gradient run in the grouped matmuls' epilogues (two_consumers.gmm):
+the gate and up weights go in as one matrix whose columns interleave them in
+blocks of b (``interleave``); the first grouped matmul writes the
+projections and h (swiglu=True); in the backward the down projection's
+d-input grouped matmul forms dh tile by tile and writes the SwiGLU's
+gradient with respect to the projections instead of dh (gate_up=...). So
+neither the SwiGLU nor its gradient makes a pass of its own over the
+[M, 2H] projections. That needs H to be a multiple of b, half the first
+kernel's column tile (``tiling``, default ``DEFAULT_TILING``); the other
+grouped matmuls run at their default tilings. Every other case is gmm, XLA's
+SwiGLU and gmm, differentiated through gmm's VJP: the same math. fused: None
+fuses where the kernels take the call, False never, True raises where they
+cannot.
 """
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ import jax.numpy as jnp
 from pallas_kernels.grouped_matmul import api, two_consumers
 from pallas_kernels.grouped_matmul.reference import gmm_reference
 
-# The epilogue kernel's tiling when none is given (rows, K, N): the
-# two-consumer gmm's (docs/design/grouped-matmul.md has the alternatives'
-# shared-memory budgets; bench --swiglu times them).
+# The first kernel's tiling when none is given (rows, K, N): the two-consumer
+# gmm's (docs/design/grouped-matmul.md has the alternatives' shared-memory
+# budgets; bench --swiglu times them).
 DEFAULT_TILING = two_consumers.DEFAULT_TILING
 
 
@@ -46,11 +46,10 @@ def swiglu(gate, up):
     return jax.nn.silu(gate) * up.astype(jnp.float32)
 
 
-def gmm_swiglu_reference(lhs, w_gate, w_up, group_sizes):
-    """The spec: h [M, H] in lhs.dtype."""
-    gate = gmm_reference(lhs, w_gate, group_sizes)
-    up = gmm_reference(lhs, w_up, group_sizes)
-    return swiglu(gate, up).astype(lhs.dtype)
+def swiglu_ffn_reference(lhs, w_gate, w_up, w_down, group_sizes):
+    """The spec: [M, D] in lhs.dtype."""
+    h = swiglu(gmm_reference(lhs, w_gate, group_sizes), gmm_reference(lhs, w_up, group_sizes))
+    return gmm_reference(h.astype(lhs.dtype), w_down, group_sizes)
 
 
 def interleave(gate, up, block: int):
@@ -70,7 +69,8 @@ def deinterleave(x, block: int):
 
 def swiglu_grad(gate_up, dh, block: int):
     """d(silu(gate) * up) with respect to the interleaved projections
-    gate_up [M, 2H], given dh [M, H]; float32, interleaved."""
+    gate_up [M, 2H], given dh [M, H]; float32, interleaved (what the
+    d-input kernel's epilogue computes)."""
     m, h2 = gate_up.shape
     x = gate_up.astype(jnp.float32).reshape(m, h2 // (2 * block), 2, block)
     gate, up = x[:, :, 0], x[:, :, 1]
@@ -82,77 +82,111 @@ def swiglu_grad(gate_up, dh, block: int):
 
 
 class Kernels(NamedTuple):
-    """The fused path's three kernels (static; tests swap in others):
-    forward(lhs, w, sizes) -> (gate_up, h); dlhs(dgate_up, w, sizes) ->
-    dgate_up @ w^T per group; dw(lhs, dgate_up, sizes) -> [G, K, 2H]."""
-    forward: Callable
+    """The fused path's kernels (static; tests swap in others), rows grouped
+    by group_sizes throughout:
+    gate_up(lhs, w, sizes) -> (the interleaved projections, h);
+    down(h, w_down, sizes) -> the output;
+    grad(dy, w_down^T [G, D, H], gate_up, sizes) -> the SwiGLU's gradient
+        with respect to gate_up (interleaved), dh never in memory;
+    dlhs(dgate_up, w, sizes) -> dgate_up @ w^T per group;
+    tgmm(a, b, sizes) -> a^T @ b per group."""
+    gate_up: Callable
+    down: Callable
+    grad: Callable
     dlhs: Callable
-    dw: Callable
+    tgmm: Callable
     block: int
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused(lhs, w_gate, w_up, group_sizes, kernels: Kernels):
-    return _fused_fwd(lhs, w_gate, w_up, group_sizes, kernels)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _fused(lhs, w_gate, w_up, w_down, group_sizes, kernels: Kernels):
+    return _fused_fwd(lhs, w_gate, w_up, w_down, group_sizes, kernels)[0]
 
 
-def _fused_fwd(lhs, w_gate, w_up, group_sizes, kernels):
+def _fused_fwd(lhs, w_gate, w_up, w_down, group_sizes, kernels):
     w = interleave(w_gate, w_up, kernels.block)
-    gate_up, h = kernels.forward(lhs, w, group_sizes)
-    return h, (lhs, w, group_sizes, gate_up)
+    gate_up, h = kernels.gate_up(lhs, w, group_sizes)
+    out = kernels.down(h, w_down, group_sizes)
+    return out, (lhs, w, w_down, group_sizes, gate_up, h)
 
 
-def _fused_bwd(kernels, residuals, dh):
-    lhs, w, group_sizes, gate_up = residuals
-    dgate_up = swiglu_grad(gate_up, dh, kernels.block).astype(lhs.dtype)
+def _fused_bwd(kernels, residuals, dout):
+    lhs, w, w_down, group_sizes, gate_up, h = residuals
+    dout = dout.astype(lhs.dtype)
+    dgate_up = kernels.grad(dout, jnp.swapaxes(w_down, 1, 2), gate_up, group_sizes)
+    dw_down = kernels.tgmm(h, dout, group_sizes)
     dlhs = kernels.dlhs(dgate_up, w, group_sizes)
-    dw_gate, dw_up = deinterleave(kernels.dw(lhs, dgate_up, group_sizes), kernels.block)
-    return dlhs, dw_gate, dw_up, None
+    dw_gate, dw_up = deinterleave(kernels.tgmm(lhs, dgate_up, group_sizes), kernels.block)
+    return dlhs, dw_gate, dw_up, dw_down, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 @functools.partial(jax.jit, static_argnums=3)
-def _swiglu_kernel(lhs, w, group_sizes, cfg):
-    return two_consumers.gmm(lhs, w, group_sizes, out_dtype=cfg.out_dtype,
-                             tiling=cfg.tiling or DEFAULT_TILING, swiglu=True)
+def _gate_up_kernel(lhs, w, group_sizes, tiling):
+    return two_consumers.gmm(lhs, w, group_sizes, out_dtype=lhs.dtype, tiling=tiling,
+                             swiglu=True)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _grad_kernel(dout, w_down_t, gate_up, group_sizes, tiling):
+    return two_consumers.gmm(dout, w_down_t, group_sizes, out_dtype=dout.dtype, tiling=tiling,
+                             gate_up=gate_up)
 
 
 @functools.cache
 def mosaic_kernels(cfg) -> Kernels:
     """The Hopper kernels of the fused path for gmm's resolved settings
-    ``cfg``. The tiling is the epilogue kernel's; the backward's grouped
-    matmuls run at their own defaults (tgmm's cannot take every gmm tiling)."""
-    return Kernels(forward=functools.partial(_swiglu_kernel, cfg=cfg),
+    ``cfg``: the epilogue kernels at cfg's tiling (the first) and at
+    (128, 64, b) (the gradient's: a dh tile of b columns is one gate block
+    and its up block); the plain ones at their defaults."""
+    tiling = cfg.tiling or DEFAULT_TILING
+    block = tiling[2] // 2
+    plain = cfg._replace(tiling=None)
+    return Kernels(gate_up=functools.partial(_gate_up_kernel, tiling=tiling),
+                   down=functools.partial(api._gmm_kernel, cfg=plain),
+                   grad=functools.partial(_grad_kernel, tiling=(128, 64, block)),
                    dlhs=functools.partial(api._gmm_kernel,
-                                          cfg=cfg._replace(transpose_rhs=True, tiling=None)),
-                   dw=functools.partial(api._tgmm_kernel, cfg=cfg._replace(tiling=None)),
-                   block=(cfg.tiling or DEFAULT_TILING)[2] // 2)
+                                          cfg=plain._replace(transpose_rhs=True)),
+                   tgmm=functools.partial(api._tgmm_kernel, cfg=plain),
+                   block=block)
 
 
 def fusion_problem(impl: str, cfg, hidden: int) -> str | None:
-    """Why the resolved call cannot take the SwiGLU epilogue, or None."""
+    """Why the resolved call cannot take the SwiGLU epilogues, or None."""
     if impl != "pallas" or cfg.kernel.name != "mosaic_gpu":
-        return f"the SwiGLU epilogue is a Mosaic GPU kernel's; this call runs {impl!r}"
+        return f"the SwiGLU epilogues are Mosaic GPU kernels'; this call runs {impl!r}"
     if cfg.consumers != 2:
-        return "the SwiGLU epilogue is the two-consumer kernel's (consumers=2)"
-    block = (cfg.tiling or DEFAULT_TILING)[2] // 2
-    if hidden % block:
-        return (f"the SwiGLU epilogue needs the hidden size {hidden} to be a multiple of "
-                f"half the column tile ({block})")
+        return "the SwiGLU epilogues are the two-consumer kernels' (consumers=2)"
+    tiling = cfg.tiling or DEFAULT_TILING
+    problem = two_consumers.unsupported(tiling, "gmm")
+    if problem:
+        return problem
+    if hidden % (tiling[2] // 2) or (tiling[2] // 2) % 64:
+        return (f"the SwiGLU epilogues need the hidden size {hidden} to be a multiple of "
+                f"half the column tile ({tiling[2] // 2}), itself a multiple of 64")
     return None
 
 
-def gmm_swiglu(lhs, w_gate, w_up, group_sizes, *, implementation: str = "auto", tiling=None,
-               interpret: bool | None = None, consumers: int = 1, fused: bool | None = None):
-    """silu(gmm(lhs, w_gate)) * gmm(lhs, w_up) -> [M, H] in lhs.dtype (see the
-    module docstring)."""
+def swiglu_ffn(lhs, w_gate, w_up, w_down, group_sizes, *, implementation: str = "auto",
+               tiling=None, interpret: bool | None = None, consumers: int = 1,
+               fused: bool | None = None):
+    """gmm(silu(gmm(lhs, w_gate)) * gmm(lhs, w_up), w_down) -> [M, D] in
+    lhs.dtype (see the module docstring)."""
     lhs, group_sizes, tiling = api._check_common(lhs, group_sizes, tiling, None, consumers)
-    w_gate, w_up = api.dispatch.as_array("w_gate", w_gate), api.dispatch.as_array("w_up", w_up)
-    if w_gate.shape != w_up.shape or w_gate.ndim != 3:
-        raise ValueError(f"w_gate and w_up must both be [G, K, H]; got {w_gate.shape} and "
-                         f"{w_up.shape}")
+    w_gate, w_up, w_down = (api.dispatch.as_array(name, w) for name, w in
+                            (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)))
+    g, d = group_sizes.shape[0], lhs.shape[1]
+    if w_gate.ndim != 3 or w_gate.shape[:2] != (g, d) or w_up.shape != w_gate.shape:
+        raise ValueError(f"w_gate and w_up must both be [G, D, H] with G={g}, D={d}; got "
+                         f"{w_gate.shape} and {w_up.shape}")
+    if w_down.shape != (g, w_gate.shape[2], d):
+        raise ValueError(f"w_down must be [G, H, D] = {(g, w_gate.shape[2], d)}; got "
+                         f"{w_down.shape}")
+    if any(w.dtype != lhs.dtype for w in (w_gate, w_up, w_down)):
+        raise ValueError(f"the weights must have lhs's dtype {lhs.dtype}; got {w_gate.dtype}, "
+                         f"{w_up.dtype}, {w_down.dtype}")
     if fused is not None:
         api.dispatch.check_flag("fused", fused)
     impl, cfg = api._resolve(implementation, lhs.dtype, None, tiling, interpret, consumers,
@@ -161,15 +195,9 @@ def gmm_swiglu(lhs, w_gate, w_up, group_sizes, *, implementation: str = "auto", 
     if fused and problem:
         raise ValueError(f"fused=True cannot be honoured: {problem}")
     if fused is not False and problem is None:
-        if w_gate.dtype != lhs.dtype or w_up.dtype != lhs.dtype:
-            raise ValueError(f"lhs and weight dtypes differ: {lhs.dtype} vs {w_gate.dtype}, "
-                             f"{w_up.dtype}")
-        if w_gate.shape[1] != lhs.shape[1] or w_gate.shape[0] != group_sizes.shape[0]:
-            raise ValueError(f"w_gate {w_gate.shape} does not fit lhs {lhs.shape} and "
-                             f"{group_sizes.shape[0]} groups")
-        return _fused(lhs, w_gate, w_up, group_sizes, mosaic_kernels(cfg))
-    gate_up = api.gmm(lhs, jnp.concatenate([w_gate, w_up], axis=-1), group_sizes,
-                      implementation=implementation, tiling=tiling, interpret=interpret,
-                      consumers=consumers, preferred_element_type=lhs.dtype)
-    gate, up = jnp.split(gate_up, 2, axis=-1)
-    return swiglu(gate, up).astype(lhs.dtype)
+        return _fused(lhs, w_gate, w_up, w_down, group_sizes, mosaic_kernels(cfg))
+    kw = dict(implementation=implementation, tiling=tiling, interpret=interpret,
+              consumers=consumers, preferred_element_type=lhs.dtype)
+    gate, up = jnp.split(api.gmm(lhs, jnp.concatenate([w_gate, w_up], axis=-1), group_sizes,
+                                 **kw), 2, axis=-1)
+    return api.gmm(swiglu(gate, up).astype(lhs.dtype), w_down, group_sizes, **kw)

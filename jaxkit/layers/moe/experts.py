@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxkit.layers.moe.permute import bincount
 from jaxkit.quant.experts import LowBitExperts
-from pallas_kernels.grouped_matmul import gmm, gmm_swiglu
+from pallas_kernels.grouped_matmul import gmm, swiglu_ffn
 from pallas_kernels.grouped_matmul.swiglu import swiglu
 
 
@@ -36,18 +36,16 @@ def group_sizes(sorted_expert, num_experts: int):
     return bincount(sorted_expert, num_experts)
 
 
-def _ffn(x, w: ExpertWeights, mm, quant, gate_up):
-    """SwiGLU of x with matmul mm(a, b) -> a.dtype and gate_up(x, w_gate, w_up)
-    -> silu(x @ w_gate) * (x @ w_up) (float weights in x's dtype); quant (or
+def _ffn(x, w: ExpertWeights, mm, quant, float_ffn):
+    """SwiGLU of x with matmul mm(a, b) -> a.dtype, or float_ffn(x, w_gate,
+    w_up, w_down) for float weights (in x's dtype) without quant; quant (or
     None) is a jaxkit.quant.ExpertQuant applied to the weights and around
     each matmul."""
     cd = x.dtype
     if quant is None:
         if isinstance(w.gate, LowBitExperts):
-            h = swiglu(mm(x, w.gate), mm(x, w.up))
-        else:
-            h = gate_up(x, w.gate.astype(cd), w.up.astype(cd))
-        return mm(h.astype(cd), w.down)
+            return mm(swiglu(mm(x, w.gate), mm(x, w.up)).astype(cd), w.down)
+        return float_ffn(x, *(m.astype(cd) for m in w))
     w = quant.weights(w)
     qmm = lambda a, b: quant.outputs(mm(a, b))
     x = quant.inputs(x).astype(cd)
@@ -60,8 +58,8 @@ def grouped_ffn(rows, sizes, w: ExpertWeights, *, implementation: str, quant=Non
     """rows [M, D] grouped by expert (sizes [E]) -> [M, D] in rows.dtype; rows
     past sum(sizes) are padding and come out zero. consumers: the float
     grouped matmuls' (pallas_kernels.grouped_matmul.gmm); fuse_swiglu: the
-    SwiGLU in the first grouped matmul's epilogue where its kernel offers
-    one (gmm_swiglu)."""
+    SwiGLU and its gradient in the grouped matmuls' epilogues where the
+    kernels offer them (swiglu_ffn)."""
     def mm(a, b):
         if isinstance(b, LowBitExperts):  # the quantised kernels give float32
             if consumers != 1:
@@ -71,10 +69,10 @@ def grouped_ffn(rows, sizes, w: ExpertWeights, *, implementation: str, quant=Non
         return gmm(a, b.astype(a.dtype), sizes, implementation=implementation,
                    preferred_element_type=a.dtype, consumers=consumers)
 
-    def gate_up(x, w_gate, w_up):
-        return gmm_swiglu(x, w_gate, w_up, sizes, implementation=implementation,
+    def float_ffn(x, w_gate, w_up, w_down):
+        return swiglu_ffn(x, w_gate, w_up, w_down, sizes, implementation=implementation,
                           consumers=consumers, fused=None if fuse_swiglu else False)
-    return _ffn(rows, w, mm, quant, gate_up)
+    return _ffn(rows, w, mm, quant, float_ffn)
 
 
 def batched_ffn(x_e, w: ExpertWeights, *, quant=None):
@@ -84,11 +82,12 @@ def batched_ffn(x_e, w: ExpertWeights, *, quant=None):
             b = b.dequantize()
         return jnp.einsum("ecd,edh->ech", a, b.astype(a.dtype), preferred_element_type=a.dtype)
 
-    def gate_up(x, w_gate, w_up):
+    def float_ffn(x, w_gate, w_up, w_down):
         # One matmul for gate and up: reads the rows once, and its backward
         # yields dx in one product instead of a sum of two.
-        return swiglu(*jnp.split(mm(x, jnp.concatenate([w_gate, w_up], axis=-1)), 2, axis=-1))
-    return _ffn(x_e, w, mm, quant, gate_up)
+        gate, up = jnp.split(mm(x, jnp.concatenate([w_gate, w_up], axis=-1)), 2, axis=-1)
+        return mm(swiglu(gate, up).astype(x.dtype), w_down)
+    return _ffn(x_e, w, mm, quant, float_ffn)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -254,14 +254,14 @@ def test_bf16_dropless_close_to_float32():
 # ------------------------------------------------------------ two consumers
 
 def test_gmm_consumers_reach_every_grouped_matmul(monkeypatch):
-    """model.moe.gmm_consumers goes to the gate|up (gmm_swiglu) and down grouped matmuls
+    """model.moe.gmm_consumers goes to the experts' grouped matmuls (swiglu_ffn)
     (the kernels themselves are tested in pallas_kernels); the config
     refuses it where no Mosaic GPU grouped matmul runs."""
     from jaxkit.config import load_config
     from jaxkit.layers.moe import experts as experts_module
 
     seen = []
-    for name in ("gmm", "gmm_swiglu"):
+    for name in ("gmm", "swiglu_ffn"):
         def recording(*args, consumers=1, _original=getattr(experts_module, name), **kwargs):
             seen.append(consumers)  # the 'xla' reference takes no consumers
             return _original(*args, **kwargs)
@@ -272,7 +272,7 @@ def test_gmm_consumers_reach_every_grouped_matmul(monkeypatch):
                                                                          (E, H, D)])))
     rows = jax.random.normal(keys[3], (10, D))
     LocalExperts(w, "xla", consumers=2).grouped(rows, jnp.array([0, 0, 1, 1, 1, 2, 2, 2, 2, 3]))
-    assert seen == [2, 2]
+    assert seen == [2]
     with pytest.raises(ValueError, match="gmm_consumers=2 splits the Mosaic GPU grouped matmuls"):
         load_config(None, ["model.moe.num_experts=4", "model.moe.gmm_consumers=2",
                            "model.moe.gmm_implementation=ragged_dot"])
@@ -282,16 +282,16 @@ def test_gmm_consumers_reach_every_grouped_matmul(monkeypatch):
 
 
 @pytest.mark.parametrize("fuse, fused", [(True, None), (False, False)])
-def test_fuse_swiglu_reaches_the_gate_up_grouped_matmul(monkeypatch, fuse, fused):
-    """model.moe.fuse_swiglu: None lets gmm_swiglu fuse where its kernel can,
+def test_fuse_swiglu_reaches_the_experts_grouped_matmuls(monkeypatch, fuse, fused):
+    """model.moe.fuse_swiglu: None lets swiglu_ffn fuse where its kernels can,
     False keeps XLA's SwiGLU."""
     from jaxkit.layers.moe import experts as experts_module
-    seen, original = [], experts_module.gmm_swiglu
+    seen, original = [], experts_module.swiglu_ffn
 
     def recording(*args, **kwargs):
         seen.append(kwargs["fused"])
         return original(*args, **kwargs)
-    monkeypatch.setattr(experts_module, "gmm_swiglu", recording)
+    monkeypatch.setattr(experts_module, "swiglu_ffn", recording)
     keys = jax.random.split(jax.random.key(1), 4)
     w = ExpertWeights(*(jax.random.normal(k, s) for k, s in zip(keys, [(2, 8, 5), (2, 8, 5),
                                                                          (2, 5, 8)])))

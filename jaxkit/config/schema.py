@@ -106,9 +106,9 @@ class MoEConfig:
                                 "blockspec"] = "auto"
     # 2: the Hopper grouped matmuls with two consumer warpgroups (Mosaic GPU only)
     gmm_consumers: int = ranged(1, "[1, 2]")
-    # the SwiGLU in the first grouped matmul's epilogue where the kernel has
-    # one (Mosaic GPU, gmm_consumers 2): no pass over the [rows, 2 x hidden]
-    # projections (pallas_kernels.grouped_matmul.gmm_swiglu)
+    # the SwiGLU and its gradient in the grouped matmuls' epilogues where the
+    # kernels have them (Mosaic GPU, gmm_consumers 2): no pass of their own
+    # over the [rows, 2 x hidden] projections (grouped_matmul.swiglu_ffn)
     fuse_swiglu: bool = True
     # the row gathers between token and expert order (pallas_kernels.row_gather;
     # 'auto': XLA's until a GPU benchmark shows the kernel faster)

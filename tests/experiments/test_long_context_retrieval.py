@@ -31,12 +31,12 @@ def test_gpu_sweep_pretrains_then_chains_each_arm_over_the_lengths(gpu):
     runs = dict(zip((r.label for r in sweep.runs), configs))
     dirs = {r.label: r.run_dir for r in sweep.runs}
     order = list(dirs)
-    stages = ["pairs8", "pairs32", "pairs128"]
-    assert order[:3] == stages and runs["pairs8"].train.init_from is None
+    stages = ["pairs8", "pairs16", "pairs32", "pairs128"]
+    assert order[:4] == stages and runs["pairs8"].train.init_from is None
     for previous, stage in zip(stages, stages[1:]):
         assert Path(runs[stage].train.init_from) == dirs[previous]
-    assert [runs[s].data.mqar_num_kv_pairs for s in stages] == [8, 32, 128]
-    assert [runs[s].data.seq_len for s in stages] == [128, 512, 2048]
+    assert [runs[s].data.mqar_num_kv_pairs for s in stages] == [8, 16, 32, 128]
+    assert [runs[s].data.seq_len for s in stages] == [128, 256, 512, 2048]
     assert all(runs[s].model.attention.sparse.policy == "none" for s in stages)
     sources = {}
     for arm in ("dense", "local", "infllm_k32", "proxy_k32"):

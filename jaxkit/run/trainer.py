@@ -223,7 +223,8 @@ class Trainer:
             for i in range(steps):
                 metrics = self.run_step(step_fn, step + i)
             jax.block_until_ready(metrics)
-        result = profiling.breakdown(profiling.read_trace(trace_dir), steps)
+        result = profiling.breakdown(profiling.read_trace(trace_dir), steps,
+                                     profiling.hlo_op_names(step_fn.as_text()))
         (self.run_dir / "profile.json").write_text(json.dumps(result, indent=1))
         return result
 

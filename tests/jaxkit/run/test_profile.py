@@ -1,6 +1,9 @@
 """The profile breakdown: device kernels by category, host/idle time as the
 rest of the steps' wall time."""
-from jaxkit.run.profile import breakdown, classify, format_table
+import jax
+import jax.numpy as jnp
+
+from jaxkit.run.profile import breakdown, classify, format_table, hlo_op_names
 
 
 def _event(name, dur_us, pid=1, ts=0, **args):
@@ -33,6 +36,28 @@ def test_classify_uses_scope_names():
     assert classify(_event("fusion_12", 1, long_name="jit(step)/moe_dispatch/gather")) == \
         "moe routing/dispatch"
     assert classify(_event("body_gmm_kernel", 1)) == "moe grouped matmul"
+
+
+def test_fusion_kernels_are_attributed_by_the_compiled_module():
+    """GPU kernels named after their fusion ('.' as '_') take the JAX op of
+    that fusion from the module's text, scope included."""
+    def step(x, w):
+        with jax.named_scope("optimizer"):
+            return jnp.tanh(x @ w).astype(jnp.bfloat16).sum(0)
+    text = jax.jit(step).lower(jnp.ones((8, 4)), jnp.ones((4, 2))).compile().as_text()
+    ops = hlo_op_names(text)
+    assert ops and all("optimizer" in op for op in ops.values())
+    hlo = ('  %loop_convert_fusion.15 = f32[8]{0} fusion(%p), kind=kLoop, calls=%c, '
+           'metadata={op_name="jit(train_step)/optimizer/convert_element_type"}')
+    trace = {"traceEvents": [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        _event("loop_convert_fusion_15", 2000), _event("loop_add_fusion_2", 1000, ts=2000)]}
+    out = breakdown(trace, steps=1, op_names=hlo_op_names(hlo))
+    assert out["per_step_ms"]["optimizer update"] == 2.0
+    assert out["per_step_ms"]["elementwise/other"] == 1.0
+    assert out["kernel_ops"] == {
+        "loop_convert_fusion_15": "jit(train_step)/optimizer/convert_element_type"}
+    assert "optimizer/convert_element_type" in format_table(out)
 
 
 def test_no_mfu_without_a_known_peak():

@@ -83,7 +83,7 @@ def _reshard(x, spec, mesh):
 
 
 def sharded_moe(body, x, router_kernel, bias, shift, weights: ExpertWeights, *, mesh, rules,
-                implementation, quant=None, consumers=1, fuse_swiglu=True):
+                implementation, quant=None, consumers=1, fuse_swiglu=False):
     """Runs body(x2d, router_kernel, bias, shift, experts) -> (y2d, RoutingStats)
     per device inside shard_map; returns (y [B, S, D] float32, summed stats).
     bias and shift: replicated per-expert arrays, or None.

@@ -54,7 +54,7 @@ def _ffn(x, w: ExpertWeights, mm, quant, float_ffn):
 
 
 def grouped_ffn(rows, sizes, w: ExpertWeights, *, implementation: str, quant=None,
-                consumers: int = 1, fuse_swiglu: bool = True):
+                consumers: int = 1, fuse_swiglu: bool = False):
     """rows [M, D] grouped by expert (sizes [E]) -> [M, D] in rows.dtype; rows
     past sum(sizes) are padding and come out zero. consumers: the float
     grouped matmuls' (pallas_kernels.grouped_matmul.gmm); fuse_swiglu: the
@@ -98,7 +98,7 @@ class LocalExperts:
     implementation: str
     quant: object = None  # jaxkit.quant.ExpertQuant, or None
     consumers: int = 1  # the grouped matmuls' warpgroups (model.moe.gmm_consumers)
-    fuse_swiglu: bool = True  # model.moe.fuse_swiglu
+    fuse_swiglu: bool = False  # model.moe.fuse_swiglu
 
     @property
     def num_experts(self) -> int:

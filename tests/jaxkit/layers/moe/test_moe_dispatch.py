@@ -283,8 +283,8 @@ def test_gmm_consumers_reach_every_grouped_matmul(monkeypatch):
 
 @pytest.mark.parametrize("fuse, fused", [(True, None), (False, False)])
 def test_fuse_swiglu_reaches_the_experts_grouped_matmuls(monkeypatch, fuse, fused):
-    """model.moe.fuse_swiglu: None lets swiglu_ffn fuse where its kernels can,
-    False keeps XLA's SwiGLU."""
+    """model.moe.fuse_swiglu: true lets swiglu_ffn fuse (fused=None) where its
+    kernels can; false, the default, keeps XLA's SwiGLU."""
     from jaxkit.layers.moe import experts as experts_module
     seen, original = [], experts_module.swiglu_ffn
 

@@ -90,6 +90,7 @@ def main(argv=None):
     table = markdown(results, args.measured)
     print(table, end="")
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.table.md").write_text(table)
 

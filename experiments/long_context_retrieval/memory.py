@@ -73,12 +73,13 @@ def table(S: int, gib: float) -> str:
              "| --- | ---: | --- | --- | ---: | --- |"]
     for name, over in MODELS.items():
         m = dataclasses.replace(ModelConfig(), **over)
+        millions = param_count(m) / 1e6
+        params = f"{millions:.{0 if millions >= 10 else 2}f}M"
         for mixer in MIXERS:
             for remat in ("none", "full"):
                 total = sum(estimate(m, S, mixer, remat).values()) / GIB
                 fits = "yes" if total < 0.9 * gib else "no"  # 10% for XLA's own buffers
-                lines.append(f"| {name} | {param_count(m) / 1e6:.{0 if param_count(m) >= 1e7 else 2}f}M | {mixer} | {remat} | "
-                             f"{total:.1f} | {fits} |")
+                lines.append(f"| {name} | {params} | {mixer} | {remat} | {total:.1f} | {fits} |")
     return "\n".join(lines) + "\n"
 
 

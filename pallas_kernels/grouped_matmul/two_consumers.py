@@ -166,15 +166,20 @@ def stage(tile, acc, h_tile=None):
     plgpu.commit_smem()
 
 
+def _sigmoid(x):
+    """0.5 + 0.5 tanh(x / 2): one transcendental and no division in an
+    epilogue."""
+    return 0.5 + 0.5 * jnp.tanh(0.5 * x)
+
+
 def swiglu_halves(gate_up):
     """silu(gate) * up in float32 of a [rows, 2b] tile whose first b columns
     are the gate's and last b the up projection's (the rounded outputs the
-    backward reads). The sigmoid as 0.5 + 0.5 tanh(x / 2): one transcendental
-    and no division in the kernel's epilogue."""
+    backward reads)."""
     half = gate_up.shape[1] // 2
     gate = gate_up[:, :half].astype(jnp.float32)
     up = gate_up[:, half:].astype(jnp.float32)
-    return gate * (0.5 + 0.5 * jnp.tanh(0.5 * gate)) * up
+    return gate * _sigmoid(gate) * up
 
 
 def swiglu_grad_into(tiles, dh):
@@ -183,7 +188,7 @@ def swiglu_grad_into(tiles, dh):
     (gate, up), written back over them."""
     gate = tiles.at[0][...].astype(jnp.float32)
     up = tiles.at[1][...].astype(jnp.float32)
-    sig = 0.5 + 0.5 * jnp.tanh(0.5 * gate)
+    sig = _sigmoid(gate)
     dh_sig = dh * sig
     tiles.at[0][...] = (dh_sig * up * (1 + gate * (1 - sig))).astype(tiles.dtype)
     tiles.at[1][...] = (dh_sig * gate).astype(tiles.dtype)

@@ -55,11 +55,12 @@ class Checkpointer:
         by an earlier run (possibly damaged) is replaced."""
         if step in self._saved:
             return
-        if self.cfg.keep_last == 1:
-            # This save's retention removes the step whose checksums may still be
-            # being written: finish those first.
-            self._wait_hashing()
         self._finish_pending()
+        # Once this save commits, retention deletes the oldest kept step: its
+        # checksums must be on disk before then (hashing a directory being
+        # deleted fails). With keep_last 1 that is the step just handed to the
+        # hasher; otherwise an older one.
+        self._wait_hashing(spare_newest=self.cfg.keep_last != 1)
         if step in self.manager.all_steps():
             self.manager.delete(step)
         self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
@@ -86,12 +87,14 @@ class Checkpointer:
             if step_dir.is_dir():  # not yet removed by the retention policy
                 write_checksums(step_dir)
 
-    def _wait_hashing(self) -> None:
-        """Waits for the checksums being written; a failure to write them is
-        raised here, in the training loop's thread."""
-        for job in self._hashing:
+    def _wait_hashing(self, spare_newest: bool = False) -> None:
+        """Waits for the checksums being written (all but the newest job with
+        spare_newest); a failure to write them is raised here, in the training
+        loop's thread."""
+        waited = self._hashing[:-1] if spare_newest else self._hashing
+        for job in waited:
             job.result()
-        self._hashing.clear()
+        self._hashing = self._hashing[len(waited):]
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -151,3 +151,31 @@ def test_checksums_are_written_in_the_background(tmp_path, monkeypatch):
     ckpt.close()
     for step in (1, 2):
         assert (tmp_path / str(step) / "checksums.json").is_file()
+
+
+@pytest.mark.parametrize("keep_last", [1, 2])
+def test_retention_never_deletes_a_step_while_its_checksums_are_written(tmp_path, monkeypatch,
+                                                                        keep_last):
+    """Checksums slower than a save: the step a later save's retention removes
+    has its checksums written first, so hashing never meets a vanishing file."""
+    import time
+
+    from jaxkit.checkpoint import manager
+    real = manager.write_checksums
+
+    def slow_write(step_dir):
+        files = sorted(p for p in step_dir.rglob("*") if p.is_file())
+        time.sleep(0.3)  # the next save commits (and applies retention) meanwhile
+        assert all(p.is_file() for p in files), f"{step_dir} deleted while hashed"
+        real(step_dir)
+    monkeypatch.setattr(manager, "write_checksums", slow_write)
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(every=1, keep_last=keep_last))
+    state = {"w": jnp.arange(6.0)}
+    for step in range(1, 6):
+        ckpt.save(step, state)
+        time.sleep(0.1)
+    ckpt.close()
+    ckpt = Checkpointer(tmp_path, CheckpointConfig())
+    assert ckpt.manager.all_steps() == list(range(6 - keep_last, 6))
+    assert ckpt.latest_verified_step() == 5
+    ckpt.close()

@@ -167,16 +167,6 @@ def _cases():
         "decode bf16 d128 block 128": _decode_case(1, 32, 8, 128, 4096, block_kv=128),
         "grouped matmul": _grouped_matmul_case(gmm_kernels),
         "grouped matmul two consumers": _grouped_matmul_case(two_consumers),
-        "grouped matmul two consumers swiglu": (
-            lambda lhs, rhs, sizes: two_consumers.gmm(lhs, rhs, sizes, out_dtype=jnp.bfloat16,
-                                                      swiglu=True),
-            (jnp.ones((300, 200), jnp.bfloat16), jnp.ones((4, 200, 512), jnp.bfloat16),
-             jnp.asarray([100, 0, 150, 20], jnp.int32))),
-        "grouped matmul two consumers swiglu gradient": (
-            lambda dout, w, sizes, gate_up: two_consumers.gmm(
-                dout, w, sizes, out_dtype=jnp.bfloat16, tiling=(128, 64, 128), gate_up=gate_up),
-            (jnp.ones((300, 200), jnp.bfloat16), jnp.ones((4, 200, 256), jnp.bfloat16),
-             jnp.asarray([100, 0, 150, 20], jnp.int32), jnp.ones((300, 512), jnp.bfloat16))),
         "block-sparse fwd q-head lists d128 causal": _block_sparse_case(
             300, 4, 2, 128, 4, 128, 128, causal=True),
         "block-sparse fwd kv-head lists d64 segments": _block_sparse_case(

@@ -106,11 +106,6 @@ class MoEConfig:
                                 "blockspec"] = "auto"
     # 2: the Hopper grouped matmuls with two consumer warpgroups (Mosaic GPU only)
     gmm_consumers: int = ranged(1, "[1, 2]")
-    # the SwiGLU and its gradient in the grouped matmuls' epilogues where the
-    # kernels have them (Mosaic GPU, gmm_consumers 2): no pass of their own
-    # over the [rows, 2 x hidden] projections (grouped_matmul.swiglu_ffn);
-    # off until the compiled kernels are checked and timed on a GPU
-    fuse_swiglu: bool = False
     # the row gathers between token and expert order (pallas_kernels.row_gather;
     # 'auto': XLA's until a GPU benchmark shows the kernel faster)
     permute_implementation: Literal["auto", "xla", "pallas", "blockspec"] = "auto"

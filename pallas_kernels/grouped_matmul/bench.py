@@ -2,7 +2,6 @@
 
     python -m pallas_kernels.grouped_matmul.bench [--json PATH] [--tune]
     python -m pallas_kernels.grouped_matmul.bench --consumers [--json PATH]
-    python -m pallas_kernels.grouped_matmul.bench --swiglu [--json PATH]
 
 Problem (an MoE expert layer): T=16384 tokens routed top_k=2, so M = T*top_k
 = 32768 rows, K = d_model = 2048, N = expert hidden = 1408, G = 64 experts.
@@ -26,13 +25,6 @@ two-consumer kernels (two_consumers.py) at TUNE_TWO_CONSUMERS; gmm
 forward+backward through the API with consumers=1 and 2; and the dense
 batched einsum of the same FLOPs (forward, and forward+backward). The
 two-consumer kernels are checked first like the implementations above.
-
---swiglu: swiglu_ffn (gate+up, SwiGLU, down) at moe_1b's expert shapes and
-48 x 1024 tokens (M = 196608 rows, G = 32, D = 1024, H = 640), consumers=2:
-the SwiGLU and its gradient in the kernels' epilogues (fused, the first
-kernel at SWIGLU_TILINGS) against the grouped matmuls with XLA's SwiGLU
-between them (unfused), forward alone and forward+backward, each checked
-against the reference first.
 """
 from __future__ import annotations
 
@@ -46,7 +38,6 @@ import numpy as np
 from pallas_kernels.benchmarking import rel_err, time_fn, write_rows
 from pallas_kernels.grouped_matmul import mosaic_gpu, two_consumers
 from pallas_kernels.grouped_matmul.api import gmm
-from pallas_kernels.grouped_matmul.swiglu import swiglu_ffn, swiglu_ffn_reference
 from pallas_kernels.grouped_matmul.reference import gmm_flops, gmm_reference
 
 TOKENS, TOP_K, D_MODEL, D_EXPERT, EXPERTS = 16384, 2, 2048, 1408, 64
@@ -57,8 +48,6 @@ MOE_1B = dict(m=32768 * 4, g=32, alpha=4.0, shapes=(("gate_up", 1024, 1280), ("d
 TUNE_TWO_CONSUMERS = {"gmm": [(128, 64, 256), (256, 64, 128), (128, 128, 128)],
                       "tgmm": [(64, 128, 256), (64, 256, 128), (128, 128, 128)]}
 KERNELS = ("gmm", "gmm_dlhs", "tgmm")
-SWIGLU = dict(m=49152 * 4, g=32, alpha=4.0, k=1024, h=640)
-SWIGLU_TILINGS = ((128, 64, 256), (128, 64, 128), (128, 128, 128), (256, 64, 128))
 DTYPE = jnp.bfloat16
 
 
@@ -205,86 +194,15 @@ def compare_consumers(json_path):
                   f"{str(r.get('tiling', '')):16s} {result}")
 
 
-def swiglu_fn(fused, tiling, backward):
-    """swiglu_ffn (consumers=2) forward, or forward and its four gradients."""
-    def f(lhs, wg, wu, wd, sizes, cot):
-        call = lambda *w: swiglu_ffn(*w, sizes, implementation="mosaic_gpu", consumers=2,
-                                     tiling=tiling, fused=fused)
-        if not backward:
-            return call(lhs, wg, wu, wd)
-        out, vjp = jax.vjp(call, lhs, wg, wu, wd)
-        return (out, *vjp(cot))
-    return jax.jit(f)
-
-
-def swiglu_inputs(m, k, h, g, seed):
-    """lhs [M, K], w_gate and w_up [G, K, H], w_down [G, H, K], the cotangent [M, K]."""
-    lhs, w, cot = inputs(m, k, 2 * h, g, seed)
-    down = (jax.random.normal(jax.random.key(seed + 1), (g, h, k), jnp.float32)
-            / np.sqrt(h)).astype(DTYPE)
-    return (lhs, *jnp.split(w, 2, axis=-1), down, cot[:, :k])
-
-
-def compare_swiglu(json_path):
-    """--swiglu (see the module docstring)."""
-    m, g, k, h = (SWIGLU[key] for key in ("m", "g", "k", "h"))
-    variants = [("unfused", False, None)] + [("fused", True, t) for t in SWIGLU_TILINGS]
-    rows, ok = [], {}
-    lhs, wg, wu, wd, cot = swiglu_inputs(2048, 256, 256, 4, seed=1)
-    sizes = jnp.asarray([700, 0, 900, 348], jnp.int32)
-    up = lambda x: x.astype(jnp.float32)
-    want, vjp = jax.vjp(lambda *w: swiglu_ffn_reference(*w, sizes), *map(up, (lhs, wg, wu, wd)))
-    want = (want, *vjp(up(cot)))
-    for label, fused, tiling in variants:
-        try:
-            got = swiglu_fn(fused, tiling, True)(lhs, wg, wu, wd, sizes, cot)
-            err = max(rel_err(a, b) for a, b in zip(got, want))
-            ok[label, tiling] = err < 2e-2
-            rows.append(dict(kind="check", variant=label, tiling=tiling, rel_err=err))
-        except Exception:
-            ok[label, tiling] = False
-            rows.append(dict(kind="check", variant=label, tiling=tiling,
-                             error=traceback.format_exc()[-400:]))
-        print(rows[-1], flush=True)
-    lhs, wg, wu, wd, cot = swiglu_inputs(m, k, h, g, seed=0)
-    sizes = group_sizes(m, g, SWIGLU["alpha"])
-    flops = 3 * gmm_flops(m, k, h)  # gate, up and down
-    for backward in (False, True):
-        for label, fused, tiling in variants:
-            if ok[label, tiling]:
-                rows.append(timed(dict(kind="swiglu", variant=label, tiling=tiling,
-                                       pass_="fwd+bwd" if backward else "fwd"),
-                                  3 * flops if backward else flops,
-                                  swiglu_fn(fused, tiling, backward), lhs, wg, wu, wd, sizes,
-                                  cot))
-    header = (f"{jax.devices()[0].device_kind}, jax {jax.__version__}, bf16, swiglu_ffn "
-              f"consumers=2, M={m}, G={g}, D={k}, H={h}, Dirichlet({SWIGLU['alpha']}) group "
-              f"sizes; TFLOP/s = 3*2*M*D*H (3x that forward+backward)")
-    if json_path:
-        write_rows(json_path, header, rows)
-    print("\n" + header)
-    print(f"{'pass':8s} {'variant':9s} {'tiling':16s} {'ms':>8s} {'TFLOP/s':>8s}")
-    for r in rows:
-        if r["kind"] == "swiglu":
-            result = (f"{r['ms']:8.3f} {r['tflops']:8.1f}" if "ms" in r
-                      else f"failed: {r['error'][:60]}")
-            print(f"{r['pass_']:8s} {r['variant']:9s} {str(r['tiling']):16s} {result}")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="write results here")
     parser.add_argument("--tune", action="store_true", help="also time each kernel per tiling")
     parser.add_argument("--consumers", action="store_true",
                         help="only compare the one- and two-consumer kernels at moe_1b's shapes")
-    parser.add_argument("--swiglu", action="store_true",
-                        help="only compare swiglu_ffn fused and unfused at moe_1b's experts")
     args = parser.parse_args()
     if args.consumers:
         compare_consumers(args.json)
-        return
-    if args.swiglu:
-        compare_swiglu(args.json)
         return
     m, k, n, g = TOKENS * TOP_K, D_MODEL, D_EXPERT, EXPERTS
     flops = 3 * gmm_flops(m, k, n)

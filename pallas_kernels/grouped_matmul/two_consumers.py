@@ -154,92 +154,32 @@ def release(ready, free, depth, t, steps):
         plgpu.barrier_arrive(free.at[slot])
 
 
-def stage(tile, acc, h_tile=None):
+def stage(tile, acc):
     """acc into this consumer's staging tile, once its previous stores have
-    read the tile; with ``h_tile``, also the SwiGLU of acc's two column halves
-    (gate | up) into it."""
+    read the tile."""
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    out = acc.astype(tile.dtype)
-    tile[...] = out
-    if h_tile is not None:
-        h_tile[...] = swiglu_halves(out).astype(h_tile.dtype)
+    tile[...] = acc.astype(tile.dtype)
     plgpu.commit_smem()
 
 
-def _sigmoid(x):
-    """0.5 + 0.5 tanh(x / 2): one transcendental and no division in an
-    epilogue."""
-    return 0.5 + 0.5 * jnp.tanh(0.5 * x)
-
-
-def swiglu_halves(gate_up):
-    """silu(gate) * up in float32 of a [rows, 2b] tile whose first b columns
-    are the gate's and last b the up projection's (the rounded outputs the
-    backward reads)."""
-    half = gate_up.shape[1] // 2
-    gate = gate_up[:, :half].astype(jnp.float32)
-    up = gate_up[:, half:].astype(jnp.float32)
-    return gate * _sigmoid(gate) * up
-
-
-def swiglu_grad_into(tiles, dh):
-    """The SwiGLU's gradient with respect to its projections, from dh
-    [rows, b] (float32) and the gate's and up's [rows, b] tiles ``tiles``
-    (gate, up), written back over them."""
-    gate = tiles.at[0][...].astype(jnp.float32)
-    up = tiles.at[1][...].astype(jnp.float32)
-    sig = _sigmoid(gate)
-    dh_sig = dh * sig
-    tiles.at[0][...] = (dh_sig * up * (1 + gate * (1 - sig))).astype(tiles.dtype)
-    tiles.at[1][...] = (dh_sig * gate).astype(tiles.dtype)
-
-
 def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT_TILING,
-        interpret=False, swiglu=False, gate_up=None):
-    """lhs [M, K] x rhs [G, K, N] (or [G, N, K] with transpose_rhs) -> [M, N].
-
-    The two epilogues of a SwiGLU feed-forward, whose gate and up projections
-    are interleaved in blocks of b columns (``swiglu.interleave``):
-    swiglu: rhs's columns are the gate's and up's, b = tn // 2, and the
-    kernel returns (out, h): out as without it, and h [M, N // 2] =
-    silu(gate) * up of out's rounded blocks (no pass over out in memory).
-    gate_up [M, 2N] (those projections, b = tn): the product is dh, the
-    gradient of h, and the kernel returns the SwiGLU's gradient with respect
-    to gate_up, [M, 2N] in that layout, from dh rounded to out_dtype (no dh
-    in memory)."""
+        interpret=False):
     _check(lhs, rhs, tiling, "gmm", out_dtype)
     m, n = lhs.shape[0], rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    tm, tk, tn = tiling
-    grad = gate_up is not None
-    if (swiglu or grad) and n % tn:
-        raise ValueError(f"a SwiGLU epilogue needs N a multiple of the column tile {tn}; got "
-                         f"rhs {rhs.shape} (transpose_rhs={transpose_rhs})")
-    if swiglu and grad:
-        raise ValueError("swiglu and gate_up are two different epilogues; give one")
-    if grad and gate_up.shape != (m, 2 * n):
-        raise ValueError(f"gate_up must be [M, 2N] = {(m, 2 * n)}; got {gate_up.shape}")
     lhs, rhs = mosaic_gpu.aligned(lhs), mosaic_gpu.aligned(rhs)
     (m_pad, k), g = lhs.shape, rhs.shape[0]
     n_pad = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    rows, half = tm // CONSUMERS, tn // 2
-    out_bytes = jnp.dtype(out_dtype).itemsize
-    # swiglu: h's staging tiles; gate_up: the staging tiles are twice as wide
-    extra_bytes = tm * half * out_bytes if swiglu else tm * tn * out_bytes if grad else 0
-    depth = mosaic_gpu.stages(tiling, out_bytes, SMEM_BYTES - extra_bytes)
+    tm, tk, tn = tiling
+    rows = tm // CONSUMERS
+    depth = mosaic_gpu.stages(tiling, jnp.dtype(out_dtype).itemsize, SMEM_BYTES)
     n_tiles, k_tiles = pl.cdiv(n_pad, tn), pl.cdiv(k, tk)
     items = num_steps(m_pad, tm, g + 1) * n_tiles
     n_programs = mosaic_gpu.programs(interpret)
     sched = make_schedule(group_sizes, m_pad, tm, zero_tail=True)
 
     def grouped_matmul(group_ref, tile_ref, lo_ref, hi_ref, first_ref, lhs_ref, rhs_ref,
-                       *refs):
+                       out_ref, lhs_smem, rhs_smem, out_smem, ready, free):
         del first_ref  # each step stores only its own rows
-        if swiglu:
-            out_ref, h_ref, lhs_smem, rhs_smem, out_smem, h_smem, ready, free = refs
-        elif grad:
-            gate_up_ref, out_ref, lhs_smem, rhs_smem, out_smem, ready, free, loaded = refs
-        else:
-            out_ref, lhs_smem, rhs_smem, out_smem, ready, free = refs
         sm, wg = lax.axis_index("sm"), lax.axis_index("wg")
         my_items = (items - 1 - sm) // n_programs + 1  # items sm, sm + n_programs, ...
 
@@ -291,31 +231,9 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT
 
                     # The zero tail (no steps) stores the untouched zero accumulator.
                     mine = out_smem.at[wg]
-                    if grad:
-                        # The projections' tiles come into the staging tiles
-                        # while the product runs; their gradient leaves from them.
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        for half_ in range(2):
-                            plgpu.copy_gmem_to_smem(gate_up_ref.at[
-                                pl.ds(row0, rows), pl.ds((2 * j + half_) * tn, tn)],
-                                mine.at[half_], loaded.at[wg])
-                        dh = consume(ready, free, depth, t, steps, (rows, tn), mma)
-                        plgpu.barrier_wait(loaded.at[wg])
-                        swiglu_grad_into(mine, dh.astype(out_dtype).astype(jnp.float32))
-                        plgpu.commit_smem()
-                        for half_ in range(2):
-                            mosaic_gpu.store_rows(mine.at[half_], lambda offset, r: out_ref.at[
-                                pl.ds(row0 + offset, r), pl.ds((2 * j + half_) * tn, tn)],
-                                my_lo, my_hi, my_lo, rows)
-                        return
-                    my_h = h_smem.at[wg] if swiglu else None
-                    stage(mine, consume(ready, free, depth, t, steps, (rows, tn), mma), my_h)
+                    stage(mine, consume(ready, free, depth, t, steps, (rows, tn), mma))
                     mosaic_gpu.store_rows(mine, lambda offset, r: out_ref.at[
                         pl.ds(row0 + offset, r), pl.ds(j * tn, tn)], my_lo, my_hi, my_lo, rows)
-                    if swiglu:
-                        mosaic_gpu.store_rows(my_h, lambda offset, r: h_ref.at[
-                            pl.ds(row0 + offset, r), pl.ds(j * half, half)],
-                            my_lo, my_hi, my_lo, rows)
 
                 @pl.when(my_hi <= my_lo)
                 def _():  # the other consumer's rows hold all of the step's
@@ -326,25 +244,13 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT
             mc.wait_stores_before_exit()
 
     rhs_block = (tn, tk) if transpose_rhs else (tk, tn)
-    # gate_up: a gate and an up tile a consumer
-    staging = [plgpu.SMEM((CONSUMERS, 2, rows, tn) if grad else (CONSUMERS, rows, tn),
-                          out_dtype)]
-    out_type = [jax.ShapeDtypeStruct((m_pad, 2 * n_pad if grad else n_pad), out_dtype)]
-    if swiglu:
-        staging.append(plgpu.SMEM((CONSUMERS, rows, half), out_dtype))
-        out_type.append(jax.ShapeDtypeStruct((m_pad, n_pad // 2), out_dtype))
     scratch = [mc.swizzled_smem((depth, CONSUMERS, rows, tk), lhs.dtype),
                mc.swizzled_smem((depth, *rhs_block), rhs.dtype),
-               *staging, *_ring_barriers(depth)]
-    operands = [*sched, lhs, rhs]
-    if grad:  # each consumer's load of its projections' tile
-        scratch.append(plgpu.Barrier(num_arrivals=2, num_barriers=CONSUMERS))
-        operands.append(mosaic_gpu.aligned(gate_up.astype(out_dtype)))
-    outs = mosaic_gpu.launch(grouped_matmul, tuple(out_type), scratch, interpret,
-                             **THREADS)(*operands)
-    if swiglu:
-        return outs[0][:m, :n], outs[1][:m, :n // 2]
-    return outs[0][:m, :2 * n if grad else n]
+               plgpu.SMEM((CONSUMERS, rows, tn), out_dtype),
+               *_ring_barriers(depth)]
+    out = mosaic_gpu.launch(grouped_matmul, jax.ShapeDtypeStruct((m_pad, n_pad), out_dtype),
+                            scratch, interpret, **THREADS)(*sched, lhs, rhs)
+    return out[:m, :n]
 
 
 def tgmm(lhs, dout, group_sizes, *, out_dtype, tiling=DEFAULT_TGMM_TILING, interpret=False):

@@ -20,8 +20,7 @@ import jax.numpy as jnp
 
 from jaxkit.layers.moe.permute import bincount
 from jaxkit.quant.experts import LowBitExperts
-from pallas_kernels.grouped_matmul import gmm, swiglu_ffn
-from pallas_kernels.grouped_matmul.swiglu import swiglu
+from pallas_kernels.grouped_matmul import gmm
 
 
 class ExpertWeights(NamedTuple):
@@ -36,30 +35,36 @@ def group_sizes(sorted_expert, num_experts: int):
     return bincount(sorted_expert, num_experts)
 
 
-def _ffn(x, w: ExpertWeights, mm, quant, float_ffn):
-    """SwiGLU of x with matmul mm(a, b) -> a.dtype, or float_ffn(x, w_gate,
-    w_up, w_down) for float weights (in x's dtype) without quant; quant (or
-    None) is a jaxkit.quant.ExpertQuant applied to the weights and around
-    each matmul."""
+def _swiglu(gate, up):
+    f32 = lambda v: v.astype(jnp.float32)
+    return jax.nn.silu(f32(gate)) * f32(up)
+
+
+def _ffn(x, w: ExpertWeights, mm, quant):
+    """SwiGLU of x with matmul mm(a, b) -> a.dtype; quant (or None) is a
+    jaxkit.quant.ExpertQuant applied to the weights and around each matmul."""
     cd = x.dtype
     if quant is None:
         if isinstance(w.gate, LowBitExperts):
-            return mm(swiglu(mm(x, w.gate), mm(x, w.up)).astype(cd), w.down)
-        return float_ffn(x, *(m.astype(cd) for m in w))
+            gate, up = mm(x, w.gate), mm(x, w.up)
+        else:
+            # One matmul for gate and up: twice the columns per expert keeps the
+            # grouped matmul's tiles fuller, reads the rows once and its backward
+            # yields dx in one product instead of a sum of two.
+            gate, up = jnp.split(mm(x, jnp.concatenate([w.gate, w.up], axis=-1)), 2, axis=-1)
+        return mm(_swiglu(gate, up).astype(cd), w.down)
     w = quant.weights(w)
     qmm = lambda a, b: quant.outputs(mm(a, b))
     x = quant.inputs(x).astype(cd)
-    h = swiglu(qmm(x, w.gate), qmm(x, w.up))
+    h = _swiglu(qmm(x, w.gate), qmm(x, w.up))
     return qmm(quant.hidden(h).astype(cd), w.down)
 
 
 def grouped_ffn(rows, sizes, w: ExpertWeights, *, implementation: str, quant=None,
-                consumers: int = 1, fuse_swiglu: bool = False):
+                consumers: int = 1):
     """rows [M, D] grouped by expert (sizes [E]) -> [M, D] in rows.dtype; rows
     past sum(sizes) are padding and come out zero. consumers: the float
-    grouped matmuls' (pallas_kernels.grouped_matmul.gmm); fuse_swiglu: the
-    SwiGLU and its gradient in the grouped matmuls' epilogues where the
-    kernels offer them (swiglu_ffn)."""
+    grouped matmuls' (pallas_kernels.grouped_matmul.gmm)."""
     def mm(a, b):
         if isinstance(b, LowBitExperts):  # the quantised kernels give float32
             if consumers != 1:
@@ -68,11 +73,7 @@ def grouped_ffn(rows, sizes, w: ExpertWeights, *, implementation: str, quant=Non
             return b.grouped_matmul(a, sizes, implementation=implementation).astype(a.dtype)
         return gmm(a, b.astype(a.dtype), sizes, implementation=implementation,
                    preferred_element_type=a.dtype, consumers=consumers)
-
-    def float_ffn(x, w_gate, w_up, w_down):
-        return swiglu_ffn(x, w_gate, w_up, w_down, sizes, implementation=implementation,
-                          consumers=consumers, fused=None if fuse_swiglu else False)
-    return _ffn(rows, w, mm, quant, float_ffn)
+    return _ffn(rows, w, mm, quant)
 
 
 def batched_ffn(x_e, w: ExpertWeights, *, quant=None):
@@ -81,13 +82,7 @@ def batched_ffn(x_e, w: ExpertWeights, *, quant=None):
         if isinstance(b, LowBitExperts):  # no batched quantised kernel: whole stacks
             b = b.dequantize()
         return jnp.einsum("ecd,edh->ech", a, b.astype(a.dtype), preferred_element_type=a.dtype)
-
-    def float_ffn(x, w_gate, w_up, w_down):
-        # One matmul for gate and up: reads the rows once, and its backward
-        # yields dx in one product instead of a sum of two.
-        gate, up = jnp.split(mm(x, jnp.concatenate([w_gate, w_up], axis=-1)), 2, axis=-1)
-        return mm(swiglu(gate, up).astype(x.dtype), w_down)
-    return _ffn(x_e, w, mm, quant, float_ffn)
+    return _ffn(x_e, w, mm, quant)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +93,6 @@ class LocalExperts:
     implementation: str
     quant: object = None  # jaxkit.quant.ExpertQuant, or None
     consumers: int = 1  # the grouped matmuls' warpgroups (model.moe.gmm_consumers)
-    fuse_swiglu: bool = False  # model.moe.fuse_swiglu
 
     @property
     def num_experts(self) -> int:
@@ -108,8 +102,7 @@ class LocalExperts:
         """rows [M, D] sorted by expert id sorted_expert [M] -> [M, D] in rows.dtype."""
         sizes = group_sizes(sorted_expert, self.num_experts)
         return grouped_ffn(rows, sizes, self.weights, implementation=self.implementation,
-                           quant=self.quant, consumers=self.consumers,
-                           fuse_swiglu=self.fuse_swiglu)
+                           quant=self.quant, consumers=self.consumers)
 
     def buffered(self, x_e):
         """x_e [E, C, D] -> [E, C, D] in x_e.dtype."""

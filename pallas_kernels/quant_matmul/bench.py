@@ -321,7 +321,8 @@ def _int4_problem(K, N, weights, bw):
             entry[_timing(square, gpu)] = entry.pop("seconds")
             fn = dict(variants)[best[0]]
             if name == "int4_mosaic":
-                entry["split_k"] = 1 if best[0] == "default" else int(best[0][len("split"):])
+                entry["split_k"] = (int4_mosaic_gpu.default_split_k(M, N, K, INT4_GROUP)
+                                    if best[0] == "default" else int(best[0][len("split"):]))
                 if square:
                     entry["independent_seconds"] = rotated_time(fn, sets)
             if square and gpu:

@@ -87,6 +87,9 @@ def validate(cfg: Config) -> None:
     _require(o.mu_dtype == "float32" or o.name != "adafactor",
              f"optimizer.mu_dtype {o.mu_dtype!r} applies to adamw and lion; adafactor keeps no "
              "first moment")
+    _require(not o.master_weights or cfg.model.param_dtype != "float32",
+             "optimizer.master_weights keeps float32 copies of low-precision parameters; "
+             "model.param_dtype is 'float32': set it to 'bfloat16' or drop master_weights")
     _validate_sparsity(cfg)
     _validate_lora(cfg)
 

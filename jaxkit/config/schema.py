@@ -239,6 +239,10 @@ class OptimizerConfig:
     # the first moment's storage (adamw, lion); bfloat16 halves its bytes in
     # the update, which reads and writes every moment each step
     mu_dtype: Literal["float32", "bfloat16"] = "float32"
+    # float32 copies of bfloat16 parameters (model.param_dtype) in the
+    # optimizer state, updated in float32 and rounded into the parameters: the
+    # step reads bf16 weights and gradients without casting them each step
+    master_weights: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxkit.config import OptimizerConfig
+from jaxkit.train.master_weights import with_master_weights
 
 
 def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -50,4 +51,4 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
                               weight_decay_mask=_decay_mask)
     if cfg.clip_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
-    return opt
+    return with_master_weights(opt) if cfg.master_weights else opt

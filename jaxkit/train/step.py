@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 from jaxkit.train.loss import cross_entropy, linear_cross_entropy
+from jaxkit.train.master_weights import apply_update
 
 
 def model_on_batch(model, batch):
@@ -95,9 +96,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
     def step(state, batch):
         grads, model_state, loss, metrics, moe = gradients(state, batch)
         with jax.named_scope("optimizer"):  # so a profile can attribute the update's kernels
-            updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
-        grad_norm = optax.tree.norm(grads)
+            params, opt_state = apply_update(optimizer, grads, state["opt_state"], state["params"])
+        # in float32 whatever the gradients' dtype (bfloat16 with bfloat16 parameters)
+        grad_norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state["step"]),
                        moe=moe, finite=finite)

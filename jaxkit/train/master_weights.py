@@ -1,0 +1,51 @@
+"""Float32 master weights for low-precision parameters (optimizer.master_weights).
+
+The model's parameters are stored in bfloat16 (model.param_dtype), so its
+matmuls read them as they are and their gradients come back in bfloat16: no
+float32 -> bfloat16 cast of every weight in the forward and no widening of
+every weight gradient in the backward. The optimizer keeps float32 copies
+(the master weights) in its state and runs its inner transformation on
+them; after each update the parameters are the new master weights rounded
+to their dtype, so small updates accumulate in float32 instead of being
+rounded away against bfloat16 weights.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class MasterWeightsState(NamedTuple):
+    master: optax.Params  # float32 copies of the parameters
+    inner: optax.OptState  # the inner transformation's state, over the master weights
+
+
+def with_master_weights(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` run on float32 master copies of the parameters. Its updates
+    apply to the master weights (state.master already holds them applied);
+    `apply_update` gives the parameters that follow."""
+
+    def init(params):
+        master = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+        return MasterWeightsState(master, inner.init(master))
+
+    def update(grads, state, params=None):
+        del params  # the inner transformation sees the master weights
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        updates, inner_state = inner.update(grads, state.inner, state.master)
+        return updates, MasterWeightsState(optax.apply_updates(state.master, updates), inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def apply_update(optimizer: optax.GradientTransformation, grads, opt_state, params):
+    """(params, opt_state) after one step of `optimizer`: with master weights
+    the parameters are the new master weights rounded to their dtypes, else
+    params + updates."""
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    if isinstance(opt_state, MasterWeightsState):
+        return jax.tree.map(lambda m, p: m.astype(p.dtype), opt_state.master, params), opt_state
+    return optax.apply_updates(params, updates), opt_state

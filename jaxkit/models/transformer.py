@@ -234,7 +234,9 @@ class Transformer(nnx.Module):
         """tokens int [B, S] -> embeddings [B, S, d_model] in the compute dtype."""
         # Gathered whole along embed (the FSDP all-gather, as for any layer's weights);
         # vocab stays split over tensor for the lookup and the tied head.
-        table = constrain(self.embed[...], ("vocab", None))
+        # Looked up in float32 so that the gradient's scatter-add over repeated
+        # tokens sums in float32 when the table is stored in bfloat16.
+        table = constrain(self.embed[...], ("vocab", None)).astype(jnp.float32)
         return constrain(jnp.take(table, tokens, axis=0).astype(DTYPES[self.cfg.compute_dtype]),
                          RESIDUAL)
 

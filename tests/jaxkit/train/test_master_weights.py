@@ -3,7 +3,7 @@ copies in the optimizer state. The master weights follow AdamW on float32
 parameters; the parameters are exactly the master weights rounded; updates
 too small for bfloat16 still accumulate; a model trained so follows the
 float32-parameter model's loss curve; a resumed run equals a straight one
-bit for bit."""
+bit for bit; a bf16 embedding table's gradient sums in float32."""
 import shutil
 
 import jax
@@ -95,3 +95,24 @@ def test_resume_with_master_weights_is_exact(tmp_path):
     assert any(x.dtype == jnp.bfloat16 for x in leaves) and any(x.dtype == jnp.float32 for x in leaves)
     for g, w in zip(leaves, jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(g, w)
+
+
+def test_bf16_embedding_gradient_sums_repeated_tokens_in_float32():
+    """4096 lookups of one token, each with cotangent 1: summed in bf16 the
+    row's gradient would stall at 256 (bf16 cannot add 1 to 256); in float32
+    it is 4096."""
+    from flax import nnx
+
+    from jaxkit.config import ModelConfig
+    from jaxkit.models import Transformer
+    cfg = ModelConfig(vocab_size=16, d_model=8, num_layers=1, num_heads=2, mlp_hidden=16,
+                      max_seq_len=8, param_dtype="bfloat16", compute_dtype="bfloat16")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tokens = jnp.zeros((64, 64), jnp.int32)
+
+    def total(params):
+        return nnx.merge(graphdef, params, rest)._embed(tokens).astype(jnp.float32).sum()
+    grad = jax.grad(total)(params)["embed"][...]
+    assert grad.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(grad[0], np.float32), 4096.0)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from jaxkit.sweep import plots
+from jaxkit.sweep.parallel import run_parallel
 from jaxkit.sweep.plan import DEFAULT_METRICS, SweepError, load_sweep, resolve
 from jaxkit.sweep.report import MetricSpec, ReportError, find_runs, load_run, write_report
 from jaxkit.sweep.runner import plan_text, run_sweep, shell_commands, slurm_script
@@ -44,7 +45,14 @@ def cmd_sweep(args) -> None:
             plots.pyplot()  # the report needs it: say so before the runs, not after
         except plots.MissingMatplotlib as e:
             raise SystemExit(str(e)) from None
-    outcomes = run_sweep(sweep, configs, None if args.only is None else [args.only])
+    if args.devices is not None:
+        devices = [d.strip() for d in args.devices.split(",")]
+        if args.only is not None or not all(devices) or len(set(devices)) != len(devices):
+            raise SweepError(f"--devices {args.devices!r}: name distinct GPU ids, e.g. 0,1,2,3, "
+                             "and no --only")
+        outcomes = run_parallel(sweep, configs, devices)
+    else:
+        outcomes = run_sweep(sweep, configs, None if args.only is None else [args.only])
     finished = [o.run.run_dir for o in outcomes if o.status in ("done", "skipped")]
     failed = [o.run.name for o in outcomes if o.status == "failed"]
     stopped = any(o.status == "stopped" for o in outcomes)
@@ -71,8 +79,9 @@ def cmd_report(args) -> None:
 def add_sweep_commands(sub) -> None:
     """The `sweep` and `report` subcommands."""
     p = sub.add_parser("sweep", help="train the runs of a sweep file (a base config, a grid "
-                       "and sets of overrides, seeds) one after another, skipping finished "
-                       "ones and resuming partial ones; then tabulate and plot their results")
+                       "and sets of overrides, seeds) one after another (or one per GPU with "
+                       "--devices), skipping finished ones and resuming partial ones; then "
+                       "tabulate and plot their results")
     p.add_argument("sweep", help="sweep file (YAML; see jaxkit/sweep/plan.py)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true",
@@ -83,6 +92,10 @@ def add_sweep_commands(sub) -> None:
                       help="write a SLURM array script, one task per run (jaxkit sweep --only)")
     mode.add_argument("--only", type=int, metavar="INDEX",
                       help="run only the run numbered INDEX (as --dry-run lists them); no report")
+    p.add_argument("--devices", metavar="IDS",
+                   help="run side by side, one run per GPU of these ids (e.g. 0,1,2,3: each "
+                   "run sees only its own, CUDA_VISIBLE_DEVICES); a run whose train.init_from "
+                   "is another run of the sweep waits for it")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="a table (Markdown, CSV) of final metrics over seeds, "

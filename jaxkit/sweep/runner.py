@@ -113,14 +113,21 @@ def _last_line(path: Path) -> str | None:
     return next((line for line in reversed(lines) if line), None)
 
 
-def run_one(sweep: Sweep, run: Run, cfg: Config) -> Outcome:
-    """Trains one run in a subprocess; records and returns how it ended."""
+def run_one(sweep: Sweep, run: Run, cfg: Config, *, device: str | None = None,
+            wait: Callable[[subprocess.Popen], tuple[int, bool]] = _wait) -> Outcome:
+    """Trains one run in a subprocess (on GPU `device` alone when given:
+    CUDA_VISIBLE_DEVICES); records and returns how it ended. wait(proc) ->
+    (exit status, whether a signal stopped it)."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "jaxkit.cli", *train_args(sweep, run)]
     record = {"sweep": str(sweep.path), "index": run.index, "name": run.name, "label": run.label,
               "seed": run.seed, "varied": run.varied, "overrides": list(run.overrides),
               "command": shlex.join(command), "status": "running",
               "started": datetime.datetime.now().isoformat(timespec="seconds")}
+    env = None
+    if device is not None:
+        record["device"] = device
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": device}
     _write_record(run, record)
     log = run.run_dir / LOG
     start = time.perf_counter()
@@ -128,8 +135,8 @@ def run_one(sweep: Sweep, run: Run, cfg: Config) -> Outcome:
         out.write(f"$ {record['command']}\n")
         out.flush()
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT)
-        returncode, signalled = _wait(proc)
+                                stderr=subprocess.STDOUT, env=env)
+        returncode, signalled = wait(proc)
     seconds = time.perf_counter() - start
     if returncode == 0 and finished(run, cfg):
         status, error = "done", None

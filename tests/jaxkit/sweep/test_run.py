@@ -81,3 +81,31 @@ def test_a_failed_run_is_recorded_and_the_sweep_goes_on(write_sweep, train_env, 
     # run again: the failed run is tried again, the finished one skipped
     main(["sweep", str(path), "--dry-run"])
     assert "(1 done, 1 failed)" in capsys.readouterr().out
+
+
+def test_runs_side_by_side_keep_an_init_from_chain_in_order(write_sweep, train_env, tmp_path,
+                                                             capsys):
+    """--devices 0,1: two runs at a time, each told its device; the run that
+    starts from another's checkpoint starts after it is done; a run whose
+    source fails is recorded failed without starting."""
+    path = write_sweep({"name": "side", "seeds": [0], "runs": [
+        {"name": "a"}, {"name": "b"},
+        {"name": "a_longer", "train.steps": 6, "train.init_from": "runs/side/a_seed0"},
+        {"name": "broken", "data.kind": "tokens", "data.path": str(tmp_path / "no_data")},
+        {"name": "after_broken", "train.init_from": "runs/side/broken_seed0"}]})
+    with pytest.raises(SystemExit, match=r"sweep: 2 of 5 runs failed: broken_seed0, after_broken"):
+        main(["sweep", str(path), "--devices", "0,1"])
+    out = capsys.readouterr().out
+    assert "starting on device 0" in out and "starting on device 1" in out
+    assert "after_broken_seed0: failed" not in out  # never started: no line of its own
+    runs = tmp_path / "runs/side"
+    record = lambda name: json.loads((runs / f"{name}_seed0/sweep_run.json").read_text())  # noqa
+    a, longer = record("a"), record("a_longer")
+    assert a["status"] == longer["status"] == record("b")["status"] == "done"
+    assert {a["device"], longer["device"]} <= {"0", "1"}
+    assert longer["started"] >= a["started"]
+    # init_from needs a's checkpoint: started before a was done, it would have failed
+    assert max(read_metrics(runs / "a_longer_seed0")["train"]) == 6
+    assert not (runs / "after_broken_seed0").exists()
+    with pytest.raises(SystemExit, match="distinct GPU ids"):
+        main(["sweep", str(path), "--devices", "0,0"])

@@ -1,10 +1,13 @@
 """The checks a training run makes on its run directory before it builds
-anything: a fresh start never mixes with an earlier run's checkpoints and
-metrics, --restart deletes them only from a jaxkit run directory, and a
-resume refuses a config that changes the structure of the saved state,
-naming the keys."""
+anything: one training process at a time holds it, a fresh start never
+mixes with an earlier run's checkpoints and metrics, --restart deletes them
+only from a jaxkit run directory, and a resume refuses a config that
+changes the structure of the saved state, naming the keys."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import shutil
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import yaml
 from jaxkit.config import Config, ConfigError, to_dict
 
 CONFIG = "config.yaml"
+LOCK = ".lock"  # held by the training process that owns the run directory
 # What a training run writes (trainer, metrics logger, profiler); --restart
 # deletes these and nothing else.
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "profile", "profile.json")
@@ -39,6 +43,28 @@ RESUMABLE_UNLESS_OFF = ("optimizer.clip_norm", "optimizer.weight_decay")
 
 class RunExistsError(FileExistsError):
     """A fresh start into a run directory that holds an earlier run's output."""
+
+
+@contextlib.contextmanager
+def exclusive(run_dir: Path):
+    """Holds run_dir's lock for the block, so a second training process on
+    the same directory (a sweep started twice, a resume while the run goes
+    on) is refused, naming the holder's pid, instead of mixing its
+    checkpoints and metrics with this one's. The lock (flock) ends with its
+    process: a killed run leaves none behind."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise RunExistsError(f"{run_dir} is in use by another training process (pid "
+                                 f"{holder}): wait for it to end, or stop it") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -9,6 +9,7 @@ global batch, and the jitted step runs SPMD over all devices of all processes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from jaxkit import sharding
 from jaxkit.checkpoint import Checkpointer
-from jaxkit.checkpoint.run_dir import check_fresh, check_resume, clear_run
+from jaxkit.checkpoint.run_dir import check_fresh, check_resume, clear_run, exclusive
 from jaxkit.config import Config, save_config
 from jaxkit.lora import adapter_state
 from jaxkit.run import evaluate as evaluation
@@ -310,13 +311,15 @@ def train(cfg: Config, *, config_path: str | None = None, resume: bool = False,
     if resume and restart:
         raise ValueError("resume and restart exclude each other")
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg, config_path)
-    if resume:
-        check_resume(cfg, run_dir)
-    elif restart:
-        if jax.process_index() == 0:
-            clear_run(run_dir)
-        if jax.process_count() > 1:  # no process starts before the old run is gone
-            multihost_utils.sync_global_devices("jaxkit restart")
-    else:
-        check_fresh(run_dir)
-    return Trainer(cfg, run_dir).fit(resume=resume, profile=profile)
+    # process 0 holds the run directory (on a cluster every process shares it)
+    with exclusive(run_dir) if jax.process_index() == 0 else contextlib.nullcontext():
+        if resume:
+            check_resume(cfg, run_dir)
+        elif restart:
+            if jax.process_index() == 0:
+                clear_run(run_dir)
+            if jax.process_count() > 1:  # no process starts before the old run is gone
+                multihost_utils.sync_global_devices("jaxkit restart")
+        else:
+            check_fresh(run_dir)
+        return Trainer(cfg, run_dir).fit(resume=resume, profile=profile)

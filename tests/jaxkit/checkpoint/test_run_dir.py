@@ -123,3 +123,16 @@ def test_reading_a_missing_run_creates_nothing(tmp_path, finished):
         message = _refusal([*command, str(config), "--run-dir", str(missing)])
         assert str(missing) in message
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_run_directory_in_use_is_refused(run, nothing_built):
+    """A second training process on a run directory (here: its lock held by
+    another open file description, as another process holds it) is refused,
+    naming the holder, before anything is built; once released it trains."""
+    from jaxkit.checkpoint.run_dir import exclusive
+    args, config, run_dir = run
+    with exclusive(run_dir):
+        with pytest.raises(SystemExit, match=r"is in use by another training process \(pid \d+\)"):
+            main(["train", str(config), *args, "--resume"])
+    with exclusive(run_dir):  # released on leaving the block: taken again at once
+        pass

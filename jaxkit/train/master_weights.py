@@ -8,6 +8,11 @@ every weight gradient in the backward. The optimizer keeps float32 copies
 them; after each update the parameters are the new master weights rounded
 to their dtype, so small updates accumulate in float32 instead of being
 rounded away against bfloat16 weights.
+
+What leaves a run is its bfloat16 parameters (export, evaluation,
+generation, and train.init_from, whose new master weights start from them);
+the master weights live in the checkpoints' optimizer state, so a resume
+continues them exactly.
 """
 from __future__ import annotations
 

@@ -45,6 +45,25 @@ class RunExistsError(FileExistsError):
     """A fresh start into a run directory that holds an earlier run's output."""
 
 
+def _try_lock(f) -> str | None:
+    """Takes the lock of the open lock file f; None when taken, else the
+    holder's pid as the file names it."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        f.seek(0)
+        return f.read().strip() or "unknown"
+
+
+def holder(run_dir: Path) -> str | None:
+    """The pid of the training process that holds run_dir, or None."""
+    if not (run_dir / LOCK).is_file():
+        return None
+    with open(run_dir / LOCK, "a+") as f:
+        return _try_lock(f)  # closing the file releases a lock taken here
+
+
 @contextlib.contextmanager
 def exclusive(run_dir: Path):
     """Holds run_dir's lock for the block, so a second training process on
@@ -54,13 +73,10 @@ def exclusive(run_dir: Path):
     process: a killed run leaves none behind."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / LOCK, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
+        pid = _try_lock(f)
+        if pid is not None:
             raise RunExistsError(f"{run_dir} is in use by another training process (pid "
-                                 f"{holder}): wait for it to end, or stop it") from None
+                                 f"{pid}): wait for it to end, or stop it")
         f.truncate(0)
         f.write(str(os.getpid()))
         f.flush()

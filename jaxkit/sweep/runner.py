@@ -25,6 +25,7 @@ from typing import Callable
 
 import yaml
 
+from jaxkit.checkpoint.run_dir import holder
 from jaxkit.config import Config, to_dict
 from jaxkit.sweep.plan import Run, Sweep
 from jaxkit.sweep.report import RECORD, flatten, read_metrics, read_record
@@ -117,7 +118,12 @@ def run_one(sweep: Sweep, run: Run, cfg: Config, *, device: str | None = None,
             wait: Callable[[subprocess.Popen], tuple[int, bool]] = _wait) -> Outcome:
     """Trains one run in a subprocess (on GPU `device` alone when given:
     CUDA_VISIBLE_DEVICES); records and returns how it ended. wait(proc) ->
-    (exit status, whether a signal stopped it)."""
+    (exit status, whether a signal stopped it). A run directory another
+    training process holds (another sweep's run) is left alone: failed."""
+    pid = holder(run.run_dir)
+    if pid is not None:
+        return Outcome(run, "failed", error=f"{run.run_dir} is in use by another training "
+                                            f"process (pid {pid})")
     run.run_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "jaxkit.cli", *train_args(sweep, run)]
     record = {"sweep": str(sweep.path), "index": run.index, "name": run.name, "label": run.label,

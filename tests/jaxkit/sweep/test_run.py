@@ -109,3 +109,17 @@ def test_runs_side_by_side_keep_an_init_from_chain_in_order(write_sweep, train_e
     assert not (runs / "after_broken_seed0").exists()
     with pytest.raises(SystemExit, match="distinct GPU ids"):
         main(["sweep", str(path), "--devices", "0,0"])
+
+
+def test_a_run_another_process_holds_is_left_alone(write_sweep, train_env, tmp_path, capsys):
+    """A sweep whose run directory another training process holds (another
+    sweep sharing the run) records it failed, naming the holder, and leaves
+    that run's files as they are."""
+    from jaxkit.checkpoint.run_dir import exclusive
+    path = write_sweep({"name": "busy", "seeds": [0], "runs": [{"name": "held"}]})
+    run_dir = tmp_path / "runs/busy/held_seed0"
+    with exclusive(run_dir):
+        with pytest.raises(SystemExit, match="1 of 1 runs failed"):
+            main(["sweep", str(path)])
+    assert "is in use by another training process (pid" in capsys.readouterr().out
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]

@@ -25,7 +25,6 @@ from typing import Callable
 
 import yaml
 
-from jaxkit.checkpoint.run_dir import holder
 from jaxkit.config import Config, to_dict
 from jaxkit.sweep.plan import Run, Sweep
 from jaxkit.sweep.report import RECORD, flatten, read_metrics, read_record
@@ -120,6 +119,7 @@ def run_one(sweep: Sweep, run: Run, cfg: Config, *, device: str | None = None,
     CUDA_VISIBLE_DEVICES); records and returns how it ended. wait(proc) ->
     (exit status, whether a signal stopped it). A run directory another
     training process holds (another sweep's run) is left alone: failed."""
+    from jaxkit.checkpoint.run_dir import holder  # the checkpoint package imports jax
     pid = holder(run.run_dir)
     if pid is not None:
         return Outcome(run, "failed", error=f"{run.run_dir} is in use by another training "

@@ -3,7 +3,9 @@ each run against the share of causal key blocks its sparse layers keep and
 the attention FLOP speed-up that share bounds (budget.py); with --measured,
 also the training step's speed-up over the dense run of the same length
 (median tokens/s: a GPU figure; on a CPU the sparse op builds the dense
-mask). Rows by sequence length, in the sweep's order.
+mask). Rows by sequence length, in the sweep's order. The plot
+(accuracy_speedup.png) draws each policy's eval accuracy, and with
+--measured its step speed-up, against the length.
 
     jaxkit sweep experiments/long_context_retrieval/sweep.yaml
     python -m experiments.long_context_retrieval.analysis [--sweep FILE] [--out DIR] [--measured]
@@ -20,6 +22,7 @@ from experiments.long_context_retrieval.budget import (attention_speedup_bound, 
                                                        kept_fraction)
 from jaxkit.config import load_config
 from jaxkit.sweep.plan import load_sweep
+from jaxkit.sweep.plots import pyplot
 from jaxkit.sweep.report import read_metrics
 
 HERE = Path(__file__).parent
@@ -75,6 +78,30 @@ def markdown(results: dict, measured: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(results: dict, path: Path, measured: bool = False) -> None:
+    """One line per policy kind (its runs ordered by length): eval accuracy
+    against tokens, and with measured the step speed-up over dense."""
+    plt = pyplot()
+    arms: dict[str, list[dict]] = {}
+    for r in results.values():
+        arms.setdefault(r["policy"].split(",")[0], []).append(r)
+    keys = ["eval_accuracy"] + ["step_speedup"] * measured
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for arm, runs in arms.items():
+            points = sorted((r["seq_len"], r[key]) for r in runs if r[key] is not None)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=arm)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("eval accuracy" if key == "eval_accuracy" else "step speed-up over dense")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sweep", default=str(HERE / "sweep.yaml"))
@@ -93,6 +120,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.table.md").write_text(table)
+    plot(results, out / "accuracy_speedup.png", args.measured)
 
 
 if __name__ == "__main__":

@@ -98,4 +98,5 @@ def test_analysis_table(tmp_path, monkeypatch, capsys):
                                "22.8% | 4.39x | 1.95x | 0.250 |")
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["proxy_k2"]["tokens_per_second"] == 5050.0
+    assert (tmp_path / "accuracy_speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "results.table.md").read_text().splitlines() == table

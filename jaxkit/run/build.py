@@ -17,6 +17,7 @@ from jaxkit.config import Config, ConfigError
 from jaxkit.models import Transformer
 from jaxkit.quant.config_check import check_head_target, check_quant_config
 from jaxkit.train.optim import make_optimizer, make_schedule
+from pallas_kernels import compat
 
 
 def check_config(cfg: Config) -> None:
@@ -32,10 +33,22 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"model.quant: {err}") from None
 
 
+def check_devices(cfg: Config) -> None:
+    """What this machine's devices cannot run, refused before anything is
+    built (check_config's checks hold on any machine: a sweep plans on one
+    without GPUs)."""
+    e = cfg.model.moe
+    if e.num_experts and e.gmm_consumers != 1 and not compat.is_hopper():
+        raise ConfigError(f"model.moe.gmm_consumers={e.gmm_consumers} runs the Mosaic GPU grouped "
+                          "matmuls, which need a Hopper GPU; this device is "
+                          f"{jax.devices()[0].device_kind!r}: set model.moe.gmm_consumers=1")
+
+
 def build_mesh(cfg: Config, devices=None):
     """(mesh over `devices` (default: all), logical-axis rules) of a run,
-    after check_config."""
+    after check_config and check_devices."""
     check_config(cfg)
+    check_devices(cfg)
     return sharding.make_mesh(cfg.mesh, devices), sharding.resolve_rules(cfg.mesh.rules)
 
 

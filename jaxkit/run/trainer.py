@@ -30,7 +30,7 @@ from jaxkit.lora import adapter_state
 from jaxkit.run import evaluate as evaluation
 from jaxkit.run import profile as profiling
 from jaxkit.run.build import (Batches, build_mesh, build_optimizer, build_train_state,
-                             check_config)
+                             check_config, check_devices)
 from jaxkit.run.init_from import init_from_model, starts_from_run
 from jaxkit.run.lora import build_lora_model
 from jaxkit.train import flops
@@ -313,6 +313,7 @@ def train(cfg: Config, *, config_path: str | None = None, resume: bool = False,
         raise ValueError("resume and restart exclude each other")
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg, config_path)
     check_config(cfg)  # a bad value is refused before the run directory is made
+    check_devices(cfg)
     # process 0 holds the run directory (on a cluster every process shares it)
     with exclusive(run_dir) if jax.process_index() == 0 else contextlib.nullcontext():
         if resume:

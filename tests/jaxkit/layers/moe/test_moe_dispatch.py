@@ -12,6 +12,7 @@ from jaxkit.layers.moe import dispatch, routers
 from jaxkit.layers.moe.experts import ExpertWeights, LocalExperts
 from jaxkit.layers.moe.permute import (add_rows, bincount, combine_rows, gather_rows, sort_ids,
                                        take_rows)
+from pallas_kernels import compat
 
 FWD = dict(rtol=1e-5, atol=1e-5)
 GRAD = dict(rtol=1e-4, atol=1e-5)
@@ -292,3 +293,15 @@ def test_pallas_row_gathers_equal_xla_forward_and_grads(name):
     assert int(n) == int(n_ref)
     grads = [jax.jit(jax.grad(loss(f), argnums=(0, 1, 2)))(*args) for f in fns[::-1]]
     _close(grads[0], grads[1], GRAD)
+
+
+@pytest.mark.skipif(compat.is_hopper(), reason="a Hopper GPU runs the two-consumer kernels")
+def test_two_consumers_off_hopper_is_a_one_line_error_before_anything_is_made(tmp_path):
+    """configs/moe_1b.yaml (gmm_consumers 2) on a machine without a Hopper GPU:
+    one line naming the key and the fix, and no run directory."""
+    from jaxkit.run.cli import main
+    with pytest.raises(SystemExit, match=r"config error: model.moe.gmm_consumers=2 runs the "
+                                         r"Mosaic GPU grouped matmuls, which need a Hopper GPU; "
+                                         r".*set model.moe.gmm_consumers=1"):
+        main(["train", "configs/moe_1b.yaml", "--run-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()

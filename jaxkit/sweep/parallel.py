@@ -94,8 +94,7 @@ def run_parallel(sweep: Sweep, configs: list[Config], devices: list[str],
                 started.append(run)
                 log(f"[{len(started)}] {run.name}: starting on device {device}")
             outcome = run_one(sweep, run, configs[run.index], device=device, wait=wait)
-            detail = f" in {outcome.seconds:.0f} s" + (f": {outcome.error}" if outcome.error else "")
-            log(f"{run.name}: {outcome.status}{detail}")
+            log(f"{run.name}: {outcome.ending()}")
             with schedule.lock:
                 schedule.outcomes[run.index] = outcome
                 schedule.lock.notify_all()

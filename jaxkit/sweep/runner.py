@@ -41,6 +41,10 @@ class Outcome:
     seconds: float = 0.0
     error: str | None = None
 
+    def ending(self) -> str:
+        """How the run ended, for the sweep's log: 'failed in 12 s: <error>'."""
+        return f"{self.status} in {self.seconds:.0f} s" + (f": {self.error}" if self.error else "")
+
 
 def train_args(sweep: Sweep, run: Run) -> list[str]:
     """The `jaxkit train` arguments of a run."""
@@ -174,8 +178,7 @@ def run_sweep(sweep: Sweep, configs: list[Config], indices=None,
             f"{run.run_dir / LOG})")
         outcome = run_one(sweep, run, cfg)
         outcomes.append(outcome)
-        detail = f" in {outcome.seconds:.0f} s" + (f": {outcome.error}" if outcome.error else "")
-        log(f"{prefix}: {outcome.status}{detail}")
+        log(f"{prefix}: {outcome.ending()}")
         if outcome.status == "stopped":
             break
     return outcomes

@@ -34,12 +34,12 @@ def with_master_weights(inner: optax.GradientTransformation) -> optax.GradientTr
     `apply_update` gives the parameters that follow."""
 
     def init(params):
-        master = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+        master = optax.tree.cast(params, jnp.float32)
         return MasterWeightsState(master, inner.init(master))
 
     def update(grads, state, params=None):
         del params  # the inner transformation sees the master weights
-        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        grads = optax.tree.cast(grads, jnp.float32)
         updates, inner_state = inner.update(grads, state.inner, state.master)
         return updates, MasterWeightsState(optax.apply_updates(state.master, updates), inner_state)
 

@@ -98,7 +98,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
         with jax.named_scope("optimizer"):  # so a profile can attribute the update's kernels
             params, opt_state = apply_update(optimizer, grads, state["opt_state"], state["params"])
         # in float32 whatever the gradients' dtype (bfloat16 with bfloat16 parameters)
-        grad_norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
+        grad_norm = optax.tree.norm(optax.tree.cast(grads, jnp.float32))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state["step"]),
                        moe=moe, finite=finite)

@@ -111,6 +111,21 @@ def test_combine_rows_equals_plain_forward_and_grads(T, k, M):
     _close(jax.grad(f, argnums=(0, 1))(y, weight), jax.grad(ref, argnums=(0, 1))(y, weight), GRAD)
 
 
+def test_combine_rows_without_weights_is_a_plain_sum():
+    """weight None: the rows were weighted upstream; dy is g of each row's token."""
+    T, k, M = 7, 3, 23
+    rows = jax.random.permutation(jax.random.key(1), M)[:T * k].reshape(T, k)
+    slot = jnp.where(jax.random.uniform(jax.random.key(2), (T, k)) < 0.8, rows, M)
+    source = jnp.full((M,), T * k, jnp.int32).at[slot.reshape(-1)].set(
+        jnp.arange(T * k, dtype=jnp.int32), mode="drop")
+    y = jax.random.normal(jax.random.key(3), (M, 5))
+    g = jax.random.normal(jax.random.key(4), (T, 5))
+    ones = jnp.ones((T, k))
+    _close(combine_rows(y, slot, None, source), _plain_combine(y, slot, ones), FWD)
+    _close(jax.grad(lambda y: jnp.sum(combine_rows(y, slot, None, source) * g))(y),
+           jax.grad(lambda y: jnp.sum(_plain_combine(y, slot, ones) * g))(y), GRAD)
+
+
 # ------------------------------------------------------------ dispatch vs plain versions
 
 def plain_dropless(x, route, experts):
@@ -216,7 +231,10 @@ def _primitives(fn, *args):
 class _ScaledRows:
     """Stand-in experts that only scale rows, so that a program holds nothing
     but the dispatch itself."""
-    grouped = staticmethod(lambda rows, sorted_expert: 2.0 * rows)
+    @staticmethod
+    def grouped(rows, sorted_expert, row_scale=None):
+        return 2.0 * rows * (1.0 if row_scale is None else row_scale[:, None])
+
     buffered = staticmethod(lambda x_e: 2.0 * x_e)
 
 

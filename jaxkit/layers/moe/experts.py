@@ -2,9 +2,11 @@
 rows sorted by expert with group sizes (grouped matmul), or a dense
 [E, C, D] buffer (batched matmul). Inputs and outputs are in the compute
 dtype, as for the dense MLP: the matmuls accumulate in float32, SiLU runs in
-float32, and dispatch accumulates the weighted combine of k experts in
-float32; a float32 [T * k, D] output would double the bytes every consumer
-reads and make the backward's cotangents float32.
+float32, and dispatch sums a token's k expert rows in float32; a float32
+[T * k, D] output would double the bytes every consumer reads and make the
+backward's cotangents float32. The grouped path can weight its rows itself
+(row_scale: dropless passes the router weights there, on the hidden
+activations); the batched path's rows are weighted in the combine.
 
 Expert matrices are float arrays, or jaxkit.quant.experts.LowBitExperts after
 conversion to low-bit storage (quant mode 'int'): the grouped path hands

@@ -20,9 +20,10 @@ one (no L2 reuse), each call's output the next call's query, and passes over
 them until the chain has streamed 2 GiB (one call where a cache is larger). The copy is a
 512 MiB bf16 array read and written (quant_matmul.bench.copy_bandwidth).
 --device-time adds each call's device time from a profiler trace (the
-kernels alone, without the host's dispatch). Every implementation is checked
-against the reference (or, where the reference would not fit, against the
-portable kernel) before it is timed; failures are printed in the table.
+kernels alone, without the host's dispatch) and lists its kernels. Every
+implementation is checked against the reference (or, where the reference
+would not fit, against the portable kernel) before it is timed; failures are
+printed in the table.
 """
 from __future__ import annotations
 
@@ -127,7 +128,7 @@ def bench_shape(batch, length, *, fmt="bf16", page_size=None, names=IMPLEMENTATI
             r["of_copy"] = r["gbs"] / copy_gbs
         if device_time:
             try:
-                r["device_seconds"], _ = rotated_device_time(impls[name], arg_sets)
+                r["device_seconds"], r["kernels"] = rotated_device_time(impls[name], arg_sets)
                 r["device_gbs"] = cache_bytes / r["device_seconds"] / 1e9
             except Exception as e:  # noqa: BLE001 - the wall-clock numbers stand without it
                 r["device_error"] = _short(e)
@@ -147,6 +148,10 @@ def format_table(rows, copy_gbs):
             note = " ".join(errs + [r.get("error", ""), r.get("device_error", "")]).strip()
             lines.append(f"{shape:24s} {name:10s} {us} {cell('gbs', '.0f', 7)} "
                          f"{cell('of_copy', '.0%', 7)} {cell('device_gbs', '.0f', 8)}  {note}")
+            # where a call's device time goes: its kernels (the attention kernel,
+            # the query-row layout and the split merge are separate launches)
+            for kernel, (launches, seconds) in r.get("kernels", {}).items():
+                lines.append(f"{'':24s}   {kernel[:44]:44s} {launches:5d} x {seconds * 1e6:7.2f} us")
     return "\n".join(lines)
 
 

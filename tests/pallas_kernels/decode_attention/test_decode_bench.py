@@ -44,3 +44,12 @@ def test_bench_shape_times_and_reports(tiny):
     table = bench.format_table({"tiny": row, "failed": {"results": {"cudnn": {"error": "E: x"}}}},
                                100.0)
     assert "copy bandwidth 100 GB/s" in table and "blockspec" in table and "E: x" in table
+
+
+def test_table_lists_each_calls_kernels():
+    row = {"results": {"mosaic_gpu": {"seconds": 15e-6, "device_gbs": 1100.0,
+                                      "kernels": {"decode_kernel": (6, 9.1e-6),
+                                                  "merge_fusion": (6, 2.1e-6)}}}}
+    lines = bench.format_table({"B1 S4096": row}, None).splitlines()
+    assert "decode_kernel" in lines[-2] and "9.10 us" in lines[-2]
+    assert "merge_fusion" in lines[-1] and "6 x" in lines[-1]

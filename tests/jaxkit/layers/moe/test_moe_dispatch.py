@@ -94,8 +94,11 @@ def _plain_combine(y, slot, weight):
                       weight)
 
 
-@pytest.mark.parametrize("T,k,M", [(9, 3, 31), (13, 2, 26)])
-def test_combine_rows_equals_plain_forward_and_grads(T, k, M):
+@pytest.mark.parametrize("T,k,M,weighted", [(9, 3, 31, True), (13, 2, 26, True),
+                                             (7, 3, 23, False)])
+def test_combine_rows_equals_plain_forward_and_grads(T, k, M, weighted):
+    """weighted False: weight None, the rows were weighted upstream (a plain
+    sum; dy is g of each row's token)."""
     key = jax.random.split(jax.random.key(T), 4)
     # every row holds at most one assignment; some assignments are dropped
     rows = jax.random.permutation(key[0], M)[:T * k].reshape(T, k)
@@ -105,25 +108,12 @@ def test_combine_rows_equals_plain_forward_and_grads(T, k, M):
     y = jax.random.normal(key[2], (M, 5))
     weight = jax.random.uniform(key[3], (T, k))
     g = jax.random.normal(jax.random.key(0), (T, 5))
-    f = lambda y, w: jnp.sum(combine_rows(y, slot, w, source) * g)
-    ref = lambda y, w: jnp.sum(_plain_combine(y, slot, w) * g)
-    _close(combine_rows(y, slot, weight, source), _plain_combine(y, slot, weight), FWD)
-    _close(jax.grad(f, argnums=(0, 1))(y, weight), jax.grad(ref, argnums=(0, 1))(y, weight), GRAD)
-
-
-def test_combine_rows_without_weights_is_a_plain_sum():
-    """weight None: the rows were weighted upstream; dy is g of each row's token."""
-    T, k, M = 7, 3, 23
-    rows = jax.random.permutation(jax.random.key(1), M)[:T * k].reshape(T, k)
-    slot = jnp.where(jax.random.uniform(jax.random.key(2), (T, k)) < 0.8, rows, M)
-    source = jnp.full((M,), T * k, jnp.int32).at[slot.reshape(-1)].set(
-        jnp.arange(T * k, dtype=jnp.int32), mode="drop")
-    y = jax.random.normal(jax.random.key(3), (M, 5))
-    g = jax.random.normal(jax.random.key(4), (T, 5))
-    ones = jnp.ones((T, k))
-    _close(combine_rows(y, slot, None, source), _plain_combine(y, slot, ones), FWD)
-    _close(jax.grad(lambda y: jnp.sum(combine_rows(y, slot, None, source) * g))(y),
-           jax.grad(lambda y: jnp.sum(_plain_combine(y, slot, ones) * g))(y), GRAD)
+    given, plain = (weight, weight) if weighted else (None, jnp.ones((T, k)))
+    argnums = (0, 1) if weighted else 0
+    f = lambda y, w: jnp.sum(combine_rows(y, slot, w if weighted else None, source) * g)
+    ref = lambda y, w: jnp.sum(_plain_combine(y, slot, w if weighted else plain) * g)
+    _close(combine_rows(y, slot, given, source), _plain_combine(y, slot, plain), FWD)
+    _close(jax.grad(f, argnums)(y, weight), jax.grad(ref, argnums)(y, weight), GRAD)
 
 
 # ------------------------------------------------------------ dispatch vs plain versions

@@ -20,20 +20,13 @@ from jaxkit.layers.moe.routers import ExpertChoice, TokenChoice
 @jax.named_scope("moe_dispatch")
 def dropless(x, route: TokenChoice, experts, permute: str = "auto"):
     """Every assignment is computed: sort the T * k (token, expert) pairs by
-    expert, run the grouped matmul, un-sort and sum. x [T, D] -> [T, D]
-    float32. permute: the row gathers' implementation.
-
-    The router weights scale the experts' hidden rows before the down
-    projection (linear, so the sum is the same): the elementwise SwiGLU
-    fusions apply them and yield their gradient from bytes they read anyway,
-    where weighting the outputs costs the backward a pass over the [T * k, D]
-    cotangent rows for dy and another over them and the outputs for dweight."""
+    expert, run the grouped matmul, un-sort and sum with the router weights.
+    x [T, D] -> [T, D] float32. permute: the row gathers' implementation."""
     T, k = route.expert.shape
     s = sort_ids(route.expert.reshape(-1))
     slot = s.inverse.reshape(T, k)  # sorted row of every (token, choice)
-    scale = jnp.take(route.weight.reshape(-1), s.order).astype(jnp.float32)
-    y = experts.grouped(take_rows(x, s.order // k, slot, permute), s.ids, scale)
-    return combine_rows(y, slot, None, s.order, permute)
+    y = experts.grouped(take_rows(x, s.order // k, slot, permute), s.ids)
+    return combine_rows(y, slot, route.weight, s.order, permute)
 
 
 @jax.named_scope("moe_dispatch")

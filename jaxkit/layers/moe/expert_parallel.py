@@ -37,9 +37,8 @@ class ShardedExperts:
     axis: tuple[str, ...]
     size: int
 
-    def grouped(self, rows, sorted_expert, row_scale=None):
-        """rows [A, D] sorted by global expert id -> [A, D] in rows.dtype,
-        scaled like LocalExperts.grouped's by row_scale [A] (or None).
+    def grouped(self, rows, sorted_expert):
+        """rows [A, D] sorted by global expert id -> [A, D] in rows.dtype.
 
         Every device sends each shard a fixed buffer of A rows (the most it can
         need), so the exchange is a plain all-to-all and nothing is dropped.
@@ -61,11 +60,7 @@ class ShardedExperts:
         exchange = lambda v: jax.lax.all_to_all(v, self.axis, 0, 0, tiled=True)
         recv, recv_id = exchange(send).reshape(-1, D), exchange(send_id).reshape(-1)
         s = sort_ids(recv_id)  # padding sorts last
-        scale = None
-        if row_scale is not None:
-            send_scale = jnp.where(source < A, jnp.take(row_scale, source, mode="clip"), 0)
-            scale = jnp.take(exchange(send_scale.reshape(n, A)).reshape(-1), s.order)
-        out = self.local.grouped(take_rows(recv, s.order, s.inverse[:, None]), s.ids, scale)
+        out = self.local.grouped(take_rows(recv, s.order, s.inverse[:, None]), s.ids)
         out = take_rows(out, s.inverse, s.order[:, None]).reshape(n, A, D)
         return take_rows(exchange(out).reshape(-1, D), dest, source[:, None])
 

@@ -2,11 +2,9 @@
 rows sorted by expert with group sizes (grouped matmul), or a dense
 [E, C, D] buffer (batched matmul). Inputs and outputs are in the compute
 dtype, as for the dense MLP: the matmuls accumulate in float32, SiLU runs in
-float32, and dispatch sums a token's k expert rows in float32; a float32
-[T * k, D] output would double the bytes every consumer reads and make the
-backward's cotangents float32. The grouped path can weight its rows itself
-(row_scale: dropless passes the router weights there, on the hidden
-activations); the batched path's rows are weighted in the combine.
+float32, and dispatch accumulates the weighted combine of k experts in
+float32; a float32 [T * k, D] output would double the bytes every consumer
+reads and make the backward's cotangents float32.
 
 Expert matrices are float arrays, or jaxkit.quant.experts.LowBitExperts after
 conversion to low-bit storage (quant mode 'int'): the grouped path hands
@@ -42,13 +40,10 @@ def _swiglu(gate, up):
     return jax.nn.silu(f32(gate)) * f32(up)
 
 
-def _ffn(x, w: ExpertWeights, mm, quant, row_scale=None):
+def _ffn(x, w: ExpertWeights, mm, quant):
     """SwiGLU of x with matmul mm(a, b) -> a.dtype; quant (or None) is a
-    jaxkit.quant.ExpertQuant applied to the weights and around each matmul.
-    row_scale [rows] float32 (or None) multiplies each row's hidden
-    activations, after their quantisation, before the down projection."""
+    jaxkit.quant.ExpertQuant applied to the weights and around each matmul."""
     cd = x.dtype
-    scaled = lambda h: h if row_scale is None else h * row_scale[:, None]
     if quant is None:
         if isinstance(w.gate, LowBitExperts):
             gate, up = mm(x, w.gate), mm(x, w.up)
@@ -57,19 +52,19 @@ def _ffn(x, w: ExpertWeights, mm, quant, row_scale=None):
             # grouped matmul's tiles fuller, reads the rows once and its backward
             # yields dx in one product instead of a sum of two.
             gate, up = jnp.split(mm(x, jnp.concatenate([w.gate, w.up], axis=-1)), 2, axis=-1)
-        return mm(scaled(_swiglu(gate, up)).astype(cd), w.down)
+        return mm(_swiglu(gate, up).astype(cd), w.down)
     w = quant.weights(w)
     qmm = lambda a, b: quant.outputs(mm(a, b))
     x = quant.inputs(x).astype(cd)
     h = _swiglu(qmm(x, w.gate), qmm(x, w.up))
-    return qmm(scaled(quant.hidden(h)).astype(cd), w.down)
+    return qmm(quant.hidden(h).astype(cd), w.down)
 
 
 def grouped_ffn(rows, sizes, w: ExpertWeights, *, implementation: str, quant=None,
-                consumers: int = 1, row_scale=None):
+                consumers: int = 1):
     """rows [M, D] grouped by expert (sizes [E]) -> [M, D] in rows.dtype; rows
     past sum(sizes) are padding and come out zero. consumers: the float
-    grouped matmuls' (pallas_kernels.grouped_matmul.gmm); row_scale: _ffn's."""
+    grouped matmuls' (pallas_kernels.grouped_matmul.gmm)."""
     def mm(a, b):
         if isinstance(b, LowBitExperts):  # the quantised kernels give float32
             if consumers != 1:
@@ -78,7 +73,7 @@ def grouped_ffn(rows, sizes, w: ExpertWeights, *, implementation: str, quant=Non
             return b.grouped_matmul(a, sizes, implementation=implementation).astype(a.dtype)
         return gmm(a, b.astype(a.dtype), sizes, implementation=implementation,
                    preferred_element_type=a.dtype, consumers=consumers)
-    return _ffn(rows, w, mm, quant, row_scale)
+    return _ffn(rows, w, mm, quant)
 
 
 def batched_ffn(x_e, w: ExpertWeights, *, quant=None):
@@ -103,12 +98,11 @@ class LocalExperts:
     def num_experts(self) -> int:
         return self.weights.gate.shape[0]
 
-    def grouped(self, rows, sorted_expert, row_scale=None):
-        """rows [M, D] sorted by expert id sorted_expert [M] -> [M, D] in
-        rows.dtype, each row's output times row_scale [M] (float32, or None)."""
+    def grouped(self, rows, sorted_expert):
+        """rows [M, D] sorted by expert id sorted_expert [M] -> [M, D] in rows.dtype."""
         sizes = group_sizes(sorted_expert, self.num_experts)
         return grouped_ffn(rows, sizes, self.weights, implementation=self.implementation,
-                           quant=self.quant, consumers=self.consumers, row_scale=row_scale)
+                           quant=self.quant, consumers=self.consumers)
 
     def buffered(self, x_e):
         """x_e [E, C, D] -> [E, C, D] in x_e.dtype."""

@@ -82,10 +82,9 @@ take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 def combine_rows(y, slot, weight, source, implementation: str = "auto"):
     """out[t] = sum_j weight[t, j] * y[slot[t, j]] in float32: y [M, D] expert
     outputs, slot [T, k] the row of each (token, choice), empty when dropped;
-    weight [T, k], or None for a plain sum (rows the experts already
-    weighted); source [M] the flat (token, choice) index t * k + j of every
-    row, empty for rows of no assignment. Gradients: dy[m] = weight * g of the
-    row's token (a gather through source), dweight[t, j] = y[slot[t, j]] . g[t]
+    source [M] the flat (token, choice) index t * k + j of every row, empty
+    for rows of no assignment. Gradients: dy[m] = weight * g of the row's
+    token (a gather through source), dweight[t, j] = y[slot[t, j]] . g[t]
     (with g rounded to y's dtype). implementation: row_gather's."""
     return row_gather(y, slot, weight, out_dtype=jnp.float32, implementation=implementation)
 
@@ -103,8 +102,6 @@ def _combine_bwd(implementation, res, g):
     # 16-bit until each consumer widens them: where XLA keeps them in memory
     # for its two users, a float32 copy ([T * k, D]) would double the bytes.
     g_rows = row_gather(g.astype(y.dtype), source // k, implementation=implementation)
-    if weight is None:
-        return g_rows, None, None, None
     w_row = _take(weight.reshape(-1), source).astype(jnp.float32)
     dy = (w_row[:, None] * g_rows.astype(jnp.float32)).astype(y.dtype)
     dweight = _take(jnp.sum(y.astype(jnp.float32) * g_rows.astype(jnp.float32), axis=-1),

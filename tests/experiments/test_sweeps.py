@@ -20,7 +20,7 @@ SHARED_BASELINE = ("int_vs_fp_formats", "fp4_training", "nm_sparsity", "lr_sched
 SHARED_OUT = Path("runs/gpt_125m_2000_steps")
 REPRODUCTIONS = SHARED_BASELINE + ("moe_load_balancing",)
 SWEEPS = {"moe_balance": 3, "quant_formats": 14, "attention_training": 3, "lr_schedules": 5,
-          "moe_load_balancing": 5, "nm_sparsity": 4, "fp4_training": 6, "int_vs_fp_formats": 6}
+          "moe_load_balancing": 6, "nm_sparsity": 4, "fp4_training": 6, "int_vs_fp_formats": 6}
 
 
 @pytest.mark.parametrize("name", SWEEPS)
@@ -68,12 +68,14 @@ def test_moe_load_balancing_arms():
     configs = resolve(load_sweep(ROOT / "experiments/moe_load_balancing/sweep.yaml"))
     arms = [(c.model.moe.router, c.model.moe.aux_loss_weight, c.model.moe.bias_update_rate)
             for c in configs]
-    assert arms[0][:2] == ("topk_softmax", 0.01)
-    assert arms[1:4] == [("sigmoid_bias", 0.0, 0.001), ("sigmoid_bias", 0.0, 0.01),
+    assert arms[0][:2] == arms[1][:2] == ("topk_softmax", 0.01)  # the baseline, two seeds
+    assert [(c.train.seed, c.data.seed) for c in configs[:3]] == [(0, 0), (1, 1), (0, 0)]
+    assert arms[2:5] == [("sigmoid_bias", 0.0, 0.001), ("sigmoid_bias", 0.0, 0.01),
                          ("sigmoid_bias", 0.0, 0.0)]
-    assert arms[4][:2] == ("topk_softmax", 0.01)
-    assert [c.model.moe.center_router_input for c in configs] == [False] * 4 + [True]
+    assert arms[5][:2] == ("topk_softmax", 0.01)
+    assert [c.model.moe.center_router_input for c in configs] == [False] * 5 + [True]
     assert {c.model.num_layers for c in configs} == {16}  # configs/moe_1b.yaml
+    assert {c.data.batch_size for c in configs} == {32}
 
 
 def write_metrics(run_dir: Path, train: dict, evals: dict, seconds: float = 1.0) -> None:

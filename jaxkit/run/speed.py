@@ -4,9 +4,11 @@ time, tokens/s, MFU, peak device memory and where a step's time goes.
     python -m jaxkit.run.speed configs/dense_1b.yaml [--set KEY=VALUE ...] [--json out.json]
 
 The step is compiled ahead of time (as `jaxkit train` does), run `--warmup`
-steps, then timed as the median of `--rounds` intervals of 5 steps each (one
-host sync per interval), then 3 steps are traced for the breakdown
-(jaxkit.run.profile). Nothing is written to the run directory but a trace.
+steps, then timed as the median of `--rounds` intervals of train.log_every
+steps, each ending in one host sync as the trainer's log lines do (so
+tokens/s and MFU are what the training log prints), then 3 steps are traced
+for the breakdown (jaxkit.run.profile). Nothing is written to the run
+directory but a trace.
 """
 from __future__ import annotations
 
@@ -38,11 +40,11 @@ def measure(cfg, *, warmup: int = 10, rounds: int = 4) -> dict:
             return jax.block_until_ready(metrics)
 
         run(warmup)
-        intervals = []
+        intervals, every = [], cfg.train.log_every
         for _ in range(rounds):
             t = time.perf_counter()
-            metrics = run(5)
-            intervals.append((time.perf_counter() - t) / 5)
+            metrics = run(every)
+            intervals.append((time.perf_counter() - t) / every)
         step_s = statistics.median(intervals)
         profile = trainer.profile_steps(step_fn, step)
         peak, num_devices = trainer.peak, trainer.mesh.size

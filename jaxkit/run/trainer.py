@@ -171,13 +171,17 @@ class Trainer:
             return False
         return bool(np.any(multihost_utils.process_allgather(np.asarray(stop.requested))))
 
-    def _stop_if_nonfinite(self, step: int, saving: bool = False) -> None:
+    def _stop_if_nonfinite(self, step: int, saving: bool = False, first: int | None = None) -> None:
         """Raises NonFiniteLoss, before anything of `step` is saved, when
         (train.nonfinite: stop) a step up to `step` had a non-finite loss or
         gradient norm, or when `saving` and the parameters are not finite
-        (e.g. an overflowing update of finite gradients). Reads device values,
-        a host sync: called at log and checkpoint steps only."""
-        first = int(self.nonfinite["first"]) if self.cfg.train.nonfinite == "stop" else -1
+        (e.g. an overflowing update of finite gradients). first: the first
+        non-finite step as of `step` (its metrics' nonfinite_first), or None
+        to read the device record: a host sync, at log and checkpoint steps only."""
+        if self.cfg.train.nonfinite != "stop":
+            first = -1
+        elif first is None:
+            first = int(self.nonfinite["first"])
         if first >= 0:
             what = f"loss or gradient norm not finite at step {first}"
             hint = "lower optimizer.learning_rate, or set train.nonfinite=skip to skip such steps"
@@ -246,47 +250,69 @@ class Trainer:
         logger.log(start, "compile", compiled)
         bar.write(f"train step compiled in {compiled['compile_seconds']:.1f} s")
         profile_at = start + 10 if profile else None
-        t0, t0_step = time.perf_counter(), start
+        interval = dict(t0=time.perf_counter(), step=start)  # the current log interval's start
+        # A log step's metrics are read (a host sync) once the next step is
+        # dispatched, so the GPU runs that step while the host logs; at once
+        # where this step's state is needed next (eval, checkpoint, stop, end).
+        pending = None
+
+        def log_train(at: int, metrics: dict) -> None:
+            metrics = jax.device_get(metrics)
+            first = int(metrics.pop("nonfinite_first"))
+            dt = time.perf_counter() - interval["t0"]
+            tok_s = tokens_per_step * (at - interval["step"]) / max(dt, 1e-9)
+            metrics["tokens_per_second"] = tok_s
+            postfix = dict(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{tok_s:,.0f}")
+            if self.peak is not None:  # MFU only against a known peak
+                metrics["mfu"] = flops.mfu(tok_s, self.cfg.model, self.cfg.data.seq_len,
+                                           self.mesh.size, self.peak)
+                postfix["mfu"] = f"{100 * metrics['mfu']:.1f}%"
+            if metrics["nonfinite_steps"]:  # train.nonfinite: skip
+                postfix["skipped"] = int(metrics["nonfinite_steps"])
+            flat = logger.log(at, "train", metrics)
+            self._stop_if_nonfinite(at, first=first)
+            bar.set_postfix(**postfix, **_moe_summary(flat), refresh=False)
+            bar.update(at - bar.n)
+            last.update(step=at, train=flat)
+            interval.update(t0=time.perf_counter(), step=at)
+
         step, stopping = start, False
         with StopRequest() as stop:
             try:
                 while step < cfg.steps and not stopping:
                     if step == profile_at and step + 3 <= cfg.steps:
+                        if pending is not None:
+                            log_train(*pending)
+                            pending = None
                         last["profile"] = self.profile_steps(step_fn, step)
                         bar.write(profiling.format_table(last["profile"]))
                         step += 3
-                        t0, t0_step = time.perf_counter(), step
+                        interval.update(t0=time.perf_counter(), step=step)
                         continue
                     with self.on_mesh():
                         metrics = self.run_step(step_fn, step)
                     step += 1
+                    if pending is not None:
+                        log_train(*pending)
+                        pending = None
+                    evaluating = bool(cfg.eval_every) and step % cfg.eval_every == 0
+                    saving = self.checkpointer is not None and self.checkpointer.due(step)
                     if step % cfg.log_every == 0 or step == cfg.steps:
-                        metrics = jax.device_get(metrics)
-                        dt = time.perf_counter() - t0
-                        tok_s = tokens_per_step * (step - t0_step) / max(dt, 1e-9)
-                        metrics["tokens_per_second"] = tok_s
-                        postfix = dict(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{tok_s:,.0f}")
-                        if self.peak is not None:  # MFU only against a known peak
-                            metrics["mfu"] = flops.mfu(tok_s, self.cfg.model, self.cfg.data.seq_len,
-                                                       self.mesh.size, self.peak)
-                            postfix["mfu"] = f"{100 * metrics['mfu']:.1f}%"
-                        if metrics["nonfinite_steps"]:  # train.nonfinite: skip
-                            postfix["skipped"] = int(metrics["nonfinite_steps"])
-                        flat = logger.log(step, "train", metrics)
-                        self._stop_if_nonfinite(step)
-                        bar.set_postfix(**postfix, **_moe_summary(flat), refresh=False)
-                        bar.update(step - bar.n)
-                        last.update(step=step, train=flat)
-                        t0, t0_step = time.perf_counter(), step
-                    if cfg.eval_every and step % cfg.eval_every == 0:
+                        if evaluating or saving or stop.requested or step == cfg.steps:
+                            log_train(step, metrics)
+                        else:
+                            pending = (step, metrics)
+                    if evaluating:
                         last["eval"] = logger.log(step, "eval", self.evaluate())
                         bar.write(f"step {step}: eval loss {last['eval']['ce']:.4f} "
                                   f"ppl {last['eval']['perplexity']:.2f}")
-                        t0, t0_step = time.perf_counter(), step
-                    if self.checkpointer is not None and self.checkpointer.due(step):
+                        interval.update(t0=time.perf_counter(), step=step)
+                    if saving:
                         self._stop_if_nonfinite(step, saving=True)
                         self.save(step)
                     stopping = self._stop_agreed(stop, step)
+                if pending is not None:  # a stop agreed after that log step was deferred
+                    log_train(*pending)
                 if step > start or stopping:
                     self._stop_if_nonfinite(step, saving=self.checkpointer is not None)
                     self.save(step)

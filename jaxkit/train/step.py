@@ -122,7 +122,7 @@ def track_nonfinite(train_step):
     step(state, record, batch) -> (state, record, metrics): the record
     (nonfinite_record) carries on device the first non-finite step, numbered
     as the loop counts steps (state["step"] + 1), and their count, which
-    metrics report as nonfinite_steps."""
+    metrics report as nonfinite_first and nonfinite_steps."""
 
     def step(state, record, batch):
         new_state, metrics = train_step(state, batch)
@@ -131,6 +131,7 @@ def track_nonfinite(train_step):
                                       record["first"]),
                       count=record["count"] + bad.astype(jnp.int32))
         metrics["nonfinite_steps"] = record["count"]
+        metrics["nonfinite_first"] = record["first"]
         return new_state, record, metrics
 
     return step

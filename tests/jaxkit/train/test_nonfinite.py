@@ -160,3 +160,24 @@ def test_cli_exits_with_one_line_at_learning_rate_1e3(tmp_path):
     saved = saved_params(tmp_path / "run", cfg, like)
     assert saved and max(saved) < first
     assert all(bool(all_finite(p)) for p in saved.values())
+
+
+def test_a_log_step_is_read_once_the_next_step_is_dispatched(tmp_path, monkeypatch):
+    """The host reads a log step's metrics (a sync) after dispatching the next
+    step, so the device is not idle while it logs; at once where the state is
+    needed next: a checkpoint (step 6) and the last step (7)."""
+    t = trainer(tmp_path, ["train.steps=7", "train.log_every=2", "checkpoint.every=6"], nan_at=[])
+    dispatched, reads = [], []
+    run_step = t.run_step
+    monkeypatch.setattr(t, "run_step", lambda fn, step: dispatched.append(step) or run_step(fn, step))
+    device_get = jax.device_get
+
+    def get(x):
+        if isinstance(x, dict) and "nonfinite_first" in x:  # a train step's metrics
+            reads.append(len(dispatched))
+        return device_get(x)
+    monkeypatch.setattr(jax, "device_get", get)
+    t.fit()
+    assert reads == [3, 5, 6, 7]
+    assert [r["step"] for r in train_records(tmp_path / "run")] == [2, 4, 6, 7]
+    assert all("nonfinite_first" not in r for r in train_records(tmp_path / "run"))

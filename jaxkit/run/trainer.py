@@ -276,14 +276,18 @@ class Trainer:
             last.update(step=at, train=flat)
             interval.update(t0=time.perf_counter(), step=at)
 
+        def log_pending() -> None:
+            nonlocal pending
+            if pending is not None:
+                log_train(*pending)
+                pending = None
+
         step, stopping = start, False
         with StopRequest() as stop:
             try:
                 while step < cfg.steps and not stopping:
                     if step == profile_at and step + 3 <= cfg.steps:
-                        if pending is not None:
-                            log_train(*pending)
-                            pending = None
+                        log_pending()
                         last["profile"] = self.profile_steps(step_fn, step)
                         bar.write(profiling.format_table(last["profile"]))
                         step += 3
@@ -292,9 +296,7 @@ class Trainer:
                     with self.on_mesh():
                         metrics = self.run_step(step_fn, step)
                     step += 1
-                    if pending is not None:
-                        log_train(*pending)
-                        pending = None
+                    log_pending()
                     evaluating = bool(cfg.eval_every) and step % cfg.eval_every == 0
                     saving = self.checkpointer is not None and self.checkpointer.due(step)
                     if step % cfg.log_every == 0 or step == cfg.steps:
@@ -311,8 +313,7 @@ class Trainer:
                         self._stop_if_nonfinite(step, saving=True)
                         self.save(step)
                     stopping = self._stop_agreed(stop, step)
-                if pending is not None:  # a stop agreed after that log step was deferred
-                    log_train(*pending)
+                log_pending()  # a stop agreed after a log step was deferred
                 if step > start or stopping:
                     self._stop_if_nonfinite(step, saving=self.checkpointer is not None)
                     self.save(step)

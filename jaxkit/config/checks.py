@@ -64,6 +64,9 @@ def validate(cfg: Config) -> None:
                  f"model.moe.gmm_consumers={e.gmm_consumers} splits the Mosaic GPU grouped "
                  "matmuls' tiles: it needs dispatch 'dropless' and gmm_implementation 'auto' or "
                  f"'mosaic_gpu', got {e.dispatch!r} and {e.gmm_implementation!r}")
+        _require(not e.gmm_pingpong or e.gmm_consumers == 2,
+                 "model.moe.gmm_pingpong alternates grouped-matmul items between two consumer "
+                 f"warpgroups: it needs gmm_consumers: 2, got {e.gmm_consumers}")
         _require(e.router != "expert_choice" or e.dispatch == "capacity",
                  "model.moe.router 'expert_choice' gives every expert a fixed number of tokens: "
                  f"it needs dispatch: capacity, got {e.dispatch!r}")

@@ -106,6 +106,9 @@ class MoEConfig:
                                 "blockspec"] = "auto"
     # 2: the Hopper grouped matmuls with two consumer warpgroups (Mosaic GPU only)
     gmm_consumers: int = ranged(1, "[1, 2]")
+    # with gmm_consumers 2: the two warpgroups take whole gmm items in turn
+    # (one's epilogue overlaps the other's products) instead of splitting each
+    gmm_pingpong: bool = False
     # the row gathers between token and expert order (pallas_kernels.row_gather;
     # 'auto': XLA's until a GPU benchmark shows the kernel faster)
     permute_implementation: Literal["auto", "xla", "pallas", "blockspec"] = "auto"

@@ -35,6 +35,10 @@ two_consumers.py, a producer warpgroup and two consumer warpgroups that
 split each output tile (gmm: its rows, tgmm: its K rows, each 128 or 256);
 tiling None then means their own defaults; 16-bit outputs only. An opt-in:
 1 is the default.
+pingpong (gmm, consumers=2 only): the two consumers take whole gmm items in
+turn instead of splitting each one, so one's epilogue overlaps the other's
+products; a given tiling is then one consumer's item and applies to the
+forward and d-lhs gmm, while the d-rhs tgmm keeps its default.
 """
 from __future__ import annotations
 
@@ -80,7 +84,11 @@ def _interpreted_only(args):
 def _mosaic_problem(args):
     problem = mosaic_gpu.unsupported(args.dtype, args.tiling)
     if problem is None and _consumers(args) == 2:
-        return two_consumers.unsupported(args.tiling, args.op, getattr(args, "out_dtype", None))
+        pingpong = getattr(args, "pingpong", False)
+        # With pingpong a tiling is the gmm's; the VJP's tgmm keeps its default.
+        tiling = None if pingpong and args.op == "tgmm" else args.tiling
+        return two_consumers.unsupported(tiling, args.op, getattr(args, "out_dtype", None),
+                                         pingpong)
     return problem
 
 
@@ -100,6 +108,7 @@ class _Config(NamedTuple):
     kernel: dispatch.Choice   # 'mosaic_gpu' or 'blockspec'
     consumers: int = 1        # 2: the kernels of two_consumers.py
     transpose_rhs: bool = False
+    pingpong: bool = False    # consumers=2: whole gmm items in turn
 
 
 def check_group_sizes(group_sizes, rows: int):
@@ -125,7 +134,7 @@ def clamp(group_sizes, rows: int):
     return jnp.diff(ends, prepend=0).astype(jnp.int32)
 
 
-def _check_common(lhs, group_sizes, tiling, preferred_element_type, consumers):
+def _check_common(lhs, group_sizes, tiling, preferred_element_type, consumers, pingpong=False):
     """-> (lhs, group_sizes as check_group_sizes gives them, tiling as a tuple)."""
     lhs = dispatch.as_array("lhs", lhs)
     if lhs.ndim != 2:
@@ -141,17 +150,22 @@ def _check_common(lhs, group_sizes, tiling, preferred_element_type, consumers):
         dispatch.check_dtype("preferred_element_type", preferred_element_type)
     if dispatch.check_size("consumers", consumers) > 2:
         raise ValueError(f"consumers must be 1 or 2, got {consumers}")
+    if pingpong and consumers != 2:
+        raise ValueError(f"pingpong=True alternates items between two consumer warpgroups: it "
+                         f"needs consumers=2, got consumers={consumers}")
     return lhs, group_sizes, tiling
 
 
-def _resolve(implementation, dtype, preferred_element_type, tiling, interpret, consumers, op):
+def _resolve(implementation, dtype, preferred_element_type, tiling, interpret, consumers, op,
+             pingpong=False):
     """-> (the implementation's name, the Pallas call's settings or None)."""
     out_dtype = jnp.dtype(preferred_element_type or dtype)
     choice = TABLE.resolve(implementation, interpret, dtype=dtype, tiling=tiling,
-                           consumers=int(consumers), op=op, out_dtype=out_dtype)
+                           consumers=int(consumers), op=op, out_dtype=out_dtype,
+                           pingpong=bool(pingpong))
     if choice.name not in dispatch.PALLAS_KERNELS:
         return choice.name, None
-    return "pallas", _Config(out_dtype, tiling, choice, int(consumers))
+    return "pallas", _Config(out_dtype, tiling, choice, int(consumers), pingpong=bool(pingpong))
 
 
 # The kernel calls are jitted per static configuration: jax lowers a jitted
@@ -163,9 +177,12 @@ def _gmm_kernel(lhs, rhs, group_sizes, cfg: _Config):
         return blockspec.gmm(lhs, rhs, group_sizes, transpose_rhs=cfg.transpose_rhs,
                              out_dtype=cfg.out_dtype, tiling=cfg.tiling or BLOCKSPEC_TILING,
                              interpret=cfg.kernel.interpret)
-    kernels = two_consumers if cfg.consumers == 2 else mosaic_gpu
-    return kernels.gmm(lhs, rhs, group_sizes, transpose_rhs=cfg.transpose_rhs,
-                       out_dtype=cfg.out_dtype, tiling=cfg.tiling or kernels.DEFAULT_TILING)
+    if cfg.consumers == 2:
+        return two_consumers.gmm(lhs, rhs, group_sizes, transpose_rhs=cfg.transpose_rhs,
+                                 out_dtype=cfg.out_dtype, tiling=cfg.tiling,
+                                 pingpong=cfg.pingpong)
+    return mosaic_gpu.gmm(lhs, rhs, group_sizes, transpose_rhs=cfg.transpose_rhs,
+                          out_dtype=cfg.out_dtype, tiling=cfg.tiling or mosaic_gpu.DEFAULT_TILING)
 
 
 @functools.partial(jax.jit, static_argnums=3)
@@ -175,8 +192,9 @@ def _tgmm_kernel(lhs, dout, group_sizes, cfg: _Config):
                               tiling=cfg.tiling or BLOCKSPEC_TILING,
                               interpret=cfg.kernel.interpret)
     kernels = two_consumers if cfg.consumers == 2 else mosaic_gpu
+    tiling = None if cfg.pingpong else cfg.tiling  # a pingpong tiling is the gmm's
     return kernels.tgmm(lhs, dout, group_sizes, out_dtype=cfg.out_dtype,
-                        tiling=cfg.tiling or kernels.DEFAULT_TGMM_TILING)
+                        tiling=tiling or kernels.DEFAULT_TGMM_TILING)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -206,10 +224,10 @@ _pallas_gmm.defvjp(_pallas_gmm_fwd, _pallas_gmm_bwd)
 
 def gmm(lhs, rhs, group_sizes, *, implementation: str = "auto", preferred_element_type=None,
         tiling=None, interpret: bool | None = None, transpose_rhs: bool = False,
-        consumers: int = 1):
+        consumers: int = 1, pingpong: bool = False):
     """Grouped matmul lhs [M,K] x rhs [G,K,N] -> [M,N] (see module docstring)."""
     lhs, group_sizes, tiling = _check_common(lhs, group_sizes, tiling, preferred_element_type,
-                                             consumers)
+                                             consumers, pingpong)
     rhs = dispatch.as_array("rhs", rhs)
     if rhs.ndim != 3:
         raise ValueError(f"rhs must be [G, K, N]; got shape {rhs.shape}")
@@ -222,7 +240,7 @@ def gmm(lhs, rhs, group_sizes, *, implementation: str = "auto", preferred_elemen
     if rhs.dtype != lhs.dtype:
         raise ValueError(f"lhs and rhs dtypes differ: {lhs.dtype} vs {rhs.dtype}")
     impl, cfg = _resolve(implementation, lhs.dtype, preferred_element_type, tiling, interpret,
-                         consumers, "gmm")
+                         consumers, "gmm", pingpong)
     if impl == "xla":
         return gmm_reference(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
                              preferred_element_type=preferred_element_type)

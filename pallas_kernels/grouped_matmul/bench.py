@@ -17,12 +17,13 @@ Every implementation is first checked against the float32 reference on a
 smaller ragged problem (empty groups, rows past the groups); a failure is
 printed in the table and that implementation is not timed.
 
---consumers: at configs/moe_1b.yaml's expert shapes (32768 tokens top-4, so
-M = 131072 rows, G = 32, Dirichlet(4) group sizes; gate and up in one matmul
-K=1024, N=1280, and the down projection K=640, N=1024) each Mosaic kernel
-(gmm, gmm for d-lhs, tgmm for d-rhs) at its one-consumer default and the
-two-consumer kernels (two_consumers.py) at TUNE_TWO_CONSUMERS; gmm
-forward+backward through the API with consumers=1 and 2; and the dense
+--consumers: at configs/moe_1b.yaml's expert shapes (48 x 1024 tokens top-4,
+so M = 196608 rows, G = 32, Dirichlet(4) group sizes; gate and up in one
+matmul K=1024, N=1280, and the down projection K=640, N=1024) each Mosaic
+kernel (gmm, gmm for d-lhs, tgmm for d-rhs) at its one-consumer default, the
+two-consumer kernels (two_consumers.py) at TUNE_TWO_CONSUMERS and the gmms
+with the consumers in ping-pong at TUNE_PINGPONG; gmm forward+backward
+through the API with consumers=1, 2 and 2 in ping-pong; and the dense
 batched einsum of the same FLOPs (forward, and forward+backward). The
 two-consumer kernels are checked first like the implementations above.
 """
@@ -44,9 +45,10 @@ TOKENS, TOP_K, D_MODEL, D_EXPERT, EXPERTS = 16384, 2, 2048, 1408, 64
 ROUTINGS = (("dirichlet1.0", 1.0), ("dirichlet0.3", 0.3), ("balanced", None))
 TUNE_GMM = [(128, 64, 128), (64, 64, 256), (128, 128, 128), (64, 64, 128)]
 TUNE_TGMM = [(128, 64, 128), (64, 128, 128), (128, 128, 128), (64, 64, 256)]
-MOE_1B = dict(m=32768 * 4, g=32, alpha=4.0, shapes=(("gate_up", 1024, 1280), ("down", 640, 1024)))
+MOE_1B = dict(m=49152 * 4, g=32, alpha=4.0, shapes=(("gate_up", 1024, 1280), ("down", 640, 1024)))
 TUNE_TWO_CONSUMERS = {"gmm": [(128, 64, 256), (256, 64, 128), (128, 128, 128)],
                       "tgmm": [(64, 128, 256), (64, 256, 128), (128, 128, 128)]}
+TUNE_PINGPONG = [(128, 64, 128), (64, 64, 256), (128, 128, 128)]  # a consumer's item
 KERNELS = ("gmm", "gmm_dlhs", "tgmm")
 DTYPE = jnp.bfloat16
 
@@ -61,10 +63,10 @@ def group_sizes(m, g, alpha, seed=0):
     return jnp.asarray(sizes, jnp.int32)
 
 
-def fwd_bwd(implementation, consumers=1):
+def fwd_bwd(implementation, consumers=1, pingpong=False):
     def f(lhs, rhs, sizes, cot):
         out, vjp = jax.vjp(lambda a, b: gmm(a, b, sizes, implementation=implementation,
-                                            consumers=consumers), lhs, rhs)
+                                            consumers=consumers, pingpong=pingpong), lhs, rhs)
         return (out, *vjp(cot))
     return jax.jit(f)
 
@@ -82,13 +84,15 @@ def dense_fwd_bwd(lhs, rhs, cot):
     return (out, *vjp(cot))
 
 
-def kernel_fn(name, kernels, tiling):
+def kernel_fn(name, kernels, tiling, pingpong=False):
     """One Mosaic kernel (``KERNELS``) of ``kernels`` (mosaic_gpu or
-    two_consumers), jitted; its operands are ``kernel_args``."""
+    two_consumers, whose gmm takes ``pingpong``), jitted; its operands are
+    ``kernel_args``."""
     if name == "tgmm":
         return jax.jit(lambda a, b, s: kernels.tgmm(a, b, s, out_dtype=DTYPE, tiling=tiling))
+    extra = dict(pingpong=True) if pingpong else {}
     return jax.jit(lambda a, b, s: kernels.gmm(a, b, s, transpose_rhs=name == "gmm_dlhs",
-                                               out_dtype=DTYPE, tiling=tiling))
+                                               out_dtype=DTYPE, tiling=tiling, **extra))
 
 
 def kernel_args(name, lhs, rhs, cot, sizes):
@@ -103,13 +107,13 @@ def inputs(m, k, n, g, seed):
             jax.random.normal(ks[2], (m, n), jnp.float32).astype(DTYPE))
 
 
-def check(implementation, consumers=1):
+def check(implementation, consumers=1, pingpong=False):
     """Max relative error of out, d-lhs, d-rhs against the float32 reference on
     a ragged problem (empty groups, 100 rows past the groups)."""
     m, k, n, g = 4096, 512, 384, 8
     sizes = jnp.asarray([900, 0, 1200, 300, 0, 1, 1500, 95], jnp.int32)
     lhs, rhs, cot = inputs(m, k, n, g, seed=1)
-    got = fwd_bwd(implementation, consumers)(lhs, rhs, sizes, cot)
+    got = fwd_bwd(implementation, consumers, pingpong)(lhs, rhs, sizes, cot)
     up = lambda x: x.astype(jnp.float32)
     ref_out, vjp = jax.vjp(lambda a, b: gmm_reference(a, b, sizes), up(lhs), up(rhs))
     want = (ref_out, *vjp(up(cot)))
@@ -143,15 +147,18 @@ def compare_consumers(json_path):
     """--consumers: one- against two-consumer kernels and the dense product
     at moe_1b's expert shapes (see the module docstring)."""
     m, g = MOE_1B["m"], MOE_1B["g"]
-    rows = []
-    try:
-        err = check("mosaic_gpu", consumers=2)
-        ok = err < 2e-2
-        rows.append(dict(kind="check", consumers=2, rel_err=err, ok=ok))
-    except Exception:
-        ok = False
-        rows.append(dict(kind="check", consumers=2, error=traceback.format_exc()[-400:]))
-    print(rows[-1], flush=True)
+    rows, ok = [], {}
+    for pingpong in (False, True):
+        try:
+            err = check("mosaic_gpu", consumers=2, pingpong=pingpong)
+            ok[pingpong] = err < 2e-2
+            rows.append(dict(kind="check", consumers=2, pingpong=pingpong, rel_err=err,
+                             ok=ok[pingpong]))
+        except Exception:
+            ok[pingpong] = False
+            rows.append(dict(kind="check", consumers=2, pingpong=pingpong,
+                             error=traceback.format_exc()[-400:]))
+        print(rows[-1], flush=True)
     header = (f"{jax.devices()[0].device_kind}, jax {jax.__version__}, bf16, M={m}, G={g}, "
               f"Dirichlet({MOE_1B['alpha']}) group sizes; TFLOP/s = 2*M*K*N a kernel "
               f"(3x that forward+backward)")
@@ -165,22 +172,27 @@ def compare_consumers(json_path):
         for name in KERNELS:
             default = (mosaic_gpu.DEFAULT_TGMM_TILING if name == "tgmm"
                        else mosaic_gpu.DEFAULT_TILING)
-            variants = [("1 consumer", mosaic_gpu, default)] + [
-                ("2 consumers", two_consumers, t)
-                for t in (TUNE_TWO_CONSUMERS["tgmm" if name == "tgmm" else "gmm"] if ok else ())]
-            for variant, kernels, tiling in variants:
+            variants = [("1 consumer", mosaic_gpu, default, False)] + [
+                ("2 consumers", two_consumers, t, False)
+                for t in (TUNE_TWO_CONSUMERS["tgmm" if name == "tgmm" else "gmm"]
+                          if ok[False] else ())] + [
+                ("2 in ping-pong", two_consumers, t, True)
+                for t in (TUNE_PINGPONG if ok[True] and name != "tgmm" else ())]
+            for variant, kernels, tiling, pingpong in variants:
                 rows.append(timed(dict(shape, kernel=name, variant=variant, tiling=tiling), flops,
-                                  kernel_fn(name, kernels, tiling),
+                                  kernel_fn(name, kernels, tiling, pingpong),
                                   *kernel_args(name, lhs, rhs, cot, sizes)))
         rows.append(timed(dict(shape, kernel="fwd+bwd", variant="dense einsum"), 3 * flops,
                           dense_fwd_bwd, lhs, rhs, cot))
-        for consumers in (1, 2) if ok else (1,):
-            rows.append(timed(dict(shape, kernel="fwd+bwd", variant=f"API consumers={consumers}"),
-                              3 * flops, fwd_bwd("mosaic_gpu", consumers), lhs, rhs, sizes, cot))
+        apis = [(1, False)] + [(2, pp) for pp in (False, True) if ok[pp]]
+        for consumers, pingpong in apis:
+            variant = f"API consumers={consumers}" + (" ping-pong" if pingpong else "")
+            rows.append(timed(dict(shape, kernel="fwd+bwd", variant=variant), 3 * flops,
+                              fwd_bwd("mosaic_gpu", consumers, pingpong), lhs, rhs, sizes, cot))
         if json_path:
             write_rows(json_path, header, rows)
     print("\n" + header + "; % dense: of the dense einsum's TFLOP/s (forward, or forward+backward)")
-    print(f"{'shape':20s} {'kernel':13s} {'variant':20s} {'tiling':16s} {'ms':>8s} {'TFLOP/s':>8s} "
+    print(f"{'shape':20s} {'kernel':13s} {'variant':26s} {'tiling':16s} {'ms':>8s} {'TFLOP/s':>8s} "
           f"{'% dense':>8s}")
     dense_tflops = {(r["shape"], r["kernel"] == "fwd+bwd"): r.get("tflops") for r in rows
                     if r.get("variant") in ("XLA", "dense einsum")}
@@ -190,7 +202,7 @@ def compare_consumers(json_path):
             result = (f"{r['ms']:8.3f} {r['tflops']:8.1f} "
                       f"{100 * r['tflops'] / dense_tf if dense_tf else float('nan'):8.0f}"
                       if "ms" in r else f"failed: {r['error'][:60]}")
-            print(f"{r['shape']:20s} {r['kernel']:13s} {r['variant']:20s} "
+            print(f"{r['shape']:20s} {r['kernel']:13s} {r['variant']:26s} "
                   f"{str(r.get('tiling', '')):16s} {result}")
 
 

@@ -28,6 +28,16 @@ tile shared by two groups) only waits for and frees the slots, so the
 other consumer has the tensor cores to itself. Each consumer stores its
 own rows of [lo, hi) (mosaic_gpu.store_rows) from its own staging tile.
 
+gmm with pingpong=True: the consumers take whole items in turn (a block's
+items 0, 2, 4, ... to the first, 1, 3, 5, ... to the second) and tiling
+(rows, K, N) is one consumer's item, rows 64 or 128. The ring is shared and
+filled in item order, so one consumer's next item starts loading while the
+other finishes its own: each consumer's epilogue (staging and storing its
+tile) overlaps the other's products, where the split items above leave the
+tensor cores idle while both store. The consumer that does not own an item
+frees its ring steps without reading them, as a consumer without rows does
+above.
+
 tgmm: tiling (rows, K, N); each item's [K, N] output tile is split into two
 [K/2, N] halves, K 128 or 256. Each consumer's lhs columns come as their own
 TMA copy, so a consumer zeroes the rows of other groups in its own slot
@@ -50,14 +60,17 @@ ACC_REGS = 128   # float32 accumulator registers a consumer thread may hold
 # Each consumer a 64x256 half (m64n256 wgmmas, the widest Hopper issues).
 DEFAULT_TILING = (128, 64, 256)
 DEFAULT_TGMM_TILING = (64, 128, 256)
+# pingpong: a consumer's whole item, 128x128 (m64n128 wgmmas on two row halves).
+DEFAULT_PINGPONG_TILING = (128, 64, 128)
 THREADS = dict(num_threads=CONSUMERS + 1, thread_name="wg")
 # Shared memory for the ring and staging tiles: the barriers take 16 bytes a
 # stage (64 at 4 stages, read from a lowering that did not fit).
 SMEM_BYTES = mc.SMEM_PER_BLOCK - 1024
 
 
-def unsupported(tiling, op: str, out_dtype=None) -> str | None:
-    """Why the two-consumer ``op`` ('gmm' or 'tgmm') cannot take ``tiling``
+def unsupported(tiling, op: str, out_dtype=None, pingpong: bool = False) -> str | None:
+    """Why the two-consumer ``op`` ('gmm' or 'tgmm'; with ``pingpong`` the
+    gmm whose consumers take whole items in turn) cannot take ``tiling``
     (None: its default) or ``out_dtype`` (None: the inputs'), or None when it
     can."""
     if out_dtype is not None and jnp.dtype(out_dtype).itemsize != 2:
@@ -67,6 +80,15 @@ def unsupported(tiling, op: str, out_dtype=None) -> str | None:
         return (f"consumers=2 stores 16-bit outputs only; got {jnp.dtype(out_dtype).name} "
                 f"(preferred_element_type)")
     if tiling is None:
+        return None
+    if pingpong and op == "gmm":
+        regs = tiling[0] * tiling[2] // 128
+        if tiling[0] not in (64, 128):
+            return (f"consumers=2 with pingpong gives each warpgroup a whole gmm item: its row "
+                    f"tile must be 64 or 128; got tiling {tiling}")
+        if regs > ACC_REGS:
+            return (f"consumers=2 with pingpong gmm tiling {tiling} needs {regs} float32 "
+                    f"accumulator registers a thread; at most {ACC_REGS} fit")
         return None
     split = tiling[0] if op == "gmm" else tiling[1]
     what = "row tile" if op == "gmm" else "K tile"
@@ -80,17 +102,17 @@ def unsupported(tiling, op: str, out_dtype=None) -> str | None:
     return None
 
 
-def _check(lhs, other, tiling, op, out_dtype):
+def _check(lhs, other, tiling, op, out_dtype, pingpong=False):
     mosaic_gpu.check(lhs, other, tiling)
-    problem = unsupported(tiling, op, out_dtype)
+    problem = unsupported(tiling, op, out_dtype, pingpong)
     if problem:
         raise ValueError(f"the Mosaic GPU kernel {problem}")
 
 
-def _ring_barriers(depth):
-    """A ring's ready barriers (the producer's three TMA copies of a step)
-    and free barriers (both consumers)."""
-    return [plgpu.Barrier(num_arrivals=CONSUMERS + 1, num_barriers=depth),
+def _ring_barriers(depth, copies=CONSUMERS + 1):
+    """A ring's ready barriers (the producer's ``copies`` TMA copies of a
+    step) and free barriers (both consumers)."""
+    return [plgpu.Barrier(num_arrivals=copies, num_barriers=depth),
             plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=depth)]
 
 
@@ -162,16 +184,21 @@ def stage(tile, acc):
     plgpu.commit_smem()
 
 
-def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT_TILING,
-        interpret=False):
-    _check(lhs, rhs, tiling, "gmm", out_dtype)
+def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=None,
+        pingpong=False, interpret=False):
+    """tiling None: DEFAULT_PINGPONG_TILING with pingpong, else DEFAULT_TILING."""
+    tiling = tiling or (DEFAULT_PINGPONG_TILING if pingpong else DEFAULT_TILING)
+    _check(lhs, rhs, tiling, "gmm", out_dtype, pingpong)
     m, n = lhs.shape[0], rhs.shape[1] if transpose_rhs else rhs.shape[2]
     lhs, rhs = mosaic_gpu.aligned(lhs), mosaic_gpu.aligned(rhs)
     (m_pad, k), g = lhs.shape, rhs.shape[0]
     n_pad = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tm, tk, tn = tiling
-    rows = tm // CONSUMERS
-    depth = mosaic_gpu.stages(tiling, jnp.dtype(out_dtype).itemsize, SMEM_BYTES)
+    # A consumer's rows of an item, and the lhs copies a ring step takes.
+    rows, parts = (tm, 1) if pingpong else (tm // CONSUMERS, CONSUMERS)
+    # Staging: one [rows, tn] tile a consumer, the item's size CONSUMERS / parts times.
+    depth = mosaic_gpu.stages(tiling, jnp.dtype(out_dtype).itemsize * CONSUMERS // parts,
+                              SMEM_BYTES)
     n_tiles, k_tiles = pl.cdiv(n_pad, tn), pl.cdiv(k, tk)
     items = num_steps(m_pad, tm, g + 1) * n_tiles
     n_programs = mosaic_gpu.programs(interpret)
@@ -201,7 +228,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT
 
                 def issue(slot, kk):
                     cols = pl.ds(kk * tk, tk)
-                    for c in range(CONSUMERS):
+                    for c in range(parts):
                         plgpu.copy_gmem_to_smem(lhs_ref.at[pl.ds(tile * tm + c * rows, rows), cols],
                                                 lhs_smem.at[slot, c], ready.at[slot])
                     w = (rhs_ref.at[group, pl.ds(j * tn, tn), cols] if transpose_rhs
@@ -217,16 +244,20 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT
 
             def run(i, t):
                 _, tile, lo, hi, j, steps = item(i)
-                row0 = tile * tm + wg * rows
+                part = 0 if pingpong else wg  # this consumer's lhs copy of a step
+                row0 = tile * tm + part * rows
                 # This consumer's rows of the step, relative to row0.
                 my_lo = jnp.clip(lo - row0, 0, rows)
                 my_hi = jnp.clip(hi - row0, 0, rows)
+                mine = my_hi > my_lo
+                if pingpong:
+                    mine = mine & (lax.rem(i, CONSUMERS) == wg)
 
-                @pl.when(my_hi > my_lo)
+                @pl.when(mine)
                 def _():
                     def mma(acc_ref, slot, _):
                         w = rhs_smem.at[slot]
-                        plgpu.wgmma(acc_ref, lhs_smem.at[slot, wg],
+                        plgpu.wgmma(acc_ref, lhs_smem.at[slot, part],
                                     w.transpose((1, 0)) if transpose_rhs else w)
 
                     # The zero tail (no steps) stores the untouched zero accumulator.
@@ -235,8 +266,8 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT
                     mosaic_gpu.store_rows(mine, lambda offset, r: out_ref.at[
                         pl.ds(row0 + offset, r), pl.ds(j * tn, tn)], my_lo, my_hi, my_lo, rows)
 
-                @pl.when(my_hi <= my_lo)
-                def _():  # the other consumer's rows hold all of the step's
+                @pl.when(jnp.logical_not(mine))
+                def _():  # the other consumer's item, or its rows hold all of the step's
                     release(ready, free, depth, t, steps)
                 return t + steps
 
@@ -244,10 +275,10 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT
             mc.wait_stores_before_exit()
 
     rhs_block = (tn, tk) if transpose_rhs else (tk, tn)
-    scratch = [mc.swizzled_smem((depth, CONSUMERS, rows, tk), lhs.dtype),
+    scratch = [mc.swizzled_smem((depth, parts, rows, tk), lhs.dtype),
                mc.swizzled_smem((depth, *rhs_block), rhs.dtype),
                plgpu.SMEM((CONSUMERS, rows, tn), out_dtype),
-               *_ring_barriers(depth)]
+               *_ring_barriers(depth, parts + 1)]
     out = mosaic_gpu.launch(grouped_matmul, jax.ShapeDtypeStruct((m_pad, n_pad), out_dtype),
                             scratch, interpret, **THREADS)(*sched, lhs, rhs)
     return out[:m, :n]

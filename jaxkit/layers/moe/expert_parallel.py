@@ -83,13 +83,14 @@ def _reshard(x, spec, mesh):
 
 
 def sharded_moe(body, x, router_kernel, bias, shift, weights: ExpertWeights, *, mesh, rules,
-                implementation, quant=None, consumers=1):
+                implementation, quant=None, consumers=1, pingpong=False):
     """Runs body(x2d, router_kernel, bias, shift, experts) -> (y2d, RoutingStats)
     per device inside shard_map; returns (y [B, S, D] float32, summed stats).
     bias and shift: replicated per-expert arrays, or None.
     rules: the logical-axis rules that place tokens and experts on `mesh`.
     quant: the experts' jaxkit.quant.ExpertQuant (replicated), or None;
-    consumers: the grouped matmuls' (model.moe.gmm_consumers)."""
+    consumers, pingpong: the grouped matmuls' (model.moe.gmm_consumers,
+    gmm_pingpong)."""
     B, S, D = x.shape
     E = weights.gate.shape[0]
     batch, seq, exp = (mesh_axes(name, rules, mesh) for name in ("batch", "length", "exp"))
@@ -113,7 +114,7 @@ def sharded_moe(body, x, router_kernel, bias, shift, weights: ExpertWeights, *, 
                         is_leaf=lambda s: isinstance(s, P))
 
     def local(args):
-        experts = LocalExperts(args["weights"], implementation, args["quant"], consumers)
+        experts = LocalExperts(args["weights"], implementation, args["quant"], consumers, pingpong)
         if ep > 1:
             experts = ShardedExperts(experts, exp, ep)
         b, s, _ = args["x"].shape

@@ -61,18 +61,18 @@ def _ffn(x, w: ExpertWeights, mm, quant):
 
 
 def grouped_ffn(rows, sizes, w: ExpertWeights, *, implementation: str, quant=None,
-                consumers: int = 1):
+                consumers: int = 1, pingpong: bool = False):
     """rows [M, D] grouped by expert (sizes [E]) -> [M, D] in rows.dtype; rows
-    past sum(sizes) are padding and come out zero. consumers: the float
-    grouped matmuls' (pallas_kernels.grouped_matmul.gmm)."""
+    past sum(sizes) are padding and come out zero. consumers, pingpong: the
+    float grouped matmuls' (pallas_kernels.grouped_matmul.gmm)."""
     def mm(a, b):
         if isinstance(b, LowBitExperts):  # the quantised kernels give float32
-            if consumers != 1:
+            if consumers != 1 or pingpong:
                 raise ValueError(f"model.moe.gmm_consumers={consumers} applies to float expert "
                                  "weights; low-bit experts run the quantised grouped matmul")
             return b.grouped_matmul(a, sizes, implementation=implementation).astype(a.dtype)
         return gmm(a, b.astype(a.dtype), sizes, implementation=implementation,
-                   preferred_element_type=a.dtype, consumers=consumers)
+                   preferred_element_type=a.dtype, consumers=consumers, pingpong=pingpong)
     return _ffn(rows, w, mm, quant)
 
 
@@ -93,6 +93,7 @@ class LocalExperts:
     implementation: str
     quant: object = None  # jaxkit.quant.ExpertQuant, or None
     consumers: int = 1  # the grouped matmuls' warpgroups (model.moe.gmm_consumers)
+    pingpong: bool = False  # model.moe.gmm_pingpong
 
     @property
     def num_experts(self) -> int:
@@ -102,7 +103,7 @@ class LocalExperts:
         """rows [M, D] sorted by expert id sorted_expert [M] -> [M, D] in rows.dtype."""
         sizes = group_sizes(sorted_expert, self.num_experts)
         return grouped_ffn(rows, sizes, self.weights, implementation=self.implementation,
-                           quant=self.quant, consumers=self.consumers)
+                           quant=self.quant, consumers=self.consumers, pingpong=self.pingpong)
 
     def buffered(self, x_e):
         """x_e [E, C, D] -> [E, C, D] in x_e.dtype."""

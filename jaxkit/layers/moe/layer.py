@@ -122,13 +122,14 @@ class MoE(nnx.Module):
         placement = active()  # (mesh, rules) inside jaxkit.sharding.activate
         if placement is None or placement[0].size == 1:
             y, stats = body(xc.reshape(B * S, D), self.router[...], bias, shift,
-                            LocalExperts(weights, m.gmm_implementation, quant, m.gmm_consumers))
+                            LocalExperts(weights, m.gmm_implementation, quant, m.gmm_consumers,
+                                         m.gmm_pingpong))
             y = y.reshape(B, S, D)
         else:
             mesh, rules = placement
             y, stats = sharded_moe(body, xc, self.router[...], bias, shift, weights, mesh=mesh,
                                    rules=rules, implementation=m.gmm_implementation, quant=quant,
-                                   consumers=m.gmm_consumers)
+                                   consumers=m.gmm_consumers, pingpong=m.gmm_pingpong)
         loss, metrics = summarize(stats, aux_loss_weight=m.aux_loss_weight,
                                   z_loss_weight=m.router_z_loss_weight)
         if self.bias is not None and not self.deterministic:

@@ -57,6 +57,7 @@ class Case:
     blockspec_tiling: tuple[int, int, int] = (16, 16, 16)
     mosaic_tiling: tuple[int, int, int] | None = None  # None: the kernel's defaults
     consumers: int = 1  # 2: the Mosaic kernels of two_consumers.py
+    pingpong: bool = False  # consumers=2: gmm items taken whole, in turn
     # Small enough for the Mosaic kernel in JAX's GPU interpreter (seconds a call).
     gpu_interpreter: bool = False
 
@@ -103,6 +104,11 @@ GPU_INTERPRETED = dict(m=203, k=128, n=128, routing=(70, 0, 59, 40), groups=4, d
 TWO_CONSUMERS = dict(consumers=2, **MOSAIC_SIZED)
 TWO_CONSUMERS_INTERPRETED = dict(GPU_INTERPRETED, m=270, k=256, n=256, routing=(100, 0, 90, 50),
                                  out_dtype=BF16, mosaic_tiling=(128, 128, 128), consumers=2)
+# Ping-pong: at its default tiling (128, 64, 128) and at (64, 64, 256); in the
+# interpreter 64-row items so each consumer gets several, groups ending
+# inside items, an empty group and a zero tail.
+PINGPONG = dict(TWO_CONSUMERS, pingpong=True)
+PINGPONG_INTERPRETED = dict(TWO_CONSUMERS_INTERPRETED, mosaic_tiling=(64, 64, 128), pingpong=True)
 # transpose_rhs alternates over the routings, so both gradient layouts run.
 CASES = {
     # float32: the tight tolerance (the Mosaic kernel takes 16-bit inputs only).
@@ -126,6 +132,12 @@ CASES = {
     "two_consumers_256_rows_transposed": Case(routing="rows_past_groups", transpose_rhs=True,
                                               mosaic_tiling=(256, 128, 64), **TWO_CONSUMERS),
     "two_consumers_interpreted": Case(**TWO_CONSUMERS_INTERPRETED),
+    "pingpong_random": Case(routing="random", **PINGPONG),
+    "pingpong_rows_past_groups_transposed": Case(routing="rows_past_groups", transpose_rhs=True,
+                                                 **PINGPONG),
+    "pingpong_64_rows_empty_groups": Case(routing="empty_groups", mosaic_tiling=(64, 64, 256),
+                                          **PINGPONG),
+    "pingpong_interpreted": Case(**PINGPONG_INTERPRETED),
 }
 
 
@@ -136,7 +148,7 @@ def problem(case, implementation, interpret):
     supports = TABLE.supports[implementation]
     return next(filter(None, (supports(SimpleNamespace(
         dtype=jnp.dtype(case.dtype), tiling=case.tiling(implementation),
-        interpret=bool(interpret), consumers=case.consumers, op=op,
+        interpret=bool(interpret), consumers=case.consumers, pingpong=case.pingpong, op=op,
         out_dtype=jnp.dtype(case.out_dtype or case.dtype)))
         for op in ("gmm", "tgmm"))), None)
 
@@ -146,6 +158,8 @@ def gpu_interpreter_problem(case, op):
     case in JAX's GPU interpreter, or None."""
     if not case.gpu_interpreter:
         return "too large for the GPU interpreter"
+    if case.pingpong and op == "tgmm":
+        return "ping-pong is a gmm schedule; its tgmm is the two-consumer cases'"
     if not compat.MOSAIC_GPU_INTERPRET_FULL and (op != "gmm" or case.transpose_rhs):
         return "jax 0.10's GPU interpreter runs gmm without a transposed rhs only"
     return problem(case, "mosaic_gpu", False)
@@ -231,7 +245,8 @@ def api_gmm(name, implementation, interpret):
     return functools.partial(gmm, implementation=implementation, interpret=interpret,
                              tiling=case.tiling(implementation),
                              transpose_rhs=case.transpose_rhs,
-                             preferred_element_type=case.out_dtype, consumers=case.consumers)
+                             preferred_element_type=case.out_dtype, consumers=case.consumers,
+                             pingpong=case.pingpong)
 
 
 def api_tgmm(name, implementation, interpret):

@@ -45,9 +45,10 @@ def test_mosaic_kernel_in_gpu_interpreter(name, op):
     swap = op == "gmm_transposed_rhs"
 
     def kernel(lhs, rhs, sizes):
+        extra = dict(pingpong=True) if case.pingpong else {}
         return kernels.gmm(lhs, rhs.swapaxes(1, 2) if swap else rhs, sizes,
                            transpose_rhs=case.transpose_rhs != swap,
-                           out_dtype=case.out_dtype or case.dtype, **kw)
+                           out_dtype=case.out_dtype or case.dtype, **kw, **extra)
     check(name, kernel, gradients=False)  # the kernel alone has no VJP
 
 
@@ -127,12 +128,23 @@ def test_mosaic_kernel_rejects_what_it_cannot_do():
     with pytest.raises(ValueError, match="consumers=2 stores 16-bit outputs only; got float32"):
         gmm(x, jnp.ones((G, 64, 64), jnp.bfloat16), sizes, implementation="mosaic_gpu",
             preferred_element_type=jnp.float32, consumers=2)
+    w = jnp.ones((G, 64, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"pingpong gmm tiling \(128, 64, 256\) needs 256"):
+        two_consumers.gmm(x, w, sizes, out_dtype=jnp.bfloat16, tiling=(128, 64, 256),
+                          pingpong=True)
+    with pytest.raises(ValueError, match=r"row tile must be 64 or 128; got tiling \(256"):
+        two_consumers.gmm(x, w, sizes, out_dtype=jnp.bfloat16, tiling=(256, 64, 64),
+                          pingpong=True)
+    with pytest.raises(ValueError, match="pingpong=True .* needs consumers=2, got consumers=1"):
+        gmm(x, w, sizes, implementation="mosaic_gpu", pingpong=True)
 
 
 # The two-consumer kernels at moe_1b's expert shapes (K=1024, N=1280 and
 # K=640, N=1024; fewer rows), lowered for CUDA: the ring and staging tiles
-# fit the block's shared memory (the lowering checks it exactly).
-@pytest.mark.parametrize("op", ["gmm", "gmm_transposed_rhs", "tgmm"])
+# fit the block's shared memory (the lowering checks it exactly). pingpong:
+# the gmm whose consumers take whole items in turn, at both layouts.
+@pytest.mark.parametrize("op", ["gmm", "gmm_transposed_rhs", "tgmm", "pingpong",
+                                "pingpong_transposed_rhs"])
 @pytest.mark.parametrize("k,n", [(1024, 1280), (640, 1024)])
 @pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float16])
 def test_two_consumer_kernels_lower_for_cuda(op, k, n, out_dtype):
@@ -143,8 +155,9 @@ def test_two_consumer_kernels_lower_for_cuda(op, k, n, out_dtype):
         fn = functools.partial(two_consumers.tgmm, out_dtype=out_dtype)
         operands = (lhs, jnp.ones((m, n), jnp.bfloat16), sizes)
     else:
-        transpose = op == "gmm_transposed_rhs"
-        fn = functools.partial(two_consumers.gmm, transpose_rhs=transpose, out_dtype=out_dtype)
+        transpose = op.endswith("transposed_rhs")
+        fn = functools.partial(two_consumers.gmm, transpose_rhs=transpose, out_dtype=out_dtype,
+                               pingpong=op.startswith("pingpong"))
         operands = (lhs, jnp.ones((g, n, k) if transpose else (g, k, n), jnp.bfloat16), sizes)
     text = jax.jit(fn).trace(*operands).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text

@@ -255,16 +255,16 @@ def test_bf16_dropless_close_to_float32():
 # ------------------------------------------------------------ two consumers
 
 def test_gmm_consumers_reach_every_grouped_matmul(monkeypatch):
-    """model.moe.gmm_consumers goes to the gate|up and down grouped matmuls
-    (the kernels themselves are tested in pallas_kernels); the config
-    refuses it where no Mosaic GPU grouped matmul runs."""
+    """model.moe.gmm_consumers and gmm_pingpong go to the gate|up and down
+    grouped matmuls (the kernels themselves are tested in pallas_kernels);
+    the config refuses them where no Mosaic GPU grouped matmul runs."""
     from jaxkit.config import load_config
     from jaxkit.layers.moe import experts as experts_module
 
     seen, original = [], experts_module.gmm
 
-    def recording_gmm(*args, consumers=1, **kwargs):  # the 'xla' reference takes no consumers
-        seen.append(consumers)
+    def recording_gmm(*args, consumers=1, pingpong=False, **kwargs):  # 'xla' takes neither
+        seen.append((consumers, pingpong))
         return original(*args, **kwargs)
     monkeypatch.setattr(experts_module, "gmm", recording_gmm)
     E, D, H = 3, 8, 5
@@ -272,8 +272,12 @@ def test_gmm_consumers_reach_every_grouped_matmul(monkeypatch):
     w = ExpertWeights(*(jax.random.normal(k, s) for k, s in zip(keys, [(E, D, H), (E, D, H),
                                                                          (E, H, D)])))
     rows = jax.random.normal(keys[3], (10, D))
-    LocalExperts(w, "xla", consumers=2).grouped(rows, jnp.array([0, 0, 1, 1, 1, 2, 2, 2, 2, 3]))
-    assert seen == [2, 2]
+    ids = jnp.array([0, 0, 1, 1, 1, 2, 2, 2, 2, 3])
+    LocalExperts(w, "xla", consumers=2).grouped(rows, ids)
+    LocalExperts(w, "xla", consumers=2, pingpong=True).grouped(rows, ids)
+    assert seen == [(2, False)] * 2 + [(2, True)] * 2
+    with pytest.raises(ValueError, match="gmm_pingpong .* needs gmm_consumers: 2, got 1"):
+        load_config(None, ["model.moe.num_experts=4", "model.moe.gmm_pingpong=true"])
     with pytest.raises(ValueError, match="gmm_consumers=2 splits the Mosaic GPU grouped matmuls"):
         load_config(None, ["model.moe.num_experts=4", "model.moe.gmm_consumers=2",
                            "model.moe.gmm_implementation=ragged_dot"])

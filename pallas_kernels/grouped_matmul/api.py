@@ -33,8 +33,9 @@ the same tiling reaches its d-lhs gmm and d-rhs tgmm.
 consumers (1 or 2, 'mosaic_gpu' only): 2 runs the Hopper kernels of
 two_consumers.py, a producer warpgroup and two consumer warpgroups that
 split each output tile (gmm: its rows, tgmm: its K rows, each 128 or 256);
-tiling None then means their own defaults; 16-bit outputs only. An opt-in:
-1 is the default.
+tiling None then means the tuning table's tiling for the device and shape
+(tuning.py), else their own defaults; 16-bit outputs only. An opt-in: 1 is
+the default.
 pingpong (gmm, consumers=2 only): the two consumers take whole gmm items in
 turn instead of splitting each one, so one's epilogue overlaps the other's
 products; a given tiling is then one consumer's item and applies to the
@@ -49,8 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import dispatch
-from pallas_kernels.grouped_matmul import blockspec, mosaic_gpu, two_consumers
+from pallas_kernels import compat, dispatch
+from pallas_kernels.grouped_matmul import blockspec, mosaic_gpu, tuning, two_consumers
 from pallas_kernels.grouped_matmul.reference import gmm_reference, tgmm_reference
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -178,9 +179,11 @@ def _gmm_kernel(lhs, rhs, group_sizes, cfg: _Config):
                              out_dtype=cfg.out_dtype, tiling=cfg.tiling or BLOCKSPEC_TILING,
                              interpret=cfg.kernel.interpret)
     if cfg.consumers == 2:
+        n = rhs.shape[1] if cfg.transpose_rhs else rhs.shape[2]
+        tiling = cfg.tiling or _tuned("gmm_t" if cfg.transpose_rhs else "gmm",
+                                      "pingpong" if cfg.pingpong else "split", lhs.shape[1], n)
         return two_consumers.gmm(lhs, rhs, group_sizes, transpose_rhs=cfg.transpose_rhs,
-                                 out_dtype=cfg.out_dtype, tiling=cfg.tiling,
-                                 pingpong=cfg.pingpong)
+                                 out_dtype=cfg.out_dtype, tiling=tiling, pingpong=cfg.pingpong)
     return mosaic_gpu.gmm(lhs, rhs, group_sizes, transpose_rhs=cfg.transpose_rhs,
                           out_dtype=cfg.out_dtype, tiling=cfg.tiling or mosaic_gpu.DEFAULT_TILING)
 
@@ -191,10 +194,19 @@ def _tgmm_kernel(lhs, dout, group_sizes, cfg: _Config):
         return blockspec.tgmm(lhs, dout, group_sizes, out_dtype=cfg.out_dtype,
                               tiling=cfg.tiling or BLOCKSPEC_TILING,
                               interpret=cfg.kernel.interpret)
-    kernels = two_consumers if cfg.consumers == 2 else mosaic_gpu
-    tiling = None if cfg.pingpong else cfg.tiling  # a pingpong tiling is the gmm's
-    return kernels.tgmm(lhs, dout, group_sizes, out_dtype=cfg.out_dtype,
-                        tiling=tiling or kernels.DEFAULT_TGMM_TILING)
+    if cfg.consumers == 2:
+        tiling = None if cfg.pingpong else cfg.tiling  # a pingpong tiling is the gmm's
+        tiling = tiling or _tuned("tgmm", "split", lhs.shape[1], dout.shape[1])
+        return two_consumers.tgmm(lhs, dout, group_sizes, out_dtype=cfg.out_dtype,
+                                  tiling=tiling or two_consumers.DEFAULT_TGMM_TILING)
+    return mosaic_gpu.tgmm(lhs, dout, group_sizes, out_dtype=cfg.out_dtype,
+                           tiling=cfg.tiling or mosaic_gpu.DEFAULT_TGMM_TILING)
+
+
+def _tuned(kernel, schedule, k, n):
+    """The two-consumer kernels' tiling from the tuning table (tuning.py) for
+    this device and shape, or None for their defaults."""
+    return tuning.tiling_for(compat.device_kind(), kernel, schedule, k, n)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -1,7 +1,7 @@
 """Grouped-matmul benchmark: TFLOP/s of gmm forward+backward, one run, same GPU.
 
     python -m pallas_kernels.grouped_matmul.bench [--json PATH] [--tune]
-    python -m pallas_kernels.grouped_matmul.bench --consumers [--json PATH]
+    python -m pallas_kernels.grouped_matmul.bench --consumers [--write-table] [--json PATH]
 
 Problem (an MoE expert layer): T=16384 tokens routed top_k=2, so M = T*top_k
 = 32768 rows, K = d_model = 2048, N = expert hidden = 1408, G = 64 experts.
@@ -26,6 +26,9 @@ with the consumers in ping-pong at TUNE_PINGPONG; gmm forward+backward
 through the API with consumers=1, 2 and 2 in ping-pong; and the dense
 batched einsum of the same FLOPs (forward, and forward+backward). The
 two-consumer kernels are checked first like the implementations above.
+--write-table also records the fastest two-consumer tiling of each kernel,
+schedule and shape in tuning_table.json for this device (tuning.py), which
+the API then uses where no tiling is given.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.benchmarking import rel_err, time_fn, write_rows
-from pallas_kernels.grouped_matmul import mosaic_gpu, two_consumers
+from pallas_kernels.grouped_matmul import mosaic_gpu, tuning, two_consumers
 from pallas_kernels.grouped_matmul.api import gmm
 from pallas_kernels.grouped_matmul.reference import gmm_flops, gmm_reference
 
@@ -143,7 +146,24 @@ def tune(lhs, rhs, cot, sizes, rows):
                               *kernel_args(name, lhs, rhs, cot, sizes)))
 
 
-def compare_consumers(json_path):
+def fastest_tilings(rows):
+    """{tuning table key: tiling} of the fastest two-consumer row of each
+    kernel, schedule and shape among the timed ``rows``."""
+    schedules = {"2 consumers": "split", "2 in ping-pong": "pingpong"}
+    best = {}
+    for r in rows:
+        if r.get("kind") != "consumers" or r.get("variant") not in schedules or "ms" not in r:
+            continue
+        k, n = r["k"], r["n"]
+        kernel, k, n = {"gmm": ("gmm", k, n), "gmm_dlhs": ("gmm_t", n, k),
+                        "tgmm": ("tgmm", k, n)}[r["kernel"]]
+        key = tuning.table_key(kernel, schedules[r["variant"]], k, n)
+        if key not in best or r["ms"] < best[key][0]:
+            best[key] = (r["ms"], tuple(r["tiling"]))
+    return {key: tiling for key, (_, tiling) in best.items()}
+
+
+def compare_consumers(json_path, write_table=False):
     """--consumers: one- against two-consumer kernels and the dense product
     at moe_1b's expert shapes (see the module docstring)."""
     m, g = MOE_1B["m"], MOE_1B["g"]
@@ -166,7 +186,7 @@ def compare_consumers(json_path):
         lhs, rhs, cot = inputs(m, k, n, g, seed=0)
         sizes = group_sizes(m, g, MOE_1B["alpha"])
         flops = gmm_flops(m, k, n)
-        shape = dict(kind="consumers", shape=f"{label} K={k} N={n}")
+        shape = dict(kind="consumers", shape=f"{label} K={k} N={n}", k=k, n=n)
         rows.append(timed(dict(shape, kernel="dense einsum", variant="XLA"), flops,
                           jax.jit(dense), lhs, rhs))
         for name in KERNELS:
@@ -191,6 +211,10 @@ def compare_consumers(json_path):
                               fwd_bwd("mosaic_gpu", consumers, pingpong), lhs, rhs, sizes, cot))
         if json_path:
             write_rows(json_path, header, rows)
+    if write_table:
+        entries = fastest_tilings(rows)
+        tuning.write_entries(jax.devices()[0].device_kind, entries)
+        print(f"wrote {len(entries)} entries to {tuning.TABLE_PATH}: {entries}")
     print("\n" + header + "; % dense: of the dense einsum's TFLOP/s (forward, or forward+backward)")
     print(f"{'shape':20s} {'kernel':13s} {'variant':26s} {'tiling':16s} {'ms':>8s} {'TFLOP/s':>8s} "
           f"{'% dense':>8s}")
@@ -212,9 +236,13 @@ def main():
     parser.add_argument("--tune", action="store_true", help="also time each kernel per tiling")
     parser.add_argument("--consumers", action="store_true",
                         help="only compare the one- and two-consumer kernels at moe_1b's shapes")
+    parser.add_argument("--write-table", action="store_true",
+                        help="with --consumers: record the fastest tilings in tuning_table.json")
     args = parser.parse_args()
+    if args.write_table and not args.consumers:
+        parser.error("--write-table records the --consumers comparison: pass --consumers")
     if args.consumers:
-        compare_consumers(args.json)
+        compare_consumers(args.json, args.write_table)
         return
     m, k, n, g = TOKENS * TOP_K, D_MODEL, D_EXPERT, EXPERTS
     flops = 3 * gmm_flops(m, k, n)

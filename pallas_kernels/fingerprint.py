@@ -105,16 +105,18 @@ def _block_sparse_backward_case(*args, **kwargs):
     return forward_and_backward, (q, k, indices, counts)
 
 
-def _grouped_matmul_case(kernels):
+def _grouped_matmul_case(kernels, pingpong=False):
     """gmm, gmm with a transposed rhs (its d-lhs) and tgmm (its d-rhs) of a
-    grouped-matmul kernel module, at their default tilings, bf16."""
+    grouped-matmul kernel module, at their default tilings, bf16; pingpong:
+    the two-consumer gmms in ping-pong (and no tgmm: it has no such schedule)."""
     lhs, rhs = jnp.ones((300, 200), jnp.bfloat16), jnp.ones((4, 200, 136), jnp.bfloat16)
     sizes, dout = jnp.asarray([100, 0, 150, 20], jnp.int32), jnp.ones((300, 136), jnp.bfloat16)
+    extra = dict(pingpong=True) if pingpong else {}
 
     def gmm_and_gradients(lhs, rhs, sizes, dout):
-        return (kernels.gmm(lhs, rhs, sizes, out_dtype=jnp.bfloat16),
-                kernels.gmm(dout, rhs, sizes, transpose_rhs=True, out_dtype=jnp.bfloat16),
-                kernels.tgmm(lhs, dout, sizes, out_dtype=jnp.bfloat16))
+        out = (kernels.gmm(lhs, rhs, sizes, out_dtype=jnp.bfloat16, **extra),
+               kernels.gmm(dout, rhs, sizes, transpose_rhs=True, out_dtype=jnp.bfloat16, **extra))
+        return out if pingpong else (*out, kernels.tgmm(lhs, dout, sizes, out_dtype=jnp.bfloat16))
     return gmm_and_gradients, (lhs, rhs, sizes, dout)
 
 
@@ -167,6 +169,7 @@ def _cases():
         "decode bf16 d128 block 128": _decode_case(1, 32, 8, 128, 4096, block_kv=128),
         "grouped matmul": _grouped_matmul_case(gmm_kernels),
         "grouped matmul two consumers": _grouped_matmul_case(two_consumers),
+        "grouped matmul ping-pong": _grouped_matmul_case(two_consumers, pingpong=True),
         "block-sparse fwd q-head lists d128 causal": _block_sparse_case(
             300, 4, 2, 128, 4, 128, 128, causal=True),
         "block-sparse fwd kv-head lists d64 segments": _block_sparse_case(

@@ -18,6 +18,9 @@ import re
 from pathlib import Path
 
 # (category, pattern over "kernel name | hlo op | scope"), first match wins.
+# Kernels kept by name in a breakdown (with their JAX ops): enough to place
+# the fusions behind a category, not only the largest kernels.
+TOP_KERNELS = 60
 CATEGORIES = (
     ("communication", r"nccl|all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute"),
     ("optimizer update", r"optimizer"),
@@ -84,7 +87,7 @@ def breakdown(trace: dict, steps: int, op_names: dict[str, str] | None = None) -
     step_ms = span_us / 1e3 / steps
     per_cat["host/idle"] = max(step_ms - busy, 0.0)
     order = sorted(per_cat.items(), key=lambda kv: -kv[1])
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:20]
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:TOP_KERNELS]
     return {"step_ms": step_ms, "device_busy_ms": busy,
             "per_step_ms": {k: round(v, 3) for k, v in order},
             "top_kernels": [(k[:100], round(v, 3)) for k, v in top],

@@ -66,3 +66,18 @@ def make_schedule(group_sizes, m: int, tm: int, *, zero_tail: bool) -> Schedule:
         first = within == 0
     first = first & real
     return Schedule(group, tile, lo, hi, first.astype(jnp.int32))
+
+
+def snake_index(i, block, blocks: int):
+    """The work-list index of a persistent block's i-th item when the list is
+    dealt in rounds of ``blocks`` items, forwards in even rounds and
+    backwards in odd ones: sorted by decreasing work, every block's items
+    then sum to nearly the same work."""
+    return i * blocks + jnp.where(i % 2 == 0, block, blocks - 1 - block)
+
+
+def snake_count(items: int, block, blocks: int):
+    """How many of ``items`` snake_index deals to ``block``: every round but
+    the last is full, and the last may not reach it."""
+    rounds = cdiv(items, blocks)
+    return rounds - 1 + (snake_index(rounds - 1, block, blocks) < items).astype(jnp.int32)

@@ -41,7 +41,10 @@ above.
 tgmm: tiling (rows, K, N); each item's [K, N] output tile is split into two
 [K/2, N] halves, K 128 or 256. Each consumer's lhs columns come as their own
 TMA copy, so a consumer zeroes the rows of other groups in its own slot
-(first and last row tile of the group) without waiting for the other.
+(first and last row tile of the group) without waiting for the other. An
+item's work is its group's row tiles, so the items go to the blocks sorted
+by group size and dealt forwards and backwards in turn
+(schedule.snake_index), which evens out the blocks' sums.
 """
 from __future__ import annotations
 
@@ -53,7 +56,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import mosaic_common as mc
 from pallas_kernels.grouped_matmul import mosaic_gpu
-from pallas_kernels.grouped_matmul.schedule import make_schedule, num_steps
+from pallas_kernels.grouped_matmul.schedule import (make_schedule, num_steps, snake_count,
+                                                     snake_index)
 
 CONSUMERS = 2
 ACC_REGS = 128   # float32 accumulator registers a consumer thread may hold
@@ -297,15 +301,16 @@ def tgmm(lhs, dout, group_sizes, *, out_dtype, tiling=DEFAULT_TGMM_TILING, inter
     items = g * k_tiles * n_tiles
     n_programs = mosaic_gpu.programs(interpret)
 
-    def transposed_grouped_matmul(start_ref, end_ref, first_ref, count_ref, lhs_ref, dout_ref,
-                                  out_ref, lhs_smem, dout_smem, out_smem, ready, free):
+    def transposed_grouped_matmul(start_ref, end_ref, first_ref, count_ref, order_ref, lhs_ref,
+                                  dout_ref, out_ref, lhs_smem, dout_smem, out_smem, ready, free):
         sm, wg = lax.axis_index("sm"), lax.axis_index("wg")
-        my_items = (items - 1 - sm) // n_programs + 1  # items sm, sm + n_programs, ...
+        my_items = snake_count(items, sm, n_programs)
 
         def item(i):
             """(group, K tile, N tile) of this block's i-th item."""
-            idx = sm + i * n_programs
-            return idx // (k_tiles * n_tiles), idx // n_tiles % k_tiles, idx % n_tiles
+            idx = snake_index(i, sm, n_programs)
+            return (order_ref[idx // (k_tiles * n_tiles)], idx // n_tiles % k_tiles,
+                    idx % n_tiles)
 
         @pl.when(wg == CONSUMERS)
         def _producer():
@@ -359,8 +364,13 @@ def tgmm(lhs, dout, group_sizes, *, out_dtype, tiling=DEFAULT_TGMM_TILING, inter
                mc.swizzled_smem((depth, tr, tn), dout.dtype),
                plgpu.SMEM((CONSUMERS, half, tn), out_dtype),
                *_ring_barriers(depth)]
+    tiles = mosaic_gpu.group_tiles(group_sizes, m, tr)
+    # Items by descending work (their group's row tiles), dealt by
+    # snake_index: blocks taking every n_programs-th item of groups in id
+    # order differ by about a group's size, and the kernel waits for the
+    # busiest (docs/design/grouped-matmul.md counts both deals).
+    order = jnp.argsort(-tiles[3], stable=True).astype(jnp.int32)
     out = mosaic_gpu.launch(transposed_grouped_matmul,
                             jax.ShapeDtypeStruct((g, k_pad, n_pad), out_dtype),
-                            scratch, interpret, **THREADS)(
-        *mosaic_gpu.group_tiles(group_sizes, m, tr), lhs, dout)
+                            scratch, interpret, **THREADS)(*tiles, order, lhs, dout)
     return out[:, :k, :n]

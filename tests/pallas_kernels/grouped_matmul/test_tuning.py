@@ -66,3 +66,4 @@ def test_the_api_takes_the_tuned_tiling_where_none_is_given(tmp_path, monkeypatc
     api._tgmm_kernel(lhs, jnp.ones((m, n), jnp.bfloat16), sizes, given)
     assert seen == [("gmm", (128, 64, 128), pingpong),
                     ("tgmm", (64, 256, 128) if pingpong else (128, 64, 128))]
+

@@ -5,10 +5,11 @@ time, tokens/s, MFU, peak device memory and where a step's time goes.
 
 The step is compiled ahead of time (as `jaxkit train` does), run `--warmup`
 steps, then timed as the median of `--rounds` intervals of train.log_every
-steps, each ending in one host sync as the trainer's log lines do (so
-tokens/s and MFU are what the training log prints), then 3 steps are traced
-for the breakdown (jaxkit.run.profile). Nothing is written to the run
-directory but a trace.
+steps, each ending where the trainer reads a log step's metrics: once the
+next step is dispatched, so the device is busy through the read (tokens/s
+and MFU are what the training log prints), then 3 steps are traced for the
+breakdown (jaxkit.run.profile). Nothing is written to the run directory but
+a trace.
 """
 from __future__ import annotations
 
@@ -40,12 +41,19 @@ def measure(cfg, *, warmup: int = 10, rounds: int = 4) -> dict:
             return jax.block_until_ready(metrics)
 
         run(warmup)
-        intervals, every = [], cfg.train.log_every
-        for _ in range(rounds):
-            t = time.perf_counter()
-            metrics = run(every)
-            intervals.append((time.perf_counter() - t) / every)
-        step_s = statistics.median(intervals)
+        every, marks, pending = cfg.train.log_every, [], None
+        with trainer.on_mesh():
+            while len(marks) <= rounds:
+                metrics = trainer.run_step(step_fn, step)
+                step += 1
+                if pending is not None:  # the previous step was a log step
+                    jax.block_until_ready(pending)
+                    marks.append(time.perf_counter())
+                    pending = None
+                if step % every == 0:
+                    pending = metrics
+            jax.block_until_ready(metrics)
+        step_s = statistics.median((b - a) / every for a, b in zip(marks, marks[1:]))
         profile = trainer.profile_steps(step_fn, step)
         peak, num_devices = trainer.peak, trainer.mesh.size
     tokens_per_s = cfg.data.batch_size * cfg.data.seq_len / step_s

@@ -211,10 +211,10 @@ def compare_consumers(json_path, write_table=False):
                               fwd_bwd("mosaic_gpu", consumers, pingpong), lhs, rhs, sizes, cot))
         if json_path:
             write_rows(json_path, header, rows)
-    if write_table:
-        entries = fastest_tilings(rows)
-        tuning.write_entries(jax.devices()[0].device_kind, entries)
-        print(f"wrote {len(entries)} entries to {tuning.TABLE_PATH}: {entries}")
+        if write_table:  # after each shape, so a run cut short keeps what it timed
+            entries = fastest_tilings(rows)
+            tuning.write_entries(jax.devices()[0].device_kind, entries)
+            print(f"wrote {len(entries)} entries to {tuning.TABLE_PATH}: {entries}", flush=True)
     print("\n" + header + "; % dense: of the dense einsum's TFLOP/s (forward, or forward+backward)")
     print(f"{'shape':20s} {'kernel':13s} {'variant':26s} {'tiling':16s} {'ms':>8s} {'TFLOP/s':>8s} "
           f"{'% dense':>8s}")

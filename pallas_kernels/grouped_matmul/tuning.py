@@ -50,9 +50,8 @@ def tiling_for(device_kind: str, kernel: str, schedule: str, k: int, n: int,
 def write_entries(device_kind: str, entries: dict, path=None) -> None:
     """Merge {table_key: tiling} into the device's entries of the table file."""
     path = pathlib.Path(path or TABLE_PATH)
-    table = json.loads(path.read_text()) if path.exists() else {}
-    device = table.setdefault(device_kind, {})
-    device.update({key: {"tiling": list(t)} for key, t in entries.items()})
-    table[device_kind] = dict(sorted(device.items()))
+    table = {kind: dict(device) for kind, device in load_table(path).items()}  # the cache's is shared
+    table.setdefault(device_kind, {}).update(
+        {key: {"tiling": list(t)} for key, t in entries.items()})
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     _load.cache_clear()

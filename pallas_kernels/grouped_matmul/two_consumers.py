@@ -270,6 +270,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=None,
                     mosaic_gpu.store_rows(mine, lambda offset, r: out_ref.at[
                         pl.ds(row0 + offset, r), pl.ds(j * tn, tn)], my_lo, my_hi, my_lo, rows)
 
+                # (the split schedule keeps its own test: its kernel lowers as before)
                 @pl.when(jnp.logical_not(mine) if pingpong else my_hi <= my_lo)
                 def _():  # the other consumer's item, or its rows hold all of the step's
                     release(ready, free, depth, t, steps)

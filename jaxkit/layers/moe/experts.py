@@ -68,8 +68,9 @@ def grouped_ffn(rows, sizes, w: ExpertWeights, *, implementation: str, quant=Non
     def mm(a, b):
         if isinstance(b, LowBitExperts):  # the quantised kernels give float32
             if consumers != 1 or pingpong:
-                raise ValueError(f"model.moe.gmm_consumers={consumers} applies to float expert "
-                                 "weights; low-bit experts run the quantised grouped matmul")
+                raise ValueError(f"model.moe.gmm_consumers={consumers} and gmm_pingpong="
+                                 f"{pingpong} apply to float expert weights; low-bit experts "
+                                 "run the quantised grouped matmul")
             return b.grouped_matmul(a, sizes, implementation=implementation).astype(a.dtype)
         return gmm(a, b.astype(a.dtype), sizes, implementation=implementation,
                    preferred_element_type=a.dtype, consumers=consumers, pingpong=pingpong)

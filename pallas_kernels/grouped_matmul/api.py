@@ -82,12 +82,17 @@ def _interpreted_only(args):
     return _one_consumer(args)
 
 
+def _tgmm_tiling(tiling, pingpong: bool):
+    """The tgmm's tiling of a call: with pingpong a given tiling is the gmm's,
+    and the VJP's tgmm keeps its default."""
+    return None if pingpong else tiling
+
+
 def _mosaic_problem(args):
     problem = mosaic_gpu.unsupported(args.dtype, args.tiling)
     if problem is None and _consumers(args) == 2:
         pingpong = getattr(args, "pingpong", False)
-        # With pingpong a tiling is the gmm's; the VJP's tgmm keeps its default.
-        tiling = None if pingpong and args.op == "tgmm" else args.tiling
+        tiling = _tgmm_tiling(args.tiling, pingpong) if args.op == "tgmm" else args.tiling
         return two_consumers.unsupported(tiling, args.op, getattr(args, "out_dtype", None),
                                          pingpong)
     return problem
@@ -195,10 +200,9 @@ def _tgmm_kernel(lhs, dout, group_sizes, cfg: _Config):
                               tiling=cfg.tiling or BLOCKSPEC_TILING,
                               interpret=cfg.kernel.interpret)
     if cfg.consumers == 2:
-        tiling = None if cfg.pingpong else cfg.tiling  # a pingpong tiling is the gmm's
-        tiling = tiling or _tuned("tgmm", "split", lhs.shape[1], dout.shape[1])
-        return two_consumers.tgmm(lhs, dout, group_sizes, out_dtype=cfg.out_dtype,
-                                  tiling=tiling or two_consumers.DEFAULT_TGMM_TILING)
+        tiling = (_tgmm_tiling(cfg.tiling, cfg.pingpong)
+                  or _tuned("tgmm", "split", lhs.shape[1], dout.shape[1]))
+        return two_consumers.tgmm(lhs, dout, group_sizes, out_dtype=cfg.out_dtype, tiling=tiling)
     return mosaic_gpu.tgmm(lhs, dout, group_sizes, out_dtype=cfg.out_dtype,
                            tiling=cfg.tiling or mosaic_gpu.DEFAULT_TGMM_TILING)
 

@@ -289,8 +289,10 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=None,
     return out[:m, :n]
 
 
-def tgmm(lhs, dout, group_sizes, *, out_dtype, tiling=DEFAULT_TGMM_TILING, interpret=False):
-    """out[g] = lhs[rows_g]^T @ dout[rows_g]; tiling = (row tile, K tile, N tile)."""
+def tgmm(lhs, dout, group_sizes, *, out_dtype, tiling=None, interpret=False):
+    """out[g] = lhs[rows_g]^T @ dout[rows_g]; tiling = (row tile, K tile, N
+    tile), None: DEFAULT_TGMM_TILING."""
+    tiling = tiling or DEFAULT_TGMM_TILING
     _check(lhs, dout, tiling, "tgmm", out_dtype)
     (m, k), n, g = lhs.shape, dout.shape[1], group_sizes.shape[0]
     lhs, dout = mosaic_gpu.aligned(lhs), mosaic_gpu.aligned(dout)

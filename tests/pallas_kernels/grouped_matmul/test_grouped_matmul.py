@@ -4,6 +4,7 @@ implementation's dispatch entry refuses raising its reason, and the
 argument checks."""
 import functools
 import re
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +74,21 @@ def test_case_table_coverage():
         with pytest.raises(ValueError, match=re.escape(reason)):
             api_gmm(name, *runs[run_id])(lhs, rhs, sizes)
     assert any(gpu_interpreter_problem(c, "gmm") is None for c in CASES.values())
+
+
+def test_compiled_calls_pass_their_dispatch_checks():
+    """The gmm and tgmm calls a compiled case makes pass the Mosaic entry's
+    checks (a ping-pong case's tgmm takes the default tiling): checked on
+    CPU, so a case cannot fail only on a GPU by refusing its own arguments."""
+    for name, case in CASES.items():
+        if problem(case, "mosaic_gpu", False) is not None:
+            continue
+        for op, call in (("gmm", api_gmm), ("tgmm", api_tgmm)):
+            kw = call(name, "mosaic_gpu", False).keywords
+            assert TABLE.supports["mosaic_gpu"](SimpleNamespace(
+                dtype=jnp.dtype(case.dtype), tiling=kw["tiling"], interpret=False,
+                consumers=kw["consumers"], pingpong=kw.get("pingpong", False), op=op,
+                out_dtype=jnp.dtype(case.out_dtype or case.dtype))) is None, (name, op)
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -105,12 +105,13 @@ def _block_sparse_backward_case(*args, **kwargs):
     return forward_and_backward, (q, k, indices, counts)
 
 
-def _grouped_matmul_case(kernels, pingpong=False):
+def _grouped_matmul_case(kernels, pingpong=False, k=200, n=136):
     """gmm, gmm with a transposed rhs (its d-lhs) and tgmm (its d-rhs) of a
     grouped-matmul kernel module, at their default tilings, bf16; pingpong:
-    the two-consumer gmms in ping-pong (and no tgmm: it has no such schedule)."""
-    lhs, rhs = jnp.ones((300, 200), jnp.bfloat16), jnp.ones((4, 200, 136), jnp.bfloat16)
-    sizes, dout = jnp.asarray([100, 0, 150, 20], jnp.int32), jnp.ones((300, 136), jnp.bfloat16)
+    the two-consumer gmms in ping-pong (and no tgmm: it has no such schedule).
+    The default N (136) leaves a partial last N tile; n=512 has none."""
+    lhs, rhs = jnp.ones((300, k), jnp.bfloat16), jnp.ones((4, k, n), jnp.bfloat16)
+    sizes, dout = jnp.asarray([100, 0, 150, 20], jnp.int32), jnp.ones((300, n), jnp.bfloat16)
     extra = dict(pingpong=True) if pingpong else {}
 
     def gmm_and_gradients(lhs, rhs, sizes, dout):
@@ -170,6 +171,8 @@ def _cases():
         "grouped matmul": _grouped_matmul_case(gmm_kernels),
         "grouped matmul two consumers": _grouped_matmul_case(two_consumers),
         "grouped matmul ping-pong": _grouped_matmul_case(two_consumers, pingpong=True),
+        "grouped matmul two consumers whole N tiles": _grouped_matmul_case(two_consumers, k=256,
+                                                                           n=512),
         "block-sparse fwd q-head lists d128 causal": _block_sparse_case(
             300, 4, 2, 128, 4, 128, 128, causal=True),
         "block-sparse fwd kv-head lists d64 segments": _block_sparse_case(

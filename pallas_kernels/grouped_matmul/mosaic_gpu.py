@@ -14,7 +14,9 @@ group's row tiles and zeroes, in shared memory, the rows of the first and last
 tile that belong to neighbouring groups before the wgmma consumes them.
 
 Shapes: partial row, K and N tiles are fine (TMA zero-fills out-of-bounds
-loads and clips out-of-bounds stores), but Mosaic's swizzled TMA wants each
+loads and clips out-of-bounds stores; a one-row store, which Mosaic issues as
+a plain bulk copy clipped only at the buffer's end, is cut to the partial
+tile's columns by store_rows), but Mosaic's swizzled TMA wants each
 operand's minor dimension to be a multiple of 64 and its major one a multiple
 of 8, so misaligned operands are zero-padded first (a copy: a slow path).
 Inputs must be bfloat16 or float16.
@@ -54,20 +56,46 @@ def launch(body, out_type, scratch, interpret, **threads):
                         compiler_params=_params(), **threads, **extra)
 
 
-def store_rows(smem, dst, lo, hi, offset, max_rows):
+def store_rows(smem, dst, lo, hi, offset, max_rows, last_cols=None):
     """TMA-store rows [offset, offset + hi - lo) of the staging tile ``smem``
-    to ``dst(offset, rows)`` (a GMEM ref of ``rows`` rows). The row count is
-    dynamic but a TMA store needs a static shape, so the rows go out as a sum
-    of power-of-two row blocks of at most ``max_rows`` rows, each issued only
-    when its bit is set in hi - lo."""
+    to ``dst(offset, rows, cols)`` (a GMEM ref of ``rows`` rows and ``cols``
+    columns). The row count is dynamic but a TMA store needs a static shape,
+    so the rows go out as a sum of power-of-two row blocks of at most
+    ``max_rows`` rows, each issued only when its bit is set in hi - lo.
+
+    last_cols: (is the last N tile, its width) when the last N tile is
+    partial. A one-row store is contiguous in GMEM, and Mosaic issues it as a
+    plain bulk copy clipped at the buffer's end only, not the row's: in a
+    partial N tile it would run on into the next row's first columns (another
+    item's rows, so its stores race with this one). There the row stores only
+    the tile's columns that exist."""
+    width = smem.shape[1]
     for rows in [1 << b for b in reversed(range(max_rows.bit_length()))]:
         bit = (hi - lo) & rows
+        if rows == 1 and last_cols is not None:
+            is_last, cols = last_cols
 
-        @pl.when(bit != 0)
-        def _():
-            plgpu.copy_smem_to_gmem(smem.at[pl.ds(offset, rows)], dst(offset, rows))
+            @pl.when((bit != 0) & jnp.logical_not(is_last))
+            def _():
+                plgpu.copy_smem_to_gmem(smem.at[pl.ds(offset, 1)], dst(offset, 1, width))
+
+            @pl.when((bit != 0) & is_last)
+            def _():
+                plgpu.copy_smem_to_gmem(smem.at[pl.ds(offset, 1), pl.ds(0, cols)],
+                                        dst(offset, 1, cols))
+        else:
+            @pl.when(bit != 0)
+            def _():
+                plgpu.copy_smem_to_gmem(smem.at[pl.ds(offset, rows)], dst(offset, rows, width))
 
         offset = offset + bit
+
+
+def last_tile_cols(j, n, tn):
+    """store_rows' last_cols for N tile j of tn columns in rows n wide: None
+    when n is a multiple of tn (every tile whole)."""
+    cols = n - (pl.cdiv(n, tn) - 1) * tn
+    return None if cols == tn else (j == pl.cdiv(n, tn) - 1, cols)
 
 
 def group_tiles(group_sizes, m, tr):
@@ -185,8 +213,9 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=DEFAULT
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 out_smem[...] = acc.astype(out_dtype)
                 plgpu.commit_smem()
-                store_rows(out_smem, lambda offset, rows: out_ref.at[
-                    pl.ds(tile * tm + offset, rows), pl.ds(j * tn, tn)], lo, hi, lo - tile * tm, tm)
+                store_rows(out_smem, lambda offset, rows, cols: out_ref.at[
+                    pl.ds(tile * tm + offset, rows), pl.ds(j * tn, cols)], lo, hi, lo - tile * tm,
+                    tm, last_tile_cols(j, n_pad, tn))
 
         plgpu.wait_smem_to_gmem(0)
 

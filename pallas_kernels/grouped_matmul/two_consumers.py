@@ -267,8 +267,9 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, tiling=None,
                     # The zero tail (no steps) stores the untouched zero accumulator.
                     mine = out_smem.at[wg]
                     stage(mine, consume(ready, free, depth, t, steps, (rows, tn), mma))
-                    mosaic_gpu.store_rows(mine, lambda offset, r: out_ref.at[
-                        pl.ds(row0 + offset, r), pl.ds(j * tn, tn)], my_lo, my_hi, my_lo, rows)
+                    mosaic_gpu.store_rows(mine, lambda offset, r, cols: out_ref.at[
+                        pl.ds(row0 + offset, r), pl.ds(j * tn, cols)], my_lo, my_hi, my_lo, rows,
+                        mosaic_gpu.last_tile_cols(j, n_pad, tn))
 
                 # (the split schedule keeps its own test: its kernel lowers as before)
                 @pl.when(jnp.logical_not(mine) if pingpong else my_hi <= my_lo)

@@ -112,6 +112,10 @@ TWO_CONSUMERS_INTERPRETED = dict(GPU_INTERPRETED, m=270, k=256, n=256, routing=(
 # tiles come out wrong there, so its cases keep N a multiple of the tile.)
 PINGPONG = dict(TWO_CONSUMERS, pingpong=True)
 PINGPONG_INTERPRETED = dict(TWO_CONSUMERS_INTERPRETED, mosaic_tiling=(64, 64, 128), pingpong=True)
+# Odd group sizes: many items end in a one-row store, here in a partial last N
+# tile (136 columns), whose bulk copy must not run on into the next row (another
+# item's, stored by another block: a race that zeroed values on an H100).
+ODD_GROUPS = (33, 7, 41, 1, 25, 63, 3, 57, 19, 35, 9, 27)
 # transpose_rhs alternates over the routings, so both gradient layouts run.
 CASES = {
     # float32: the tight tolerance (the Mosaic kernel takes 16-bit inputs only).
@@ -135,6 +139,9 @@ CASES = {
     "two_consumers_256_rows_transposed": Case(routing="rows_past_groups", transpose_rhs=True,
                                               mosaic_tiling=(256, 128, 64), **TWO_CONSUMERS),
     "two_consumers_interpreted": Case(**TWO_CONSUMERS_INTERPRETED),
+    "bf16_odd_groups": Case(routing=ODD_GROUPS, groups=len(ODD_GROUPS), **MOSAIC_SIZED),
+    "two_consumers_odd_groups": Case(routing=ODD_GROUPS, groups=len(ODD_GROUPS),
+                                     **TWO_CONSUMERS),
     "pingpong_random": Case(routing="random", **PINGPONG),
     "pingpong_rows_past_groups_transposed": Case(routing="rows_past_groups", transpose_rhs=True,
                                                  **PINGPONG),

@@ -9,11 +9,10 @@ all of them, so each KV tile is read once per group.
 
 Each split writes its partial output, normalised by its own softmax sum, and
 the logsumexp of its logits (-inf where it saw nothing); ``merge`` weighs the
-partials by exp(lse - max lse), two at a time.
+partials by exp(lse - max lse).
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels.shapes import cdiv, pad_to
@@ -42,30 +41,15 @@ def from_query_rows(rows, num_queries: int, q_heads: int):
     return r.transpose(0, 2, 1, 3, 4).reshape(B, num_queries, q_heads, D)
 
 
-def _merge_two(a, b):
-    """Two normalised partials (lse, out) as one: associative and
-    commutative, with (-inf, 0) (a part that saw nothing) as identity."""
-    (lse_a, out_a), (lse_b, out_b) = a, b
-    top = jnp.maximum(lse_a, lse_b)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    w_a, w_b = jnp.exp(lse_a - top), jnp.exp(lse_b - top)
-    total = w_a + w_b
-    return top + jnp.log(total), (w_a * out_a + w_b * out_b) / jnp.where(total == 0, 1.0, total)
-
-
 def merge(out, lse):
     """out [..., parts, R, D] float32 (each part normalised, zero where it
     saw nothing), lse [..., parts, R] natural-log logsumexp (-inf: nothing)
-    -> [..., R, D] float32, zero for rows that no part saw.
-
-    One variadic reduction over the parts (each step merges two partials
-    with their logsumexps), so XLA runs the merge as one kernel where a max,
-    the weights and a weighted sum took two: at batch 1 a decode step's
-    kernels are a few microseconds each and every launch counts."""
-    lse = jnp.broadcast_to(lse[..., None], out.shape)
-    init = (jnp.array(-jnp.inf, jnp.float32), jnp.array(0, jnp.float32))
-    _, merged = jax.lax.reduce((lse, out.astype(jnp.float32)), init, _merge_two, (out.ndim - 3,))
-    return merged
+    -> [..., R, D] float32, zero for rows that no part saw."""
+    top = jnp.max(lse, axis=-2, keepdims=True)
+    weight = jnp.exp(lse - jnp.where(jnp.isfinite(top), top, 0.0))
+    total = jnp.sum(weight, axis=-2)
+    merged = jnp.sum(weight[..., None] * out, axis=-3)
+    return merged / jnp.where(total == 0, 1.0, total)[..., None]
 
 
 def default_splits(programs: int, blocks: int, sm_count: int) -> int:

@@ -234,7 +234,7 @@ def launch(kernel, cfg, q, lengths, specs, operands, splits: int, rows: int, kv_
         compiler_params=_compiler_params(cfg, D),
         name="decode_attention",
     )(lengths, sp.query_rows(q, kv_heads, rows), *operands)
-    return sp.from_query_rows(sp.merge(out, lse), T, Hq).astype(q.dtype)
+    return sp.merge_query_rows(out, lse, T, Hq, q.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("sliding_window", "logit_softcap", "scale",

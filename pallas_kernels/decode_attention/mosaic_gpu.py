@@ -354,5 +354,4 @@ def mosaic_decode_attention(q, k, v, lengths, page_table=None, *, sliding_window
     if paged:
         inputs.append(page_table)
     out, lse = _kernel(cfg, out_type, scratch, (splits, Hkv, B))(*inputs)
-    merged = sp.merge(out, lse[..., :r8])
-    return sp.from_query_rows(merged, T, Hq).astype(q.dtype)
+    return sp.merge_query_rows(out, lse, T, Hq, q.dtype)

@@ -52,6 +52,17 @@ def merge(out, lse):
     return merged / jnp.where(total == 0, 1.0, total)[..., None]
 
 
+def merge_query_rows(out, lse, num_queries: int, q_heads: int, dtype):
+    """A kernel's partials out [B, Hkv, parts, rows, D] and logsumexps
+    [B, Hkv, parts, >= rows] -> [B, T, Hq, D] in ``dtype``. The padding rows
+    are sliced off before the merge, so it reads and weighs only the real ones
+    and the slice can fold into its input fusion (it was a kernel of its own
+    after the merge)."""
+    real = num_queries * (q_heads // out.shape[1])
+    merged = merge(out[..., :real, :], lse[..., :real])
+    return from_query_rows(merged, num_queries, q_heads).astype(dtype)
+
+
 def default_splits(programs: int, blocks: int, sm_count: int) -> int:
     """Splits of each (sequence, kv head) pair's ``blocks`` cache blocks for
     ``programs`` pairs: the fewest whose programs fill the GPU's waves within

@@ -30,18 +30,7 @@ def measure(cfg, *, warmup: int = 10, rounds: int = 4) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, run_dir)
         step_fn, compiled = trainer.compile_step(trainer.batches.train(0))
-        step = 0
-
-        def run(n):
-            nonlocal step
-            with trainer.on_mesh():
-                for _ in range(n):
-                    metrics = trainer.run_step(step_fn, step)
-                    step += 1
-            return jax.block_until_ready(metrics)
-
-        run(warmup)
-        every, marks, pending = cfg.train.log_every, [], None
+        step, every, marks, pending = 0, cfg.train.log_every, [], None
         with trainer.on_mesh():
             while len(marks) <= rounds:
                 metrics = trainer.run_step(step_fn, step)
@@ -50,7 +39,7 @@ def measure(cfg, *, warmup: int = 10, rounds: int = 4) -> dict:
                     jax.block_until_ready(pending)
                     marks.append(time.perf_counter())
                     pending = None
-                if step % every == 0:
+                if step > warmup and step % every == 0:
                     pending = metrics
             jax.block_until_ready(metrics)
         step_s = statistics.median((b - a) / every for a, b in zip(marks, marks[1:]))

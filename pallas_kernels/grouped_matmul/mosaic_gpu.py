@@ -70,32 +70,29 @@ def store_rows(smem, dst, lo, hi, offset, max_rows, last_cols=None):
     item's rows, so its stores race with this one). There the row stores only
     the tile's columns that exist."""
     width = smem.shape[1]
+
+    def copy(when, offset, rows, cols):
+        src = smem.at[pl.ds(offset, rows)] if cols == width else \
+            smem.at[pl.ds(offset, rows), pl.ds(0, cols)]
+        pl.when(when)(lambda: plgpu.copy_smem_to_gmem(src, dst(offset, rows, cols)))
+
     for rows in [1 << b for b in reversed(range(max_rows.bit_length()))]:
         bit = (hi - lo) & rows
         if rows == 1 and last_cols is not None:
             is_last, cols = last_cols
-
-            @pl.when((bit != 0) & jnp.logical_not(is_last))
-            def _():
-                plgpu.copy_smem_to_gmem(smem.at[pl.ds(offset, 1)], dst(offset, 1, width))
-
-            @pl.when((bit != 0) & is_last)
-            def _():
-                plgpu.copy_smem_to_gmem(smem.at[pl.ds(offset, 1), pl.ds(0, cols)],
-                                        dst(offset, 1, cols))
+            copy((bit != 0) & jnp.logical_not(is_last), offset, 1, width)
+            copy((bit != 0) & is_last, offset, 1, cols)
         else:
-            @pl.when(bit != 0)
-            def _():
-                plgpu.copy_smem_to_gmem(smem.at[pl.ds(offset, rows)], dst(offset, rows, width))
-
+            copy(bit != 0, offset, rows, width)
         offset = offset + bit
 
 
 def last_tile_cols(j, n, tn):
     """store_rows' last_cols for N tile j of tn columns in rows n wide: None
     when n is a multiple of tn (every tile whole)."""
-    cols = n - (pl.cdiv(n, tn) - 1) * tn
-    return None if cols == tn else (j == pl.cdiv(n, tn) - 1, cols)
+    last = pl.cdiv(n, tn) - 1
+    cols = n - last * tn
+    return None if cols == tn else (j == last, cols)
 
 
 def group_tiles(group_sizes, m, tr):

@@ -34,10 +34,11 @@ def query_rows(q, kv_heads: int, rows: int):
 
 
 def from_query_rows(rows, num_queries: int, q_heads: int):
-    """The inverse of query_rows: [B, Hkv, rows, D] -> [B, T, Hq, D]."""
+    """The inverse of query_rows, its padding rows already dropped:
+    [B, Hkv, T * G, D] -> [B, T, Hq, D]."""
     B, kv_heads, _, D = rows.shape
     G = q_heads // kv_heads
-    r = rows[:, :, :num_queries * G].reshape(B, kv_heads, num_queries, G, D)
+    r = rows.reshape(B, kv_heads, num_queries, G, D)
     return r.transpose(0, 2, 1, 3, 4).reshape(B, num_queries, q_heads, D)
 
 

@@ -56,9 +56,7 @@ def merge(out, lse):
 def merge_query_rows(out, lse, num_queries: int, q_heads: int, dtype):
     """A kernel's partials out [B, Hkv, parts, rows, D] and logsumexps
     [B, Hkv, parts, >= rows] -> [B, T, Hq, D] in ``dtype``. The padding rows
-    are sliced off before the merge, so it reads and weighs only the real ones
-    and the slice can fold into its input fusion (it was a kernel of its own
-    after the merge)."""
+    are sliced off before the merge, so it reads and weighs only the real ones."""
     real = num_queries * (q_heads // out.shape[1])
     merged = merge(out[..., :real, :], lse[..., :real])
     return from_query_rows(merged, num_queries, q_heads).astype(dtype)

@@ -106,7 +106,7 @@ class ExpertQuant:
 
     def _apply(self, x, signs):
         if signs is not None:
-            x = rotate_activation(x.astype(jnp.float32), signs)
+            x = rotate_activation(x, signs)
         if self.cfg.activation_format is not None:
             x = fake_quant(x, self.cfg.activation_format, axis=-1, **quant_kwargs(self.cfg))
         return x

@@ -126,12 +126,14 @@ class Quantizer(nnx.Module):
         return smoothing_factors(self.act_channel_max[...], w, self.cfg.smoothquant_alpha)
 
     def transform(self, x, w):
-        """SmoothQuant then rotation, applied to x [..., in] and W [in, out]."""
+        """SmoothQuant then rotation, applied to x [..., in] and W [in, out]
+        (float32); x comes back float32. A bf16 x is rotated before any cast:
+        fwht multiplies it by the Hadamard matrix exactly in a bf16 GEMM."""
         if self.needs_channel_stats():
-            x, w = smooth(x, w, self.smoothing(w))
+            x, w = smooth(x.astype(jnp.float32), w, self.smoothing(w))
         if self.signs is not None:
             x, w = rotate_activation(x, self.signs[...]), rotate_weight(w, self.signs[...])
-        return x, w
+        return x.astype(jnp.float32), w
 
     def _static_amax(self):
         if not self.needs_activation_stats():
@@ -197,17 +199,17 @@ class Quantizer(nnx.Module):
             raise ValueError("this layer has no float kernel; it was converted by quantize_model")
         if self.phase != "run":
             self._observe(x, kernel)
-            return jnp.dot(x.astype(compute_dtype), kernel.astype(compute_dtype),
-                           preferred_element_type=jnp.float32).astype(compute_dtype)
+            return jnp.dot(x.astype(compute_dtype), kernel.astype(compute_dtype))
         c = self.cfg
-        x, w = self.transform(x.astype(jnp.float32), kernel.astype(jnp.float32))
+        x, w = self.transform(x, kernel.astype(jnp.float32))
         kw = quant_kwargs(self.cfg)
         if c.weight_format is not None:
             w = fake_quant(w, c.weight_format, axis=0, **kw)
         if c.activation_format is not None:
             x = fake_quant(x, c.activation_format, axis=-1, amax=self._static_amax(), **kw)
-        y = jnp.dot(x.astype(compute_dtype), w.astype(compute_dtype),
-                    preferred_element_type=jnp.float32).astype(compute_dtype)
+        # Output in the compute dtype, as the float Linear's: a float32 output
+        # would make the cotangent float32 and both gradient matmuls float32 GEMMs.
+        y = jnp.dot(x.astype(compute_dtype), w.astype(compute_dtype))
         if c.gradient_format is not None:
             y = quantize_gradient(y, c.gradient_format, self._gradient_key())
         return y

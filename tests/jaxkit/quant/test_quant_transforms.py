@@ -44,6 +44,28 @@ def test_fwht_is_the_sylvester_hadamard_matrix():
     np.testing.assert_allclose(blocked, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n,block", [(768, 256), (96, 32), (1024, 1024)])
+def test_bf16_rotation_is_the_float64_one(n, block):
+    """A bf16 activation is rotated in float32 (one bf16 GEMM up to 256-wide
+    blocks, the Kronecker pair above): equal to the float64 transform of the
+    same values, and so is its gradient."""
+    assert hadamard_block_size(n) == block
+    k = jax.random.split(jax.random.key(n), 3)
+    signs = random_signs(k[0], n)
+    x = jax.random.normal(k[1], (3, 5, n)).astype(jnp.bfloat16)
+    ct = jax.random.normal(k[2], (3, 5, n)).astype(jnp.bfloat16).astype(jnp.float32)
+    r = np.concatenate([np.zeros((n, 0))] + [np.pad(sylvester(block), ((i, n - i - block), (0, 0)))
+                                             for i in range(0, n, block)], axis=1)
+    r = np.asarray(signs, np.float64)[:, None] * r / np.sqrt(block)
+    y, vjp = jax.vjp(lambda x: rotate_activation(x, signs), x)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, np.asarray(x, np.float64) @ r, rtol=1e-6, atol=1e-6)
+    (dx,) = vjp(ct)
+    assert dx.dtype == jnp.bfloat16
+    want = (np.asarray(ct, np.float64) @ r.T).astype(jnp.bfloat16).astype(np.float64)
+    np.testing.assert_allclose(np.asarray(dx, np.float64), want, rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("n,block", [(64, 64), (48, 16), (96, 32)])
 def test_rotation_is_orthogonal_and_preserves_products(n, block):
     assert hadamard_block_size(n) == block

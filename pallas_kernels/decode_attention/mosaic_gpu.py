@@ -8,10 +8,17 @@ turn (tile i to consumer i % 2), each with its own online softmax. Each
 consumer writes its own normalised partial output and logsumexp, so a split
 yields two parts and splits.merge combines them all in XLA.
 
-The query rows of the kv head (G heads x T tokens, splits.query_rows) are
-zero-padded to 64, the smallest wgmma M: both products are wgmmas, S = Q K^T
-[64, block_kv] and O += P V [64, D], so only R = G*T of the 64 rows are real
-(docs/design/decode-attention.md weighs this against FMA reductions). Only
+The query rows of the kv head (G heads x T tokens, splits.query_rows) fill
+the first R = G*T rows of a 64-row tile, the smallest wgmma M: both products
+are wgmmas, S = Q K^T [64, block_kv] and O += P V [64, D]
+(docs/design/decode-attention.md weighs this against FMA reductions). The
+producer copies round_up(R, 8) rows straight from the queries' rows, [B*Hkv*R,
+D] (a reshape of q at T = 1): rows past R hold the next heads' queries, or
+zeros past the array's end (TMA), and rows past round_up(R, 8) are never
+written. Every product keeps rows apart, and only the first round_up(R, 8)
+rows are stored, so what the others hold never reaches the output; this
+saves padding the queries to 64 rows in XLA, a kernel of its own (1.2-1.8 us
+a call). Only
 the tiles holding a slot some query sees are streamed
 (positions.visible_blocks); every visited tile is masked by the ring rule.
 
@@ -69,6 +76,7 @@ def _smem(shape, dtype):
 class _Config:
     num_queries: int       # T
     group: int             # G
+    kv_heads: int          # Hkv
     capacity: int          # C
     page_size: int | None  # None: contiguous
     block: int             # block_kv: slots a tile holds
@@ -190,7 +198,9 @@ def _kernel(cfg: _Config, out_type, scratch, grid):
         @pl.when(wg == CONSUMERS)
         def _producer():
             plgpu.set_max_registers(mc.PRODUCER_REGS, action="decrease")
-            plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_ready)
+            r8 = o_ref.shape[3]
+            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds((b * cfg.kv_heads + h) * T * cfg.group, r8)],
+                                    q_smem.at[pl.ds(0, r8)], q_ready)
 
             def copy_tile(src, dst, barrier, tile):
                 if cfg.page_size is None:
@@ -318,7 +328,7 @@ def mosaic_decode_attention(q, k, v, lengths, page_table=None, *, sliding_window
     per_split = cdiv(n_tiles, splits)
     splits = cdiv(n_tiles, per_split)
     stages = _stages(q, k, v, bk)
-    cfg = _Config(num_queries=T, group=G, capacity=capacity,
+    cfg = _Config(num_queries=T, group=G, kv_heads=Hkv, capacity=capacity,
                   page_size=data.shape[1] if paged else None, block=bk,
                   tiles_per_split=per_split, stages=stages, window=sliding_window,
                   softcap=logit_softcap, scale=D ** -0.5 if scale is None else float(scale),
@@ -346,7 +356,10 @@ def mosaic_decode_attention(q, k, v, lengths, page_table=None, *, sliding_window
         *[_smem((CONSUMERS, bk, D), q.dtype) for _ in quantized[:1]],  # dequantized tiles
     ]
     padded = n_tiles * bk
-    inputs = [sp.query_rows(q, Hkv, ROWS)]
+    rows = sp.query_rows(q, Hkv, T * G).reshape(B * Hkv * T * G, D)
+    # TMA's 8-row tiles need the GMEM rows a multiple of 8 (B*Hq is, at T = 1,
+    # when Hq is a multiple of 8: no pad then).
+    inputs = [pad_to(rows, (round_up(rows.shape[0], 8), D))]
     for x in (k, v):
         inputs += ([x.data, _logical_scales(x, page_table, padded)] if isinstance(x, QuantizedKV)
                    else [x])

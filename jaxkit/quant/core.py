@@ -254,24 +254,28 @@ def _prepare(x, fmt, axis, granularity, block_size, scale_method, percentile):
         raise ValueError(f"axis {axis} is out of range for shape {tuple(x.shape)}")
     grouping = resolve_grouping(fmt, granularity, block_size)
     xg, red = _to_groups(x, axis, grouping)
-    tensor_amax = jnp.max(jnp.abs(xg)) if fmt.tensor_scale else None
-    return fmt, x, grouping, xg, red, tensor_amax
+    return fmt, x, grouping, xg, red
 
 
-def _data_stat(xg, red, fmt, scale_method, percentile, tensor_amax):
+def _data_stat(xg, red, fmt, scale_method, percentile):
+    """(per-group statistic, the tensor's absmax for formats with a tensor
+    scale, else None)."""
     stat = _stat(xg, red, fmt, scale_method, percentile)
+    tensor_amax = None
+    if fmt.tensor_scale:
+        # The largest group absmax is the tensor's: no second pass over xg.
+        tensor_amax = jnp.max(jnp.abs(xg)) if scale_method == "percentile" else jnp.max(stat)
     if scale_method == "mse":
         stat = _mse_stat(xg, red, fmt, stat, tensor_amax)
-    return stat
+    return stat, tensor_amax
 
 
 def tensor_statistic(x, fmt: str | Format, *, scale_method: str = "absmax",
                      percentile: float = 99.9):
     """The per-tensor statistic quantize would use (amax, or (lo, hi) for
     asymmetric formats) as scalars: what calibration observes per batch."""
-    fmt, _, _, xg, red, tensor_amax = _prepare(x, fmt, -1, "tensor", None,
-                                                      scale_method, percentile)
-    stat = _data_stat(xg, red, fmt, scale_method, percentile, tensor_amax)
+    fmt, _, _, xg, red = _prepare(x, fmt, -1, "tensor", None, scale_method, percentile)
+    stat, _ = _data_stat(xg, red, fmt, scale_method, percentile)
     return tuple(s.reshape(()) for s in stat) if fmt.asymmetric else stat.reshape(())
 
 
@@ -292,16 +296,17 @@ def quantize(x, fmt: str | Format, *, axis: int = -1, granularity: str | None = 
     the noise (module docstring).
     """
     check_rounding(get_format(fmt), rounding, key, scale_method, amax)
-    fmt, x, grouping, xg, red, tensor_amax = _prepare(x, fmt, axis, granularity, block_size,
-                                                      scale_method, percentile)
+    fmt, x, grouping, xg, red = _prepare(x, fmt, axis, granularity, block_size,
+                                         scale_method, percentile)
     if amax is not None:
         if grouping.kind != "tensor":
             raise ValueError("a precomputed amax needs granularity 'tensor' and a scalar format, "
                              f"got {fmt.name!r} with {grouping.kind!r} groups")
         stat = tuple(jnp.asarray(a, jnp.float32) for a in amax) if fmt.asymmetric \
             else jnp.asarray(amax, jnp.float32)
+        tensor_amax = jnp.max(jnp.abs(xg)) if fmt.tensor_scale else None
     else:
-        stat = _data_stat(xg, red, fmt, scale_method, percentile, tensor_amax)
+        stat, tensor_amax = _data_stat(xg, red, fmt, scale_method, percentile)
     noise = None if key is None else jax.random.uniform(key, xg.shape, jnp.float32)
     codes, scale, zero, ts = _encode(xg, fmt, stat, tensor_amax, noise)
     return QTensor(codes, scale, zero, ts, fmt, axis % x.ndim, tuple(x.shape))

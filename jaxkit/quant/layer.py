@@ -255,10 +255,10 @@ class Quantizer(nnx.Module):
     def _int_forward(self, x, compute_dtype):
         c = self.cfg
         st = {k: v[...] for k, v in self.storage.items()}
-        x = x.astype(jnp.float32)
         if self.needs_channel_stats() or self.signs is not None:
             # rotation/smoothing of x alone: W was transformed at conversion
             x = self._transform_x(x)
+        x = x.astype(jnp.float32)
         kw = quant_kwargs(self.cfg)
         if self.kernel_kind == "w8a8":
             q = quantize(x, "int8", axis=-1, amax=self._static_amax(), **kw)
@@ -274,8 +274,9 @@ class Quantizer(nnx.Module):
                                           st.get("zero"), group_size=c.block_size)
 
     def _transform_x(self, x):
+        """Quantizer.transform's for x alone; float32."""
         if self.needs_channel_stats():
-            x = x / self.storage["smooth"][...]
+            x = x.astype(jnp.float32) / self.storage["smooth"][...]
         if self.signs is not None:
             x = rotate_activation(x, self.signs[...])
         return x

@@ -29,7 +29,10 @@ def query_rows(q, kv_heads: int, rows: int):
     h * G + g of token t; rows past T * G are zero."""
     B, T, Hq, D = q.shape
     G = Hq // kv_heads
-    r = q.reshape(B, T, kv_heads, G, D).transpose(0, 2, 1, 3, 4).reshape(B, kv_heads, T * G, D)
+    r = q.reshape(B, T, kv_heads, G, D)
+    if T > 1:  # at T = 1 the rows are q's own order: a reshape, no copy
+        r = r.transpose(0, 2, 1, 3, 4)
+    r = r.reshape(B, kv_heads, T * G, D)
     return pad_to(r, (B, kv_heads, rows, D))
 
 

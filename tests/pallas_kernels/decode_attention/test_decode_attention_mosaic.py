@@ -115,3 +115,14 @@ def test_supports_names_the_device_off_hopper():
                                  implementation="mosaic_gpu")
 
 
+
+
+def test_queries_reach_the_kernel_unpadded():
+    """At T = 1 with B * Hq a multiple of 8 the kernel reads q as it is (a
+    reshape): no pad or copy of the queries runs before it."""
+    q, k = _call(B=2, Hq=8, Hkv=2, D=128, S=256)
+    lengths = jnp.array([100, 256], jnp.int32)
+    text = jax.jit(mosaic_gpu.mosaic_decode_attention).trace(q, k, k, lengths).lower(
+        lowering_platforms=("cuda",)).as_text()
+    before = text[:text.index("custom_call @mosaic_gpu")]
+    assert "stablehlo.pad" not in before and "transpose" not in before

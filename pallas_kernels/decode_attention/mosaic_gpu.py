@@ -18,8 +18,7 @@ zeros past the array's end (TMA), and rows past round_up(R, 8) are never
 written. Every product keeps rows apart, and only the first round_up(R, 8)
 rows are stored, so what the others hold never reaches the output; this
 saves padding the queries to 64 rows in XLA, a kernel of its own (1.2-1.8 us
-a call). Only
-the tiles holding a slot some query sees are streamed
+a call). Only the tiles holding a slot some query sees are streamed
 (positions.visible_blocks); every visited tile is masked by the ring rule.
 
 Paged caches: each tile's pages (one, or block_kv / page_size of them) are

@@ -115,8 +115,6 @@ def test_supports_names_the_device_off_hopper():
                                  implementation="mosaic_gpu")
 
 
-
-
 def test_queries_reach_the_kernel_unpadded():
     """At T = 1 with B * Hq a multiple of 8 the kernel reads q as it is (a
     reshape): no pad or copy of the queries runs before it."""

@@ -53,7 +53,7 @@ from pallas_kernels.decode_attention.positions import (query_position, slot_posi
                                                        visible_blocks)
 from pallas_kernels.shapes import cdiv, pad_to, round_up
 
-ROWS = 64        # wgmma M: the kv head's query rows, zero-padded
+ROWS = 64        # wgmma M: the kv head's query rows in the first R rows of the tile
 CONSUMERS = 2
 LSE_TILE = 32    # logsumexp entries are stored in multiples of 128 bytes (a TMA copy's unit)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))

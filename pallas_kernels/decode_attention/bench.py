@@ -10,7 +10,10 @@ new token (T=1), Hq 32 / Hkv 8 / head_dim 128 (Llama-3-8B's attention), bf16
 queries; the cache bf16, or int8 / fp8 codes with float32 scales (--format),
 contiguous or paged (--page-size, pages in order). Implementations: 'xla'
 (the jitted reference), 'cudnn' (jax.nn.dot_product_attention, contiguous
-bf16 caches only), 'blockspec' and 'mosaic_gpu' (the Pallas kernels).
+bf16 caches only), 'blockspec' and 'mosaic_gpu' (the Pallas kernels), and
+'mosaic_splits': the Hopper kernel on flash-decoding's splits (each block
+one split of one (sequence, head) pair; the portable kernel's default split
+count) instead of its default stream-K ranges.
 
 Bytes: q and the output once plus every cache token's codes and scales
 (reference.decode_bytes). Each call is timed as a decode step runs its
@@ -35,10 +38,13 @@ import time
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import compat
 from pallas_kernels.benchmarking import rel_err
+from pallas_kernels.decode_attention import mosaic_gpu
 from pallas_kernels.decode_attention.api import decode_attention
-from pallas_kernels.decode_attention.kv_formats import quantize_kv
+from pallas_kernels.decode_attention.kv_formats import QuantizedKV, quantize_kv
 from pallas_kernels.decode_attention.reference import decode_bytes
+from pallas_kernels.decode_attention.splits import default_splits
 from pallas_kernels.quant_matmul.bench import chained_time, copy_bandwidth, rotated_device_time
 
 BATCHES = (1, 8, 64)
@@ -47,7 +53,7 @@ HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 STREAM_BYTES = 512 * 2**20   # cache bytes a chain streams before reusing a cache
 CHAIN_BYTES = 2 * 2**30      # cache bytes a chained timing streams at least
 REFERENCE_MAX_BYTES = 2**33  # the reference's float32 copies of larger caches are skipped
-IMPLEMENTATIONS = ("xla", "cudnn", "blockspec", "mosaic_gpu")
+IMPLEMENTATIONS = ("xla", "cudnn", "blockspec", "mosaic_gpu", "mosaic_splits")
 
 
 def make_inputs(key, batch, length, fmt, page_size, layers):
@@ -76,13 +82,26 @@ def implementations(names, page_table, fmt, tiling):
             q, k, v, lengths, page_table=page_table, implementation=name, **extra)
     impls = {}
     for name in names:
-        if name == "cudnn":
+        if name == "mosaic_splits":
+            impls[name] = lambda q, k, v, lengths: decode_attention(
+                q, k, v, lengths, page_table=page_table, implementation="mosaic_gpu",
+                **{"num_splits": flash_splits(q, k, page_table, tiling.get("block_kv")),
+                   **tiling})
+        elif name == "cudnn":
             if page_table is None and fmt == "bf16":
                 impls[name] = lambda q, k, v, lengths: jax.nn.dot_product_attention(
                     q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
         else:
             impls[name] = ours(name)
     return impls
+
+
+def flash_splits(q, k, page_table, block_kv):
+    """The split count flash-decoding's default gives this call (splits.default_splits)."""
+    data = k.data if isinstance(k, QuantizedKV) else k
+    slots = page_table.shape[1] * data.shape[1] if page_table is not None else data.shape[1]
+    tiles = -(-slots // (block_kv or mosaic_gpu.DEFAULT_BLOCK_KV))
+    return default_splits(q.shape[0] * data.shape[2], tiles, compat.sm_count())
 
 
 def _short(e):
@@ -137,7 +156,7 @@ def bench_shape(batch, length, *, fmt="bf16", page_size=None, names=IMPLEMENTATI
 
 def format_table(rows, copy_gbs):
     lines = [f"copy bandwidth {copy_gbs:.0f} GB/s" if copy_gbs else "copy bandwidth not measured",
-             f"{'shape':24s} {'impl':10s} {'us/call':>9s} {'GB/s':>7s} {'of copy':>7s} "
+             f"{'shape':24s} {'impl':13s} {'us/call':>9s} {'GB/s':>7s} {'of copy':>7s} "
              f"{'dev GB/s':>8s}  rel err / note"]
     for shape, row in rows.items():
         for name, r in row["results"].items():
@@ -146,7 +165,7 @@ def format_table(rows, copy_gbs):
             us = f"{r['seconds'] * 1e6:9.1f}" if "seconds" in r else f"{'-':>9s}"
             errs = [f"{v:.1e}" for k, v in r.items() if k.startswith("rel_err")]
             note = " ".join(errs + [r.get("error", ""), r.get("device_error", "")]).strip()
-            lines.append(f"{shape:24s} {name:10s} {us} {cell('gbs', '.0f', 7)} "
+            lines.append(f"{shape:24s} {name:13s} {us} {cell('gbs', '.0f', 7)} "
                          f"{cell('of_copy', '.0%', 7)} {cell('device_gbs', '.0f', 8)}  {note}")
             # where a call's device time goes: its kernels (the attention kernel,
             # the query-row layout and the split merge are separate launches)

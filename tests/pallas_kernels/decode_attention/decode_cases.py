@@ -91,6 +91,8 @@ CASES = {
     "fp8_paged_t3": Case((29, 48, 3), 3, 4, 2, 128, 48, page_size=16, k_format="fp8",
                          v_format="fp8"),
     "bf16": Case((104, 64, 1), 1, 4, 2, 128, 104, BF16, num_splits=3),
+    # Llama-3's 8 query heads a kv head (whole 8-row query tiles), lengths 0 to full.
+    "bf16_gqa8": Case((128, 70, 0, 33), 1, 16, 2, 128, 128, BF16),
     "bf16_fp8_paged_ring": Case((150, 40, 0), 3, 4, 2, 128, 64, BF16, page_size=8,
                                 k_format="fp8", v_format="fp8", sliding_window=30),
     "f16_t3_mqa_softcap_int8_values": Case((77, 5, 130), 3, 6, 1, 64, 136, F16,

@@ -1,9 +1,11 @@
 """The Hopper (Pallas Mosaic GPU) decode kernel on the decode case table
 (decode_cases.py): compiled against the float64 expectation on an sm_90 GPU
-(``compiled``, marked ``gpu``), and on CPU lowered for CUDA (``lower``),
-which checks its layouts, TMA copies, swizzles and that its shared memory
-fits. Like the attention kernels, it cannot run in jax 0.10's Mosaic GPU
-interpreter (transposed wgmma operands, register A operands).
+(``compiled``, marked ``gpu``); on CPU lowered for CUDA (``lower``), which
+checks its layouts, TMA copies, swizzles and that its shared memory fits, and
+run in JAX's Mosaic GPU interpreter (``interpreted``, a few cases: tens of
+seconds each), which checks its schedule, its barriers' phases and its
+arithmetic against the same expectation. Cases without num_splits run the
+stream-K schedule with 5 blocks, whose ranges cross (sequence, head) pairs.
 
 Also on CPU: the arguments it refuses and why, and that the shared
 implementation rule sends a call to it on a (simulated) Hopper GPU.
@@ -19,12 +21,18 @@ from pallas_kernels.decode_attention import api, mosaic_gpu
 from pallas_kernels.decode_attention.kv_formats import quantize_kv
 
 RUNS = [pytest.param("lower", id="lower"),
+        pytest.param("interpreted", id="interpreted"),
         pytest.param("compiled", id="compiled", marks=pytest.mark.gpu)]
+# Stream-K and splits, contiguous and paged, bf16/fp8/int8, T 1 and 3, block_kv 64 and 128.
+INTERPRETED = ("bf16_gqa8", "bf16_fp8_paged_ring", "f16_t3_mqa_softcap_int8_values")
+STREAM_BLOCKS = 5
 
 
 def problem(case, mode):
-    del mode
-    q, k, v, _, page_table = case_inputs(_name(case))[0]
+    name = _name(case)
+    if mode == "interpreted" and name not in INTERPRETED:
+        return "interpreted on a few cases only"
+    q, k, v, _, page_table = case_inputs(name)[0]
     return mosaic_gpu.unsupported(q, k, v, page_table, case.mosaic_block_kv)
 
 
@@ -37,7 +45,8 @@ def test_case_table_coverage():
     whole 8-row tiles), plain, int8 and fp8, contiguous and paged, T 1 and 3."""
     refused = refusals(CASES, RUNS, problem)
     assert set(refused) == {(name, run.id) for name, case in CASES.items() for run in RUNS
-                            if case.dtype == jnp.float32 or case.k_format == "kivi2"}
+                            if case.dtype == jnp.float32 or case.k_format == "kivi2"
+                            or run.id == "interpreted" and name not in INTERPRETED}
     taken = [c for c in CASES.values() if c.dtype != jnp.float32 and c.k_format != "kivi2"]
     assert {c.k_format for c in taken} | {c.v_format for c in taken} >= {None, "int8", "fp8"}
     assert {bool(c.page_size) for c in taken} == {True, False}
@@ -48,11 +57,15 @@ def test_case_table_coverage():
 def test_kernel_matches_expectation(name, mode):
     case = CASES[name]
 
+    schedule = (dict(num_splits=case.num_splits) if case.num_splits
+                else dict(num_blocks=STREAM_BLOCKS))
+
     def attention(q, k, v, lengths, page_table):
         return mosaic_gpu.mosaic_decode_attention(q, k, v, lengths, page_table,
                                                   block_kv=case.mosaic_block_kv,
-                                                  num_splits=case.num_splits, **case.kwargs())
-    if mode == "compiled":
+                                                  interpret=mode == "interpreted",
+                                                  **schedule, **case.kwargs())
+    if mode != "lower":
         check(name, attention)
         return
     lowered = jax.jit(attention).trace(*case_inputs(name)[0]).lower(lowering_platforms=("cuda",))

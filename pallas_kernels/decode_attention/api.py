@@ -210,7 +210,8 @@ def decode_attention(q, k, v, lengths, *, page_table=None, sliding_window: int |
     stale tokens do).
     Tuning (Pallas kernels only): block_kv, slots a step of a contiguous
     cache covers; num_splits, splits of the cache length (None: enough
-    programs to fill the GPU).
+    programs to fill the GPU; 'mosaic_gpu' then gives each SM an equal
+    range of all the sequences' tiles instead, splits.Schedule).
     """
     q, k, v, lengths, page_table = check_inputs(q, k, v, lengths, page_table)
     size, real = dispatch.check_size, dispatch.check_positive_real

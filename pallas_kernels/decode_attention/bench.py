@@ -21,7 +21,10 @@ layers (quant_matmul.bench.chained_time): one jit chains calls over enough
 distinct caches to stream at least 512 MiB between two visits of the same
 one (no L2 reuse), each call's output the next call's query, and passes over
 them until the chain has streamed 2 GiB (one call where a cache is larger). The copy is a
-512 MiB bf16 array read and written (quant_matmul.bench.copy_bandwidth).
+512 MiB bf16 array read and written (quant_matmul.bench.copy_bandwidth). Each
+shape also times an XLA sum reading as many bytes (quant_matmul.bench.read_seconds):
+where a call moves tens of MB, launch and ramp-up rival the transfer, and
+this is the floor they set.
 --device-time adds each call's device time from a profiler trace (the
 kernels alone, without the host's dispatch) and lists its kernels. Every
 implementation is checked against the reference (or, where the reference
@@ -45,7 +48,8 @@ from pallas_kernels.decode_attention.api import decode_attention
 from pallas_kernels.decode_attention.kv_formats import QuantizedKV, quantize_kv
 from pallas_kernels.decode_attention.reference import decode_bytes
 from pallas_kernels.decode_attention.splits import default_splits
-from pallas_kernels.quant_matmul.bench import chained_time, copy_bandwidth, rotated_device_time
+from pallas_kernels.quant_matmul.bench import (chained_time, copy_bandwidth, read_seconds,
+                                               rotated_device_time)
 
 BATCHES = (1, 8, 64)
 CACHE_LENGTHS = (4096, 16384, 32768)
@@ -151,7 +155,8 @@ def bench_shape(batch, length, *, fmt="bf16", page_size=None, names=IMPLEMENTATI
                 r["device_gbs"] = cache_bytes / r["device_seconds"] / 1e9
             except Exception as e:  # noqa: BLE001 - the wall-clock numbers stand without it
                 r["device_error"] = _short(e)
-    return {"bytes": cache_bytes, "layers": layers, "results": results}
+    return {"bytes": cache_bytes, "layers": layers, "results": results,
+            "read_seconds": read_seconds(cache_bytes, layers)}
 
 
 def format_table(rows, copy_gbs):
@@ -159,6 +164,9 @@ def format_table(rows, copy_gbs):
              f"{'shape':24s} {'impl':13s} {'us/call':>9s} {'GB/s':>7s} {'of copy':>7s} "
              f"{'dev GB/s':>8s}  rel err / note"]
     for shape, row in rows.items():
+        if "read_seconds" in row:
+            lines.append(f"{shape:24s} an XLA sum reading the same bytes: "
+                         f"{row['read_seconds'] * 1e6:.1f} us")
         for name, r in row["results"].items():
             def cell(key, fmt, width):
                 return format(r[key], fmt).rjust(width) if key in r else "-".rjust(width)

@@ -176,6 +176,16 @@ def copy_bandwidth():
     return 2 * a.nbytes / time_fn(copy, a)
 
 
+def read_seconds(nbytes: int, count: int) -> float:
+    """Seconds an XLA sum takes to read ``nbytes`` of bf16, timed over
+    ``count`` distinct arrays summed back to back in one jit (no L2 reuse):
+    the floor of a kernel that reads this much, where launch and ramp-up
+    rival the transfer."""
+    arrays = [jnp.full((nbytes // 2,), i, jnp.bfloat16) for i in range(count)]
+    sums = jax.jit(lambda xs: [jnp.sum(x, dtype=jnp.float32) for x in xs])
+    return time_fn(sums, arrays) / count
+
+
 ROTATE = 16  # int4 weight sets per timed call (16 x 34 MB: far more than L2)
 
 

@@ -41,9 +41,11 @@ def test_bench_shape_times_and_reports(tiny):
         assert r["seconds"] > 0 and r["gbs"] == pytest.approx(row["bytes"] / r["seconds"] / 1e9)
         assert r["of_copy"] == pytest.approx(r["gbs"] / 100.0)
     assert results["blockspec"]["rel_err_vs_xla"] < 1e-2
+    assert row["read_seconds"] > 0
     table = bench.format_table({"tiny": row, "failed": {"results": {"cudnn": {"error": "E: x"}}}},
                                100.0)
     assert "copy bandwidth 100 GB/s" in table and "blockspec" in table and "E: x" in table
+    assert "an XLA sum reading the same bytes" in table
 
 
 def test_table_lists_each_calls_kernels():

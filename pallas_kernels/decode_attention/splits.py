@@ -18,6 +18,7 @@ blocks however the pairs divide among them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 import numpy as np
@@ -57,14 +58,24 @@ def merge(out, lse, valid=None):
     saw nothing), lse [..., parts, R] natural-log logsumexp (-inf: nothing)
     -> [..., R, D] float32, zero for rows that no part saw. valid
     [..., parts] bool (None: all): parts that were never written, whose
-    memory may hold anything, are left out."""
-    if valid is not None:
-        lse = jnp.where(valid[..., None], lse, -jnp.inf)
-        out = jnp.where(valid[..., None, None], out, 0.0)
-    top = jnp.max(lse, axis=-2, keepdims=True)
-    weight = jnp.exp(lse - jnp.where(jnp.isfinite(top), top, 0.0))
-    total = jnp.sum(weight, axis=-2)
-    merged = jnp.sum(weight[..., None] * out, axis=-3)
+    memory may hold anything, are left out.
+
+    The parts are few (at most 2 * MAX_SPLITS) and combined one by one in
+    elementwise steps, not reductions over the parts axis: XLA fuses the
+    whole merge (and what follows it) into one kernel, where reductions made
+    it two or three launches, each as long as the work at batch 1."""
+    def part(i):
+        o, l = out[..., i, :, :], lse[..., i, :]
+        if valid is None:
+            return o, l
+        ok = valid[..., i, None]
+        return jnp.where(ok[..., None], o, 0.0), jnp.where(ok, l, -jnp.inf)
+    parts = [part(i) for i in range(out.shape[-3])]
+    top = functools.reduce(jnp.maximum, [l for _, l in parts])
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    weights = [jnp.exp(l - top) for _, l in parts]
+    total = functools.reduce(jnp.add, weights)
+    merged = functools.reduce(jnp.add, [w[..., None] * o for w, (o, _) in zip(weights, parts)])
     return merged / jnp.where(total == 0, 1.0, total)[..., None]
 
 

@@ -423,6 +423,8 @@ def mosaic_decode_attention(q, k, v, lengths, page_table=None, *, sliding_window
         raise ValueError(f"the Mosaic GPU decode kernel cannot run this call: {why}")
     if num_splits is not None and num_blocks is not None:
         raise ValueError(f"num_splits={num_splits} and num_blocks={num_blocks}: give one")
+    if num_blocks is not None and (not isinstance(num_blocks, int) or num_blocks < 1):
+        raise ValueError(f"num_blocks={num_blocks!r} must be an int >= 1")
     B, T, Hq, D = q.shape
     data = k.data if isinstance(k, QuantizedKV) else k
     Hkv = data.shape[2]

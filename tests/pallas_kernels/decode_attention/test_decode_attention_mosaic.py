@@ -137,3 +137,11 @@ def test_queries_reach_the_kernel_unpadded():
         lowering_platforms=("cuda",)).as_text()
     before = text[:text.index("custom_call @mosaic_gpu")]
     assert "stablehlo.pad" not in before and "transpose" not in before
+
+
+@pytest.mark.parametrize("kwargs,needle", [(dict(num_blocks=0), "num_blocks=0 must be"),
+                                           (dict(num_blocks=4, num_splits=2), "give one")])
+def test_schedule_arguments_are_checked(kwargs, needle):
+    q, k = _call()
+    with pytest.raises(ValueError, match=needle):
+        mosaic_gpu.mosaic_decode_attention(q, k, k, jnp.ones((1,), jnp.int32), **kwargs)

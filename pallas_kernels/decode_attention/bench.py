@@ -4,6 +4,7 @@ against a device copy measured in the same run.
     python -m pallas_kernels.decode_attention.bench [--json PATH] [--quick]
         [--batches 1,8,64] [--lengths 4096,16384,32768] [--format bf16|int8|fp8]
         [--page-size N] [--impls a,b] [--block-kv N] [--num-splits N] [--device-time]
+    python -m pallas_kernels.decode_attention.bench --table RESULTS.json   # -> BENCHMARKS table
 
 Shapes: batch 1, 8, 64 x cache 4k, 16k, 32k slots, every slot in use, one
 new token (T=1), Hq 32 / Hkv 8 / head_dim 128 (Llama-3-8B's attention), bf16
@@ -24,7 +25,8 @@ them until the chain has streamed 2 GiB (one call where a cache is larger). The 
 512 MiB bf16 array read and written (quant_matmul.bench.copy_bandwidth). Each
 shape also times an XLA sum reading as many bytes (quant_matmul.bench.read_seconds):
 where a call moves tens of MB, launch and ramp-up rival the transfer, and
-this is the floor they set.
+this is the floor they set. --table turns a --json file into a table for
+benchmarks/results/decode_attention.json (benchmarks/render.py's schema).
 --device-time adds each call's device time from a profiler trace (the
 kernels alone, without the host's dispatch) and lists its kernels. Every
 implementation is checked against the reference (or, where the reference
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import sys
 import time
 
 import jax
@@ -182,6 +185,64 @@ def format_table(rows, copy_gbs):
     return "\n".join(lines)
 
 
+READ_FLOOR = "read floor (XLA sum)"
+
+
+def _command(argv) -> str:
+    """The command line that reproduces this run, without where it wrote."""
+    kept = [a for i, a in enumerate(argv)
+            if a != "--json" and (i == 0 or argv[i - 1] != "--json") and not a.startswith("--json=")]
+    return " ".join(["python -m pallas_kernels.decode_attention.bench", *kept])
+
+
+def results_table(data) -> dict:
+    """A bench --json file's contents as a benchmarks/results table: a row per
+    shape and implementation (and the shape's read floor), wall and device
+    microseconds a call, GB/s, % of the copy, error against the reference."""
+    meta, rows = data["meta"], data["rows"]
+    copy = meta.get("copy_gbs")
+    out, names = [], set()
+    for shape, row in rows.items():
+        for name, r in row["results"].items():
+            if "seconds" not in r:
+                continue
+            names.add(name)
+            err = next((v for k, v in r.items() if k.startswith("rel_err")), None)
+            out.append({"shape": shape, "implementation": name, "us": r["seconds"] * 1e6,
+                        "device_us": r["device_seconds"] * 1e6 if "device_seconds" in r else None,
+                        "gbs": round(r["gbs"]), "of_copy": round(100 * r["of_copy"])
+                        if "of_copy" in r else None, "rel_err": err})
+        if "read_seconds" in row:
+            gbs = row["bytes"] / row["read_seconds"] / 1e9
+            out.append({"shape": shape, "implementation": READ_FLOOR,
+                        "us": row["read_seconds"] * 1e6, "device_us": None, "gbs": round(gbs),
+                        "of_copy": round(100 * gbs / copy) if copy else None, "rel_err": None})
+    cache = {"bf16": "a bf16", "int8": "an int8", "fp8": "an fp8"}[meta["format"]]
+    layout = f"paged ({meta['page_size']}-slot pages)" if meta.get("page_size") else "contiguous"
+    return {
+        "title": f"One new token against {cache}, {layout} cache",
+        "device": meta["device"], "jax_version": meta["jax"], "date": meta["date"],
+        "command": meta["command"], "peers": sorted(names),
+        "setup": [f"{meta['shape']} (Llama-3-8B's attention), every cache slot in use; B is the "
+                  "batch, S the cache slots. us/call is one layer's call, timed chained over "
+                  "enough distinct caches to stream 512 MiB between visits of the same one (no "
+                  "L2 reuse); device us: its kernels alone, from a profiler trace. GB/s counts "
+                  "q, the output and every cache token's codes and scales once. "
+                  f"`{READ_FLOOR}`: an XLA sum reading the same bytes, timed the same way."],
+        "columns": [{"key": "shape", "label": "batch, cache"},
+                    {"key": "implementation", "label": "implementation"},
+                    {"key": "us", "label": "us/call", "format": ".1f"},
+                    {"key": "device_us", "label": "device us", "format": ".1f"},
+                    {"key": "gbs", "label": "GB/s", "format": ",d"},
+                    {"key": "of_copy", "label": "% of copy", "format": "d"},
+                    {"key": "rel_err", "label": "rel. error", "format": ".1e"}],
+        "rows": out,
+        "notes": [f"Copy bandwidth in the same run: {copy:.0f} GB/s (a 512 MiB bf16 array read "
+                  "and written: reads alone can exceed it)." if copy else
+                  "Copy bandwidth not measured."],
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -196,7 +257,13 @@ def main(argv=None):
     parser.add_argument("--num-splits", type=int, help="num_splits for the Pallas kernels")
     parser.add_argument("--device-time", action="store_true",
                         help="also each call's device time from a profiler trace")
+    parser.add_argument("--table", metavar="RESULTS_JSON",
+                        help="print a --json file as a benchmarks/results table, and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            print(json.dumps(results_table(json.load(f)), indent=1))
+        return
     names = tuple(args.impls.split(",")) if args.impls else IMPLEMENTATIONS
     tiling = {k: v for k, v in (("block_kv", args.block_kv), ("num_splits", args.num_splits))
               if v is not None}
@@ -208,6 +275,7 @@ def main(argv=None):
     meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "date": datetime.date.today().isoformat(), "format": args.format,
             "page_size": args.page_size, "tiling": tiling, "copy_gbs": copy_gbs,
+            "command": _command(sys.argv[1:] if argv is None else argv),
             "shape": f"T=1 Hq={HEADS} Hkv={KV_HEADS} D={HEAD_DIM}"}
     print(meta, flush=True)
     rows = {}

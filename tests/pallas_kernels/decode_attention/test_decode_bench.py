@@ -1,6 +1,7 @@
 """The decode benchmark's bookkeeping at a tiny shape: bytes, chained
 timings, GB/s against the copy, errors in the table instead of a stop."""
 import functools
+import json
 
 import pytest
 
@@ -55,3 +56,23 @@ def test_table_lists_each_calls_kernels():
     lines = bench.format_table({"B1 S4096": row}, None).splitlines()
     assert "decode_kernel" in lines[-2] and "9.10 us" in lines[-2]
     assert "merge_fusion" in lines[-1] and "6 x" in lines[-1]
+
+
+def test_a_run_becomes_a_benchmarks_table(tiny, tmp_path, capsys):
+    """--json then --table: a table render.py accepts, with the run's command
+    (without its --json path), a row per implementation and the read floor."""
+    from benchmarks import render
+
+    out = tmp_path / "decode.json"
+    bench.main(["--batches", "1", "--lengths", "64", "--impls", "xla,blockspec",
+                "--json", str(out)])
+    capsys.readouterr()
+    bench.main(["--table", str(out)])
+    table = json.loads(capsys.readouterr().out)
+    data = {"op": "decode_attention", "title": "t", "about": [], "tables": [table]}
+    render.validate(data, "decode_attention.json")
+    assert table["command"] == ("python -m pallas_kernels.decode_attention.bench --batches 1 "
+                                "--lengths 64 --impls xla,blockspec")
+    assert [r["implementation"] for r in table["rows"]] == ["xla", "blockspec", bench.READ_FLOOR]
+    assert table["peers"] == ["blockspec", "xla"] 
+    assert any(line.startswith("| B1 S64 | xla |") for line in render.render_table(table))

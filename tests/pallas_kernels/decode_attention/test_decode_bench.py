@@ -74,5 +74,5 @@ def test_a_run_becomes_a_benchmarks_table(tiny, tmp_path, capsys):
     assert table["command"] == ("python -m pallas_kernels.decode_attention.bench --batches 1 "
                                 "--lengths 64 --impls xla,blockspec")
     assert [r["implementation"] for r in table["rows"]] == ["xla", "blockspec", bench.READ_FLOOR]
-    assert table["peers"] == ["blockspec", "xla"] 
+    assert table["peers"] == ["blockspec", "xla"]
     assert any(line.startswith("| B1 S64 | xla |") for line in render.render_table(table))

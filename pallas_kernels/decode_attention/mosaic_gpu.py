@@ -49,7 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import compat
+from pallas_kernels import compat, dispatch
 from pallas_kernels import mosaic_common as mc
 from pallas_kernels.attention.mosaic_gpu.common import LOG2E, mma, mma_acc, vector, zeros
 from pallas_kernels.attention.mosaic_gpu.rings import ring_steps
@@ -423,8 +423,8 @@ def mosaic_decode_attention(q, k, v, lengths, page_table=None, *, sliding_window
         raise ValueError(f"the Mosaic GPU decode kernel cannot run this call: {why}")
     if num_splits is not None and num_blocks is not None:
         raise ValueError(f"num_splits={num_splits} and num_blocks={num_blocks}: give one")
-    if num_blocks is not None and (not isinstance(num_blocks, int) or num_blocks < 1):
-        raise ValueError(f"num_blocks={num_blocks!r} must be an int >= 1")
+    if num_blocks is not None:
+        dispatch.check_size("num_blocks", num_blocks)
     B, T, Hq, D = q.shape
     data = k.data if isinstance(k, QuantizedKV) else k
     Hkv = data.shape[2]
@@ -477,12 +477,13 @@ def mosaic_decode_attention(q, k, v, lengths, page_table=None, *, sliding_window
     # zeros on a GPU; the interpreter reads garbage, so it gets whole tiles.
     last = (B * Hkv - 1) * T * G + r8 if interpret else rows.shape[0]
     inputs = [pad_to(rows, (round_up(last, 8), D))]
+
+    def slots(cache):
+        """A cache as the kernel reads it: whole tiles under the interpreter."""
+        return cache if paged or not interpret else pad_to(cache, (B, padded, Hkv, D))
     for x in (k, v):
-        if isinstance(x, QuantizedKV):
-            data = x.data if paged or not interpret else pad_to(x.data, (B, padded, Hkv, D))
-            inputs += [data, _logical_scales(x, page_table, padded)]
-        else:
-            inputs.append(x if paged or not interpret else pad_to(x, (B, padded, Hkv, D)))
+        inputs += ([slots(x.data), _logical_scales(x, page_table, padded)]
+                   if isinstance(x, QuantizedKV) else [slots(x)])
     inputs += [lengths, jnp.asarray(schedule.bounds, jnp.int32),
                jnp.asarray(schedule.first_fragment)]
     if paged:

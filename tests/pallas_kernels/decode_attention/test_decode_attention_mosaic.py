@@ -140,7 +140,7 @@ def test_queries_reach_the_kernel_unpadded():
     assert "stablehlo.pad" not in before and "transpose" not in before
 
 
-@pytest.mark.parametrize("kwargs,needle", [(dict(num_blocks=0), "num_blocks=0 must be"),
+@pytest.mark.parametrize("kwargs,needle", [(dict(num_blocks=0), "num_blocks must be >= 1, got 0"),
                                            (dict(num_blocks=4, num_splits=2), "give one")])
 def test_schedule_arguments_are_checked(kwargs, needle):
     q, k = _call()
